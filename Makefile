@@ -1,0 +1,49 @@
+# The two Quick-start commands: `make run` and `make test`. Both set up what is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+CONFIG ?= config.toml
+# Real peers the tests use: DCMTK (storescu, echoscu, dcmdump), Orthanc, dicom3tools (dciodvfy).
+APT_COMMANDS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools
+
+.PHONY: run test setup system-packages clean
+
+run: $(INSTALLED)
+	$(BIN)/ichnode serve --config $(CONFIG)
+
+test: $(INSTALLED) system-packages
+	$(BIN)/python -m pytest
+
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "ichnode needs Python 3.11 or newer ($(PYTHON) is older)"; exit 1; }
+	@if [ ! -x $(BIN)/python ]; then \
+	  rm -rf $(VENV); \
+	  $(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	    echo "python venv is missing: installing the Debian package python3-venv"; \
+	    rm -rf $(VENV); $(call apt_install,python3-venv) && $(PYTHON) -m venv $(VENV); }; \
+	fi
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+system-packages:
+	@missing=""; \
+	for pair in $(APT_COMMANDS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v "$${pair%%:*}" >/dev/null 2>&1 \
+	    || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(call apt_install,$$missing); \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache
+
+# apt-get as root, or through sudo for a non-root user.
+apt_install = { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(1) >/dev/null; }

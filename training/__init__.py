@@ -1,0 +1,1 @@
+"""Everything about the model: architecture, checkpoints, preprocessing, prediction, data."""

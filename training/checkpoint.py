@@ -1,0 +1,232 @@
+"""Checkpoints: one file holding the weights and the model's own config.
+
+The config says which architecture the weights belong to, how to preprocess its input,
+which thresholds it recommends and where it came from (training data, metrics, code
+version), so the node needs nothing but the file. A checkpoint trained on synthetic data
+says so in its provenance, and everything built from it carries that warning.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from node.errors import CheckpointError
+from training.model import architecture_spec, create_model
+from training.preprocess import PreprocessSpec, Window
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "FORMAT_VERSION",
+    "TRAINING_DATA_KINDS",
+    "TriageDefaults",
+    "Provenance",
+    "ModelConfig",
+    "default_model_config",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_state_dict",
+]
+
+CHECKPOINT_FORMAT = "ichnode-checkpoint"
+FORMAT_VERSION = 1
+# "none": random weights, never trained. "synthetic": phantoms from training/synthetic.py.
+TRAINING_DATA_KINDS = ("none", "synthetic", "rsna", "other")
+
+
+@dataclass(frozen=True)
+class TriageDefaults:
+    """The patient-level rule's parameters the model's authors recommend (DESIGN.md)."""
+
+    slice_threshold: float = 0.8
+    positive_fraction: float = 0.05
+    min_positive_slices: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.slice_threshold < 1.0:
+            raise ValueError(f"slice_threshold must be in [0, 1), got {self.slice_threshold}")
+        if not 0.0 < self.positive_fraction <= 1.0:
+            raise ValueError(
+                f"positive_fraction must be in (0, 1], got {self.positive_fraction}"
+            )
+        if self.min_positive_slices < 1:
+            raise ValueError(
+                f"min_positive_slices must be ≥ 1, got {self.min_positive_slices}"
+            )
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the weights came from; shown with every result the model produces."""
+
+    training_data: str = "none"
+    description: str = "random initial weights, not trained"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    code_version: str = field(default_factory=lambda: _code_version())
+    created: str = field(
+        default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    )
+
+    def __post_init__(self) -> None:
+        if self.training_data not in TRAINING_DATA_KINDS:
+            raise ValueError(
+                f"training_data must be one of {', '.join(TRAINING_DATA_KINDS)}, "
+                f"got {self.training_data!r}"
+            )
+
+    @property
+    def synthetic(self) -> bool:
+        """Trained on synthetic phantoms: outputs must say it is a demonstration."""
+        return self.training_data == "synthetic"
+
+    @property
+    def untrained(self) -> bool:
+        return self.training_data == "none"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model's own config, saved beside its weights."""
+
+    architecture: str
+    preprocess: PreprocessSpec
+    triage: TriageDefaults = field(default_factory=TriageDefaults)
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def __post_init__(self) -> None:
+        spec = architecture_spec(self.architecture)
+        if self.preprocess.input_size != spec.input_size:
+            raise ValueError(
+                f"architecture {self.architecture!r} takes {spec.input_size}² input, "
+                f"config says {self.preprocess.input_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        preprocess = dict(data["preprocess"])
+        preprocess["windows"] = tuple(Window(**w) for w in preprocess["windows"])
+        return cls(
+            architecture=data["architecture"],
+            preprocess=PreprocessSpec(**preprocess),
+            triage=TriageDefaults(**data["triage"]),
+            provenance=Provenance(**data["provenance"]),
+        )
+
+
+def default_model_config(architecture: str, provenance: Provenance | None = None) -> ModelConfig:
+    """The paper's preprocessing and thresholds for `architecture`."""
+    spec = architecture_spec(architecture)
+    return ModelConfig(
+        architecture=architecture,
+        preprocess=PreprocessSpec(input_size=spec.input_size),
+        provenance=provenance or Provenance(),
+    )
+
+
+def _code_version() -> str:
+    try:
+        return f"ichnode {metadata.version('ichnode')}"
+    except metadata.PackageNotFoundError:
+        return "ichnode (not installed)"
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig) -> Path:
+    """Write weights and config to `path` atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read_payload(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        # weights_only: a checkpoint is data, never code to run.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a foreign file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} is not a model checkpoint (torch cannot read it: {reason})"
+        ) from exc
+
+
+def _is_checkpoint(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a checkpoint of this project, or from a bare saved state dict."""
+    path = Path(path)
+    payload = _read_payload(path)
+    if _is_checkpoint(payload):
+        return payload["state_dict"]
+    if isinstance(payload, dict) and payload and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()
+    ):
+        return payload
+    raise CheckpointError(f"{path} holds neither a checkpoint nor a state dict")
+
+
+def load_checkpoint(
+    path: str | Path, *, architecture: str | None = None
+) -> tuple[nn.Module, ModelConfig]:
+    """The model (eval mode, on the CPU) and its config from `path`.
+
+    With `architecture`, a checkpoint of any other architecture is refused.
+    """
+    path = Path(path)
+    payload = _read_payload(path)
+    if not _is_checkpoint(payload):
+        raise CheckpointError(
+            f"{path} is not an ichnode checkpoint (no '{CHECKPOINT_FORMAT}' header); "
+            "write checkpoints with `ichnode train` or training.checkpoint.save_checkpoint"
+        )
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {payload.get('format_version')!r}; "
+            f"this ichnode reads version {FORMAT_VERSION}"
+        )
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has an invalid model config: {exc}") from exc
+    if architecture is not None and config.architecture != architecture:
+        raise CheckpointError(
+            f"{path} holds a {config.architecture!r} model, not {architecture!r}"
+        )
+    model = create_model(config.architecture)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit architecture {config.architecture!r}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return model.eval(), config

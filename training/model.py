@@ -1,0 +1,180 @@
+"""Model architectures: EffClass (Cortés-Ferre et al., J. Imaging 2023, 9, 37) and the
+paper's ResNet baselines, built through one registry.
+
+Every network here starts from random weights or from a local file; nothing is fetched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+from node.errors import CheckpointError
+
+__all__ = [
+    "ArchitectureSpec",
+    "EffClass",
+    "available_models",
+    "architecture_spec",
+    "create_model",
+    "count_parameters",
+]
+
+# (out_channels, kernel, stride, padding, dilation) of the five ConvTranspose2d layers of
+# the paper's reference code; each maps one BiFPN level (64², 32², 16², 8², 4²) to 224².
+EFFCLASS_DECONVS: tuple[tuple[int, int, int, int, int], ...] = (
+    (16, 19, 3, 1, 2),
+    (12, 9, 7, 1, 1),
+    (8, 24, 9, 2, 4),
+    (4, 28, 9, 1, 6),
+    (2, 30, 8, 2, 7),
+)
+BIFPN_CHANNELS = 64
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """What the registry knows about one architecture: how to build it and its input."""
+
+    name: str
+    input_size: int
+    build: Callable[[], nn.Module]
+    description: str
+
+
+def _resnet_classifier(depth: int) -> nn.Module:
+    builder = {18: tv_models.resnet18, 34: tv_models.resnet34, 50: tv_models.resnet50}[depth]
+    net = builder(weights=None)
+    net.fc = nn.Linear(net.fc.in_features, 2)
+    return net
+
+
+class EffClass(nn.Module):
+    """EfficientDet-D0 backbone + BiFPN → five transposed convolutions → two convolutions
+    → ResNet18, as in the paper's reference code.
+
+    The deconvolutions leave pixels that no input reaches (they hold only the bias); that
+    is the published architecture and is kept as it is.
+    """
+
+    input_size = 512
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Imported here so that listing the registry does not pay for effdet's import.
+        from effdet import create_model as create_effdet
+
+        self.effdet = create_effdet(
+            "efficientdet_d0", pretrained=False, pretrained_backbone=False
+        )
+        self.effdet.box_net = nn.Identity()
+        self.effdet.class_net = nn.Identity()
+        self.deconvs = nn.ModuleList(
+            nn.ConvTranspose2d(
+                BIFPN_CHANNELS, out_ch, kernel, stride=stride, padding=padding, dilation=dil
+            )
+            for out_ch, kernel, stride, padding, dil in EFFCLASS_DECONVS
+        )
+        merged_channels = sum(spec[0] for spec in EFFCLASS_DECONVS)
+        self.conv0 = nn.Conv2d(merged_channels, 16, 5, padding=2)
+        self.conv1 = nn.Conv2d(16, 3, 3, padding=1)
+        self.resnet = _resnet_classifier(18)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.input_size, self.input_size):
+            raise ValueError(
+                f"EffClass needs input of shape [batch, 3, {self.input_size}, "
+                f"{self.input_size}], got {list(x.shape)}"
+            )
+        levels = self.effdet.fpn(self.effdet.backbone(x))
+        upsampled = [deconv(level) for deconv, level in zip(self.deconvs, levels)]
+        merged = self.conv1(self.conv0(torch.cat(upsampled, dim=1)))
+        return self.resnet(merged)
+
+
+class ResNetBaseline(nn.Module):
+    """The paper's ResNet baselines: a torchvision ResNet with a two-class head at 224²."""
+
+    input_size = 224
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.resnet = _resnet_classifier(depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnet(x)
+
+
+_REGISTRY: dict[str, ArchitectureSpec] = {}
+
+
+def _register(name: str, input_size: int, description: str):
+    def decorator(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        _REGISTRY[name] = ArchitectureSpec(name, input_size, build, description)
+        return build
+
+    return decorator
+
+
+@_register("effclass", 512, "EffClass: EfficientDet-D0 + BiFPN + deconvolutions + ResNet18")
+def _effclass() -> nn.Module:
+    return EffClass()
+
+
+@_register("resnet18", 224, "ResNet18 baseline, 2 classes")
+def _resnet18() -> nn.Module:
+    return ResNetBaseline(18)
+
+
+@_register("resnet34", 224, "ResNet34 baseline, 2 classes")
+def _resnet34() -> nn.Module:
+    return ResNetBaseline(34)
+
+
+@_register("resnet50", 224, "ResNet50 baseline, 2 classes")
+def _resnet50() -> nn.Module:
+    return ResNetBaseline(50)
+
+
+def available_models() -> list[str]:
+    """Names accepted by `create_model`."""
+    return sorted(_REGISTRY)
+
+
+def architecture_spec(name: str) -> ArchitectureSpec:
+    """The registry entry for `name`, or a ValueError listing the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model architecture {name!r}; known: {', '.join(available_models())}"
+        ) from None
+
+
+def create_model(name: str, *, init_from: str | Path | None = None) -> nn.Module:
+    """Build architecture `name` with random weights, or with the weights of `init_from`
+    (a checkpoint of this project or a bare state dict saved with `torch.save`)."""
+    model = architecture_spec(name).build()
+    if init_from is not None:
+        # Local import: checkpoint.py imports this module.
+        from training.checkpoint import read_state_dict
+
+        path = Path(init_from)
+        try:
+            model.load_state_dict(read_state_dict(path))
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"initial weights {path} do not fit architecture {name!r}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or not."""
+    return sum(p.numel() for p in model.parameters())

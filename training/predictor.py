@@ -1,0 +1,130 @@
+"""The one way to run a model: preprocessing → forward → softmax, and Grad-CAM.
+
+The node and evaluation both use `Predictor`; tests may replace it with any object that
+has the same methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from pydicom.dataset import Dataset
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from node.errors import ConfigError, InferenceError
+from training.checkpoint import ModelConfig, load_checkpoint
+from training.preprocess import dataset_to_input
+
+__all__ = ["ICH_CLASS", "resolve_device", "Predictor"]
+
+ICH_CLASS = 1  # logits are [no ICH, ICH]; P(ICH) = softmax(logits)[:, 1]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → the first CUDA GPU when there is one, else the CPU; 'cpu', 'cuda', 'cuda:N'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"model.device {name!r} is not one of auto, cpu, cuda, cuda:N"
+        ) from exc
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"model.device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {name!r} but no CUDA GPU is available here")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"model.device is {name!r} but only {torch.cuda.device_count()} GPU(s) exist"
+        )
+    return device
+
+
+class Predictor:
+    """Slice probabilities and Grad-CAM maps from one model, batched, on one device."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        *,
+        device: str = "auto",
+        batch_size: int = 8,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"model.batch_size must be ≥ 1, got {batch_size}")
+        self.config = config
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.model = model.to(self.device).eval()
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, *, device: str = "auto", batch_size: int = 8
+    ) -> "Predictor":
+        model, config = load_checkpoint(path)
+        return cls(model, config, device=device, batch_size=batch_size)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        size = self.config.preprocess.input_size
+        return (3, size, size)
+
+    def prepare(self, slices: Sequence[Dataset]) -> np.ndarray:
+        """DICOM slices → network inputs [N, 3, S, S] with the checkpoint's preprocessing."""
+        if not slices:
+            return np.zeros((0, *self.input_shape), dtype=np.float32)
+        return np.stack([dataset_to_input(ds, self.config.preprocess) for ds in slices])
+
+    def _check(self, inputs: np.ndarray) -> None:
+        if inputs.ndim != 4 or tuple(inputs.shape[1:]) != self.input_shape:
+            raise InferenceError(
+                f"inputs must have shape [N, {', '.join(map(str, self.input_shape))}], "
+                f"got {list(inputs.shape)}"
+            )
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """P(ICH) per slice, float32 [N], in batches of `batch_size`."""
+        self._check(inputs)
+        probabilities = []
+        with torch.inference_mode():
+            for start in range(0, len(inputs), self.batch_size):
+                batch = torch.from_numpy(inputs[start : start + self.batch_size]).to(self.device)
+                logits = self.model(batch)
+                probabilities.append(torch.softmax(logits.float(), dim=1)[:, ICH_CLASS].cpu())
+        if not probabilities:
+            return np.zeros(0, dtype=np.float32)
+        return torch.cat(probabilities).numpy().astype(np.float32)
+
+    def predict_slices(self, slices: Sequence[Dataset]) -> np.ndarray:
+        """P(ICH) per DICOM slice, in the order given."""
+        return self.predict(self.prepare(slices))
+
+    def gradcam(self, inputs: np.ndarray, *, aug_smooth: bool = False) -> np.ndarray:
+        """Grad-CAM of the ICH class at `resnet.layer4[-1]`: float32 [N, S, S] in [0, 1].
+
+        The hooks live only for the call, so `predict` runs without them. `aug_smooth`
+        averages six flipped/scaled passes: smoother maps, six times the cost.
+        """
+        self._check(inputs)
+        if len(inputs) == 0:
+            return np.zeros((0, *self.input_shape[1:]), dtype=np.float32)
+        maps = []
+        with GradCAM(model=self.model, target_layers=[self.model.resnet.layer4[-1]]) as cam:
+            for start in range(0, len(inputs), self.batch_size):
+                batch = torch.from_numpy(inputs[start : start + self.batch_size]).to(self.device)
+                targets = [ClassifierOutputTarget(ICH_CLASS)] * len(batch)
+                maps.append(cam(input_tensor=batch, targets=targets, aug_smooth=aug_smooth))
+        self.model.zero_grad(set_to_none=True)
+        result = np.concatenate(maps).astype(np.float32)
+        if not np.isfinite(result).all():
+            raise InferenceError("Grad-CAM produced non-finite values")
+        return result

@@ -1,0 +1,191 @@
+"""CT slice → network input, as in the paper's code, in pure numpy.
+
+Training, evaluation and the node all call `dataset_to_input`, with the `PreprocessSpec`
+stored in the checkpoint, so preprocessing cannot drift between training and serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from node.errors import InvalidInstance
+
+__all__ = [
+    "Window",
+    "PAPER_WINDOWS",
+    "PreprocessSpec",
+    "rsna_fix",
+    "to_hu",
+    "apply_window",
+    "window_channels",
+    "pad_to_square",
+    "resize_bilinear",
+    "normalise",
+    "hu_from_dataset",
+    "hu_to_input",
+    "dataset_to_input",
+]
+
+
+@dataclass(frozen=True)
+class Window:
+    """A HU interval mapped linearly onto [0, 1], values outside clipped."""
+
+    name: str
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not self.high > self.low:
+            raise ValueError(
+                f"window {self.name!r} needs high > low, got [{self.low}, {self.high}]"
+            )
+
+
+# The paper's channel order: brain, subdural, soft tissue (DESIGN.md, "Preprocessing").
+PAPER_WINDOWS: tuple[Window, ...] = (
+    Window("brain", 0.0, 80.0),
+    Window("subdural", -20.0, 180.0),
+    Window("soft_tissue", -150.0, 230.0),
+)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything that turns HU into the network input; travels inside the checkpoint."""
+
+    input_size: int
+    windows: tuple[Window, ...] = field(default=PAPER_WINDOWS)
+    mean: float = 0.5
+    std: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input_size, int) or self.input_size < 8:
+            raise ValueError(f"input_size must be an integer ≥ 8, got {self.input_size!r}")
+        if len(self.windows) != 3:
+            raise ValueError(f"the networks take 3 windows, got {len(self.windows)}")
+        if not self.std > 0:
+            raise ValueError(f"normalisation std must be > 0, got {self.std}")
+
+
+def rsna_fix(
+    pixels: np.ndarray, *, bits_stored: int, pixel_representation: int, intercept: float
+) -> tuple[np.ndarray, float]:
+    """Undo the RSNA 2019 quirk: some unsigned 12-bit images have an intercept near 0 and
+    values shifted by −1000 that wrap at 4096. Returns (pixels, intercept) to use."""
+    if bits_stored == 12 and pixel_representation == 0 and intercept > -100:
+        fixed = pixels.astype(np.int32) + 1000
+        fixed[fixed >= 4096] -= 4096
+        return fixed, -1000.0
+    return pixels, intercept
+
+
+def to_hu(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Modality LUT: HU = pixel × slope + intercept, as float32."""
+    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def apply_window(hu: np.ndarray, window: Window) -> np.ndarray:
+    """Clip `hu` to the window and scale it to [0, 1]."""
+    clipped = np.clip(hu, window.low, window.high)
+    return ((clipped - window.low) / (window.high - window.low)).astype(np.float32)
+
+
+def window_channels(hu: np.ndarray, windows: tuple[Window, ...]) -> np.ndarray:
+    """Stack one [0, 1] channel per window: (H, W) → (len(windows), H, W)."""
+    return np.stack([apply_window(hu, w) for w in windows])
+
+
+def pad_to_square(channels: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """Centre a (C, H, W) image on a square canvas so resizing keeps the anatomy's shape.
+    The fill 0 is air in every window (all window lows are above air's −1000 HU)."""
+    _, height, width = channels.shape
+    side = max(height, width)
+    if height == width:
+        return channels
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas = np.full((channels.shape[0], side, side), fill, dtype=channels.dtype)
+    canvas[:, top : top + height, left : left + width] = channels
+    return canvas
+
+
+def _bilinear_axis(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Pixel-centre alignment, as OpenCV's INTER_LINEAR (which the paper's code used).
+    coords = np.clip((np.arange(dst) + 0.5) * (src / dst) - 0.5, 0, src - 1)
+    lower = np.floor(coords).astype(np.intp)
+    upper = np.minimum(lower + 1, src - 1)
+    return lower, upper, (coords - lower).astype(np.float32)
+
+
+def resize_bilinear(channels: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of a (C, H, W) float image to (C, size, size)."""
+    _, height, width = channels.shape
+    if height == size and width == size:
+        return channels
+    y0, y1, wy = _bilinear_axis(height, size)
+    x0, x1, wx = _bilinear_axis(width, size)
+    rows_top, rows_bottom = channels[:, y0, :], channels[:, y1, :]
+    top = rows_top[:, :, x0] * (1 - wx) + rows_top[:, :, x1] * wx
+    bottom = rows_bottom[:, :, x0] * (1 - wx) + rows_bottom[:, :, x1] * wx
+    return (top * (1 - wy)[:, None] + bottom * wy[:, None]).astype(np.float32)
+
+
+def normalise(channels: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """(x − mean) / std; the paper uses 0.5 / 0.5, mapping [0, 1] to [−1, 1]."""
+    return ((channels - np.float32(mean)) / np.float32(std)).astype(np.float32)
+
+
+def _number(ds: Dataset, keyword: str, default: float) -> float:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, (int, float)):  # multi-valued: the first value applies
+        value = value[0]
+    return float(value)
+
+
+def hu_from_dataset(ds: Dataset) -> np.ndarray:
+    """The slice in HU as float32 (H, W).
+
+    Missing RescaleSlope/Intercept mean 1 and 0. MONOCHROME1 changes only how an image
+    is displayed, never the modality LUT, so HU are computed the same way for it.
+    """
+    uid = ds.get("SOPInstanceUID", "<no SOPInstanceUID>")
+    if "PixelData" not in ds:
+        raise InvalidInstance(f"instance {uid} has no PixelData")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise InvalidInstance(
+            f"instance {uid} has SamplesPerPixel {ds.SamplesPerPixel}; a CT slice needs 1"
+        )
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise InvalidInstance(
+            f"instance {uid} has {ds.NumberOfFrames} frames; pass one slice at a time"
+        )
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises several types for bad pixel data
+        raise InvalidInstance(f"instance {uid}: pixel data cannot be decoded: {exc}") from exc
+    if pixels.ndim != 2:
+        raise InvalidInstance(f"instance {uid}: expected a 2-D slice, got shape {pixels.shape}")
+    pixels, intercept = rsna_fix(
+        pixels,
+        bits_stored=int(ds.get("BitsStored", 16)),
+        pixel_representation=int(ds.get("PixelRepresentation", 0)),
+        intercept=_number(ds, "RescaleIntercept", 0.0),
+    )
+    return to_hu(pixels, _number(ds, "RescaleSlope", 1.0), intercept)
+
+
+def hu_to_input(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """HU slice (H, W) → normalised network input (3, size, size), float32."""
+    channels = window_channels(hu, spec.windows)
+    channels = resize_bilinear(pad_to_square(channels), spec.input_size)
+    return normalise(channels, spec.mean, spec.std)
+
+
+def dataset_to_input(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:
+    """A pydicom CT slice → normalised network input (3, size, size), float32."""
+    return hu_to_input(hu_from_dataset(ds), spec)
