@@ -7,9 +7,11 @@ built yet says so and exits with status 2 instead of pretending to work.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from node.config import ENV_VAR, load_config
 from node.errors import IchNodeError
 
 __all__ = ["main", "build_parser"]
@@ -59,6 +61,85 @@ def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"configuration file (default: ${ENV_VAR}, else ./config.toml)",
+    )
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from node.service import serve
+
+    config = load_config(args.config)
+    _setup_logging()
+    serve(config)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from node.service import run_worker
+
+    config = load_config(args.config)
+    _setup_logging()
+    run_worker(config)
+    return 0
+
+
+def _log(args: argparse.Namespace) -> int:
+    from node.triagelog import follow_events, print_events, read_events
+
+    config = load_config(args.config)
+    color = sys.stdout.isatty() and not args.json
+    if args.follow:
+        print_events(follow_events(config.log.path), sys.stdout, as_json=args.json, color=color)
+        return 0
+    if not config.log.path.exists():
+        print(f"no triage log yet at {config.log.path}", file=sys.stderr)
+        return 0
+    events = read_events(config.log.path)
+    print_events(events[-args.lines :] if args.lines else events, sys.stdout, as_json=args.json, color=color)
+    return 0
+
+
+def _add_log_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_argument(parser)
+    parser.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON lines")
+    parser.add_argument("--lines", "-n", type=int, default=0, help="only the last N events")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from node.status import print_status
+
+    print_status(load_config(args.config), sys.stdout, limit=args.latest)
+    return 0
+
+
+def _add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_argument(parser)
+    parser.add_argument("--latest", type=int, default=10, help="how many recent studies to list")
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from node.status import retry_deliveries
+
+    count = retry_deliveries(load_config(args.config))
+    print(f"re-queued {count} failed deliveries; a running node sends them within seconds")
+    return 0
+
+
 def _not_available(command: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
         print(
@@ -72,11 +153,12 @@ def _not_available(command: str) -> Handler:
 
 # name → (one-line help, argument builder or None, handler or None when not built yet)
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None, Handler | None]] = {
-    "serve": ("receive studies over DICOM, analyse them and send results back", None, None),
-    "worker": ("analyse ready studies (extra worker processes or hosts)", None, None),
-    "log": ("print the triage log (--follow to keep watching)", None, None),
-    "status": ("show the queue by state and the latest studies", None, None),
-    "retry": ("re-queue failed deliveries", None, None),
+    "serve": ("receive studies over DICOM, analyse them and send results back",
+              _add_config_argument, _serve),
+    "worker": ("analyse ready studies (extra worker processes or hosts)", _add_config_argument, _worker),
+    "log": ("print the triage log (--follow to keep watching)", _add_log_arguments, _log),
+    "status": ("show the queue by state and the latest studies", _add_status_arguments, _status),
+    "retry": ("re-queue failed deliveries", _add_config_argument, _retry),
     "synth": ("write synthetic head-CT studies with labels", _add_synth_arguments, _synth),
     "train": ("train a model and write a checkpoint", None, None),
     "evaluate": ("evaluate a checkpoint (slice and patient level)", None, None),

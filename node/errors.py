@@ -7,10 +7,12 @@ naming the file, config key or study involved::
     ├── ConfigError          bad or unknown configuration key or value
     ├── CheckpointError      a file that is not a usable checkpoint
     ├── InvalidInstance      a DICOM instance that cannot be used as it is
+    ├── StorageError         an instance or result could not be stored
+    │   └── StorageFull      no space left (the SCP answers 0xA700)
     ├── InferenceError       the model could not run on valid input
+    ├── NoAnalysableSeries   a study without an axial head CT series to analyse
+    ├── DeliveryError        a destination did not take a result
     └── SyntheticDataError   impossible options for synthetic studies
-
-Later layers (storage, delivery) add their branches here, not elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ __all__ = [
     "ConfigError",
     "CheckpointError",
     "InvalidInstance",
+    "StorageError",
+    "StorageFull",
     "InferenceError",
+    "NoAnalysableSeries",
+    "DeliveryError",
     "SyntheticDataError",
 ]
 
@@ -41,8 +47,24 @@ class InvalidInstance(IchNodeError):
     """A DICOM instance whose content the node cannot use (pixel data, geometry, …)."""
 
 
+class StorageError(IchNodeError):
+    """An instance, result or database row could not be written."""
+
+
+class StorageFull(StorageError):
+    """The disk holding storage.root is full."""
+
+
 class InferenceError(IchNodeError):
     """The model failed on input that passed validation."""
+
+
+class NoAnalysableSeries(IchNodeError):
+    """No series of a study qualifies as the axial head CT to analyse."""
+
+
+class DeliveryError(IchNodeError):
+    """A destination refused a result or could not be reached."""
 
 
 class SyntheticDataError(IchNodeError):

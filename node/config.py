@@ -1,0 +1,379 @@
+"""The node's configuration: one TOML file → frozen dataclasses, validated at start-up.
+
+Unknown keys and bad values are errors naming the key (`node.port`, `destinations[1].host`).
+Relative paths are taken relative to the folder of the config file, so the node behaves
+the same whatever directory it is started from. The keys of DESIGN.md are a contract:
+add keys freely, rename none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+__all__ = [
+    "ENV_VAR",
+    "NodeSection",
+    "StorageSection",
+    "CompletionSection",
+    "WorkerSection",
+    "ModelSection",
+    "TriageSection",
+    "ExplainSection",
+    "OutputSection",
+    "DeliverySection",
+    "LogSection",
+    "Destination",
+    "Config",
+    "load_config",
+    "parse_config",
+    "config_path",
+]
+
+ENV_VAR = "ICHNODE_CONFIG"
+DEFAULT_PATH = Path("config.toml")
+
+
+def _ae_title(key: str, value: str) -> None:
+    if not 1 <= len(value.strip()) <= 16 or "\\" in value or not value.isascii():
+        raise ConfigError(f"{key} must be 1-16 ASCII characters without '\\', got {value!r}")
+
+
+def _port(key: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{key} must be a port number 0-65535, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    """The DICOM service: who the node is and who may talk to it."""
+
+    ae_title: str = "ICHNODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 10
+    # 0 = no limit; large PDUs move CT faster (FACTS: 71 → 86 images/s on loopback).
+    maximum_pdu_size: int = 0
+
+    def validate(self) -> None:
+        _ae_title("node.ae_title", self.ae_title)
+        _port("node.port", self.port)
+        for i, aet in enumerate(self.allowed_calling_aets):
+            _ae_title(f"node.allowed_calling_aets[{i}]", aet)
+        _positive("node.max_associations", self.max_associations)
+        if self.maximum_pdu_size < 0:
+            raise ConfigError(f"node.maximum_pdu_size must be ≥ 0, got {self.maximum_pdu_size}")
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    root: Path = Path("var/store")
+    database_url: str = "sqlite:///var/node.db"
+
+    def validate(self) -> None:
+        if "://" not in self.database_url:
+            raise ConfigError(
+                f"storage.database_url must be an SQLAlchemy URL such as "
+                f"sqlite:///var/node.db, got {self.database_url!r}"
+            )
+
+
+@dataclass(frozen=True)
+class CompletionSection:
+    stable_seconds: float = 30.0
+    check_interval_seconds: float = 1.0
+
+    def validate(self) -> None:
+        _positive("completion.stable_seconds", self.stable_seconds)
+        _positive("completion.check_interval_seconds", self.check_interval_seconds)
+
+
+@dataclass(frozen=True)
+class WorkerSection:
+    """Analysis workers, inside `serve` and as `ichnode worker`."""
+
+    enabled_in_serve: bool = True
+    poll_seconds: float = 1.0
+    heartbeat_seconds: float = 10.0
+    # A processing study whose heartbeat is older than this is re-queued.
+    stale_after_seconds: float = 120.0
+    min_slices: int = 10
+    max_attempts: int = 3
+
+    def validate(self) -> None:
+        _positive("worker.poll_seconds", self.poll_seconds)
+        _positive("worker.heartbeat_seconds", self.heartbeat_seconds)
+        if self.stale_after_seconds <= 2 * self.heartbeat_seconds:
+            raise ConfigError(
+                "worker.stale_after_seconds must exceed twice worker.heartbeat_seconds, "
+                f"got {self.stale_after_seconds} and {self.heartbeat_seconds}"
+            )
+        _positive("worker.min_slices", self.min_slices)
+        _positive("worker.max_attempts", self.max_attempts)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    checkpoint: Path | None = None  # None: receive and store, analyse nothing
+    device: str = "auto"
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        _positive("model.batch_size", self.batch_size)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class TriageSection:
+    """The paper's patient-level rule (DESIGN.md)."""
+
+    slice_threshold: float = 0.8
+    positive_fraction: float = 0.05
+    min_positive_slices: int = 1
+
+    def validate(self) -> None:
+        if not 0.0 <= self.slice_threshold < 1.0:
+            raise ConfigError(f"triage.slice_threshold must be in [0, 1), got {self.slice_threshold}")
+        if not 0.0 < self.positive_fraction <= 1.0:
+            raise ConfigError(
+                f"triage.positive_fraction must be in (0, 1], got {self.positive_fraction}"
+            )
+        _positive("triage.min_positive_slices", self.min_positive_slices)
+
+
+@dataclass(frozen=True)
+class ExplainSection:
+    key_slices: int = 3
+    aug_smooth: bool = False
+
+    def validate(self) -> None:
+        if not 1 <= self.key_slices <= 20:
+            raise ConfigError(f"explain.key_slices must be 1-20, got {self.key_slices}")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """The Secondary Capture series written back into the study."""
+
+    series_number: int = 9900
+    manufacturer: str = "ichnode"
+    institution_name: str = ""
+
+    def validate(self) -> None:
+        if not 1 <= self.series_number <= 99000:
+            raise ConfigError(f"output.series_number must be 1-99000, got {self.series_number}")
+
+
+@dataclass(frozen=True)
+class DeliverySection:
+    max_attempts: int = 8
+    initial_backoff_seconds: float = 10.0
+    max_backoff_seconds: float = 900.0
+    timeout_seconds: float = 30.0
+    calling_ae_title: str = ""  # empty: node.ae_title
+
+    def validate(self) -> None:
+        _positive("delivery.max_attempts", self.max_attempts)
+        _positive("delivery.initial_backoff_seconds", self.initial_backoff_seconds)
+        if self.max_backoff_seconds < self.initial_backoff_seconds:
+            raise ConfigError("delivery.max_backoff_seconds must be ≥ initial_backoff_seconds")
+        _positive("delivery.timeout_seconds", self.timeout_seconds)
+        if self.calling_ae_title:
+            _ae_title("delivery.calling_ae_title", self.calling_ae_title)
+
+
+@dataclass(frozen=True)
+class LogSection:
+    path: Path = Path("var/triage.log")
+    # Off by default: the triage log carries no patient name, ID or birth date.
+    include_patient_identifiers: bool = False
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+    def validate(self, key: str) -> None:
+        if not self.name.strip():
+            raise ConfigError(f"{key}.name must not be empty")
+        _ae_title(f"{key}.ae_title", self.ae_title)
+        _port(f"{key}.port", self.port)
+        if not self.host.strip():
+            raise ConfigError(f"{key}.host must not be empty")
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    completion: CompletionSection = field(default_factory=CompletionSection)
+    worker: WorkerSection = field(default_factory=WorkerSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    triage: TriageSection = field(default_factory=TriageSection)
+    explain: ExplainSection = field(default_factory=ExplainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    delivery: DeliverySection = field(default_factory=DeliverySection)
+    log: LogSection = field(default_factory=LogSection)
+    destinations: tuple[Destination, ...] = ()
+    source: Path | None = None  # the file it came from
+
+    def validate(self) -> None:
+        for section in (self.node, self.storage, self.completion, self.worker, self.model,
+                        self.triage, self.explain, self.output, self.delivery, self.log):
+            section.validate()
+        names = [d.name for d in self.destinations]
+        for i, destination in enumerate(self.destinations):
+            destination.validate(f"destinations[{i}]")
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise ConfigError(f"destinations: names must be unique, repeated: {sorted(duplicates)}")
+
+    @property
+    def calling_ae_title(self) -> str:
+        return self.delivery.calling_ae_title or self.node.ae_title
+
+
+def _convert(key: str, value: Any, annotation: Any, base: Path) -> Any:
+    """Check `value` against the field's type and convert paths and tuples."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value == "" and Path in options:
+            return None  # an empty path means "not set"
+        return _convert(key, value, options[0], base)
+    if annotation is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a path string, got {value!r}")
+        return Path(value).expanduser()
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        return tuple(_convert(f"{key}[{i}]", v, item_type, base) for i, v in enumerate(value))
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported setting type {annotation!r}")  # a bug, not a user error
+
+
+def _section(cls: type, key: str, table: Any, base: Path) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{key}] must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {key}.{unknown[0]}; known keys of [{key}]: {', '.join(sorted(known))}"
+        )
+    values = {name: _convert(f"{key}.{name}", v, hints[name], base) for name, v in table.items()}
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required key is missing
+        missing = sorted(known - set(table))
+        raise ConfigError(f"[{key}] is missing keys: {', '.join(missing)}") from exc
+
+
+def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    """Build and validate a Config from parsed TOML; paths relative to `base`."""
+    sections = {f.name for f in dataclasses.fields(Config)} - {"destinations", "source"}
+    unknown = sorted(set(data) - sections - {"destinations"})
+    if unknown:
+        raise ConfigError(
+            f"unknown section [{unknown[0]}]; known: {', '.join(sorted(sections | {'destinations'}))}"
+        )
+    hints = typing.get_type_hints(Config)
+    values: dict[str, Any] = {
+        name: _anchor_paths(_section(hints[name], name, data.get(name, {}), base), base)
+        for name in sections
+    }
+    destinations = data.get("destinations", [])
+    if not isinstance(destinations, list):
+        raise ConfigError("destinations must be written as [[destinations]] tables")
+    values["destinations"] = tuple(
+        _section(Destination, f"destinations[{i}]", d, base) for i, d in enumerate(destinations)
+    )
+    values["storage"] = dataclasses.replace(
+        values["storage"], database_url=_anchor_sqlite(values["storage"].database_url, base)
+    )
+    config = Config(**values, source=source)
+    config.validate()
+    return config
+
+
+def _anchor_paths(section: Any, base: Path) -> Any:
+    """Relative paths of a section → paths inside the config file's folder."""
+    changes = {
+        f.name: base / value
+        for f in dataclasses.fields(section)
+        if isinstance(value := getattr(section, f.name), Path) and not value.is_absolute()
+    }
+    return dataclasses.replace(section, **changes) if changes else section
+
+
+def _anchor_sqlite(url: str, base: Path) -> str:
+    """sqlite:///relative.db → an absolute path next to the config file."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
+        return prefix + str(base / url[len(prefix):])
+    return url
+
+
+def config_path(explicit: str | Path | None) -> Path:
+    """--config, else $ICHNODE_CONFIG, else ./config.toml."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read, check and return the configuration; ConfigError names the file and key."""
+    path = config_path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found (use --config PATH or set {ENV_VAR})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    try:
+        return parse_config(data, path.resolve().parent, source=path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

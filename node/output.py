@@ -1,0 +1,113 @@
+"""The result series: DICOM Secondary Capture images (highdicom) in the source study.
+
+Patient and study modules are copied from the analysed series; the series is new
+(DERIVED\\SECONDARY), its SeriesDescription and every ImageComments carry the verdict and
+the priority flag, so the flag is visible in any PACS worklist or viewer.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from node.triage import Verdict
+from training.checkpoint import Provenance
+
+__all__ = ["ResultTexts", "result_texts", "build_result_series", "encode"]
+
+DESCRIPTION_PREFIX = "AI ICH TRIAGE"
+DEMO_WARNING = "DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
+UNTRAINED_WARNING = "UNTRAINED MODEL (RANDOM WEIGHTS) - RESULTS ARE MEANINGLESS"
+
+
+@dataclass(frozen=True)
+class ResultTexts:
+    """The words that go with a verdict: description, comments and burned-in warnings."""
+
+    series_description: str
+    verdict_line: str
+    rule_line: str
+    image_comments: str
+    warnings: list[str]
+
+
+def result_texts(verdict: Verdict, provenance: Provenance, architecture: str) -> ResultTexts:
+    warnings = []
+    tag = ""
+    if provenance.synthetic:
+        warnings.append(DEMO_WARNING)
+        tag = " [DEMO MODEL]"
+    elif provenance.untrained:
+        warnings.append(UNTRAINED_WARNING)
+        tag = " [UNTRAINED MODEL]"
+    verdict_line = f"{DESCRIPTION_PREFIX}: {verdict.label}"
+    rule_line = (
+        f"{verdict.positive_slices} of {verdict.total_slices} slices with P(ICH) > "
+        f"{verdict.slice_threshold:g} (positive when >= {verdict.required_slices}); "
+        f"max P(ICH) {verdict.study_score:.3f}"
+    )
+    comments = " ".join(
+        [f"{verdict_line}.", f"{rule_line}.", f"Model {architecture}, trained on: "
+         f"{provenance.training_data} ({provenance.description}).", "NOT FOR DIAGNOSTIC USE.", *warnings]
+    )
+    return ResultTexts((verdict_line + tag)[:64], verdict_line, rule_line, comments, warnings)
+
+
+def build_result_series(
+    reference: Dataset,
+    images: list[np.ndarray],
+    *,
+    texts: ResultTexts,
+    series_number: int,
+    manufacturer: str,
+    institution_name: str,
+    software_version: str,
+    sources: list[Dataset | None],
+) -> tuple[str, list[hd.sc.SCImage]]:
+    """One SC image per RGB array; `sources[i]` is the CT slice image i shows, if any."""
+    if len(images) != len(sources):
+        raise ValueError(f"{len(images)} images but {len(sources)} source entries")
+    series_uid = generate_uid()
+    result = []
+    for number, (pixels, source) in enumerate(zip(images, sources), start=1):
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=reference,
+            pixel_array=pixels,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            patient_orientation=("L", "P"),
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=generate_uid(),
+            instance_number=number,
+            manufacturer=manufacturer,
+            series_description=texts.series_description,
+            institution_name=institution_name or None,
+            software_versions=software_version,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
+        # General Series: an unpaired body part, so no Laterality is needed (dciodvfy).
+        sc.BodyPartExamined = "HEAD"
+        sc.ImageComments = texts.image_comments
+        sc.BurnedInAnnotation = "YES"
+        sc.DerivationDescription = "Grad-CAM and P(ICH) of an ICH classifier"[:1024]
+        if source is not None:
+            item = Dataset()
+            item.ReferencedSOPClassUID = source.SOPClassUID
+            item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+            sc.SourceImageSequence = [item]
+        result.append(sc)
+    return series_uid, result
+
+
+def encode(ds: Dataset) -> bytes:
+    """The object as a DICOM file (preamble, file meta, dataset)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
