@@ -1,0 +1,87 @@
+"""The Storage SCP in-process, spoken to by a pynetdicom SCU: statuses and storage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from node.config import NodeSection
+from node.ingest import Ingest, Status
+from node.scp import start_scp
+from node.triagelog import TriageLog, read_events
+from storage.db import Instance, make_engine, make_sessionmaker
+from storage.store import InstanceStore
+from tests.peers import free_port
+
+
+@pytest.fixture
+def scp(tmp_path: Path):
+    store = InstanceStore(tmp_path / "store")
+    store.ensure()
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
+    ingest = Ingest(store, sessions, TriageLog(tmp_path / "triage.log"))
+    port = free_port()
+    server = start_scp(NodeSection(host="127.0.0.1", port=port), ingest)
+    yield port, store, sessions, ingest, tmp_path
+    server.shutdown()
+
+
+def _send(port: int, ds: pydicom.Dataset) -> int:
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICHNODE")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+
+
+def test_compressed_instance_is_stored_as_received(scp) -> None:
+    port, store, sessions, _, _ = scp
+    ds = pydicom.dcmread(get_testdata_file("693_J2KI.dcm"))
+    assert _send(port, ds) == Status.SUCCESS
+    with sessions() as session:
+        row = session.query(Instance).one()
+    stored = pydicom.dcmread(store.absolute(row.path))
+    assert stored.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert stored.PixelData == ds.PixelData  # not decompressed, not re-encoded
+    assert row.sop_class_uid == CTImageStorage
+    assert oct(store.absolute(row.path).stat().st_mode & 0o777) == "0o600"
+
+
+def test_missing_identifier_is_refused_with_a900(scp) -> None:
+    port, _, sessions, _, tmp_path = scp
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.StudyInstanceUID
+    assert _send(port, ds) == Status.DATASET_MISMATCH
+    with sessions() as session:
+        assert session.query(Instance).count() == 0
+    assert read_events(tmp_path / "triage.log") == []
+
+
+def test_storage_failure_answers_a700_and_records_nothing(scp) -> None:
+    port, store, sessions, ingest, _ = scp
+    ingest.store = InstanceStore(store.root / "blocked")
+    (store.root / "blocked").write_text("a file where the store's folder should be")
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert _send(port, ds) == Status.OUT_OF_RESOURCES
+    with sessions() as session:
+        assert session.query(Instance).count() == 0
+
+
+def test_resent_instance_is_recorded_once_and_new_study_logged_once(scp) -> None:
+    port, _, sessions, _, tmp_path = scp
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert _send(port, ds) == Status.SUCCESS
+    assert _send(port, ds) == Status.SUCCESS
+    with sessions() as session:
+        assert session.query(Instance).count() == 1
+    events = read_events(tmp_path / "triage.log")
+    assert [e["event"] for e in events] == ["received"]
+    assert events[0]["calling_aet"] == "SCU" and "patient_id" not in events[0]
