@@ -1,14 +1,16 @@
 """`ichnode`: the one command-line entry point of the product.
 
-Every command of the contract in DESIGN.md is listed; a command whose feature is not
-built yet says so and exits with status 2 instead of pretending to work.
+Errors the project raises on purpose print one line naming what was wrong and exit 1;
+anything else prints one line asking for a report and exits 70. No traceback reaches a user.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from node.config import ENV_VAR, load_config
@@ -17,7 +19,6 @@ from node.errors import IchNodeError
 __all__ = ["main", "build_parser"]
 
 EXIT_ERROR = 1
-EXIT_NOT_AVAILABLE = 2
 EXIT_INTERNAL = 70
 
 Handler = Callable[[argparse.Namespace], int]
@@ -140,19 +141,67 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_available(command: str) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        print(
-            f"ichnode {command}: not available yet in this version of ichnode",
-            file=sys.stderr,
-        )
-        return EXIT_NOT_AVAILABLE
+def _prepare(args: argparse.Namespace) -> int:
+    from training.prepare import prepare
 
-    return handler
+    summary = prepare(args.data, args.out, workers=args.workers)
+    print(
+        f"prepared {summary['usable_slices']} slices ({summary['positive_slices']} with ICH) of "
+        f"{summary['layout']} data into {args.out}; {len(summary['skipped'])} skipped "
+        f"(see prepare.json); patients train/val/test {summary['patients']['train']}/"
+        f"{summary['patients']['val']}/{summary['patients']['test']}"
+    )
+    return 0
 
 
-# name → (one-line help, argument builder or None, handler or None when not built yet)
-_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None, Handler | None]] = {
+def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True,
+                        help="RSNA folder (stage_2_train.csv, stage_2_train/) or `ichnode synth` output")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the split lists and the cache")
+    parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.train import load_train_config, train
+
+    config = load_train_config(args.config)
+    result = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        auc = "n/a" if result.best_val_roc_auc is None else f"{result.best_val_roc_auc:.4f}"
+        print(f"checkpoint {result.checkpoint} (epoch {result.best_epoch}, validation ROC-AUC {auc}); "
+              f"curves and metrics in {result.checkpoint.parent}")
+    return 0
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="training TOML (default: the paper's recipe on var/prepared)")
+    parser.add_argument("--resume", action="store_true", help="continue from experiments/NAME/last.pt")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate
+
+    out = args.out or Path("experiments") / f"eval-{args.checkpoint.stem}-{args.data.resolve().name}"
+    result = evaluate(args.checkpoint, args.data, out, device=args.device, batch_size=args.batch_size,
+                      resamples=args.resamples)
+    print((result.files["report"]).read_text())
+    print(f"written to {out}: " + ", ".join(sorted(p.name for p in result.files.values())))
+    return 0
+
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="a prepare-rsna folder (test split), `ichnode synth` studies, or a CQ500 folder")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default experiments/eval-…)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for AUC intervals")
+
+
+# name → (one-line help, argument builder, handler)
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "serve": ("receive studies over DICOM, analyse them and send results back",
               _add_config_argument, _serve),
     "worker": ("analyse ready studies (extra worker processes or hosts)", _add_config_argument, _worker),
@@ -160,8 +209,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | None
     "status": ("show the queue by state and the latest studies", _add_status_arguments, _status),
     "retry": ("re-queue failed deliveries", _add_config_argument, _retry),
     "synth": ("write synthetic head-CT studies with labels", _add_synth_arguments, _synth),
-    "train": ("train a model and write a checkpoint", None, None),
-    "evaluate": ("evaluate a checkpoint (slice and patient level)", None, None),
+    "prepare-rsna": ("split and cache an RSNA-layout (or synthetic) data set for training",
+                     _add_prepare_arguments, _prepare),
+    "train": ("train a model and write a checkpoint", _add_train_arguments, _train),
+    "evaluate": ("evaluate a checkpoint (slice and patient level, with 95 percent intervals)",
+                 _add_evaluate_arguments, _evaluate),
 }
 
 
@@ -172,15 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (summary, add_arguments, handler) in _COMMANDS.items():
-        built = handler is not None
-        sub = commands.add_parser(
-            name,
-            help=summary if built else f"{summary} (not available yet)",
-            description=summary if built else f"{summary}. Not available yet.",
-        )
-        if add_arguments is not None:
-            add_arguments(sub)
-        sub.set_defaults(handler=handler or _not_available(name))
+        sub = commands.add_parser(name, help=summary, description=summary)
+        add_arguments(sub)
+        sub.set_defaults(handler=handler)
     return parser
 
 

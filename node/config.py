@@ -35,6 +35,9 @@ __all__ = [
     "Config",
     "load_config",
     "parse_config",
+    "read_toml",
+    "section_from_table",
+    "anchor_paths",
     "config_path",
 ]
 
@@ -254,14 +257,14 @@ class Config:
         return self.delivery.calling_ae_title or self.node.ae_title
 
 
-def _convert(key: str, value: Any, annotation: Any, base: Path) -> Any:
+def _convert(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against the field's type and convert paths and tuples."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value == "" and Path in options:
             return None  # an empty path means "not set"
-        return _convert(key, value, options[0], base)
+        return _convert(key, value, options[0])
     if annotation is Path:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a path string, got {value!r}")
@@ -270,7 +273,7 @@ def _convert(key: str, value: Any, annotation: Any, base: Path) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (item_type, _ellipsis) = typing.get_args(annotation)
-        return tuple(_convert(f"{key}[{i}]", v, item_type, base) for i, v in enumerate(value))
+        return tuple(_convert(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
@@ -290,7 +293,8 @@ def _convert(key: str, value: Any, annotation: Any, base: Path) -> Any:
     raise ConfigError(f"{key}: unsupported setting type {annotation!r}")  # a bug, not a user error
 
 
-def _section(cls: type, key: str, table: Any, base: Path) -> Any:
+def section_from_table(cls: type, key: str, table: Any) -> Any:
+    """A frozen dataclass from one TOML table; unknown keys and bad types name the key."""
     if not isinstance(table, dict):
         raise ConfigError(f"[{key}] must be a table, got {table!r}")
     hints = typing.get_type_hints(cls)
@@ -300,7 +304,7 @@ def _section(cls: type, key: str, table: Any, base: Path) -> Any:
         raise ConfigError(
             f"unknown key {key}.{unknown[0]}; known keys of [{key}]: {', '.join(sorted(known))}"
         )
-    values = {name: _convert(f"{key}.{name}", v, hints[name], base) for name, v in table.items()}
+    values = {name: _convert(f"{key}.{name}", v, hints[name]) for name, v in table.items()}
     try:
         return cls(**values)
     except TypeError as exc:  # a required key is missing
@@ -318,14 +322,14 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         )
     hints = typing.get_type_hints(Config)
     values: dict[str, Any] = {
-        name: _anchor_paths(_section(hints[name], name, data.get(name, {}), base), base)
+        name: anchor_paths(section_from_table(hints[name], name, data.get(name, {})), base)
         for name in sections
     }
     destinations = data.get("destinations", [])
     if not isinstance(destinations, list):
         raise ConfigError("destinations must be written as [[destinations]] tables")
     values["destinations"] = tuple(
-        _section(Destination, f"destinations[{i}]", d, base) for i, d in enumerate(destinations)
+        section_from_table(Destination, f"destinations[{i}]", d) for i, d in enumerate(destinations)
     )
     values["storage"] = dataclasses.replace(
         values["storage"], database_url=_anchor_sqlite(values["storage"].database_url, base)
@@ -335,7 +339,7 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     return config
 
 
-def _anchor_paths(section: Any, base: Path) -> Any:
+def anchor_paths(section: Any, base: Path) -> Any:
     """Relative paths of a section → paths inside the config file's folder."""
     changes = {
         f.name: base / value
@@ -360,19 +364,22 @@ def config_path(explicit: str | Path | None) -> Path:
     return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Read, check and return the configuration; ConfigError names the file and key."""
-    path = config_path(path)
+def read_toml(path: Path, hint: str = "") -> dict[str, Any]:
+    """A TOML file as a dict; ConfigError naming the file when it cannot be read."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(
-            f"config file {path} not found (use --config PATH or set {ENV_VAR})"
-        ) from None
+        raise ConfigError(f"config file {path} not found{hint}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read, check and return the configuration; ConfigError names the file and key."""
+    path = config_path(path)
+    data = read_toml(path, f" (use --config PATH or set {ENV_VAR})")
     try:
         return parse_config(data, path.resolve().parent, source=path)
     except ConfigError as exc:

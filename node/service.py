@@ -8,6 +8,7 @@ or GPU hosts sharing the database and the storage folder.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ class Node:
 
     @classmethod
     def build(cls, config: Config) -> "Node":
+        # Instances, results, database (with its WAL files) and log: the node's user only.
+        os.umask(0o077)
         store = InstanceStore(config.storage.root)
         store.ensure()
         sessions = make_sessionmaker(make_engine(config.storage.database_url))

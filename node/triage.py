@@ -7,10 +7,11 @@ score (max and top-k mean of slice probabilities) is reported too, for ROC analy
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from training.metrics import required_positive_slices
 
 __all__ = ["Verdict", "patient_verdict", "key_slice_indices"]
 
@@ -46,8 +47,7 @@ def patient_verdict(
         raise ValueError(f"need a non-empty 1-D array of slice probabilities, got shape {probabilities.shape}")
     total = int(probabilities.size)
     positive_slices = int(np.count_nonzero(probabilities > slice_threshold))
-    # round() first: 0.1 × 30 is 3.0000000000000004 in floating point, not 4 slices.
-    required = max(min_positive_slices, math.ceil(round(positive_fraction * total, 9)))
+    required = required_positive_slices(total, positive_fraction, min_positive_slices)
     top = np.sort(probabilities)[::-1][:TOP_K_SCORE]
     return Verdict(
         positive=positive_slices >= required,

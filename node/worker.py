@@ -12,7 +12,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker

@@ -129,13 +129,22 @@ class Delivery(Base):
     study: Mapped[Study] = relationship(back_populates="deliveries")
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    # pysqlite's own implicit transactions break SAVEPOINT and start too late; SQLAlchemy
+    # emits BEGIN itself instead (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")  # a committed row is on disk
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_begin(connection) -> None:
+    # IMMEDIATE takes the write lock at the start, so two writers never deadlock on a
+    # lock upgrade (which busy_timeout cannot resolve); WAL readers are not blocked.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -146,7 +155,8 @@ def make_engine(url: str) -> Engine:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, pool_pre_ping=not is_sqlite)
     if is_sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
     Base.metadata.create_all(engine)
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         Path(parsed.database).chmod(0o600)

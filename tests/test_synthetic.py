@@ -114,7 +114,7 @@ def test_every_subtype_renders_as_blood(subtype: str) -> None:
     x, y = np.meshgrid(coords, coords)
     c = head.inner_semi_axes[2]
     found = False
-    for attempt in range(20):  # bleeds are placed at random; a few tries find one
+    for _attempt in range(20):  # bleeds are placed at random; a few tries find one
         bleed = random_bleed(rng, head, subtype, (-0.3 * c, 0.6 * c))
         for z in np.linspace(-0.3 * c, 0.6 * c, 19):
             hu, mask = render_slice(head, [bleed], x, y, float(z), rng)

@@ -1,0 +1,267 @@
+"""prepare-rsna, train and evaluate on small folders the tests build from synthetic DICOM."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from training.checkpoint import load_checkpoint
+from training.prepare import cache_image, prepare, read_rsna_labels, read_split
+from training.synthetic import SyntheticOptions, write_studies
+from training.train import load_train_config, train
+
+SUBTYPES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
+
+
+@pytest.fixture(scope="module")
+def small_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six small studies (six patients), half with bleeds; with seed 20 the paper's split
+    puts a study with bleeds in each of train, validation and test."""
+    root = tmp_path_factory.mktemp("small_synthetic")
+    write_studies(root, SyntheticOptions(studies=6, seed=20, positive_fraction=0.5, min_slices=10, max_slices=12))
+    return root
+
+
+@pytest.fixture(scope="module")
+def rsna_folder(small_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The RSNA 2019 layout with the real CSV format, a duplicated row, the known corrupt
+    image and one more unreadable file."""
+    root = tmp_path_factory.mktemp("rsna")
+    images = root / "stage_2_train"
+    images.mkdir()
+    rows = []
+    for n, labels_path in enumerate(sorted(small_synthetic.glob("study_*/labels.json"))):
+        labels = json.loads(labels_path.read_text())
+        for entry in labels["slices"]:
+            image_id = f"ID_{n:02d}{entry['instance_number']:03d}abc"
+            shutil.copy(labels_path.parent / entry["file"], images / f"{image_id}.dcm")
+            for subtype in SUBTYPES:
+                value = entry["label"] if subtype == "any" else int(subtype in entry["subtypes"])
+                rows.append((f"{image_id}_{subtype}", value))
+    rows.append(rows[5])  # a duplicated row, as in the real file
+    (images / "ID_6431af929.dcm").write_bytes(b"\0" * 200)
+    rows.extend((f"ID_6431af929_{s}", 0) for s in SUBTYPES)
+    good = next(images.glob("*.dcm")).read_bytes()
+    (images / "ID_broken0001.dcm").write_bytes(good[:400])  # truncated
+    rows.extend((f"ID_broken0001_{s}", 0) for s in SUBTYPES)
+    with open(root / "stage_2_train.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ID", "Label"])
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(rsna_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(rsna_folder, out, workers=2, progress=False)
+    return out
+
+
+def test_labels_from_any_rows_with_duplicates_dropped(rsna_folder: Path) -> None:
+    labels, duplicates = read_rsna_labels(rsna_folder / "stage_2_train.csv")
+    assert duplicates == 1
+    assert all(not k.endswith("_any") and k.startswith("ID_") for k in labels)
+    assert set(labels.values()) == {0, 1}
+
+
+def test_prepare_splits_caches_and_reports(prepared: Path, rsna_folder: Path) -> None:
+    summary = json.loads((prepared / "prepare.json").read_text())
+    assert summary["layout"] == "rsna" and summary["duplicate_rows_dropped"] == 1
+    assert "known corrupt" in summary["skipped"]["ID_6431af929"]
+    assert "ID_broken0001" in summary["skipped"]
+    total = len(list((rsna_folder / "stage_2_train").glob("*.dcm")))
+    assert summary["usable_slices"] == total - 2
+    assert summary["patients"] == {"train": 4, "val": 1, "test": 1}
+
+    splits = {name: read_split(prepared / "splits" / f"{name}.csv") for name in ("train", "val", "test", "test_full")}
+    patients = {name: {r.patient_id for r in records} for name, records in splits.items()}
+    assert not (patients["train"] & patients["val"]) and not (patients["train"] & patients["test"])
+    assert patients["test"] <= patients["test_full"]
+    for name in ("train", "val", "test"):
+        labels = [r.label for r in splits[name]]
+        positives = sum(labels)
+        assert len(labels) - positives == min(positives, len(labels) - positives) or positives == 0
+    everything = read_split(prepared / "slices.csv")
+    test_patient_slices = [r for r in everything if r.patient_id in patients["test_full"]]
+    assert len(splits["test_full"]) == len(test_patient_slices)
+    # Slices are ordered along the slice normal within each series.
+    for series in {r.series_uid for r in everything}:
+        positions = [r.position for r in everything if r.series_uid == series]
+        assert positions == sorted(positions)
+    # The cache holds exactly what cache_image makes of the file.
+    record = splits["train"][0]
+    cached = np.asarray(Image.open(prepared / record.cache))
+    assert cached.shape == (512, 512, 3) and cached.dtype == np.uint8
+    np.testing.assert_array_equal(cached, cache_image(pydicom.dcmread(record.source)))
+
+
+def test_prepare_is_reproducible_and_resumable(prepared: Path, rsna_folder: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    shutil.copytree(prepared, again)
+    victim = next((again / "cache").glob("*.png"))
+    victim.unlink()
+    kept = next(p for p in (again / "cache").glob("*.png"))
+    kept_mtime = kept.stat().st_mtime_ns
+    prepare(rsna_folder, again, workers=2, progress=False)
+    assert victim.is_file()  # remade
+    assert kept.stat().st_mtime_ns == kept_mtime  # not remade
+    for name in ("train", "val", "test", "test_full"):
+        assert (again / "splits" / f"{name}.csv").read_text() == (prepared / "splits" / f"{name}.csv").read_text()
+
+
+def _train_config(tmp_path: Path, prepared: Path, **overrides: str) -> Path:
+    settings = {"architecture": '"resnet18"', "optimizer": '"adamw"', "lr": "1e-3", "epochs": "4",
+                "max_steps": "0", "batch_size": "4", "name": '"test"', "flips": "false"}
+    settings.update(overrides)
+    path = tmp_path / "train.toml"
+    path.write_text(f"""
+[data]
+prepared = "{prepared}"
+[model]
+architecture = {settings['architecture']}
+[optimizer]
+name = {settings['optimizer']}
+lr = {settings['lr']}
+[training]
+epochs = {settings['epochs']}
+batch_size = {settings['batch_size']}
+workers = 0
+device = "cpu"
+flips = {settings['flips']}
+max_steps_per_epoch = {settings['max_steps']}
+[experiment]
+folder = "{tmp_path / 'experiments'}"
+name = {settings['name']}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_prepared(small_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic_prepared")
+    prepare(small_synthetic, out, workers=2, progress=False)
+    return out
+
+
+def test_paper_recipe_is_the_default() -> None:
+    config = load_train_config(None)
+    assert (config.optimizer.name, config.optimizer.lr, config.optimizer.momentum, config.optimizer.weight_decay) == (
+        "sgd", 1e-4, 0.9, 1e-3)
+    assert (config.schedule.name, config.schedule.step_size, config.schedule.gamma) == ("step", 1, 0.5)
+    assert (config.training.batch_size, config.training.epochs, config.training.flips) == (4, 3, True)
+    assert config.model.architecture == "effclass"
+
+
+def test_training_lowers_the_loss_writes_a_checkpoint_and_resumes(synthetic_prepared: Path, tmp_path: Path) -> None:
+    config = load_train_config(_train_config(tmp_path, synthetic_prepared))
+    result = train(config, progress=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model, model_config = load_checkpoint(result.checkpoint, architecture="resnet18")
+    assert model_config.provenance.training_data == "synthetic" and model_config.provenance.synthetic
+    assert "validation split" in model_config.provenance.metrics["measured_on"]
+    folder = result.checkpoint.parent
+    for name in ("config.json", "metrics.json", "curves.png", "last.pt", "model.pt"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "metrics.json").read_text())["best_epoch"] == result.best_epoch
+    # Resume: a fifth epoch continues the same history.
+    more = load_train_config(_train_config(tmp_path, synthetic_prepared, epochs="5"))
+    resumed = train(more, resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    assert resumed.history[:4] == result.history
+
+
+def test_effclass_trains_a_step_on_the_cpu(synthetic_prepared: Path, tmp_path: Path) -> None:
+    config = load_train_config(_train_config(tmp_path, synthetic_prepared, architecture='"effclass"', epochs="1",
+                                             max_steps="1", batch_size="2", optimizer='"sgd"', lr="1e-4"))
+    result = train(config, progress=False)
+    assert load_checkpoint(result.checkpoint, architecture="effclass")[1].preprocess.input_size == 512
+
+
+def test_bad_training_config_names_the_key(tmp_path: Path) -> None:
+    from node.errors import ConfigError
+
+    path = tmp_path / "bad.toml"
+    path.write_text("[optimizer]\nname = \"rmsprop\"\n")
+    with pytest.raises(ConfigError, match="optimizer.name must be sgd or adamw"):
+        load_train_config(path)
+    path.write_text("[training]\nepochz = 3\n")
+    with pytest.raises(ConfigError, match="unknown key training.epochz"):
+        load_train_config(path)
+
+
+def test_evaluate_writes_both_tables(synthetic_prepared: Path, small_synthetic: Path, tmp_path: Path) -> None:
+    config = load_train_config(_train_config(tmp_path, synthetic_prepared, epochs="1"))
+    checkpoint = train(config, progress=False).checkpoint
+    cli = [sys.executable, "-m", "node.cli", "evaluate", "--checkpoint", str(checkpoint), "--device", "cpu",
+           "--resamples", "200"]
+    for data, name in ((synthetic_prepared, "prepared"), (small_synthetic, "studies")):
+        out = tmp_path / name
+        result = subprocess.run([*cli, "--data", str(data), "--out", str(out)], capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr
+        report = (out / "report.md").read_text()
+        assert "synthetic" in report.lower() and "NOT clinical data" in report
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["slice_level"] is not None and metrics["patient_level"] is not None
+        assert (out / "predictions.csv").is_file()
+
+
+def test_evaluate_reads_the_cq500_layout(small_synthetic: Path, tmp_path: Path) -> None:
+    from training.checkpoint import default_model_config, save_checkpoint
+    from training.evaluate import evaluate
+    from training.model import create_model
+
+    root = tmp_path / "cq500"
+    rows = []
+    for n, labels_path in enumerate(sorted(small_synthetic.glob("study_*/labels.json"))[:4]):
+        name = f"CQ500-CT-{n}"
+        folder = root / f"CQ500CT{n} CQ500CT{n}" / "Unknown Study" / "CT 5mm"
+        folder.mkdir(parents=True)
+        for path in sorted((labels_path.parent / "HEAD").glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            ds.PatientID = name
+            ds.save_as(folder / path.name)
+        positive = int(json.loads(labels_path.read_text())["positive"])
+        rows.append({"name": name, "Category": "", "R1:ICH": positive, "R2:ICH": positive, "R3:ICH": 1 - positive})
+    with open(root / "reads.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    checkpoint = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18"), default_model_config("resnet18"))
+    result = evaluate(checkpoint, root, tmp_path / "out", device="cpu", resamples=100, progress=False)
+    assert result.slice_metrics is None  # CQ500 has no slice labels
+    assert result.patient_metrics["n"] == 4
+    assert "CQ500" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_two_process_ddp_smoke_run(synthetic_prepared: Path, tmp_path: Path) -> None:
+    config = _train_config(tmp_path, synthetic_prepared, epochs="1", max_steps="2", name='"ddp"')
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(_free_port()), "-m", "node.cli", "train", "--config", str(config)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tmp_path / "experiments" / "ddp" / "model.pt"
+    assert load_checkpoint(checkpoint)[1].architecture == "resnet18"
+    history = json.loads((checkpoint.parent / "metrics.json").read_text())["history"]
+    assert history[0]["train_slices_seen"] == 2 * 2 * 4  # two processes × two steps × batch 4
+
+
+def _free_port() -> int:
+    from tests.peers import free_port
+
+    return free_port()

@@ -1,0 +1,211 @@
+"""Slices for training and evaluation, from a prepared folder, synthetic studies or CQ500.
+
+Training reads the cache of `prepare-rsna`; evaluation can also read DICOM directly (the
+synthetic studies of `ichnode synth`, CQ500) with the checkpoint's own preprocessing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from torch.utils.data import Dataset
+
+from node.errors import IchNodeError
+from training.prepare import SliceRecord, load_cached_image, read_split
+from training.preprocess import PreprocessSpec, dataset_to_input, normalise, resize_bilinear
+
+__all__ = [
+    "DataError",
+    "CachedSlices",
+    "EvalSlice",
+    "EvalStudy",
+    "EvalSet",
+    "check_cache_matches",
+    "load_eval_set",
+]
+
+
+class DataError(IchNodeError):
+    """A data folder that cannot be used for training or evaluation."""
+
+
+def check_cache_matches(prepared: Path, spec: PreprocessSpec) -> None:
+    """The cache was windowed once; a model with other windows cannot use it."""
+    summary_path = prepared / "prepare.json"
+    if not summary_path.is_file():
+        raise DataError(f"{prepared} is not a prepared folder (no prepare.json); run `ichnode prepare-rsna`")
+    windows = json.loads(summary_path.read_text())["cache"]["windows"]
+    wanted = [{"name": w.name, "low": w.low, "high": w.high} for w in spec.windows]
+    if windows != wanted:
+        raise DataError(f"{prepared} was cached with windows {windows}, the model needs {wanted}")
+
+
+def _input_from_cache(path: Path, spec: PreprocessSpec) -> np.ndarray:
+    return normalise(resize_bilinear(load_cached_image(path), spec.input_size), spec.mean, spec.std)
+
+
+class CachedSlices(Dataset):
+    """(input, label) pairs from one split list of a prepared folder.
+
+    `flips` adds the paper's only augmentation: random horizontal and vertical flips.
+    """
+
+    def __init__(self, prepared: Path, split: str, spec: PreprocessSpec, *, flips: bool = False,
+                 seed: int = 0) -> None:
+        self.prepared = Path(prepared)
+        path = self.prepared / "splits" / f"{split}.csv"
+        if not path.is_file():
+            raise DataError(f"{path} not found; run `ichnode prepare-rsna` first")
+        check_cache_matches(self.prepared, spec)
+        self.records = read_split(path)
+        self.spec = spec
+        self.flips = flips
+        self.generator = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        record = self.records[index]
+        x = _input_from_cache(self.prepared / record.cache, self.spec)
+        if self.flips:
+            if self.generator.random() < 0.5:
+                x = x[:, :, ::-1]
+            if self.generator.random() < 0.5:
+                x = x[:, ::-1, :]
+        return torch.from_numpy(np.ascontiguousarray(x)), record.label
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records])
+
+
+@dataclass(frozen=True)
+class EvalSlice:
+    image_id: str
+    group: str  # patient or study: bootstrap resamples whole groups
+    label: int | None
+    source: Path | None  # a DICOM file
+    cache: Path | None  # a prepared cache image (preferred when present)
+
+
+@dataclass(frozen=True)
+class EvalStudy:
+    study_id: str  # a patient (RSNA, CQ500) or a study (synthetic)
+    label: int
+    slices: list[EvalSlice]  # ordered inferior → superior
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """What `evaluate` measures: slices with labels and/or studies with labels."""
+
+    description: str
+    synthetic: bool
+    slice_level: list[EvalSlice]  # empty when slice labels do not exist (CQ500)
+    studies: list[EvalStudy]
+
+    def load(self, item: EvalSlice, spec: PreprocessSpec) -> np.ndarray:
+        """Network input for one slice, with the checkpoint's preprocessing."""
+        if item.cache is not None:
+            return _input_from_cache(item.cache, spec)
+        return dataset_to_input(pydicom.dcmread(item.source), spec)
+
+
+def _from_prepared(prepared: Path, spec: PreprocessSpec) -> EvalSet:
+    check_cache_matches(prepared, spec)
+    summary = json.loads((prepared / "prepare.json").read_text())
+    def as_slice(r: SliceRecord) -> EvalSlice:
+        return EvalSlice(r.image_id, r.patient_id, r.label, Path(r.source), prepared / r.cache)
+    balanced = [as_slice(r) for r in read_split(prepared / "splits" / "test.csv")]
+    by_patient: dict[str, list[SliceRecord]] = {}
+    for record in read_split(prepared / "splits" / "test_full.csv"):
+        by_patient.setdefault(record.patient_id, []).append(record)
+    studies = [
+        EvalStudy(patient, int(any(r.label for r in records)), [as_slice(r) for r in records])
+        for patient, records in sorted(by_patient.items())
+    ]
+    kind = "synthetic phantoms (ichnode synth) - NOT clinical data" if summary["layout"] == "synthetic" \
+        else "RSNA 2019 ICH"
+    description = (
+        f"{kind}, held-out test split of {prepared} (patients split 90/5/5, seed "
+        f"{summary['split_seed']}): {len(balanced)} slices balanced for slice level, "
+        f"{len(studies)} patients with all their slices for patient level"
+    )
+    return EvalSet(description, summary["layout"] == "synthetic", balanced, studies)
+
+
+def _from_synthetic(root: Path) -> EvalSet:
+    studies, slices = [], []
+    for labels_path in sorted(root.glob("study_*/labels.json")):
+        labels = json.loads(labels_path.read_text())
+        study = labels_path.parent.name
+        items = [EvalSlice(f"{study}_{e['instance_number']:04d}", study, int(e["label"]),
+                           labels_path.parent / e["file"], None) for e in labels["slices"]]
+        studies.append(EvalStudy(labels_path.parent.name, int(labels["positive"]), items))
+        slices.extend(items)
+    seeds = sorted({json.loads(p.read_text())["generator"]["seed"] for p in root.glob("study_*/labels.json")})
+    description = (f"synthetic phantoms (ichnode synth, seed {', '.join(map(str, seeds))}) in {root}: "
+                   f"{len(studies)} studies, {len(slices)} slices - NOT clinical data")
+    return EvalSet(description, True, slices, studies)
+
+
+def _majority(row: dict[str, str]) -> int:
+    votes = [int(float(row[k])) for k in ("R1:ICH", "R2:ICH", "R3:ICH")]
+    return int(sum(votes) >= 2)
+
+
+def _from_cq500(root: Path, min_slices: int) -> EvalSet:
+    # Local import: node.series is the node's series choice, reused so evaluation picks
+    # the series the node would analyse.
+    from node.series import choose_head_series, read_header
+
+    with open(root / "reads.csv", newline="") as handle:
+        labels = {row["name"].strip(): _majority(row) for row in csv.DictReader(handle)}
+    by_patient: dict[str, list] = {}
+    for path in sorted(root.rglob("*.dcm")):
+        try:
+            header = read_header(path)
+        except Exception:  # unreadable files are left out
+            continue
+        patient = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
+        by_patient.setdefault(patient, []).append(header)
+    studies, skipped = [], []
+    for name, label in sorted(labels.items()):
+        headers = by_patient.get(name)
+        if not headers:
+            skipped.append(name)
+            continue
+        try:
+            choice = choose_head_series(headers, min_slices)
+        except IchNodeError:
+            skipped.append(name)
+            continue
+        studies.append(EvalStudy(name, label, [EvalSlice(h.sop_instance_uid, name, None, h.path, None)
+                                                for h in choice.slices]))
+    if not studies:
+        raise DataError(f"no CQ500 patient of {root / 'reads.csv'} has a usable head CT series under {root}")
+    description = (f"CQ500 in {root}: {len(studies)} patients (label: majority of the three readers' ICH)"
+                   + (f", {len(skipped)} without a usable series left out" if skipped else ""))
+    return EvalSet(description, False, [], studies)
+
+
+def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10) -> EvalSet:
+    """A prepared folder, a folder of synthetic studies, or a CQ500 folder."""
+    data = Path(data)
+    if (data / "prepare.json").is_file():
+        return _from_prepared(data, spec)
+    if any(data.glob("study_*/labels.json")):
+        return _from_synthetic(data)
+    if (data / "reads.csv").is_file():
+        return _from_cq500(data, min_slices)
+    raise DataError(
+        f"{data} is none of: a folder made by `ichnode prepare-rsna` (prepare.json), synthetic "
+        "studies from `ichnode synth` (study_*/labels.json), a CQ500 folder (reads.csv)"
+    )
