@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
+from training.rule import TriageRule
 
 __all__ = [
     "ENV_VAR",
@@ -150,13 +151,11 @@ class TriageSection:
     min_positive_slices: int = 1
 
     def validate(self) -> None:
-        if not 0.0 <= self.slice_threshold < 1.0:
-            raise ConfigError(f"triage.slice_threshold must be in [0, 1), got {self.slice_threshold}")
-        if not 0.0 < self.positive_fraction <= 1.0:
-            raise ConfigError(
-                f"triage.positive_fraction must be in (0, 1], got {self.positive_fraction}"
-            )
-        _positive("triage.min_positive_slices", self.min_positive_slices)
+        # The same rule checks a checkpoint's recommended thresholds.
+        try:
+            TriageRule(self.slice_threshold, self.positive_fraction, self.min_positive_slices)
+        except ValueError as exc:
+            raise ConfigError(f"triage.{exc}") from None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.metrics import required_positive_slices
+from training.rule import required_positive_slices
 
 __all__ = ["Verdict", "patient_verdict", "key_slice_indices"]
 

@@ -1,19 +1,14 @@
-"""The on-disk store: instances and result objects, each written atomically.
-
-A file is written to a temporary name in its final folder, fsynced, renamed into place
-and the folder fsynced, so after a crash a path either holds the whole file or nothing.
-Files are readable by the node's user only.
-"""
+"""The on-disk store: instances and result objects, each written atomically (see
+storage.atomic). Files are readable by the node's user only."""
 
 from __future__ import annotations
 
 import errno
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from node.errors import InvalidInstance, StorageError, StorageFull
+from storage.atomic import atomic_write
 
 __all__ = ["InstanceStore", "check_uid"]
 
@@ -57,27 +52,9 @@ class InstanceStore:
         target = self.absolute(relative)
         try:
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=target.parent)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            _fsync_dir(target.parent)
+            atomic_write(target, lambda handle: handle.write(data))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise StorageFull(f"no space left on the disk of {self.root} writing {relative}") from exc
             raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
         return len(data)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

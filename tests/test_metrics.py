@@ -17,13 +17,13 @@ from training.metrics import (
     patient_rule,
     pr_auc_trapezoid,
     precision_recall_curve,
-    required_positive_slices,
     roc_auc,
     roc_curve,
     slice_level_metrics,
     wilson_interval,
 )
 from training.report import format_interval, write_report
+from training.rule import required_positive_slices
 
 
 def test_confusion_matrix_by_hand() -> None:

@@ -9,8 +9,6 @@ says so in its provenance, and everything built from it carries that warning.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -20,14 +18,15 @@ import torch
 from torch import nn
 
 from node.errors import CheckpointError
+from storage.atomic import atomic_write
 from training.model import architecture_spec, create_model
 from training.preprocess import PreprocessSpec, Window
+from training.rule import TriageRule
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
     "TRAINING_DATA_KINDS",
-    "TriageDefaults",
     "Provenance",
     "ModelConfig",
     "default_model_config",
@@ -40,27 +39,6 @@ CHECKPOINT_FORMAT = "ichnode-checkpoint"
 FORMAT_VERSION = 1
 # "none": random weights, never trained. "synthetic": phantoms from training/synthetic.py.
 TRAINING_DATA_KINDS = ("none", "synthetic", "rsna", "other")
-
-
-@dataclass(frozen=True)
-class TriageDefaults:
-    """The patient-level rule's parameters the model's authors recommend (DESIGN.md)."""
-
-    slice_threshold: float = 0.8
-    positive_fraction: float = 0.05
-    min_positive_slices: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.slice_threshold < 1.0:
-            raise ValueError(f"slice_threshold must be in [0, 1), got {self.slice_threshold}")
-        if not 0.0 < self.positive_fraction <= 1.0:
-            raise ValueError(
-                f"positive_fraction must be in (0, 1], got {self.positive_fraction}"
-            )
-        if self.min_positive_slices < 1:
-            raise ValueError(
-                f"min_positive_slices must be ≥ 1, got {self.min_positive_slices}"
-            )
 
 
 @dataclass(frozen=True)
@@ -98,7 +76,7 @@ class ModelConfig:
 
     architecture: str
     preprocess: PreprocessSpec
-    triage: TriageDefaults = field(default_factory=TriageDefaults)
+    triage: TriageRule = field(default_factory=TriageRule)
     provenance: Provenance = field(default_factory=Provenance)
 
     def __post_init__(self) -> None:
@@ -119,7 +97,7 @@ class ModelConfig:
         return cls(
             architecture=data["architecture"],
             preprocess=PreprocessSpec(**preprocess),
-            triage=TriageDefaults(**data["triage"]),
+            triage=TriageRule(**data["triage"]),
             provenance=Provenance(**data["provenance"]),
         )
 
@@ -151,16 +129,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig) -> 
         "config": config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     return path
 
 

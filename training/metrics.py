@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 from scipy import stats
 
+from training.rule import required_positive_slices
+
 __all__ = [
     "Interval",
     "wilson_interval",
@@ -25,7 +27,6 @@ __all__ = [
     "average_precision",
     "pr_auc_trapezoid",
     "bootstrap_interval",
-    "required_positive_slices",
     "patient_rule",
     "slice_level_metrics",
     "patient_level_metrics",
@@ -216,13 +217,6 @@ def bootstrap_interval(
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return Interval(estimate, float(low), float(high), method)
-
-
-def required_positive_slices(total: int, fraction: float, min_positive_slices: int) -> int:
-    """max(min_positive_slices, ceil(fraction × total)): the paper's count of positive
-    slices that makes a study positive."""
-    # round() first: 0.1 × 30 is 3.0000000000000004 in floating point, not 4 slices.
-    return max(min_positive_slices, math.ceil(round(fraction * total, 9)))
 
 
 def patient_rule(

@@ -1,0 +1,249 @@
+"""node.config: the repo's config.toml, validation errors naming the key, path anchoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.config import ENV_VAR, Config, config_path, load_config, parse_config
+from node.errors import ConfigError
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
+
+DESTINATION = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}
+
+
+def _parse(data: dict[str, Any], base: Path = Path("/base")) -> Config:
+    return parse_config(data, base)
+
+
+def _config_error(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        _parse(data)
+    return str(info.value)
+
+
+def test_repo_config_loads_with_documented_defaults() -> None:
+    config = load_config(REPO_CONFIG)
+    assert config.source == REPO_CONFIG
+    assert config.node.ae_title == "ICHNODE"
+    assert config.node.port == 11112
+    assert config.node.allowed_calling_aets == ()
+    assert config.completion.stable_seconds == 30.0
+    assert isinstance(config.completion.stable_seconds, float)
+    assert config.triage.slice_threshold == 0.8
+    assert config.triage.positive_fraction == 0.05
+    assert config.triage.min_positive_slices == 1
+    assert [d.name for d in config.destinations] == ["pacs"]
+    pacs = config.destinations[0]
+    assert (pacs.ae_title, pacs.host, pacs.port) == ("PACS", "127.0.0.1", 4242)
+    # Empty calling AE title in [delivery] falls back to the node's own.
+    assert config.calling_ae_title == "ICHNODE"
+
+
+def test_repo_config_matches_dataclass_defaults() -> None:
+    """Every value in config.toml is documented as the default: the two must agree."""
+    config = load_config(REPO_CONFIG)
+    defaults = parse_config({}, REPO_CONFIG.parent)
+    for section in ("node", "storage", "completion", "worker", "model", "triage",
+                    "explain", "output", "delivery", "log"):
+        assert getattr(config, section) == getattr(defaults, section), section
+
+
+def test_empty_checkpoint_means_none() -> None:
+    assert load_config(REPO_CONFIG).model.checkpoint is None
+    assert _parse({"model": {"checkpoint": ""}}).model.checkpoint is None
+
+
+def test_empty_tables_give_defaults_and_no_destinations() -> None:
+    config = _parse({})
+    assert config.node.ae_title == "ICHNODE"
+    assert config.destinations == ()
+    assert config.source is None
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({"nodes": {}}, "nodes"),
+        ({"node": {"prot": 11112}}, "node.prot"),
+        ({"triage": {"threshold": 0.5}}, "triage.threshold"),
+        ({"destinations": [{**DESTINATION, "aet": "X"}]}, "destinations[0].aet"),
+    ],
+)
+def test_unknown_section_or_key_is_named(data: dict[str, Any], named: str) -> None:
+    message = _config_error(data)
+    assert "unknown" in message
+    assert named in message
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({"node": {"port": "11112"}}, "node.port"),
+        ({"node": {"port": True}}, "node.port"),
+        ({"worker": {"min_slices": False}}, "worker.min_slices"),
+        ({"completion": {"stable_seconds": "30"}}, "completion.stable_seconds"),
+        ({"completion": {"stable_seconds": True}}, "completion.stable_seconds"),
+        ({"worker": {"enabled_in_serve": 1}}, "worker.enabled_in_serve"),
+        ({"node": {"ae_title": 5}}, "node.ae_title"),
+        ({"node": {"allowed_calling_aets": "SCANNER"}}, "node.allowed_calling_aets"),
+        ({"node": {"allowed_calling_aets": ["OK", 3]}}, "node.allowed_calling_aets[1]"),
+        ({"storage": {"root": 3}}, "storage.root"),
+        ({"node": "not a table"}, "[node]"),
+    ],
+)
+def test_wrong_type_is_named(data: dict[str, Any], named: str) -> None:
+    assert named in _config_error(data)
+
+
+def test_integer_accepted_for_float_setting() -> None:
+    config = _parse({"completion": {"stable_seconds": 5}})
+    assert config.completion.stable_seconds == 5.0
+    assert isinstance(config.completion.stable_seconds, float)
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({"node": {"port": 70000}}, "node.port"),
+        ({"node": {"port": -1}}, "node.port"),
+        ({"node": {"ae_title": "A" * 17}}, "node.ae_title"),
+        ({"node": {"ae_title": "   "}}, "node.ae_title"),
+        ({"node": {"allowed_calling_aets": ["OK", "B" * 17]}}, "node.allowed_calling_aets[1]"),
+        ({"triage": {"positive_fraction": 0}}, "triage.positive_fraction"),
+        ({"triage": {"positive_fraction": 1.5}}, "triage.positive_fraction"),
+        ({"triage": {"slice_threshold": 1.0}}, "triage.slice_threshold"),
+        ({"triage": {"min_positive_slices": 0}}, "triage.min_positive_slices"),
+        ({"completion": {"stable_seconds": 0}}, "completion.stable_seconds"),
+        ({"worker": {"stale_after_seconds": 20, "heartbeat_seconds": 10}}, "worker.stale_after_seconds"),
+        ({"model": {"device": "tpu"}}, "model.device"),
+        ({"explain": {"key_slices": 21}}, "explain.key_slices"),
+        ({"output": {"series_number": 0}}, "output.series_number"),
+        ({"delivery": {"max_backoff_seconds": 1}}, "delivery.max_backoff_seconds"),
+        ({"storage": {"database_url": "node.db"}}, "storage.database_url"),
+        ({"destinations": [{**DESTINATION, "port": 70000}]}, "destinations[0].port"),
+        ({"destinations": [DESTINATION, {**DESTINATION, "ae_title": "C" * 17}]},
+         "destinations[1].ae_title"),
+        ({"destinations": [{**DESTINATION, "host": " "}]}, "destinations[0].host"),
+    ],
+)
+def test_bad_value_is_named(data: dict[str, Any], named: str) -> None:
+    assert named in _config_error(data)
+
+
+def test_duplicate_destination_names() -> None:
+    message = _config_error({"destinations": [DESTINATION, {**DESTINATION, "host": "10.0.0.2"}]})
+    assert "destinations" in message
+    assert "pacs" in message
+
+
+def test_destination_missing_key() -> None:
+    incomplete = {k: v for k, v in DESTINATION.items() if k != "port"}
+    message = _config_error({"destinations": [DESTINATION, incomplete]})
+    assert "destinations[1]" in message
+    assert "port" in message
+
+
+def test_destinations_must_be_array_of_tables() -> None:
+    assert "destinations" in _config_error({"destinations": DESTINATION})
+
+
+def test_relative_paths_are_anchored_to_the_config_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = folder / "node.toml"
+    path.write_text(
+        '[storage]\nroot = "data/store"\ndatabase_url = "sqlite:///db/node.db"\n'
+        '[log]\npath = "logs/triage.log"\n'
+        '[model]\ncheckpoint = "models/m.pt"\n'
+    )
+    config = load_config(path)
+    base = folder.resolve()
+    assert config.storage.root == base / "data/store"
+    assert config.log.path == base / "logs/triage.log"
+    assert config.model.checkpoint == base / "models/m.pt"
+    assert config.storage.database_url == f"sqlite:///{base}/db/node.db"
+
+
+def test_default_paths_are_anchored_too(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    config = load_config(path)
+    base = tmp_path.resolve()
+    assert config.storage.root == base / "var/store"
+    assert config.log.path == base / "var/triage.log"
+    assert config.storage.database_url == f"sqlite:///{base}/var/node.db"
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    data = {
+        "storage": {"root": str(elsewhere / "store"),
+                    "database_url": f"sqlite:///{elsewhere}/node.db"},
+        "log": {"path": str(elsewhere / "triage.log")},
+        "model": {"checkpoint": str(elsewhere / "m.pt")},
+    }
+    config = parse_config(data, tmp_path / "config-folder")
+    assert config.storage.root == elsewhere / "store"
+    assert config.log.path == elsewhere / "triage.log"
+    assert config.model.checkpoint == elsewhere / "m.pt"
+    assert config.storage.database_url == f"sqlite:///{elsewhere}/node.db"
+
+
+def test_non_sqlite_database_url_is_kept() -> None:
+    url = "postgresql://ich:secret@db.example/ichnode"
+    assert _parse({"storage": {"database_url": url}}).storage.database_url == url
+
+
+def test_config_path_prefers_explicit_then_env_then_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from_env = tmp_path / "env.toml"
+    monkeypatch.setenv(ENV_VAR, str(from_env))
+    assert config_path(None) == from_env
+    assert config_path("explicit.toml") == Path("explicit.toml")
+    monkeypatch.delenv(ENV_VAR)
+    assert config_path(None) == Path("config.toml")
+
+
+def test_load_config_uses_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "env.toml"
+    path.write_text('[node]\nae_title = "FROMENV"\nport = 104\n')
+    monkeypatch.setenv(ENV_VAR, str(path))
+    config = load_config()
+    assert config.node.ae_title == "FROMENV"
+    assert config.node.port == 104
+    assert config.source == path
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[node\nport = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_validation_error_from_file_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[node]\nprot = 11112\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert "node.prot" in str(info.value)
+
+
+def test_config_is_frozen() -> None:
+    config = _parse({})
+    with pytest.raises(AttributeError):
+        config.node.port = 1  # type: ignore[misc]
