@@ -135,9 +135,13 @@ class ModelSection:
     checkpoint: Path | None = None  # None: receive and store, analyse nothing
     device: str = "auto"
     batch_size: int = 8
+    backend: str = "auto"  # auto | torch | onnxruntime (CPU)
+    mixed_precision: bool = True  # fp16 autocast on CUDA
 
     def validate(self) -> None:
         _positive("model.batch_size", self.batch_size)
+        if self.backend not in ("auto", "torch", "onnxruntime"):
+            raise ConfigError(f"model.backend must be auto, torch or onnxruntime, got {self.backend!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -349,11 +353,19 @@ def anchor_paths(section: Any, base: Path) -> Any:
 
 
 def _anchor_sqlite(url: str, base: Path) -> str:
-    """sqlite:///relative.db → an absolute path next to the config file."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
-        return prefix + str(base / url[len(prefix):])
-    return url
+    """sqlite[+driver]:///relative.db → an absolute path next to the config file."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"storage.database_url {url!r} is not an SQLAlchemy URL: {exc}") from None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" \
+            or database.startswith("file:") or Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(base / database)).render_as_string(hide_password=False)
 
 
 def config_path(explicit: str | Path | None) -> Path:

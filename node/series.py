@@ -165,6 +165,8 @@ def order_slices(slices: list[SliceHeader]) -> tuple[list[SliceHeader], str]:
     first = slices[0]
     if first.orientation is not None and all(s.position is not None for s in slices):
         normal = _normal(first.orientation)
+        if normal[2] < 0:  # feet-first orientations: row × column points inferior
+            normal = -normal
         ordered = sorted(slices, key=lambda s: (float(np.dot(normal, s.position)), s.instance_number or 0))
         return ordered, "position along the slice normal"
     ordered = sorted(slices, key=lambda s: (s.instance_number is None, s.instance_number or 0))

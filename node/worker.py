@@ -219,8 +219,11 @@ class Worker:
 
     def _fail(self, study_id: int, uid: str, accession: str, reason: str, *, retry: bool) -> None:
         with self.sessions() as session:
-            study = fail_study(session, study_id, reason, retry=retry,
+            study = fail_study(session, study_id, self.owner, reason, retry=retry,
                                max_attempts=self.config.worker.max_attempts)
+        if study is None:
+            log.warning("study %s was taken from this worker meanwhile; its failure is not recorded", uid)
+            return
         if study.state.value == "failed":
             self.triage_log.write("failed", uid, accession, reason=reason)
         log.warning("study %s: %s", uid, reason)
@@ -228,12 +231,16 @@ class Worker:
     def _finish(self, study_id: int, uid: str, accession: str, analysis: Analysis, started_at) -> None:
         verdict = analysis.verdict
         with self.sessions() as session:
-            finish_study(
+            study = finish_study(
                 session, study_id, self.owner, verdict=verdict.label, study_score=verdict.study_score,
                 result_series_uid=analysis.result_series_uid, result_folder=str(analysis.result_folder),
                 priority_high=verdict.positive, destinations=[d.name for d in self.config.destinations],
                 started_at=started_at, now=utcnow(),
             )
+        if study is None:
+            log.warning("study %s was re-queued while this worker analysed it; result %s not delivered",
+                        uid, analysis.result_series_uid)
+            return
         model = self.analyzer.predictor.config
         self.triage_log.write(
             "analysed", uid, accession,

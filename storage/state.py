@@ -87,13 +87,14 @@ def _get_or_create_study(session: Session, item: ReceivedInstance, now: dt.datet
 def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime) -> RecordOutcome:
     """Record a stored instance (idempotent per SOPInstanceUID) and update its study."""
     study, new_study = _get_or_create_study(session, item, now)
+    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid))
     reopened = False
-    if study.state in (StudyState.DONE, StudyState.FAILED) and item.analysable:
+    if study.state in (StudyState.DONE, StudyState.FAILED) and item.analysable and existing is None:
+        # Only a CT image not seen before re-opens a finished study; a re-send does not.
         study.state, study.attempts, study.last_error = StudyState.RECEIVING, 0, None
         reopened = True
     elif study.state == StudyState.READY:
         study.state = StudyState.RECEIVING  # more is arriving: wait for quiet again
-    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid))
     if existing is None:
         session.add(
             Instance(
@@ -214,13 +215,17 @@ def finish_study(
     destinations: list[str],
     started_at: dt.datetime,
     now: dt.datetime,
-) -> Study:
-    """Record the result and queue one delivery per destination.
+) -> Study | None:
+    """Record the result and queue one delivery per destination; None (nothing recorded)
+    when the study is no longer `worker_id`'s, e.g. re-queued as stale meanwhile.
 
     A study that received new CT instances while it was analysed goes back to receiving,
     so it is analysed again once quiet; this result is still delivered.
     """
     study = session.get(Study, study_id, populate_existing=True)
+    if study is None or study.state != StudyState.PROCESSING or study.claimed_by != worker_id:
+        session.rollback()
+        return None
     study.verdict, study.study_score = verdict, study_score
     study.result_series_uid, study.last_error = result_series_uid, None
     study.analyses += 1
@@ -239,9 +244,15 @@ def finish_study(
     return study
 
 
-def fail_study(session: Session, study_id: int, error: str, *, retry: bool, max_attempts: int) -> Study:
-    """An analysis that failed: ready again while attempts remain and `retry`, else failed."""
+def fail_study(
+    session: Session, study_id: int, worker_id: str, error: str, *, retry: bool, max_attempts: int
+) -> Study | None:
+    """An analysis that failed: ready again while attempts remain and `retry`, else failed.
+    None (nothing changed) when the study is no longer `worker_id`'s."""
     study = session.get(Study, study_id, populate_existing=True)
+    if study is None or study.state != StudyState.PROCESSING or study.claimed_by != worker_id:
+        session.rollback()
+        return None
     again = retry and study.attempts < max_attempts
     study.state = StudyState.READY if again else StudyState.FAILED
     study.last_error, study.claimed_by, study.heartbeat_at = error, None, None

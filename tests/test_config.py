@@ -247,3 +247,20 @@ def test_config_is_frozen() -> None:
     config = _parse({})
     with pytest.raises(AttributeError):
         config.node.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("sqlite+pysqlite:///db/node.db", "sqlite+pysqlite:////cfg/db/node.db"),
+        ("sqlite:///node.db", "sqlite:////cfg/node.db"),
+        ("sqlite:////abs/node.db", "sqlite:////abs/node.db"),
+        ("postgresql://user:secret@db/ichnode", "postgresql://user:secret@db/ichnode"),
+    ],
+)
+def test_database_urls_are_anchored_only_when_relative_sqlite_files(url: str, expected: str) -> None:
+    from node.config import parse_config
+
+    config = parse_config({"storage": {"database_url": url}}, Path("/cfg"))
+    assert config.storage.database_url == expected

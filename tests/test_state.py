@@ -1,0 +1,475 @@
+"""storage.state: study and delivery state transitions on a real SQLite file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Study,
+    StudyState,
+    make_engine,
+    make_sessionmaker,
+)
+from storage.state import (
+    ReceivedInstance,
+    claim_next_study,
+    delivery_attempt_failed,
+    delivery_sent,
+    due_deliveries,
+    fail_study,
+    finish_study,
+    heartbeat,
+    mark_ready,
+    record_instance,
+    requeue_stale,
+    retry_failed_deliveries,
+    state_counts,
+)
+
+T0 = dt.datetime(2024, 5, 1, 12, 0, 0)  # naive UTC, as storage.db.utcnow gives
+STUDY = "1.2.3.4"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SR = "1.2.840.10008.5.1.4.1.1.88.22"
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def instance(sop: str, *, study: str = STUDY, analysable: bool = True, accession: str = "ACC1") -> ReceivedInstance:
+    return ReceivedInstance(
+        study_instance_uid=study,
+        series_instance_uid=f"{study}.1",
+        sop_instance_uid=sop,
+        sop_class_uid=CT if analysable else SR,
+        modality="CT" if analysable else "SR",
+        accession_number=accession,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"instances/{study}/{sop}.dcm",
+        size=1000,
+        calling_aet="SCANNER",
+        analysable=analysable,
+    )
+
+
+@pytest.fixture()
+def factory(tmp_path: Path) -> Iterator[sessionmaker]:
+    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture()
+def session(factory: sessionmaker) -> Iterator[Session]:
+    with factory() as s:
+        yield s
+
+
+def receive(session: Session, sop: str, now: dt.datetime, **kwargs: object) -> int:
+    outcome = record_instance(session, instance(sop, **kwargs), now)  # type: ignore[arg-type]
+    session.commit()
+    return outcome.study_id
+
+
+def ready_study(session: Session, count: int = 3, study: str = STUDY) -> int:
+    """A study with `count` instances received at T0, made ready at T0 + 60 s."""
+    for i in range(count):
+        study_id = receive(session, f"{study}.1.{i}", T0, study=study)
+    assert [s.id for s in mark_ready(session, 30, at(60))] == [study_id]
+    session.commit()
+    return study_id
+
+
+def processing_study(session: Session, worker: str = "w1", claimed_at: dt.datetime | None = None) -> Study:
+    """A ready study claimed by `worker` (at T0 + 61 s unless `claimed_at` is given)."""
+    ready_study(session)
+    study = claim_next_study(session, worker, claimed_at or at(61))
+    assert study is not None
+    return study
+
+
+def study_row(factory: sessionmaker, session: Session, study_id: int) -> Study:
+    """The row as committed, read through a fresh session.
+
+    `session` is committed first: with BEGIN IMMEDIATE every SQLite transaction holds the
+    write lock, and functions that re-read rows after their commit open a new one.
+    """
+    session.commit()
+    with factory() as other:
+        return other.get(Study, study_id)
+
+
+# --- receiving and completion ------------------------------------------------------
+
+
+def test_first_instance_creates_receiving_study(session: Session) -> None:
+    outcome = record_instance(session, instance("1.2.3.4.1.1"), T0)
+    session.commit()
+    assert outcome.new_study and not outcome.duplicate and not outcome.reopened
+    study = session.get(Study, outcome.study_id)
+    assert study.state == StudyState.RECEIVING
+    assert study.study_instance_uid == STUDY
+    assert study.accession_number == "ACC1"
+    assert study.instance_count == 1
+    assert study.first_received_at == study.last_received_at == T0
+
+
+def test_record_instance_is_idempotent_per_sop_instance_uid(session: Session) -> None:
+    first = record_instance(session, instance("1.2.3.4.1.1"), T0)
+    second = record_instance(session, instance("1.2.3.4.1.2"), at(1))
+    resend = record_instance(session, instance("1.2.3.4.1.1"), at(2))
+    session.commit()
+    assert not second.new_study and not second.duplicate
+    assert resend.duplicate and not resend.new_study
+    assert first.study_id == second.study_id == resend.study_id
+    study = session.get(Study, first.study_id)
+    assert study.instance_count == 2
+    assert study.last_received_at == at(2)
+    assert len(session.scalars(select(Instance)).all()) == 2
+
+
+def test_accession_number_filled_in_later(session: Session) -> None:
+    study_id = receive(session, "1.2.3.4.1.1", T0, accession="")
+    receive(session, "1.2.3.4.1.2", at(1), accession="LATER")
+    assert session.get(Study, study_id).accession_number == "LATER"
+
+
+def test_mark_ready_only_after_stable_seconds(session: Session) -> None:
+    study_id = receive(session, "1.2.3.4.1.1", T0)
+    receive(session, "1.2.3.4.1.2", at(10))
+    assert mark_ready(session, 30, at(39)) == []
+    session.commit()
+    assert session.get(Study, study_id).state == StudyState.RECEIVING
+    ready = mark_ready(session, 30, at(40))
+    session.commit()
+    assert [s.id for s in ready] == [study_id]
+    assert ready[0].state == StudyState.READY
+    assert mark_ready(session, 30, at(100)) == []  # already ready: not reported again
+
+
+def test_new_instance_puts_ready_study_back_to_receiving(session: Session) -> None:
+    study_id = ready_study(session)
+    outcome = record_instance(session, instance("1.2.3.4.9.9"), at(70))
+    session.commit()
+    assert not outcome.reopened
+    study = session.get(Study, study_id)
+    assert study.state == StudyState.RECEIVING
+    assert mark_ready(session, 30, at(99)) == []
+    assert [s.id for s in mark_ready(session, 30, at(100))] == [study_id]
+
+
+# --- claiming and liveness ---------------------------------------------------------
+
+
+def test_only_one_worker_claims_a_ready_study(factory: sessionmaker) -> None:
+    with factory() as setup:
+        study_id = ready_study(setup)
+    with factory() as first, factory() as second:
+        claimed = claim_next_study(first, "worker-a", at(61))
+        assert claimed is not None and claimed.id == study_id
+        first.commit()  # release the write lock the re-read took, as the worker does
+        assert claim_next_study(second, "worker-b", at(61)) is None
+        row = study_row(factory, second, study_id)
+    assert row.state == StudyState.PROCESSING
+    assert row.claimed_by == "worker-a"
+    assert row.heartbeat_at == at(61)
+    assert row.attempts == 1
+
+
+def test_racing_workers_claim_a_study_exactly_once(factory: sessionmaker) -> None:
+    with factory() as setup:
+        study_id = ready_study(setup)
+    start = threading.Barrier(8)
+
+    def claim(worker: str) -> int | None:
+        with factory() as own:
+            start.wait()
+            study = claim_next_study(own, worker, at(61))
+            own.commit()
+            return None if study is None else study.id
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(claim, [f"worker-{i}" for i in range(8)]))
+    assert sorted(results, key=lambda r: r is None) == [study_id] + [None] * 7
+    with factory() as check:
+        row = check.get(Study, study_id)
+        assert row.attempts == 1
+        assert row.claimed_by == f"worker-{results.index(study_id)}"
+
+
+def test_claim_takes_the_oldest_ready_study(session: Session) -> None:
+    receive(session, "9.1", at(5), study="9")
+    receive(session, "8.1", T0, study="8")
+    mark_ready(session, 30, at(60))
+    session.commit()
+    first = claim_next_study(session, "w", at(61))
+    second = claim_next_study(session, "w", at(61))
+    assert (first.study_instance_uid, second.study_instance_uid) == ("8", "9")
+    assert claim_next_study(session, "w", at(61)) is None
+
+
+def test_attempts_increment_with_each_claim(session: Session) -> None:
+    study = processing_study(session)
+    fail_study(session, study.id, "w1", "boom", retry=True, max_attempts=3)
+    again = claim_next_study(session, "w2", at(90))
+    assert again is not None and again.id == study.id
+    assert again.attempts == 2
+    assert again.claimed_by == "w2"
+
+
+def test_heartbeat_only_for_the_claiming_worker(factory: sessionmaker, session: Session) -> None:
+    study = processing_study(session, "w1")
+    assert heartbeat(session, study.id, "w1", at(70))
+    assert not heartbeat(session, study.id, "w2", at(80))
+    assert study_row(factory, session, study.id).heartbeat_at == at(70)
+
+
+def test_heartbeat_false_once_study_is_no_longer_processing(session: Session) -> None:
+    study = processing_study(session, "w1")
+    fail_study(session, study.id, "w1", "boom", retry=False, max_attempts=3)
+    assert not heartbeat(session, study.id, "w1", at(70))
+
+
+def test_requeue_stale_returns_silent_study_to_ready(factory: sessionmaker, session: Session) -> None:
+    study = processing_study(session, "w1", claimed_at=at(61))
+    assert requeue_stale(session, 120, 3, at(61 + 120)) == []  # exactly at the limit: not stale
+    requeued = requeue_stale(session, 120, 3, at(61 + 121))
+    assert [s.id for s in requeued] == [study.id]
+    row = study_row(factory, session, study.id)
+    assert row.state == StudyState.READY
+    assert row.claimed_by is None
+    assert "w1" in row.last_error
+
+
+def test_requeue_stale_leaves_live_study_alone(session: Session) -> None:
+    study = processing_study(session, "w1", claimed_at=at(61))
+    assert heartbeat(session, study.id, "w1", at(170))
+    assert requeue_stale(session, 120, 3, at(200)) == []
+    assert session.get(Study, study.id, populate_existing=True).state == StudyState.PROCESSING
+
+
+def test_requeue_stale_fails_study_after_max_attempts(factory: sessionmaker, session: Session) -> None:
+    study = processing_study(session, "w1", claimed_at=at(61))
+    for claim in range(2, 4):
+        requeue_stale(session, 120, 3, at(1000 * claim))
+        again = claim_next_study(session, f"w{claim}", at(1000 * claim))
+        assert again is not None and again.attempts == claim
+    requeued = requeue_stale(session, 120, 3, at(5000))
+    assert [s.id for s in requeued] == [study.id]
+    row = study_row(factory, session, study.id)
+    assert row.state == StudyState.FAILED
+    assert "attempt 3 of 3" in row.last_error
+
+
+# --- finishing and failing ---------------------------------------------------------
+
+
+def finish(session: Session, study_id: int, *, started_at: dt.datetime, priority: bool = True,
+           destinations: tuple[str, ...] = ("pacs", "archive")) -> Study:
+    return finish_study(
+        session, study_id, "w1",
+        verdict="positive", study_score=0.97, result_series_uid="1.2.3.4.99",
+        result_folder="results/1.2.3.4/1.2.3.4.99", priority_high=priority,
+        destinations=list(destinations), started_at=started_at, now=at(120),
+    )
+
+
+def test_finish_study_queues_one_delivery_per_destination(factory: sessionmaker, session: Session) -> None:
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61))
+    row = study_row(factory, session, study.id)
+    assert row.state == StudyState.DONE
+    assert (row.verdict, row.study_score, row.result_series_uid) == ("positive", 0.97, "1.2.3.4.99")
+    assert row.analyses == 1
+    assert row.claimed_by is None and row.heartbeat_at is None
+    with factory() as other:
+        deliveries = other.scalars(select(Delivery).order_by(Delivery.destination)).all()
+    assert [d.destination for d in deliveries] == ["archive", "pacs"]
+    for delivery in deliveries:
+        assert delivery.state == DeliveryState.PENDING
+        assert delivery.priority_high is True
+        assert delivery.study_id == study.id
+        assert delivery.attempts == 0
+        assert delivery.next_attempt_at == at(120)
+        assert delivery.result_folder == "results/1.2.3.4/1.2.3.4.99"
+
+
+def test_finish_study_without_priority(session: Session) -> None:
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61), priority=False, destinations=("pacs",))
+    (delivery,) = session.scalars(select(Delivery)).all()
+    assert delivery.priority_high is False
+
+
+def test_instance_arriving_during_analysis_sends_study_back_to_receiving(session: Session) -> None:
+    study = processing_study(session)
+    outcome = record_instance(session, instance("1.2.3.4.9.9"), at(90))  # while processing
+    session.commit()
+    assert not outcome.reopened
+    finished = finish(session, study.id, started_at=at(61))
+    assert finished.state == StudyState.RECEIVING
+    assert finished.analyses == 1
+    assert len(session.scalars(select(Delivery)).all()) == 2  # the result is still delivered
+
+
+def test_ct_instance_reopens_done_study(session: Session) -> None:
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61))
+    outcome = record_instance(session, instance("1.2.3.4.9.9"), at(200))
+    session.commit()
+    assert outcome.reopened and not outcome.new_study
+    reopened = session.get(Study, study.id)
+    assert reopened.state == StudyState.RECEIVING
+    assert reopened.attempts == 0
+
+
+def test_non_analysable_instance_does_not_reopen_done_study(session: Session) -> None:
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61))
+    outcome = record_instance(session, instance("1.2.3.4.9.9", analysable=False), at(200))
+    session.commit()
+    assert not outcome.reopened and not outcome.duplicate
+    row = session.get(Study, study.id)
+    assert row.state == StudyState.DONE
+    assert row.instance_count == 4
+
+
+def test_ct_instance_reopens_failed_study(session: Session) -> None:
+    study = processing_study(session)
+    fail_study(session, study.id, "w1", "no series", retry=False, max_attempts=3)
+    outcome = record_instance(session, instance("1.2.3.4.9.9"), at(200))
+    session.commit()
+    assert outcome.reopened
+    row = session.get(Study, study.id)
+    assert row.state == StudyState.RECEIVING
+    assert row.last_error is None
+
+
+def test_fail_study_retries_while_attempts_remain(session: Session) -> None:
+    study = processing_study(session)  # attempts = 1
+    failed = fail_study(session, study.id, "w1", "CUDA out of memory", retry=True, max_attempts=2)
+    assert failed.state == StudyState.READY
+    assert failed.last_error == "CUDA out of memory"
+    assert failed.claimed_by is None
+    again = claim_next_study(session, "w1", at(70))  # attempts = 2
+    final = fail_study(session, again.id, "w1", "CUDA out of memory", retry=True, max_attempts=2)
+    assert final.state == StudyState.FAILED
+
+
+def test_fail_study_without_retry_fails_at_once(session: Session) -> None:
+    study = processing_study(session)
+    assert fail_study(session, study.id, "w1", "no series", retry=False, max_attempts=5).state == StudyState.FAILED
+
+
+# --- deliveries --------------------------------------------------------------------
+
+
+def one_delivery(session: Session) -> Delivery:
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61), destinations=("pacs",))
+    (delivery,) = session.scalars(select(Delivery)).all()
+    return delivery
+
+
+def test_delivery_back_off_doubles_up_to_the_cap(factory: sessionmaker, session: Session) -> None:
+    delivery = one_delivery(session)
+    now = at(1000)
+    waits = []
+    for _ in range(5):
+        failed = delivery_attempt_failed(session, delivery, "refused", max_attempts=8,
+                                         initial_backoff=10, max_backoff=60, now=now)
+        assert not failed
+        waits.append((delivery.next_attempt_at - now).total_seconds())
+    assert waits == [10, 20, 40, 60, 60]
+    assert delivery.state == DeliveryState.PENDING
+    with factory() as other:
+        row = other.get(Delivery, delivery.id)
+        assert row.attempts == 5
+        assert row.last_error == "refused"
+        assert row.next_attempt_at == now + dt.timedelta(seconds=60)
+
+
+def test_delivery_fails_at_max_attempts(session: Session) -> None:
+    delivery = one_delivery(session)
+    results = [
+        delivery_attempt_failed(session, delivery, "timeout", max_attempts=3,
+                                initial_backoff=10, max_backoff=900, now=at(1000))
+        for _ in range(3)
+    ]
+    assert results == [False, False, True]
+    assert delivery.state == DeliveryState.FAILED
+    assert delivery.attempts == 3
+    assert due_deliveries(session, at(10**6)) == []
+
+
+def test_due_deliveries_respects_next_attempt_and_priority(session: Session) -> None:
+    study_a = processing_study(session)
+    finish(session, study_a.id, started_at=at(61), priority=False, destinations=("pacs",))
+    ready_study(session, study="5.6.7")
+    study_b = claim_next_study(session, "w1", at(61))
+    finish(session, study_b.id, started_at=at(61), priority=True, destinations=("pacs",))
+    due = due_deliveries(session, at(120))
+    assert [d.study_id for d in due] == [study_b.id, study_a.id]
+    assert due_deliveries(session, at(119)) == []
+    delivery_sent(session, due[0], at(121))
+    assert due[0].state == DeliveryState.SENT and due[0].sent_at == at(121)
+    assert [d.study_id for d in due_deliveries(session, at(130))] == [study_a.id]
+
+
+def test_retry_failed_deliveries(session: Session) -> None:
+    delivery = one_delivery(session)
+    delivery_attempt_failed(session, delivery, "x", max_attempts=1,
+                            initial_backoff=10, max_backoff=900, now=at(1000))
+    assert delivery.state == DeliveryState.FAILED
+    assert retry_failed_deliveries(session, at(2000)) == 1
+    session.refresh(delivery)
+    assert delivery.state == DeliveryState.PENDING
+    assert delivery.attempts == 0
+    assert delivery.next_attempt_at == at(2000)
+    assert retry_failed_deliveries(session, at(3000)) == 0
+
+
+def test_state_counts_lists_every_state(session: Session) -> None:
+    assert state_counts(session) == (
+        {"receiving": 0, "ready": 0, "processing": 0, "done": 0, "failed": 0},
+        {"pending": 0, "sent": 0, "failed": 0},
+    )
+    one_delivery(session)  # study 1.2.3.4 done, one pending delivery
+    receive(session, "7.1", at(500), study="7")
+    studies, deliveries = state_counts(session)
+    assert studies == {"receiving": 1, "ready": 0, "processing": 0, "done": 1, "failed": 0}
+    assert deliveries == {"pending": 1, "sent": 0, "failed": 0}
+
+
+def test_a_worker_that_lost_its_study_records_nothing(factory: sessionmaker, session: Session) -> None:
+    study = processing_study(session, "w1", claimed_at=at(61))
+    requeue_stale(session, 30, 3, at(200))  # w1 went silent; the study is ready again
+    taken = claim_next_study(session, "w2", at(201))
+    assert taken is not None and taken.id == study.id
+    assert finish(session, study.id, started_at=at(61)) is None  # w1 finishes late
+    assert fail_study(session, study.id, "w1", "late", retry=False, max_attempts=3) is None
+    row = study_row(factory, session, study.id)
+    assert row.state == StudyState.PROCESSING and row.claimed_by == "w2"
+    with factory() as other:
+        assert other.scalars(select(Delivery)).all() == []
+
+
+def test_a_resent_instance_does_not_reopen_a_done_study(session: Session) -> None:
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61))
+    first = session.scalars(select(Instance)).first()
+    outcome = record_instance(session, instance(first.sop_instance_uid), at(300))
+    session.commit()
+    assert outcome.duplicate and not outcome.reopened
+    assert session.get(Study, study.id).state == StudyState.DONE

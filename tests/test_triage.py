@@ -1,0 +1,108 @@
+"""node.triage: the patient-level rule on hand-computed slice probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from node.triage import key_slice_indices, patient_verdict
+
+PAPER = {"slice_threshold": 0.8, "positive_fraction": 0.05, "min_positive_slices": 1}
+
+
+def probabilities(total: int, positive: int, *, high: float = 0.95, low: float = 0.1) -> np.ndarray:
+    return np.array([high] * positive + [low] * (total - positive))
+
+
+@pytest.mark.parametrize(
+    ("total", "fraction", "minimum", "required"),
+    [
+        (20, 0.05, 1, 1),     # ceil(1.0) = 1
+        (30, 0.1, 1, 3),      # 0.1 × 30 = 3.0000000000000004 in floating point: still 3
+        (100, 0.025, 1, 3),   # ceil(2.5) = 3
+        (10, 0.05, 1, 1),     # ceil(0.5) = 1
+        (10, 0.05, 2, 2),     # the minimum wins
+        (40, 0.05, 1, 2),     # ceil(2.0) = 2
+        (41, 0.05, 1, 3),     # ceil(2.05) = 3
+        (7, 1.0, 1, 7),       # every slice
+    ],
+)
+def test_required_slices(total: int, fraction: float, minimum: int, required: int) -> None:
+    verdict = patient_verdict(
+        np.zeros(total), slice_threshold=0.8, positive_fraction=fraction, min_positive_slices=minimum
+    )
+    assert verdict.required_slices == required
+    assert verdict.total_slices == total
+
+
+def test_floating_point_trap_decides_the_verdict() -> None:
+    """With exactly 3 of 30 positive slices and fraction 0.1 the study is positive."""
+    rule = {"slice_threshold": 0.8, "positive_fraction": 0.1, "min_positive_slices": 1}
+    assert patient_verdict(probabilities(30, 3), **rule).positive
+    assert not patient_verdict(probabilities(30, 2), **rule).positive
+
+
+def test_slice_exactly_at_threshold_is_not_positive() -> None:
+    verdict = patient_verdict(np.full(20, 0.8), **PAPER)
+    assert verdict.positive_slices == 0
+    assert not verdict.positive
+    just_above = patient_verdict(np.array([np.nextafter(0.8, 1.0)] + [0.0] * 19), **PAPER)
+    assert just_above.positive_slices == 1
+    assert just_above.positive
+
+
+def test_positive_verdict() -> None:
+    verdict = patient_verdict(probabilities(40, 2), **PAPER)  # needs ceil(2.0) = 2
+    assert verdict.positive
+    assert verdict.positive_slices == 2
+    assert verdict.required_slices == 2
+    assert verdict.label == "SUSPECTED - PRIORITY"
+    assert verdict.slice_threshold == 0.8
+    assert verdict.positive_fraction == 0.05
+
+
+def test_negative_verdict_below_required_count() -> None:
+    verdict = patient_verdict(probabilities(41, 2), **PAPER)  # needs ceil(2.05) = 3
+    assert not verdict.positive
+    assert verdict.positive_slices == 2
+    assert verdict.required_slices == 3
+    assert verdict.label == "not detected"
+
+
+def test_scores_are_max_and_top3_mean() -> None:
+    p = np.array([0.1, 0.9, 0.5, 0.7, 0.2, 0.3])
+    verdict = patient_verdict(p, **PAPER)
+    assert verdict.study_score == pytest.approx(0.9)
+    assert verdict.top_k_score == pytest.approx((0.9 + 0.7 + 0.5) / 3)
+    assert isinstance(verdict.study_score, float)
+    assert isinstance(verdict.top_k_score, float)
+
+
+def test_top_k_score_with_fewer_than_three_slices() -> None:
+    verdict = patient_verdict(np.array([0.2, 0.6]), **PAPER)
+    assert verdict.study_score == pytest.approx(0.6)
+    assert verdict.top_k_score == pytest.approx(0.4)
+
+
+def test_accepts_lists_and_float32() -> None:
+    assert patient_verdict([0.1, 0.95], **PAPER).positive
+    assert patient_verdict(np.array([0.1, 0.95], dtype=np.float32), **PAPER).positive_slices == 1
+
+
+@pytest.mark.parametrize("bad", [np.array([]), np.zeros((4, 5)), np.float64(0.9)])
+def test_empty_or_not_1d_raises(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="1-D"):
+        patient_verdict(bad, **PAPER)
+
+
+def test_key_slices_most_probable_first_ties_by_lower_index() -> None:
+    p = np.array([0.5, 0.9, 0.2, 0.9, 0.5, 0.95])
+    assert key_slice_indices(p, 3) == [5, 1, 3]
+    assert key_slice_indices(p, 5) == [5, 1, 3, 0, 4]
+    assert key_slice_indices(np.full(4, 0.3), 4) == [0, 1, 2, 3]
+
+
+def test_key_slices_count_larger_than_series() -> None:
+    result = key_slice_indices(np.array([0.1, 0.7]), 3)
+    assert result == [1, 0]
+    assert all(type(i) is int for i in result)
