@@ -8,13 +8,16 @@ CONFIG ?= config.toml
 # Real peers the tests use: DCMTK (storescu, echoscu, dcmdump), Orthanc, dicom3tools (dciodvfy).
 APT_COMMANDS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools
 
-.PHONY: run test setup system-packages clean
+.PHONY: run test bench setup system-packages clean
 
 run: $(INSTALLED)
 	$(BIN)/ichnode serve --config $(CONFIG)
 
 test: $(INSTALLED) system-packages
 	$(BIN)/python -m pytest
+
+bench: $(INSTALLED) system-packages
+	$(BIN)/python -m bench.run
 
 setup: $(INSTALLED)
 

@@ -39,9 +39,9 @@ def load_predictor(config: Config) -> Predictor | None:
     loaded raises CheckpointError naming the file and the reason."""
     if config.model.checkpoint is None:
         return None
-    return Predictor.from_checkpoint(
-        config.model.checkpoint, device=config.model.device, batch_size=config.model.batch_size
-    )
+    model = config.model
+    return Predictor.from_checkpoint(model.checkpoint, device=model.device, batch_size=model.batch_size,
+                                     backend=model.backend, mixed_precision=model.mixed_precision)
 
 
 def complete_quiet_studies(config: Config, sessions: sessionmaker, triage_log: TriageLog) -> int:
@@ -103,8 +103,8 @@ def serve(config: Config, *, sender: Sender | None = None, stop: threading.Event
         log.warning("%s: studies are received and stored but not analysed", NO_CHECKPOINT)
     else:
         provenance = node.predictor.config.provenance
-        log.info("model %s on %s (trained on: %s)", node.predictor.config.architecture,
-                 node.predictor.device, provenance.training_data)
+        log.info("model %s on %s with %s (trained on: %s)", node.predictor.config.architecture,
+                 node.predictor.device, node.predictor.forward.name, provenance.training_data)
     server = start_scp(config.node, Ingest(node.store, node.sessions, node.triage_log))
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(complete_quiet_studies, "interval", args=[config, node.sessions, node.triage_log],

@@ -55,9 +55,9 @@ def _predict_all(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice
 
 
 def evaluate(checkpoint: Path, data: Path, out: Path, *, device: str = "auto", batch_size: int = 8,
-             resamples: int = 2000, progress: bool = True) -> EvaluationResult:
+             resamples: int = 2000, progress: bool = True, backend: str = "auto") -> EvaluationResult:
     """Predict every slice of `data` with `checkpoint`, then write metrics, tables and plots."""
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend)
     eval_set = load_eval_set(Path(data), predictor.config.preprocess)
     wanted = eval_set.slice_level + [s for study in eval_set.studies for s in study.slices]
     probabilities = _predict_all(predictor, eval_set, wanted, progress=progress)

@@ -14,11 +14,13 @@ import torch
 from pydicom.dataset import Dataset
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from scipy.special import expit
 from torch import nn
 
 from node.errors import ConfigError, InferenceError
 from training.checkpoint import ModelConfig, load_checkpoint
 from training.preprocess import dataset_to_input
+from training.runtime import make_forward
 
 __all__ = ["ICH_CLASS", "resolve_device", "Predictor"]
 
@@ -58,6 +60,8 @@ class Predictor:
         *,
         device: str = "auto",
         batch_size: int = 8,
+        backend: str = "torch",
+        mixed_precision: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"model.batch_size must be ≥ 1, got {batch_size}")
@@ -65,13 +69,18 @@ class Predictor:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.model = model.to(self.device).eval()
+        self.forward = make_forward(backend, self.model, self.device, self.input_shape,
+                                    mixed_precision=mixed_precision)
+        self.model.to(self.device)  # an ONNX export leaves the model on the CPU
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, *, device: str = "auto", batch_size: int = 8
+        cls, path: str | Path, *, device: str = "auto", batch_size: int = 8, backend: str = "torch",
+        mixed_precision: bool = True,
     ) -> "Predictor":
         model, config = load_checkpoint(path)
-        return cls(model, config, device=device, batch_size=batch_size)
+        return cls(model, config, device=device, batch_size=batch_size, backend=backend,
+                   mixed_precision=mixed_precision)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -94,15 +103,14 @@ class Predictor:
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """P(ICH) per slice, float32 [N], in batches of `batch_size`."""
         self._check(inputs)
-        probabilities = []
-        with torch.inference_mode():
-            for start in range(0, len(inputs), self.batch_size):
-                batch = torch.from_numpy(inputs[start : start + self.batch_size]).to(self.device)
-                logits = self.model(batch)
-                probabilities.append(torch.softmax(logits.float(), dim=1)[:, ICH_CLASS].cpu())
-        if not probabilities:
+        if len(inputs) == 0:
             return np.zeros(0, dtype=np.float32)
-        return torch.cat(probabilities).numpy().astype(np.float32)
+        logits = np.concatenate([
+            self.forward(inputs[start : start + self.batch_size])
+            for start in range(0, len(inputs), self.batch_size)
+        ]).astype(np.float64)
+        # Softmax of two logits is the logistic function of their difference.
+        return expit(logits[:, ICH_CLASS] - logits[:, 1 - ICH_CLASS]).astype(np.float32)
 
     def predict_slices(self, slices: Sequence[Dataset]) -> np.ndarray:
         """P(ICH) per DICOM slice, in the order given."""

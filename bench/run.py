@@ -1,0 +1,230 @@
+"""`make bench`: every stage against a reference measured in the same run, as ratios.
+
+- ingest: the same synthetic 512² slices sent by DCMTK storescu (1 and 4 associations)
+  into the node (durable: fsync + database row before Success), DCMTK storescp and Orthanc;
+- inference: slices/s of the node's inference path against eager PyTorch fp32;
+- end to end: last instance of a 32-slice study in → Secondary Capture stored in Orthanc,
+  split by stage;
+- peak memory (VmHWM) of the node process in each run.
+
+Loopback only; every wait is bounded. Results go to stdout and bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.peers import NodeProcess, Orthanc, free_port, node_config, port_open, wait_for
+from training.checkpoint import default_model_config, save_checkpoint
+from training.model import create_model
+from training.predictor import Predictor
+from training.synthetic import SyntheticOptions, write_studies
+
+
+def _peak_memory_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def _send(port: int, called: str, files: list[Path], associations: int) -> float:
+    """Seconds for `associations` parallel storescu processes to send `files`."""
+    groups = [files[i::associations] for i in range(associations)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(associations) as pool:
+        results = list(pool.map(lambda group: subprocess.run(
+            ["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, group)],
+            capture_output=True, text=True, timeout=600), groups))
+    elapsed = time.perf_counter() - start
+    failed = [r.stderr[-300:] for r in results if r.returncode != 0]
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0]}")
+    return elapsed
+
+
+def bench_ingest(work: Path, files: list[Path]) -> dict:
+    results: dict[str, dict] = {}
+    for associations in (1, 4):
+        run = work / f"ingest{associations}"
+        # The node: no model, a long quiet time, so only ingest is measured.
+        port = free_port()
+        (run / "node").mkdir(parents=True)
+        node = NodeProcess(run / "node", node_config(run / "node", port=port, checkpoint=None,
+                                                     stable_seconds=3600), port).start()
+        try:
+            seconds = _send(port, "ICHNODE", files, associations)
+            stored = len(list((run / "node" / "store").rglob("*.dcm")))
+            memory = _peak_memory_mb(node.process.pid)
+        finally:
+            node.stop()
+        results.setdefault("node", {})[associations] = {
+            "images_per_s": len(files) / seconds, "stored": stored, "peak_memory_mb": memory}
+        # DCMTK storescp, one process per association (--fork), no fsync.
+        port = free_port()
+        (run / "storescp").mkdir()
+        scp = subprocess.Popen(["storescp", "--fork", "-od", str(run / "storescp"), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: port_open(port), timeout=30, what="storescp")
+            seconds = _send(port, "ANY-SCP", files, associations)
+        finally:
+            scp.terminate()
+            scp.wait(timeout=30)
+        results.setdefault("storescp", {})[associations] = {"images_per_s": len(files) / seconds}
+        orthanc = Orthanc(run / "orthanc").start()
+        try:
+            seconds = _send(orthanc.dicom_port, "PACS", files, associations)
+        finally:
+            orthanc.stop()
+        results.setdefault("orthanc", {})[associations] = {"images_per_s": len(files) / seconds}
+    return results
+
+
+def bench_inference(slices: list, batches: tuple[int, ...], repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = create_model("effclass").eval()
+    config = default_model_config("effclass")
+    eager = Predictor(model, config, device="cpu", backend="torch")
+    node_path = Predictor(model, config, device="cpu", backend="auto")
+    inputs = eager.prepare(slices)
+    results = {"node_backend": node_path.forward.name, "slices": len(inputs), "batches": {}}
+    for batch in batches:
+        timings = {}
+        for name, predictor in (("eager_fp32", eager), ("node", node_path)):
+            predictor.batch_size = batch
+            predictor.predict(inputs[:batch])  # warm-up
+            best = float("inf")
+            for _ in range(repeats):  # the best of several runs: least disturbed by other load
+                start = time.perf_counter()
+                probabilities = predictor.predict(inputs)
+                best = min(best, time.perf_counter() - start)
+            timings[name] = len(inputs) / best
+            timings[f"{name}_probabilities"] = probabilities
+        difference = float(np.abs(timings.pop("eager_fp32_probabilities") - timings.pop("node_probabilities")).max())
+        results["batches"][batch] = {**timings, "ratio": timings["node"] / timings["eager_fp32"],
+                                     "max_probability_difference": difference}
+    return results
+
+
+def bench_end_to_end(work: Path, study: Path) -> dict:
+    run = work / "e2e"
+    run.mkdir()
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(run / "effclass.pt", create_model("effclass"), default_model_config("effclass"))
+    orthanc = Orthanc(run / "orthanc").start()
+    port = free_port()
+    node = NodeProcess(run, node_config(run, port=port, checkpoint=checkpoint, stable_seconds=1,
+                                        destinations=[("pacs", "PACS", orthanc.dicom_port)]), port).start()
+    try:
+        files = sorted((study / "HEAD").glob("*.dcm"))
+        _send(port, "ICHNODE", files, 1)
+        last_instance = time.time()
+
+        def arrived() -> bool:
+            return any(s["MainDicomTags"].get("SeriesDescription", "").startswith("AI ICH TRIAGE")
+                       for s in orthanc.get("/series?expand"))
+
+        wait_for(arrived, timeout=600, what="the result series in Orthanc", every=0.05)
+        total = time.time() - last_instance
+        memory = _peak_memory_mb(node.process.pid)
+        events = {e["event"]: e for e in map(json.loads, (run / "triage.log").read_text().splitlines())}
+    finally:
+        node.stop()
+        orthanc.stop()
+
+    def stamp(event: str) -> float:
+        from datetime import datetime
+        return datetime.fromisoformat(events[event]["time"]).timestamp()
+
+    stages = {"wait (stable_seconds + poll)": stamp("ready") - last_instance}
+    stages.update({k: v for k, v in events["analysed"]["timings_s"].items()})
+    stages["send (C-STORE to Orthanc)"] = max(0.0, total - (stamp("analysed") - last_instance))
+    return {"slices": len(files), "total_s": total, "excluding_wait_s": total - stages["wait (stable_seconds + poll)"],
+            "stages_s": stages, "peak_memory_mb": memory, "backend": "see node log"}
+
+
+def _print(results: dict) -> None:
+    print(f"\n# ichnode benchmark — {results['machine']}\n")
+    ingest = results.get("ingest")
+    if ingest:
+        print("## Ingest (images/s, DCMTK storescu → receiver, loopback)\n")
+        print("| associations | node (durable) | storescp --fork | Orthanc | node / storescp | node / Orthanc | node peak MB |")
+        print("|---|---|---|---|---|---|---|")
+        for a in (1, 4):
+            n, s, o = ingest["node"][a], ingest["storescp"][a]["images_per_s"], ingest["orthanc"][a]["images_per_s"]
+            print(f"| {a} | {n['images_per_s']:.1f} | {s:.1f} | {o:.1f} | {n['images_per_s'] / s:.2f} | "
+                  f"{n['images_per_s'] / o:.2f} | {n['peak_memory_mb']} |")
+    inference = results.get("inference")
+    if inference:
+        print(f"\n## Inference (EffClass slices/s, CPU; node path = {inference['node_backend']})\n")
+        print("| batch | eager fp32 | node path | ratio | max ΔP(ICH) |")
+        print("|---|---|---|---|---|")
+        for batch, row in inference["batches"].items():
+            print(f"| {batch} | {row['eager_fp32']:.2f} | {row['node']:.2f} | {row['ratio']:.2f} | "
+                  f"{row['max_probability_difference']:.1e} |")
+    e2e = results.get("end_to_end")
+    if e2e:
+        print(f"\n## End to end ({e2e['slices']} slices, last instance in → SC stored in Orthanc)\n")
+        print("| stage | seconds |")
+        print("|---|---|")
+        for stage, seconds in e2e["stages_s"].items():
+            print(f"| {stage} | {seconds:.2f} |")
+        print(f"| **total** | **{e2e['total_s']:.2f}** |")
+        print(f"| total excluding the wait | {e2e['excluding_wait_s']:.2f} |")
+        print(f"\nnode peak memory: {e2e['peak_memory_mb']} MB")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=500, help="slices for the ingest run")
+    parser.add_argument("--only", choices=["ingest", "inference", "end_to_end"], action="append")
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args()
+    wanted = set(args.only or ["ingest", "inference", "end_to_end"])
+    results: dict = {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
+                                f"{platform.python_implementation()} {platform.python_version()}, torch "
+                                f"{torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"}
+    work = Path(tempfile.mkdtemp(prefix="ichnode-bench-"))
+    try:
+        data = work / "data"
+        studies = -(-args.slices // 30)
+        write_studies(data, SyntheticOptions(studies=studies, seed=7, min_slices=30, max_slices=30))
+        files = sorted(data.glob("study_*/HEAD/*.dcm"))[: args.slices]
+        if "ingest" in wanted:
+            results["ingest"] = bench_ingest(work, files)
+        if "inference" in wanted:
+            import pydicom
+
+            slices = [pydicom.dcmread(f) for f in files[:16]]
+            results["inference"] = bench_inference(slices, (1, 4, 8, 16), repeats=3)
+        if "end_to_end" in wanted:
+            e2e_data = work / "e2e-data"
+            write_studies(e2e_data, SyntheticOptions(studies=1, seed=8, min_slices=32, max_slices=32))
+            results["end_to_end"] = bench_end_to_end(work, e2e_data / "study_0000")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _print(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"\nresults written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
