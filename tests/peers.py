@@ -161,6 +161,8 @@ def node_config(
     destinations: list[tuple[str, str, int]] = (),
     allowed_calling_aets: tuple[str, ...] = (),
     stable_seconds: float = 2.0,
+    heartbeat_seconds: float = 10.0,
+    stale_after_seconds: float = 120.0,
     extra: str = "",
 ) -> str:
     """A config for a test node: loopback, fast completion and retries."""
@@ -180,6 +182,8 @@ check_interval_seconds = 0.5
 [worker]
 poll_seconds = 0.5
 min_slices = 10
+heartbeat_seconds = {heartbeat_seconds}
+stale_after_seconds = {stale_after_seconds}
 [model]
 checkpoint = "{checkpoint or ''}"
 device = "cpu"
