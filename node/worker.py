@@ -12,12 +12,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from node.config import Config
-from node.errors import IchNodeError
+from node.errors import IchNodeError, InvalidInstance
 from node.output import ResultTexts, build_result_series, encode, result_texts
 from node.render import key_slice_image, summary_image
 from node.series import SeriesChoice, choose_head_series, read_header
@@ -27,6 +28,7 @@ from storage.db import Instance, utcnow
 from storage.state import claim_next_study, fail_study, finish_study, heartbeat, requeue_stale
 from storage.store import InstanceStore
 from training.predictor import Predictor
+from training.preprocess import dataset_to_input
 
 __all__ = ["NO_CHECKPOINT", "Analysis", "Analyzer", "Worker", "worker_id"]
 
@@ -49,6 +51,7 @@ class Analysis:
     result_folder: Path  # relative to storage.root
     objects: int
     timings: dict[str, float] = field(default_factory=dict)
+    skipped_slices: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID → why
 
 
 class _Stopwatch:
@@ -60,6 +63,11 @@ class _Stopwatch:
         now = time.perf_counter()
         self.timings[stage] = round(now - self._last, 3)
         self._last = now
+
+    def add(self, stage: str, seconds: float) -> None:
+        """A stage timed by its caller; the next lap starts now."""
+        self.timings[stage] = round(seconds, 3)
+        self._last = time.perf_counter()
 
 
 class Analyzer:
@@ -81,10 +89,7 @@ class Analyzer:
             except Exception as exc:  # an unreadable file must not stop the others
                 log.warning("study %s: cannot read %s: %s", study_uid, path, exc)
         choice = choose_head_series(headers, self.config.worker.min_slices)
-        datasets = [pydicom.dcmread(h.path) for h in choice.slices]
-        clock.lap("load")
-        inputs = self.predictor.prepare(datasets)
-        clock.lap("preprocess")
+        headers, datasets, inputs, skipped = self._usable_slices(choice, clock)
         probabilities = self.predictor.predict(inputs)
         clock.lap("inference")
         triage = self.config.triage
@@ -99,7 +104,7 @@ class Analyzer:
         clock.lap("gradcam")
         model = self.predictor.config
         texts = result_texts(verdict, model.provenance, model.architecture)
-        images, sources = self._images(inputs, cams, keys, probabilities, choice, verdict, texts)
+        images = self._images(inputs, cams, keys, probabilities, headers, verdict, texts)
         series_uid, objects = build_result_series(
             datasets[0], images, texts=texts, series_number=series_number,
             manufacturer=self.config.output.manufacturer,
@@ -111,14 +116,45 @@ class Analyzer:
         for ds in objects:
             self.store.write(folder / f"{ds.InstanceNumber:04d}.dcm", encode(ds))
         clock.lap("encode")
-        return Analysis(verdict, choice, texts, series_uid, folder, len(objects), clock.timings)
+        return Analysis(verdict, choice, texts, series_uid, folder, len(objects), clock.timings, skipped)
 
-    def _images(self, inputs, cams, keys, probabilities, choice, verdict, texts):
+    def _usable_slices(self, choice: SeriesChoice, clock: "_Stopwatch"):
+        """(headers, datasets, inputs, skipped) of the chosen slices that can be used: a
+        slice that cannot is left out and reported rather than failing the study, unless
+        too few remain."""
+        spec = self.predictor.config.preprocess
+        datasets, inputs, skipped, kept = [], [], {}, []
+        load = preprocess = 0.0
+        for header in choice.slices:
+            started = time.perf_counter()
+            try:
+                ds = pydicom.dcmread(header.path)
+                loaded = time.perf_counter()
+                inputs.append(dataset_to_input(ds, spec))
+            except Exception as exc:  # InvalidInstance, or pydicom on a damaged file
+                skipped[header.sop_instance_uid] = str(exc)
+                continue
+            load += loaded - started
+            preprocess += time.perf_counter() - loaded
+            datasets.append(ds)
+            kept.append(header)
+        clock.add("load", load)
+        clock.add("preprocess", preprocess)
+        minimum = self.config.worker.min_slices
+        if len(inputs) < minimum:
+            raise InvalidInstance(
+                f"series {choice.series_instance_uid}: only {len(inputs)} of {len(choice.slices)} slices "
+                f"are usable, fewer than worker.min_slices = {minimum} (first problem: "
+                f"{next(iter(skipped.values()), 'none')})"
+            )
+        return kept, datasets, np.stack(inputs), skipped
+
+    def _images(self, inputs, cams, keys, probabilities, headers, verdict, texts) -> list[np.ndarray]:
         spec = self.predictor.config.preprocess
         images = []
         for cam, index in zip(cams, keys):
             brain = inputs[index, self._brain_channel] * spec.std + spec.mean
-            header = choice.slices[index]
+            header = headers[index]
             images.append(
                 key_slice_image(
                     brain, cam, probability=float(probabilities[index]),
@@ -135,7 +171,7 @@ class Analyzer:
                 positive=verdict.positive, warnings=texts.warnings,
             )
         )
-        return images, keys
+        return images
 
 
 class _Heartbeat:
@@ -250,6 +286,7 @@ class Worker:
             required_slices=verdict.required_slices, slice_threshold=verdict.slice_threshold,
             series_instance_uid=analysis.choice.series_instance_uid,
             series_reason=analysis.choice.reason, slice_order=analysis.choice.ordering,
+            skipped_slices=analysis.skipped_slices,
             passed_over=analysis.choice.passed_over,
             result_series_uid=analysis.result_series_uid, result_objects=analysis.objects,
             model=model.architecture, model_training_data=model.provenance.training_data,
