@@ -87,8 +87,16 @@ class NodeSection:
 class StorageSection:
     root: Path = Path("var/store")
     database_url: str = "sqlite:///var/node.db"
+    # Below this much free space on the disk of `root`, stores are refused with 0xA700.
+    min_free_mb: int = 1024
+    # Delete the received instances of studies delivered this many days ago; 0 keeps them.
+    retention_days: float = 0.0
 
     def validate(self) -> None:
+        if self.min_free_mb < 0:
+            raise ConfigError(f"storage.min_free_mb must be ≥ 0, got {self.min_free_mb}")
+        if self.retention_days < 0:
+            raise ConfigError(f"storage.retention_days must be ≥ 0, got {self.retention_days}")
         if "://" not in self.database_url:
             raise ConfigError(
                 f"storage.database_url must be an SQLAlchemy URL such as "

@@ -38,10 +38,12 @@ class Status:
 class Ingest:
     """Stores received instances durably and keeps the study state up to date."""
 
-    def __init__(self, store: InstanceStore, sessions: sessionmaker, triage_log: TriageLog) -> None:
+    def __init__(self, store: InstanceStore, sessions: sessionmaker, triage_log: TriageLog,
+                 *, min_free_mb: float = 0.0) -> None:
         self.store = store
         self.sessions = sessions
         self.triage_log = triage_log
+        self.min_free_mb = min_free_mb
 
     def receive(self, ds: Dataset, encoded: bytes, *, calling_aet: str, transfer_syntax_uid: str) -> int:
         """Store `encoded` (the file as received) and record it; returns the status."""
@@ -59,6 +61,11 @@ class Ingest:
             log.warning("refused an undecodable instance from %s: %s (status 0xC210)", calling_aet, exc)
             return Status.CANNOT_UNDERSTAND
         relative = self.store.instance_path(study_uid, series_uid, sop_uid)
+        free = self.store.free_mb()
+        if free < self.min_free_mb:
+            log.error("refused %s of study %s: %.0f MiB free on the disk of %s, below storage.min_free_mb "
+                      "= %d (status 0xA700)", sop_uid, study_uid, free, self.store.root, self.min_free_mb)
+            return Status.OUT_OF_RESOURCES
         try:
             size = self.store.write(relative, encoded)
         except StorageError as exc:

@@ -7,6 +7,7 @@ or GPU hosts sharing the database and the storage folder.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from node.scp import start_scp
 from node.triagelog import TriageLog
 from node.worker import NO_CHECKPOINT, Analyzer, Worker
 from storage.db import Instance, make_engine, make_sessionmaker, utcnow
-from storage.state import mark_ready
+from storage.state import mark_ready, purge_candidates, record_purge
 from storage.store import InstanceStore
 from training.predictor import Predictor
 
@@ -56,6 +57,23 @@ def complete_quiet_studies(config: Config, sessions: sessionmaker, triage_log: T
             triage_log.write("ready", study.study_instance_uid, study.accession_number,
                              instances=study.instance_count, series=series)
     return len(ready)
+
+
+def purge_delivered(config: Config, sessions: sessionmaker, store: InstanceStore, triage_log: TriageLog) -> int:
+    """Delete the received instances of studies whose results were all delivered more
+    than storage.retention_days ago; the study rows and result series stay."""
+    cutoff = utcnow() - dt.timedelta(days=config.storage.retention_days)
+    with sessions() as session:
+        studies = purge_candidates(session, cutoff)
+        session.commit()
+    for study_id, uid, accession, paths in studies:
+        for path in paths:
+            store.delete(path)
+        with sessions() as session:
+            record_purge(session, study_id, utcnow())
+        triage_log.write("purged", uid, accession, instances=len(paths),
+                         retention_days=config.storage.retention_days)
+    return len(studies)
 
 
 @dataclass
@@ -105,12 +123,16 @@ def serve(config: Config, *, sender: Sender | None = None, stop: threading.Event
         provenance = node.predictor.config.provenance
         log.info("model %s on %s with %s (trained on: %s)", node.predictor.config.architecture,
                  node.predictor.device, node.predictor.forward.name, provenance.training_data)
-    server = start_scp(config.node, Ingest(node.store, node.sessions, node.triage_log))
+    ingest = Ingest(node.store, node.sessions, node.triage_log, min_free_mb=config.storage.min_free_mb)
+    server = start_scp(config.node, ingest)
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(complete_quiet_studies, "interval", args=[config, node.sessions, node.triage_log],
                       seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True)
     scheduler.add_job(deliver_due, "interval", args=[config, node.sessions, node.store, sender, node.triage_log],
                       seconds=1.0, max_instances=1, coalesce=True)
+    if config.storage.retention_days > 0:
+        scheduler.add_job(purge_delivered, "interval", args=[config, node.sessions, node.store, node.triage_log],
+                          minutes=10, max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.timezone.utc))
     scheduler.start()
     threads = []
     if config.worker.enabled_in_serve:

@@ -1,6 +1,6 @@
 """The triage log: one JSON line per event, for admins and their tools.
 
-Events: received, ready, analysed, delivered, delivery_failed, failed. Each line is keyed
+Events: received, ready, analysed, delivered, delivery_failed, failed, purged. Each line is keyed
 by StudyInstanceUID and AccessionNumber and carries no patient name, ID or birth date
 unless `log.include_patient_identifiers` is set. Lines are appended with one write each,
 so several processes can share the file.
@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 __all__ = ["EVENTS", "TriageLog", "read_events", "follow_events", "format_event"]
 
-EVENTS = ("received", "ready", "analysed", "delivered", "delivery_failed", "failed")
+EVENTS = ("received", "ready", "analysed", "delivered", "delivery_failed", "failed", "purged")
 PATIENT_KEYS = ("patient_name", "patient_id", "patient_birth_date")
 
 
@@ -129,6 +129,8 @@ def _details(record: dict) -> str:
         return f"{record.get('instances')} instances in {record.get('series')} series"
     if event == "delivered":
         return f"to {record.get('destination')} ({record.get('objects')} objects)"
+    if event == "purged":
+        return f"{record.get('instances')} received instances deleted (storage.retention_days)"
     if event in ("failed", "delivery_failed"):
         target = f"to {record['destination']}: " if "destination" in record else ""
         return f"{target}{record.get('reason', '')}"

@@ -78,6 +78,7 @@ class Study(Base):
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     analyses: Mapped[int] = mapped_column(Integer, default=0)  # finished analyses
+    purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)  # retention
     # Outcome of the latest analysis.
     verdict: Mapped[str | None] = mapped_column(String(32), default=None)
     study_score: Mapped[float | None] = mapped_column(Float, default=None)

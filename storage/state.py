@@ -32,6 +32,8 @@ __all__ = [
     "delivery_sent",
     "delivery_attempt_failed",
     "retry_failed_deliveries",
+    "purge_candidates",
+    "record_purge",
     "state_counts",
     "latest_studies",
 ]
@@ -309,6 +311,31 @@ def retry_failed_deliveries(session: Session, now: dt.datetime) -> int:
     ).rowcount
     session.commit()
     return count
+
+
+def purge_candidates(session: Session, cutoff: dt.datetime) -> list[tuple[int, str, str, list[str]]]:
+    """Done studies whose deliveries were all sent before `cutoff` (or that have none and
+    finished before it), not purged yet: (id, StudyInstanceUID, accession, instance paths)."""
+    done = session.scalars(
+        select(Study).where(Study.state == StudyState.DONE, Study.purged_at.is_(None),
+                            Study.updated_at < cutoff)
+    ).all()
+    result = []
+    for study in done:
+        deliveries = study.deliveries
+        if any(d.state != DeliveryState.SENT or d.sent_at is None or d.sent_at >= cutoff for d in deliveries):
+            continue
+        paths = [i.path for i in study.instances]
+        result.append((study.id, study.study_instance_uid, study.accession_number, paths))
+    return result
+
+
+def record_purge(session: Session, study_id: int, now: dt.datetime) -> None:
+    """The study's instances are gone from disk: drop their rows, keep the study's."""
+    session.query(Instance).filter(Instance.study_id == study_id).delete()
+    study = session.get(Study, study_id)
+    study.purged_at = now
+    session.commit()
 
 
 def state_counts(session: Session) -> tuple[dict[str, int], dict[str, int]]:

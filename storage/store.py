@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import re
+import shutil
 from pathlib import Path
 
 from node.errors import InvalidInstance, StorageError, StorageFull
@@ -46,6 +47,20 @@ class InstanceStore:
 
     def absolute(self, relative: Path | str) -> Path:
         return self.root / relative
+
+    def free_mb(self) -> float:
+        """Free space on the disk holding the store, in MiB."""
+        return shutil.disk_usage(self.root).free / 2**20
+
+    def delete(self, relative: Path | str) -> None:
+        """Remove a stored file (absent already is fine) and its folder once empty."""
+        path = self.absolute(relative)
+        path.unlink(missing_ok=True)
+        for folder in (path.parent, path.parent.parent):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or already gone
+                break
 
     def write(self, relative: Path, data: bytes) -> int:
         """Write `data` atomically and durably; returns its size."""

@@ -85,3 +85,15 @@ def test_resent_instance_is_recorded_once_and_new_study_logged_once(scp) -> None
     events = read_events(tmp_path / "triage.log")
     assert [e["event"] for e in events] == ["received"]
     assert events[0]["calling_aet"] == "SCU" and "patient_id" not in events[0]
+
+
+def test_below_the_free_disk_floor_stores_are_refused(scp) -> None:
+    port, store, sessions, ingest, _ = scp
+    ingest.min_free_mb = store.free_mb() + 10**9  # more than any disk has free
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert _send(port, ds) == Status.OUT_OF_RESOURCES
+    with sessions() as session:
+        assert session.query(Instance).count() == 0
+    assert not list(store.root.rglob("*.dcm"))
+    ingest.min_free_mb = 0
+    assert _send(port, ds) == Status.SUCCESS

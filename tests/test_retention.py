@@ -1,0 +1,59 @@
+"""Retention: received instances of delivered studies are deleted after retention_days."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from node.config import parse_config
+from node.service import purge_delivered
+from node.triagelog import TriageLog, read_events
+from storage.db import Delivery, DeliveryState, Instance, Study, StudyState, make_engine, make_sessionmaker, utcnow
+from storage.store import InstanceStore
+
+
+def _study(session, store: InstanceStore, uid: str, *, finished_days_ago: float,
+           delivery: DeliveryState | None) -> list[Path]:
+    when = utcnow() - dt.timedelta(days=finished_days_ago)
+    study = Study(study_instance_uid=uid, accession_number=f"A{uid[-1]}", state=StudyState.DONE,
+                  first_received_at=when, last_received_at=when, updated_at=when)
+    session.add(study)
+    session.flush()
+    paths = []
+    for n in range(3):
+        relative = store.instance_path(uid, f"{uid}.1", f"{uid}.1.{n}")
+        store.write(relative, b"DICM" * 10)
+        paths.append(store.absolute(relative))
+        session.add(Instance(sop_instance_uid=f"{uid}.1.{n}", study_id=study.id, series_instance_uid=f"{uid}.1",
+                             sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                             path=str(relative), size=40, received_at=when))
+    if delivery is not None:
+        session.add(Delivery(study_id=study.id, destination="pacs", result_folder="results/x", state=delivery,
+                             next_attempt_at=when, sent_at=when if delivery == DeliveryState.SENT else None))
+    session.commit()
+    return paths
+
+
+def test_only_old_fully_delivered_studies_are_purged(tmp_path: Path) -> None:
+    config = parse_config({"storage": {"retention_days": 1.0}}, tmp_path)
+    store = InstanceStore(tmp_path / "store")
+    store.ensure()
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
+    log = TriageLog(tmp_path / "triage.log")
+    with sessions() as session:
+        old = _study(session, store, "1.2.1", finished_days_ago=2, delivery=DeliveryState.SENT)
+        recent = _study(session, store, "1.2.2", finished_days_ago=0.5, delivery=DeliveryState.SENT)
+        pending = _study(session, store, "1.2.3", finished_days_ago=2, delivery=DeliveryState.PENDING)
+        failed = _study(session, store, "1.2.4", finished_days_ago=2, delivery=DeliveryState.FAILED)
+    assert purge_delivered(config, sessions, store, log) == 1
+    assert not any(p.exists() for p in old)
+    assert not (store.root / "instances" / "1.2.1").exists()  # empty folders go too
+    assert all(p.exists() for p in recent + pending + failed)
+    with sessions() as session:
+        purged = session.query(Study).filter_by(study_instance_uid="1.2.1").one()
+        assert purged.purged_at is not None and purged.state == StudyState.DONE
+        assert session.query(Instance).filter_by(study_id=purged.id).count() == 0
+        assert session.query(Instance).count() == 9
+    events = read_events(tmp_path / "triage.log")
+    assert [(e["event"], e["study_instance_uid"], e["instances"]) for e in events] == [("purged", "1.2.1", 3)]
+    assert purge_delivered(config, sessions, store, log) == 0  # nothing twice
