@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from node.triagelog import read_events
-from storage.db import Instance, Study, make_engine, make_sessionmaker
+from storage.db import Delivery, DeliveryState, Instance, Study, make_engine, make_sessionmaker
 from tests.conftest import load_labels, require_tool
 from tests.peers import NodeProcess, Orthanc, echoscu, free_port, node_config, storescu, wait_for
 from training.checkpoint import default_model_config, save_checkpoint
@@ -131,7 +131,7 @@ def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: P
     assert log.returncode == 0 and "ANALYSED" in log.stdout and "DELIVERED" in log.stdout
 
 
-def test_destination_down_at_first_gets_the_result_later(
+def test_destination_down_at_first_gets_the_result_later_across_a_restart(
     tmp_path: Path, negative_study: Path, checkpoints: dict[str, Path]
 ) -> None:
     pacs = Orthanc(tmp_path / "orthanc")  # its port is chosen, nothing listens yet
@@ -144,6 +144,13 @@ def test_destination_down_at_first_gets_the_result_later(
         assert storescu(port, _study_files(negative_study)).returncode == 0
         wait_for(lambda: "delivery_failed" in _events(tmp_path, study_uid), timeout=300,
                  what="a failed delivery attempt")
+        # The node restarts while the PACS is still away: the pending delivery and its
+        # attempts live in the database, not in memory.
+        node.stop()
+        with make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))() as session:
+            delivery = session.query(Delivery).one()
+            assert delivery.state == DeliveryState.PENDING and delivery.attempts >= 1
+        node.start()
         pacs.start()
         wait_for(lambda: "delivered" in _events(tmp_path, study_uid), timeout=120,
                  what="delivery once the PACS is up")
@@ -154,6 +161,7 @@ def test_destination_down_at_first_gets_the_result_later(
     assert len(series) == 1
     events = _events(tmp_path, study_uid)
     assert events.index("delivery_failed") < events.index("delivered")
+    assert events.count("analysed") == 1 and events.count("delivered") == 1
     failure = next(e for e in read_events(tmp_path / "triage.log") if e["event"] == "delivery_failed")
     assert "could not be reached" in failure["reason"] and failure["final"] is False
 
