@@ -72,9 +72,22 @@ class NodeSection:
     max_associations: int = 10
     # 0 = no limit; large PDUs move CT faster (FACTS: 71 → 86 images/s on loopback).
     maximum_pdu_size: int = 0
+    # DICOM TLS: certificate and key (PEM) turn it on; CA certificates make client
+    # certificates required and checked against them.
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
 
     def validate(self) -> None:
         _ae_title("node.ae_title", self.ae_title)
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ConfigError("node.tls_certificate and node.tls_private_key must be set together")
+        if self.tls_ca_certificates is not None and self.tls_certificate is None:
+            raise ConfigError("node.tls_ca_certificates needs node.tls_certificate and node.tls_private_key")
+        for key in ("tls_certificate", "tls_private_key", "tls_ca_certificates"):
+            path = getattr(self, key)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"node.{key}: {path} is not a file")
         _port("node.port", self.port)
         for i, aet in enumerate(self.allowed_calling_aets):
             _ae_title(f"node.allowed_calling_aets[{i}]", aet)

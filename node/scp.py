@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
@@ -15,9 +16,10 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 
 from node.config import NodeSection
+from node.errors import ConfigError
 from node.ingest import Ingest, Status
 
-__all__ = ["build_ae", "handle_store", "handle_echo", "start_scp"]
+__all__ = ["build_ae", "handle_store", "handle_echo", "tls_context", "start_scp"]
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,27 @@ def handle_echo(event: Event) -> int:
     return Status.SUCCESS
 
 
+def tls_context(node: NodeSection) -> ssl.SSLContext | None:
+    """The server TLS context of node.tls_*, or None when TLS is off."""
+    if node.tls_certificate is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(node.tls_certificate, node.tls_private_key)
+        if node.tls_ca_certificates is not None:
+            context.load_verify_locations(node.tls_ca_certificates)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"node.tls_*: cannot load {node.tls_certificate} / {node.tls_private_key}: {exc}") from exc
+    return context
+
+
 def start_scp(node: NodeSection, ingest: Ingest) -> ThreadedAssociationServer:
     """Listen on node.host:node.port in background threads; returns the server."""
     ae = build_ae(node)
     handlers = [(evt.EVT_C_STORE, handle_store, [ingest]), (evt.EVT_C_ECHO, handle_echo)]
-    server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
-    log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+    context = tls_context(node)
+    server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers, ssl_context=context)
+    log.info("listening as %s on %s:%d%s", node.ae_title, node.host, node.port,
+             " (DICOM TLS)" if context else "")
     return server

@@ -163,6 +163,7 @@ def node_config(
     stable_seconds: float = 2.0,
     heartbeat_seconds: float = 10.0,
     stale_after_seconds: float = 120.0,
+    node_extra: str = "",
     extra: str = "",
 ) -> str:
     """A config for a test node: loopback, fast completion and retries."""
@@ -173,6 +174,7 @@ ae_title = "ICHNODE"
 host = "127.0.0.1"
 port = {port}
 allowed_calling_aets = [{allowed}]
+{node_extra}
 [storage]
 root = "{folder / 'store'}"
 database_url = "sqlite:///{folder / 'node.db'}"

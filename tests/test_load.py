@@ -71,6 +71,10 @@ def test_eight_associations_store_every_instance_once(tmp_path: Path, negative_s
     assert len(list((tmp_path / "store").rglob("*.dcm"))) == total
     output = node.output()
     assert "database is locked" not in output and "Traceback" not in output
+    # Nothing the node wrote is readable by other users: instances, folders, database.
+    written = [*(tmp_path / "store").rglob("*"), *tmp_path.glob("node.db*")]
+    assert written and all(p.stat().st_mode & 0o077 == 0 for p in written), \
+        sorted(oct(p.stat().st_mode) + " " + str(p) for p in written if p.stat().st_mode & 0o077)[:3]
     # Reported, not asserted: timings and memory depend on the machine.
     print(f"\nload: {total} instances over {ASSOCIATIONS} associations in {elapsed:.1f} s "
           f"({total / elapsed:.0f} images/s); node peak memory {peak:.0f} MB")

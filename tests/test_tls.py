@@ -1,0 +1,63 @@
+"""Optional DICOM TLS, tested with DCMTK storescu +tls and certificates made by openssl."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.peers import NodeProcess, free_port, node_config, storescu
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run([require_tool("openssl"), *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate it signed."""
+    folder = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+             "-keyout", str(folder / "ca.key"), "-out", str(folder / "ca.crt"))
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", str(folder / f"{name}.key"), "-out", str(folder / f"{name}.csr"))
+        (folder / f"{name}.ext").write_text(extension + "\n")
+        _openssl("x509", "-req", "-in", str(folder / f"{name}.csr"), "-CA", str(folder / "ca.crt"),
+                 "-CAkey", str(folder / "ca.key"), "-CAcreateserial", "-days", "2",
+                 "-out", str(folder / f"{name}.crt"), "-extfile", str(folder / f"{name}.ext"))
+    return folder
+
+
+def test_storescu_over_tls_with_client_certificates(tmp_path: Path, pki: Path, negative_study: Path) -> None:
+    port = free_port()
+    tls = (f'tls_certificate = "{pki / "server.crt"}"\ntls_private_key = "{pki / "server.key"}"\n'
+           f'tls_ca_certificates = "{pki / "ca.crt"}"')
+    node = NodeProcess(tmp_path, node_config(tmp_path, port=port, checkpoint=None, node_extra=tls), port)
+    node.start()
+    files = sorted((negative_study / "HEAD").glob("*.dcm"))[:3]
+    try:
+        secure = storescu(port, files, extra=["+tls", str(pki / "client.key"), str(pki / "client.crt"),
+                                              "+cf", str(pki / "ca.crt")])
+        assert secure.returncode == 0, secure.stderr
+        plain = storescu(port, files[:1])
+        assert plain.returncode != 0  # TLS only
+        anonymous = storescu(port, files[:1], extra=["+tla", "+cf", str(pki / "ca.crt")])
+        assert anonymous.returncode != 0  # a client certificate is required
+    finally:
+        node.stop()
+    assert len(list((tmp_path / "store").rglob("*.dcm"))) == 3
+    assert "(DICOM TLS)" in node.output()
+
+
+def test_tls_settings_are_checked_at_start_up(tmp_path: Path, pki: Path) -> None:
+    from node.config import parse_config
+    from node.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must be set together"):
+        parse_config({"node": {"tls_certificate": str(pki / "server.crt")}}, tmp_path)
+    with pytest.raises(ConfigError, match="is not a file"):
+        parse_config({"node": {"tls_certificate": str(tmp_path / "no.crt"),
+                               "tls_private_key": str(pki / "server.key")}}, tmp_path)
