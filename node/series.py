@@ -167,7 +167,10 @@ def order_slices(slices: list[SliceHeader]) -> tuple[list[SliceHeader], str]:
         normal = _normal(first.orientation)
         if normal[2] < 0:  # feet-first orientations: row × column points inferior
             normal = -normal
-        ordered = sorted(slices, key=lambda s: (float(np.dot(normal, s.position)), s.instance_number or 0))
-        return ordered, "position along the slice normal"
+        keys = [float(np.dot(normal, s.position)) for s in slices]
+        order = sorted(range(len(slices)), key=lambda i: (keys[i], slices[i].instance_number or 0))
+        duplicates = len(keys) - len({round(k, 3) for k in keys})
+        note = f" ({duplicates} slices repeat another's position; all kept)" if duplicates else ""
+        return [slices[i] for i in order], "position along the slice normal" + note
     ordered = sorted(slices, key=lambda s: (s.instance_number is None, s.instance_number or 0))
     return ordered, "InstanceNumber (ImagePositionPatient missing)"
