@@ -33,16 +33,6 @@ from training.predictor import Predictor
 from training.synthetic import SyntheticOptions, write_studies
 
 
-def _peak_memory_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
-
-
 def _send(port: int, called: str, files: list[Path], associations: int) -> float:
     """Seconds for `associations` parallel storescu processes to send `files`."""
     groups = [files[i::associations] for i in range(associations)]
@@ -70,7 +60,7 @@ def bench_ingest(work: Path, files: list[Path]) -> dict:
         try:
             seconds = _send(port, "ICHNODE", files, associations)
             stored = len(list((run / "node" / "store").rglob("*.dcm")))
-            memory = _peak_memory_mb(node.process.pid)
+            memory = node.peak_memory_mb()
         finally:
             node.stop()
         results.setdefault("node", {})[associations] = {
@@ -81,7 +71,7 @@ def bench_ingest(work: Path, files: list[Path]) -> dict:
         scp = subprocess.Popen(["storescp", "--fork", "-od", str(run / "storescp"), str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: port_open(port), timeout=30, what="storescp")
+            wait_for(lambda port=port: port_open(port), timeout=30, what="storescp")
             seconds = _send(port, "ANY-SCP", files, associations)
         finally:
             scp.terminate()
@@ -142,7 +132,7 @@ def bench_end_to_end(work: Path, study: Path) -> dict:
 
         wait_for(arrived, timeout=600, what="the result series in Orthanc", every=0.05)
         total = time.time() - last_instance
-        memory = _peak_memory_mb(node.process.pid)
+        memory = node.peak_memory_mb()
         events = {e["event"]: e for e in map(json.loads, (run / "triage.log").read_text().splitlines())}
     finally:
         node.stop()
@@ -156,7 +146,7 @@ def bench_end_to_end(work: Path, study: Path) -> dict:
     stages.update({k: v for k, v in events["analysed"]["timings_s"].items()})
     stages["send (C-STORE to Orthanc)"] = max(0.0, total - (stamp("analysed") - last_instance))
     return {"slices": len(files), "total_s": total, "excluding_wait_s": total - stages["wait (stable_seconds + poll)"],
-            "stages_s": stages, "peak_memory_mb": memory, "backend": "see node log"}
+            "stages_s": stages, "peak_memory_mb": memory}
 
 
 def _print(results: dict) -> None:

@@ -140,6 +140,16 @@ class NodeProcess:
     def output(self) -> str:
         return (self.folder / "node.stderr").read_text(errors="replace")
 
+    def peak_memory_mb(self) -> float | None:
+        """The running node's peak resident memory (VmHWM), in MiB."""
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:  # already gone
+            return None
+        return None
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.process is None:
             return 0

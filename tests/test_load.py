@@ -17,13 +17,6 @@ from tests.peers import NodeProcess, free_port, node_config
 ASSOCIATIONS, PER_ASSOCIATION = 8, 100
 
 
-def _peak_memory_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _corpus(source: Path, out: Path) -> list[list[Path]]:
     """One study of 100 distinct instances per association, cloned from synthetic slices."""
     slices = sorted(source.glob("HEAD/*.dcm"))
@@ -58,7 +51,7 @@ def test_eight_associations_store_every_instance_once(tmp_path: Path, negative_s
                 [storescu, "-aet", "SCANNER", "-aec", "ICHNODE", "127.0.0.1", str(port), *map(str, files)],
                 capture_output=True, text=True, timeout=600), groups))
         elapsed = time.perf_counter() - started
-        peak = _peak_memory_mb(node.process.pid)
+        peak = node.peak_memory_mb()
     finally:
         node.stop()
     assert all(r.returncode == 0 for r in results), [r.stderr[-500:] for r in results if r.returncode]

@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 
 import pydicom
-import pytest
 import torch
 from pynetdicom import AE
 
@@ -101,7 +100,7 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
                        for e in read_events(tmp_path / "triage.log"))
 
         for uid in uids:
-            wait_for(lambda: delivered(uid), timeout=300, what=f"delivery of study {uid}")
+            wait_for(lambda uid=uid: delivered(uid), timeout=300, what=f"delivery of study {uid}")
     finally:
         node.stop()
         results = [s for s in pacs.get("/series?expand")
