@@ -119,9 +119,10 @@ def _details(record: dict) -> str:
     event = record.get("event")
     if event == "analysed":
         flag = "SUSPECTED ICH - PRIORITY" if record.get("positive") else "ICH not detected"
+        warnings = "".join(f" [{w}]" for w in record.get("warnings", []))
         return (
             f"{flag}; {record.get('positive_slices')}/{record.get('total_slices')} slices > "
-            f"{record.get('slice_threshold')}, score {record.get('study_score', 0):.3f}"
+            f"{record.get('slice_threshold')}, score {record.get('study_score', 0):.3f}{warnings}"
         )
     if event == "received":
         return f"{record.get('note', 'study receiving')} from {record.get('calling_aet', '?')}"

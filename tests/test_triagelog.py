@@ -169,3 +169,11 @@ def test_concurrent_writes_stay_whole_lines(tmp_path: Path) -> None:
         numbers = [e["n"] for e in events if e["study_instance_uid"] == f"1.2.{thread}"]
         assert numbers == list(range(50))  # each thread's lines in its own order
     assert all(e["padding"] == padding for e in events)
+
+
+def test_model_warnings_are_shown_with_the_verdict() -> None:
+    record = {"time": "2026-01-01T00:00:00", "event": "analysed", "study_instance_uid": "1.2",
+              "accession_number": "A1", "positive": False, "positive_slices": 0, "total_slices": 20,
+              "slice_threshold": 0.8, "study_score": 0.4,
+              "warnings": ["UNTRAINED MODEL (RANDOM WEIGHTS) - RESULTS ARE MEANINGLESS"]}
+    assert "[UNTRAINED MODEL (RANDOM WEIGHTS) - RESULTS ARE MEANINGLESS]" in format_event(record)
