@@ -1,15 +1,19 @@
-"""Metrics against hand-computed values, known interval values and scikit-learn."""
+"""Metrics against hand-computed values, published interval values, scipy and scikit-learn."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
+from scipy import stats
 from sklearn import metrics as skm
 
 from training.metrics import (
     ConfusionMatrix,
+    Interval,
     average_precision,
     bootstrap_interval,
     clopper_pearson_interval,
@@ -22,52 +26,138 @@ from training.metrics import (
     slice_level_metrics,
     wilson_interval,
 )
-from training.report import format_interval, write_report
-from training.rule import required_positive_slices
+
+
+def _tied_scores(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Informative but imperfect scores, rounded to two decimals so many are tied."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    return labels, np.round(rng.random(n) * 0.7 + labels * 0.3, 2)
+
+
+# --- intervals -------------------------------------------------------------------------------
+
+
+def test_known_interval_values() -> None:
+    wilson = wilson_interval(8, 10)
+    assert wilson.estimate == 0.8 and wilson.method == "Wilson"
+    assert (wilson.low, wilson.high) == pytest.approx((0.4902, 0.9433), abs=1e-3)
+    exact = clopper_pearson_interval(8, 10)
+    assert exact.estimate == 0.8 and exact.method == "Clopper-Pearson"
+    assert (exact.low, exact.high) == pytest.approx((0.4439, 0.9748), abs=1e-3)
+
+
+@pytest.mark.parametrize("successes,total", [(0, 1), (1, 3), (8, 10), (13, 13), (37, 250), (999, 1000)])
+def test_intervals_match_scipy(successes: int, total: int) -> None:
+    result = stats.binomtest(successes, total)
+    wilson = result.proportion_ci(confidence_level=0.9, method="wilson")
+    assert (wilson_interval(successes, total, 0.9).low, wilson_interval(successes, total, 0.9).high) == \
+        pytest.approx((wilson.low, wilson.high), abs=1e-9)
+    exact = result.proportion_ci(confidence_level=0.95, method="exact")
+    interval = clopper_pearson_interval(successes, total)
+    assert (interval.low, interval.high) == pytest.approx((exact.low, exact.high), abs=1e-9)
+
+
+@pytest.mark.parametrize("interval_of", [wilson_interval, clopper_pearson_interval])
+def test_interval_edges(interval_of) -> None:
+    none = interval_of(0, 10)
+    assert none.estimate == 0.0 and none.low == 0.0 and 0.0 < none.high < 0.35
+    every = interval_of(10, 10)
+    assert every.estimate == 1.0 and every.high == 1.0 and 0.65 < every.low < 1.0
+    for successes in range(11):
+        interval = interval_of(successes, 10)
+        assert 0.0 <= interval.low <= interval.estimate <= interval.high <= 1.0
+    empty = interval_of(0, 0)
+    assert math.isnan(empty.estimate) and (empty.low, empty.high) == (0.0, 1.0)
+    narrow, wide = interval_of(8, 10, 0.9), interval_of(8, 10, 0.99)
+    assert wide.low < narrow.low and narrow.high < wide.high
+
+
+@pytest.mark.parametrize("interval_of", [wilson_interval, clopper_pearson_interval])
+def test_interval_rejects_bad_counts(interval_of) -> None:
+    with pytest.raises(ValueError, match="got 11 successes of 10"):
+        interval_of(11, 10)
+    with pytest.raises(ValueError, match="non-negative, got -1 successes of 10"):
+        interval_of(-1, 10)
+    with pytest.raises(ValueError, match="non-negative, got 0 successes of -2"):
+        interval_of(0, -2)
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 95"):
+        interval_of(8, 10, 95)
+
+
+def test_interval_as_dict_has_no_nan() -> None:
+    assert Interval(math.nan, 0.0, 1.0, "Wilson").as_dict() == \
+        {"estimate": None, "low": 0.0, "high": 1.0, "method": "Wilson"}
+    json.dumps(wilson_interval(0, 0).as_dict(), allow_nan=False)
+
+
+# --- confusion matrix ------------------------------------------------------------------------
 
 
 def test_confusion_matrix_by_hand() -> None:
     cm = ConfusionMatrix(tp=8, fp=2, tn=85, fn=5)
-    assert cm.n == 100
+    assert (cm.n, cm.positives, cm.negatives) == (100, 13, 87)
     assert cm.accuracy().estimate == pytest.approx(0.93)
     assert cm.sensitivity().estimate == pytest.approx(8 / 13)
     assert cm.specificity().estimate == pytest.approx(85 / 87)
     assert cm.ppv().estimate == pytest.approx(0.8)
     assert cm.npv().estimate == pytest.approx(85 / 90)
+    assert cm.sensitivity() == wilson_interval(8, 13)
+    assert cm.ppv() == wilson_interval(8, 10)
+    assert cm.ppv(method="clopper-pearson") == clopper_pearson_interval(8, 10)
+    assert cm.accuracy(method="clopper-pearson") == clopper_pearson_interval(93, 100)
     labels = np.array([1] * 13 + [0] * 87)
     predicted = np.array([1] * 8 + [0] * 5 + [1] * 2 + [0] * 85)
     assert ConfusionMatrix.from_predictions(labels, predicted) == cm
+    assert ConfusionMatrix.from_predictions(labels.astype(bool), predicted.astype(bool)) == cm
 
 
-def test_known_interval_values() -> None:
-    wilson = wilson_interval(8, 10)
-    assert (wilson.low, wilson.high) == pytest.approx((0.4902, 0.9433), abs=1e-3)
-    exact = clopper_pearson_interval(8, 10)
-    assert (exact.low, exact.high) == pytest.approx((0.4439, 0.9748), abs=1e-3)
-    for interval in (wilson_interval(0, 10), clopper_pearson_interval(0, 10)):
-        assert interval.low == 0.0 and 0 < interval.high < 0.35
-    for interval in (wilson_interval(10, 10), clopper_pearson_interval(10, 10)):
-        assert interval.high == 1.0 and 0.65 < interval.low < 1
-    empty = wilson_interval(0, 0)
-    assert math.isnan(empty.estimate) and (empty.low, empty.high) == (0.0, 1.0)
-    with pytest.raises(ValueError, match="successes ≤ total"):
-        wilson_interval(11, 10)
+def test_confusion_matrix_undefined_rates_and_bad_input() -> None:
+    nothing_called_positive = ConfusionMatrix(tp=0, fp=0, tn=5, fn=3)
+    assert math.isnan(nothing_called_positive.ppv().estimate)
+    assert nothing_called_positive.as_dict()["ppv"]["estimate"] is None
+    assert nothing_called_positive.as_dict()["npv"]["estimate"] == pytest.approx(5 / 8)
+    with pytest.raises(ValueError, match="fn must be non-negative, got -1"):
+        ConfusionMatrix(tp=1, fp=0, tn=0, fn=-1)
+    with pytest.raises(ValueError, match="method must be 'wilson' or 'clopper-pearson', got 'wald'"):
+        nothing_called_positive.accuracy(method="wald")
+    with pytest.raises(ValueError, match="differ in shape"):
+        ConfusionMatrix.from_predictions(np.array([0, 1]), np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match=r"predictions must be 0/1 or bool, got values \[0.7\]"):
+        ConfusionMatrix.from_predictions(np.array([0, 1]), np.array([0.7, 1]))
+    with pytest.raises(ValueError, match=r"labels must be 0/1 or bool, got values \[2\]"):
+        ConfusionMatrix.from_predictions(np.array([0, 2]), np.array([0, 1]))
 
 
-def test_curves_and_areas_match_scikit_learn() -> None:
-    rng = np.random.default_rng(3)
-    labels = rng.integers(0, 2, 300)
-    scores = np.round(rng.random(300) * 0.7 + labels * 0.3, 2)  # many ties
-    assert roc_auc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores))
-    assert average_precision(labels, scores) == pytest.approx(skm.average_precision_score(labels, scores))
-    precision, recall, _ = skm.precision_recall_curve(labels, scores)
-    assert pr_auc_trapezoid(labels, scores) == pytest.approx(skm.auc(recall, precision))
+# --- curves and areas ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_curves_and_areas_match_scikit_learn(seed: int) -> None:
+    labels, scores = _tied_scores(seed)
+    assert roc_auc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores), abs=1e-12)
+    assert average_precision(labels, scores) == pytest.approx(skm.average_precision_score(labels, scores), abs=1e-12)
+    precision, recall, thresholds = skm.precision_recall_curve(labels, scores)
+    assert pr_auc_trapezoid(labels, scores) == pytest.approx(skm.auc(recall, precision), abs=1e-12)
     ours = precision_recall_curve(labels, scores)
-    np.testing.assert_allclose(ours[0], precision)
-    np.testing.assert_allclose(ours[1], recall)
-    fpr, tpr, _ = roc_curve(labels, scores)
-    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
-    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(labels, scores))
+    for mine, theirs in zip(ours, (precision, recall, thresholds), strict=True):
+        np.testing.assert_allclose(mine, theirs)
+    fpr, tpr, roc_thresholds = roc_curve(labels, scores)
+    sk_fpr, sk_tpr, sk_thresholds = skm.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    np.testing.assert_allclose(roc_thresholds[1:], sk_thresholds[1:])
+    assert roc_thresholds[0] == np.inf
+
+
+def test_roc_curve_shape() -> None:
+    labels, scores = _tied_scores(1)
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0) and np.all(np.diff(thresholds) < 0)
+    assert len(thresholds) == len(np.unique(scores)) + 1
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(roc_auc(labels, scores))
 
 
 def test_auc_hand_cases() -> None:
@@ -75,66 +165,224 @@ def test_auc_hand_cases() -> None:
     assert roc_auc(labels, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
     assert roc_auc(labels, np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
     assert roc_auc(labels, np.full(4, 0.5)) == 0.5
-    with pytest.raises(ValueError, match="both classes"):
+    # positives 0.5 and 0.9 against negatives 0.1 and 0.5: 1 + ½ + 1 + 1 of 4 pairs
+    assert roc_auc(labels, np.array([0.1, 0.5, 0.5, 0.9])) == 0.875
+    # ranked 1 (P = 1/1), 0, 1 (P = 2/3): AP = ½·1 + ½·⅔
+    assert average_precision(np.array([1, 0, 1]), np.array([0.9, 0.8, 0.7])) == pytest.approx(5 / 6)
+    assert average_precision(labels, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert pr_auc_trapezoid(labels, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+
+
+def test_curves_reject_bad_input() -> None:
+    with pytest.raises(ValueError, match="both classes must be present, got 4 positives of 4 labels"):
         roc_auc(np.ones(4), np.arange(4))
+    with pytest.raises(ValueError, match="got 0 positives"):
+        average_precision(np.zeros(3), np.arange(3))
+    with pytest.raises(ValueError, match=r"labels must be 0/1 or bool, got values \[2\]"):
+        roc_curve(np.array([0, 2, 1]), np.arange(3))
+    with pytest.raises(ValueError, match="scores must be finite, got 1 non-finite"):
+        precision_recall_curve(np.array([0, 1, 1]), np.array([0.1, np.nan, 0.3]))
+    with pytest.raises(ValueError, match=r"scores of shape \(2,\) do not match 3 labels"):
+        pr_auc_trapezoid(np.array([0, 1, 1]), np.array([0.1, 0.3]))
 
 
-def test_bootstrap_interval() -> None:
-    rng = np.random.default_rng(0)
-    def sample(n: int):
-        labels = rng.integers(0, 2, n)
-        return labels, rng.random(n) * 0.8 + labels * 0.4
-    small, large = sample(80), sample(2000)
-    a = bootstrap_interval(*small, roc_auc, resamples=300, seed=1)
-    assert a.low <= a.estimate <= a.high
-    assert bootstrap_interval(*small, roc_auc, resamples=300, seed=1) == a
-    wide = a.high - a.low
-    narrow = bootstrap_interval(*large, roc_auc, resamples=300, seed=1)
-    assert narrow.high - narrow.low < wide
+# --- bootstrap -------------------------------------------------------------------------------
 
 
-def test_grouped_bootstrap_resamples_whole_groups() -> None:
-    labels = np.array([0, 1] * 10)
-    scores = np.linspace(0, 1, 20)
-    groups = np.repeat(np.arange(5), 4)  # five patients of four slices
-    seen = []
+def _informative(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    return labels, rng.random(n) * 0.8 + labels * 0.4
 
-    def distinct_fraction(y: np.ndarray, s: np.ndarray) -> float:
-        seen.append(len(y))
+
+def test_bootstrap_interval_contains_estimate_and_is_reproducible() -> None:
+    small = _informative(80, 0)
+    interval = bootstrap_interval(*small, roc_auc, resamples=300, seed=1)
+    assert interval.estimate == roc_auc(*small)
+    assert interval.low < interval.estimate < interval.high
+    assert interval.method == "bootstrap percentile, 300 resamples"
+    assert bootstrap_interval(*small, roc_auc, resamples=300, seed=1) == interval
+    assert bootstrap_interval(*small, roc_auc, resamples=300, seed=2) != interval
+    wider = bootstrap_interval(*small, roc_auc, resamples=300, seed=1, confidence=0.99)
+    assert wider.low < interval.low and interval.high < wider.high
+
+
+def test_bootstrap_interval_narrows_with_more_data() -> None:
+    small = bootstrap_interval(*_informative(80, 0), roc_auc, resamples=300, seed=1)
+    large = bootstrap_interval(*_informative(2000, 0), roc_auc, resamples=300, seed=1)
+    assert (large.high - large.low) < (small.high - small.low) / 2
+
+
+def test_bootstrap_skips_and_counts_one_class_resamples() -> None:
+    labels = np.array([1, 0, 0, 0, 0, 0])  # a resample misses the one positive a third of the time
+    scores = np.linspace(1, 0, 6)
+    calls: list[np.ndarray] = []
+
+    def statistic(y: np.ndarray, s: np.ndarray) -> float:
+        calls.append(y)
+        return roc_auc(y, s)
+
+    interval = bootstrap_interval(labels, scores, statistic, resamples=200, seed=0)
+    skipped = int(re.fullmatch(r"bootstrap percentile, 200 resamples \((\d+) with one class skipped\)",
+                               interval.method).group(1))
+    assert 30 < skipped < 110
+    assert len(calls) == 1 + 200 - skipped  # the estimate, then each kept resample
+    assert all(0 < y.sum() < len(y) for y in calls)
+
+
+def test_bootstrap_rejects_bad_arguments() -> None:
+    labels, scores = _informative(20, 0)
+    with pytest.raises(ValueError, match=r"groups of shape \(19,\) do not match 20 labels"):
+        bootstrap_interval(labels, scores, roc_auc, groups=np.arange(19))
+    with pytest.raises(ValueError, match="resamples must be ≥ 1, got 0"):
+        bootstrap_interval(labels, scores, roc_auc, resamples=0)
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\), got 1.5"):
+        bootstrap_interval(labels, scores, roc_auc, confidence=1.5)
+    with pytest.raises(ValueError, match="both classes"):
+        bootstrap_interval(np.zeros(20), scores, roc_auc)
+
+
+def _patients(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patients of 2–7 slices; the score is the slice's own index, so a statistic can
+    tell which slices it was given. Labels alternate by patient, constant within one."""
+    sizes = np.random.default_rng(seed).integers(2, 8, count)
+    groups = np.repeat([f"patient-{i:03d}" for i in range(count)], sizes)
+    labels = np.repeat(np.arange(count) % 2, sizes)
+    return labels, np.arange(len(labels), dtype=np.float64), groups
+
+
+def test_grouped_bootstrap_resamples_whole_patients() -> None:
+    labels, index, groups = _patients(30, 0)
+    size_of = dict(zip(*np.unique(groups, return_counts=True), strict=True))
+
+    def whole_patients(y: np.ndarray, s: np.ndarray) -> float:
+        items, copies = np.unique(s.astype(int), return_counts=True)
+        for patient in np.unique(groups[items]):
+            members = groups[items] == patient
+            assert members.sum() == size_of[patient]  # every slice of the patient came along …
+            assert len(set(copies[members].tolist())) == 1  # … as often as the others
         return 0.0
 
-    bootstrap_interval(labels, scores, distinct_fraction, resamples=50, groups=groups)
-    assert all(n % 4 == 0 for n in seen)  # only whole patients
-    assert "patients" in bootstrap_interval(labels, scores, roc_auc, resamples=20, groups=groups).method
+    interval = bootstrap_interval(labels, index, whole_patients, resamples=100, seed=3, groups=groups)
+    assert interval.method == "bootstrap percentile, 100 resamples of whole patients"
+
+
+def test_grouped_bootstrap_differs_from_slice_bootstrap() -> None:
+    labels, index, groups = _patients(40, 1)
+
+    def distinct_patients(y: np.ndarray, s: np.ndarray) -> float:
+        return float(len(np.unique(groups[s.astype(int)])))
+
+    by_patient = bootstrap_interval(labels, index, distinct_patients, resamples=200, groups=groups)
+    by_slice = bootstrap_interval(labels, index, distinct_patients, resamples=200)
+    # Drawing 40 of 40 patients leaves out about a third; drawing ~180 slices misses few patients.
+    assert by_patient.estimate == by_slice.estimate == 40
+    assert 20 < by_patient.low <= by_patient.high < 32
+    assert by_slice.low >= 36
+
+
+def test_grouped_bootstrap_is_wider_for_correlated_slices() -> None:
+    rng = np.random.default_rng(5)
+    labels, _, groups = _patients(40, 2)
+    patient_effect = dict(zip(np.unique(groups), rng.normal(0, 1, 40), strict=True))
+    scores = labels * 0.8 + np.array([patient_effect[g] for g in groups]) + rng.normal(0, 0.1, len(labels))
+    by_patient = bootstrap_interval(labels, scores, roc_auc, resamples=400, groups=groups)
+    by_slice = bootstrap_interval(labels, scores, roc_auc, resamples=400)
+    assert (by_patient.high - by_patient.low) > 1.5 * (by_slice.high - by_slice.low)
+
+
+# --- patient rule ----------------------------------------------------------------------------
 
 
 def test_patient_rule_by_hand() -> None:
-    assert required_positive_slices(20, 0.05, 1) == 1
-    assert required_positive_slices(30, 0.10, 1) == 3  # not 4: 0.1 × 30 = 3.0000000000000004
-    assert required_positive_slices(100, 0.025, 1) == 3
-    assert required_positive_slices(10, 0.025, 2) == 2
-    studies = [np.array([0.81, 0.1, 0.1]), np.array([0.8, 0.79, 0.1]), np.array([0.9] * 3 + [0.1] * 27)]
-    np.testing.assert_array_equal(patient_rule(studies, fraction=0.10), [True, False, True])
-    np.testing.assert_array_equal(
-        patient_rule([np.array([0.9] * 2 + [0.1] * 28)], fraction=0.10), [False])
+    three_of_thirty = np.array([0.9] * 3 + [0.1] * 27)
+    two_of_thirty = np.array([0.9] * 2 + [0.1] * 28)
+    np.testing.assert_array_equal(patient_rule([three_of_thirty, two_of_thirty], fraction=0.10), [True, False])
+    # The floating-point trap: 0.07 × 100 is 7.000000000000001, whose plain ceil asks for 8.
+    # (0.1 × 30 rounds to exactly 3.0 in IEEE doubles, so it cannot show the trap.)
+    assert 0.07 * 100 > 7 and math.ceil(0.07 * 100) == 8
+    seven_of_hundred = np.array([0.9] * 7 + [0.1] * 93)
+    np.testing.assert_array_equal(patient_rule([seven_of_hundred, seven_of_hundred[1:]], fraction=0.07),
+                                  [True, False])
+    at_threshold = np.array([0.8, 0.8, 0.1])  # p = 0.8 is not > 0.8
+    just_above = np.array([0.8000001, 0.1, 0.1])
+    np.testing.assert_array_equal(patient_rule([at_threshold, just_above], fraction=0.05), [False, True])
+    ten = np.array([0.9] + [0.1] * 9)  # ceil(0.025 × 10) = 1, but at least 2 are asked for
+    np.testing.assert_array_equal(patient_rule([ten], fraction=0.025), [True])
+    np.testing.assert_array_equal(patient_rule([ten], fraction=0.025, min_positive_slices=2), [False])
+    np.testing.assert_array_equal(patient_rule([ten], fraction=0.025, slice_threshold=0.95), [False])
+    hundred = np.array([0.9] * 3 + [0.1] * 97)  # ceil(2.5) = 3
+    np.testing.assert_array_equal(patient_rule([hundred, hundred[1:]], fraction=0.025), [True, False])
 
 
-def test_tables_and_report(tmp_path) -> None:
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 2, 200)
-    probabilities = np.clip(rng.random(200) * 0.6 + labels * 0.35, 0, 1)
-    slice_metrics = slice_level_metrics(labels, probabilities, groups=np.repeat(np.arange(20), 10), resamples=100)
-    assert set(slice_metrics["thresholds"]) == {"0.5", "0.7", "0.9"}
-    cells = slice_metrics["thresholds"]["0.5"]
-    assert cells["tp"] + cells["fp"] + cells["tn"] + cells["fn"] == 200
-    studies = [probabilities[i * 10:(i + 1) * 10] for i in range(20)]
-    study_labels = np.array([int(labels[i * 10:(i + 1) * 10].any()) for i in range(20)])
-    patient_metrics = patient_level_metrics(study_labels, studies, resamples=100)
-    assert set(patient_metrics["rules"]) == {"2.5%", "5%", "10%"}
-    files = write_report(tmp_path, slice_metrics=slice_metrics, patient_metrics=patient_metrics,
-                         data_description="DATA-X", model_description="MODEL-Y")
-    report = files["report"].read_text()
-    assert report.count("measured on: DATA-X") == 2
-    assert "Table 1" in report and "Table 2" in report and "| p > 0.5 |" in report and "| 10 % |" in report
-    assert format_interval({"estimate": 0.5, "low": 0.25, "high": 0.75, "method": ""}) == "0.500 (0.250–0.750)"
-    assert format_interval(None) == "n/a"
+def test_patient_rule_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"positive_fraction must be in \(0, 1\], got 0"):
+        patient_rule([np.array([0.9])], fraction=0)
+    with pytest.raises(ValueError, match=r"slice_threshold must be in \[0, 1\), got 1.2"):
+        patient_rule([np.array([0.9])], fraction=0.05, slice_threshold=1.2)
+    with pytest.raises(ValueError, match=r"study 1: need a non-empty 1-D array .* got shape \(0,\)"):
+        patient_rule([np.array([0.9]), np.array([])], fraction=0.05)
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def test_slice_level_metrics() -> None:
+    labels, scores = _tied_scores(2, n=200)
+    groups = np.repeat(np.arange(20), 10)
+    metrics = slice_level_metrics(labels, scores, groups=groups, resamples=100)
+    assert (metrics["n"], metrics["positives"], metrics["negatives"], metrics["patients"]) == \
+        (200, int(labels.sum()), 200 - int(labels.sum()), 20)
+    assert list(metrics["thresholds"]) == ["0.5", "0.7", "0.9"]
+    for key, threshold in (("0.5", 0.5), ("0.7", 0.7), ("0.9", 0.9)):
+        expected = ConfusionMatrix.from_predictions(labels, scores > threshold)
+        assert metrics["thresholds"][key] == expected.as_dict()
+    assert metrics["roc_auc"]["estimate"] == pytest.approx(skm.roc_auc_score(labels, scores))
+    assert metrics["average_precision"]["estimate"] == pytest.approx(skm.average_precision_score(labels, scores))
+    assert metrics["pr_auc_trapezoid"]["estimate"] == pytest.approx(pr_auc_trapezoid(labels, scores))
+    assert metrics["roc_auc"]["method"] == "bootstrap percentile, 100 resamples of whole patients"
+    assert json.loads(json.dumps(metrics, allow_nan=False)) == metrics
+
+
+def test_slice_level_metrics_with_one_class_and_nothing_called_positive() -> None:
+    metrics = slice_level_metrics(np.zeros(10, dtype=int), np.linspace(0, 0.6, 10), resamples=10)
+    assert metrics["roc_auc"] is None and metrics["average_precision"] is None
+    assert metrics["patients"] is None
+    at_09 = metrics["thresholds"]["0.9"]
+    assert (at_09["tp"], at_09["fp"], at_09["tn"], at_09["fn"]) == (0, 0, 10, 0)
+    assert at_09["ppv"]["estimate"] is None and at_09["sensitivity"]["estimate"] is None
+    json.dumps(metrics, allow_nan=False)
+    with pytest.raises(ValueError, match=r"groups of shape \(3,\) do not match 10 labels"):
+        slice_level_metrics(np.zeros(10), np.zeros(10), groups=np.arange(3))
+
+
+def test_patient_level_metrics_by_hand() -> None:
+    studies = [
+        np.array([0.9, 0.85] + [0.1] * 38),  # ICH: 2 of 40 above 0.8 → positive at 2.5 % and 5 %, not 10 %
+        np.array([0.7] + [0.2] * 19),  # ICH, missed by every rule
+        np.array([0.85] + [0.1] * 19),  # no ICH: 1 of 20 → positive at 2.5 % and 5 %, not 10 %
+        np.full(10, 0.1),  # no ICH
+    ]
+    metrics = patient_level_metrics(np.array([1, 1, 0, 0]), studies, resamples=100)
+    assert (metrics["n"], metrics["positives"], metrics["negatives"]) == (4, 2, 2)
+    assert list(metrics["rules"]) == ["2.5%", "5%", "10%"]
+    counts = {name: tuple(rule[k] for k in ("tp", "fp", "tn", "fn")) for name, rule in metrics["rules"].items()}
+    assert counts == {"2.5%": (1, 1, 1, 1), "5%": (1, 1, 1, 1), "10%": (0, 0, 2, 2)}
+    assert metrics["rules"]["10%"]["specificity"]["estimate"] == 1.0
+    # max scores 0.9, 0.7 (ICH) against 0.85, 0.1: three of four pairs ordered right
+    assert metrics["study_score_roc_auc"]["estimate"] == 0.75
+    top3 = [np.mean(np.sort(s)[-3:]) for s in studies]
+    assert metrics["top3_mean_roc_auc"]["estimate"] == roc_auc(np.array([1, 1, 0, 0]), np.array(top3))
+    assert (metrics["slice_threshold"], metrics["min_positive_slices"]) == (0.8, 1)
+    assert json.loads(json.dumps(metrics, allow_nan=False)) == metrics
+
+
+def test_patient_level_metrics_options_and_errors() -> None:
+    studies = [np.array([0.95, 0.9, 0.1, 0.1]), np.array([0.95, 0.1, 0.1, 0.1])]
+    metrics = patient_level_metrics(np.array([1, 0]), studies, fractions=(0.5,), min_positive_slices=2,
+                                    resamples=20)
+    assert list(metrics["rules"]) == ["50%"]
+    assert metrics["rules"]["50%"]["tp"] == 1 and metrics["rules"]["50%"]["tn"] == 1
+    assert patient_level_metrics(np.array([1, 1]), studies, resamples=20)["study_score_roc_auc"] is None
+    with pytest.raises(ValueError, match="3 study labels but 2 studies"):
+        patient_level_metrics(np.array([1, 0, 1]), studies)

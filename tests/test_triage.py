@@ -18,7 +18,8 @@ def probabilities(total: int, positive: int, *, high: float = 0.95, low: float =
     ("total", "fraction", "minimum", "required"),
     [
         (20, 0.05, 1, 1),     # ceil(1.0) = 1
-        (30, 0.1, 1, 3),      # 0.1 × 30 = 3.0000000000000004 in floating point: still 3
+        (30, 0.1, 1, 3),      # ceil(3.0) = 3
+        (100, 0.07, 1, 7),    # 0.07 × 100 = 7.000000000000001 in floating point: still 7
         (100, 0.025, 1, 3),   # ceil(2.5) = 3
         (10, 0.05, 1, 1),     # ceil(0.5) = 1
         (10, 0.05, 2, 2),     # the minimum wins

@@ -8,50 +8,72 @@ groups are given, because slices of one patient are not independent.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from scipy import stats
 
-from training.rule import required_positive_slices
+from training.rule import TriageRule, required_positive_slices
 
 __all__ = [
-    "Interval",
-    "wilson_interval",
-    "clopper_pearson_interval",
     "ConfusionMatrix",
+    "Interval",
+    "average_precision",
+    "bootstrap_interval",
+    "clopper_pearson_interval",
+    "patient_level_metrics",
+    "patient_rule",
+    "pr_auc_trapezoid",
+    "precision_recall_curve",
     "roc_auc",
     "roc_curve",
-    "precision_recall_curve",
-    "average_precision",
-    "pr_auc_trapezoid",
-    "bootstrap_interval",
-    "patient_rule",
     "slice_level_metrics",
-    "patient_level_metrics",
+    "wilson_interval",
 ]
+
+Statistic = Callable[[np.ndarray, np.ndarray], float]
+TOP_K = 3  # the "top3_mean" study score: mean of the three highest slice probabilities
 
 
 @dataclass(frozen=True)
 class Interval:
+    """An estimate with its interval and how it was made, so no number travels alone."""
+
     estimate: float
     low: float
     high: float
     method: str
 
-    def as_dict(self) -> dict:
-        return {"estimate": self.estimate, "low": self.low, "high": self.high, "method": self.method}
+    def as_dict(self) -> dict[str, float | str | None]:
+        """JSON-ready; an undefined (NaN) value becomes None because JSON has no NaN."""
+        def clean(value: float) -> float | None:
+            return None if math.isnan(value) else float(value)
+
+        return {"estimate": clean(self.estimate), "low": clean(self.low), "high": clean(self.high),
+                "method": self.method}
 
 
-def _check_counts(successes: int, total: int) -> None:
-    if successes < 0 or total < 0 or successes > total:
-        raise ValueError(f"need 0 ≤ successes ≤ total, got {successes} of {total}")
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _check_counts(successes: int, total: int, confidence: float) -> None:
+    if successes < 0 or total < 0:
+        raise ValueError(f"counts must be non-negative, got {successes} successes of {total}")
+    if successes > total:
+        raise ValueError(f"need successes ≤ total, got {successes} successes of {total}")
+    _check_confidence(confidence)
 
 
 def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> Interval:
-    """Wilson score interval. With no trials the proportion is undefined: nan in [0, 1]."""
-    _check_counts(successes, total)
+    """Wilson score interval: stays inside [0, 1] and keeps its coverage near 0/n and n/n.
+
+    With no trials the proportion is undefined (estimate NaN) and nothing is known about
+    it, so the honest interval is all of [0, 1].
+    """
+    _check_counts(successes, total, confidence)
     if total == 0:
         return Interval(math.nan, 0.0, 1.0, "Wilson")
     z = float(stats.norm.ppf(0.5 + confidence / 2))
@@ -65,8 +87,11 @@ def wilson_interval(successes: int, total: int, confidence: float = 0.95) -> Int
 
 
 def clopper_pearson_interval(successes: int, total: int, confidence: float = 0.95) -> Interval:
-    """Exact (Clopper–Pearson) interval from beta quantiles."""
-    _check_counts(successes, total)
+    """Exact (Clopper–Pearson) interval from beta quantiles: conservative, never under-covers.
+
+    With no trials: estimate NaN and the whole of [0, 1], as for Wilson.
+    """
+    _check_counts(successes, total, confidence)
     if total == 0:
         return Interval(math.nan, 0.0, 1.0, "Clopper-Pearson")
     alpha = 1 - confidence
@@ -75,26 +100,73 @@ def clopper_pearson_interval(successes: int, total: int, confidence: float = 0.9
     return Interval(successes / total, low, high, "Clopper-Pearson")
 
 
+def _as_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
+    """1-D boolean labels; anything but 0/1 (or bool) is refused rather than guessed at."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {labels.shape}")
+    unexpected = sorted(set(np.unique(labels).tolist()) - {0, 1})
+    if unexpected:
+        raise ValueError(f"{name} must be 0/1 or bool, got values {unexpected[:5]}")
+    return labels.astype(bool)
+
+
+def _as_scores(scores: np.ndarray, count: int) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (count,):
+        raise ValueError(f"scores of shape {scores.shape} do not match {count} labels")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(f"scores must be finite, got {int(np.sum(~np.isfinite(scores)))} non-finite values")
+    return scores
+
+
+def _binary(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validated labels and scores with both classes present, as every curve needs."""
+    labels = _as_labels(labels)
+    scores = _as_scores(scores, len(labels))
+    positives = int(labels.sum())
+    if positives in (0, len(labels)):
+        raise ValueError(f"both classes must be present, got {positives} positives of {len(labels)} labels")
+    return labels, scores
+
+
 @dataclass(frozen=True)
 class ConfusionMatrix:
+    """Counts at one operating point; each rate comes with its interval."""
+
     tp: int
     fp: int
     tn: int
     fn: int
 
+    def __post_init__(self) -> None:
+        for name in ("tp", "fp", "tn", "fn"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+
     @classmethod
-    def from_predictions(cls, labels: np.ndarray, predicted: np.ndarray) -> "ConfusionMatrix":
-        labels, predicted = np.asarray(labels).astype(bool), np.asarray(predicted).astype(bool)
-        if labels.shape != predicted.shape:
+    def from_predictions(cls, labels: np.ndarray, predicted: np.ndarray) -> ConfusionMatrix:
+        labels, predicted = _as_labels(labels), np.asarray(predicted)
+        if predicted.shape != labels.shape:
             raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ in shape")
-        return cls(int(np.sum(labels & predicted)), int(np.sum(~labels & predicted)),
-                   int(np.sum(~labels & ~predicted)), int(np.sum(labels & ~predicted)))
+        predicted = _as_labels(predicted, "predictions")
+        return cls(tp=int(np.sum(labels & predicted)), fp=int(np.sum(~labels & predicted)),
+                   tn=int(np.sum(~labels & ~predicted)), fn=int(np.sum(labels & ~predicted)))
 
     @property
     def n(self) -> int:
         return self.tp + self.fp + self.tn + self.fn
 
-    def _interval(self, successes: int, total: int, method: str) -> Interval:
+    @property
+    def positives(self) -> int:
+        return self.tp + self.fn
+
+    @property
+    def negatives(self) -> int:
+        return self.tn + self.fp
+
+    @staticmethod
+    def _interval(successes: int, total: int, method: str) -> Interval:
         if method == "wilson":
             return wilson_interval(successes, total)
         if method == "clopper-pearson":
@@ -105,18 +177,23 @@ class ConfusionMatrix:
         return self._interval(self.tp + self.tn, self.n, method)
 
     def sensitivity(self, method: str = "wilson") -> Interval:
-        return self._interval(self.tp, self.tp + self.fn, method)
+        """True-positive rate (TPR, recall)."""
+        return self._interval(self.tp, self.positives, method)
 
     def specificity(self, method: str = "wilson") -> Interval:
-        return self._interval(self.tn, self.tn + self.fp, method)
+        """True-negative rate (TNR)."""
+        return self._interval(self.tn, self.negatives, method)
 
     def ppv(self, method: str = "wilson") -> Interval:
+        """Positive predictive value (precision); undefined when nothing is called positive."""
         return self._interval(self.tp, self.tp + self.fp, method)
 
     def npv(self, method: str = "wilson") -> Interval:
+        """Negative predictive value; undefined when nothing is called negative."""
         return self._interval(self.tn, self.tn + self.fn, method)
 
-    def summary(self) -> dict:
+    def as_dict(self) -> dict[str, dict[str, float | str | None] | int]:
+        """The five rates with Wilson intervals and the four counts, JSON-ready."""
         return {
             "accuracy": self.accuracy().as_dict(), "sensitivity": self.sensitivity().as_dict(),
             "specificity": self.specificity().as_dict(), "ppv": self.ppv().as_dict(),
@@ -124,44 +201,36 @@ class ConfusionMatrix:
         }
 
 
-def _binary(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64)
-    if labels.shape != scores.shape or labels.ndim != 1:
-        raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be equal 1-D shapes")
-    if len(set(labels.tolist())) != 2:
-        raise ValueError("both classes must be present to compute a curve or an AUC")
-    return labels, scores
-
-
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Exact ROC-AUC: the Mann–Whitney statistic, ties counted as one half."""
     labels, scores = _binary(labels, scores)
-    ranks = stats.rankdata(scores)  # average ranks for ties
-    positives = labels == 1
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    ranks = stats.rankdata(scores)  # average ranks: a tied pair contributes 1/2
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _cumulative_counts(labels: np.ndarray, scores: np.ndarray):
+def _cumulative_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True and false positives when thresholding at each distinct score, highest first."""
     order = np.argsort(-scores, kind="mergesort")
     labels, scores = labels[order], scores[order]
-    distinct = np.r_[np.where(np.diff(scores))[0], len(scores) - 1]
-    tps = np.cumsum(labels)[distinct]
-    fps = (distinct + 1) - tps
-    return tps, fps, scores[distinct]
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tps = np.cumsum(labels)[last_of_each_score]
+    fps = (last_of_each_score + 1) - tps
+    return tps, fps, scores[last_of_each_score]
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds) from (0, 0) to (1, 1)."""
+    """(fpr, tpr, thresholds) from (0, 0) to (1, 1); a point is 'score ≥ threshold',
+    the first threshold is +inf (nothing called positive)."""
     labels, scores = _binary(labels, scores)
     tps, fps, thresholds = _cumulative_counts(labels, scores)
-    tpr = np.r_[0.0, tps / tps[-1]]
-    fpr = np.r_[0.0, fps / fps[-1]]
-    return fpr, tpr, np.r_[np.inf, thresholds]
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]], np.r_[np.inf, thresholds]
 
 
 def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(precision, recall, thresholds), thresholds increasing, ending at (1, 0) as scikit-learn."""
+    """(precision, recall, thresholds) as scikit-learn returns them: thresholds increasing,
+    one more point than thresholds, ending at (precision 1, recall 0)."""
     labels, scores = _binary(labels, scores)
     tps, fps, thresholds = _cumulative_counts(labels, scores)
     precision = tps / (tps + fps)
@@ -170,53 +239,87 @@ def precision_recall_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.n
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Σ (R_n − R_{n−1}) P_n: the step-wise area scikit-learn calls average precision."""
+    """Σ (R_n − R_{n−1}) P_n: the step-wise area scikit-learn calls average precision;
+    unlike the trapezoid it does not reward interpolating between operating points."""
     precision, recall, _ = precision_recall_curve(labels, scores)
     return float(-np.sum(np.diff(recall) * precision[:-1]))
 
 
 def pr_auc_trapezoid(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Trapezoidal area under the PR curve: what the paper's code reported as PR-AUC."""
+    """Trapezoidal area under the PR curve: what the paper's code reported as PR-AUC,
+    kept so our numbers compare with the paper's."""
     precision, recall, _ = precision_recall_curve(labels, scores)
-    return float(-np.trapezoid(precision, recall))
+    return float(-np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
+
+
+def _resampler(count: int, groups: np.ndarray | None, rng: np.random.Generator) -> Callable[[], np.ndarray]:
+    """Draws one bootstrap index: items with replacement, or whole groups with replacement."""
+    if groups is None:
+        return lambda: rng.integers(0, count, count)
+    groups = np.asarray(groups)
+    if groups.shape != (count,):
+        raise ValueError(f"groups of shape {groups.shape} do not match {count} labels")
+    _, member_of = np.unique(groups, return_inverse=True)
+    by_group = np.argsort(member_of, kind="stable")
+    sizes = np.bincount(member_of)
+    starts = np.cumsum(sizes) - sizes
+
+    def draw() -> np.ndarray:
+        chosen = rng.integers(0, len(sizes), len(sizes))
+        lengths = sizes[chosen]
+        block_starts = np.cumsum(lengths) - lengths
+        # Position j of block k reads by_group[starts[k] + (j − block_starts[k])].
+        return by_group[np.repeat(starts[chosen] - block_starts, lengths) + np.arange(lengths.sum())]
+
+    return draw
 
 
 def bootstrap_interval(
     labels: np.ndarray,
     scores: np.ndarray,
-    statistic: Callable[[np.ndarray, np.ndarray], float],
+    statistic: Statistic,
     *,
     resamples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
     groups: np.ndarray | None = None,
 ) -> Interval:
-    """Percentile bootstrap of `statistic`; with `groups`, whole groups are resampled.
-    Resamples with one class only are skipped and counted in the method text."""
+    """Percentile bootstrap of `statistic(labels, scores)`.
+
+    With `groups` (patient ids) whole groups are resampled, because slices of one patient
+    are correlated and resampling them singly makes the interval too narrow. Resamples
+    holding one class only are skipped (an AUC is undefined there) and counted in the
+    method text; if every resample is skipped the bounds are NaN.
+    """
     labels, scores = _binary(labels, scores)
+    _check_confidence(confidence)
+    if resamples < 1:
+        raise ValueError(f"resamples must be ≥ 1, got {resamples}")
+    draw = _resampler(len(labels), groups, np.random.default_rng(seed))
     estimate = float(statistic(labels, scores))
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        members = [np.array([i]) for i in range(len(labels))]
-    else:
-        groups = np.asarray(groups)
-        members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    values, skipped = [], 0
+    values: list[float] = []
     for _ in range(resamples):
-        chosen = rng.integers(0, len(members), len(members))
-        index = np.concatenate([members[i] for i in chosen])
-        if len(set(labels[index].tolist())) < 2:
-            skipped += 1
+        index = draw()
+        positives = int(labels[index].sum())
+        if positives in (0, len(index)):
             continue
-        values.append(statistic(labels[index], scores[index]))
-    unit = "patients" if groups is not None else "items"
-    method = f"bootstrap percentile, {resamples} resamples of {unit}" + (
-        f" ({skipped} with one class skipped)" if skipped else "")
+        values.append(float(statistic(labels[index], scores[index])))
+    skipped = resamples - len(values)
+    method = (f"bootstrap percentile, {resamples} resamples" + (" of whole patients" if groups is not None else "")
+              + (f" ({skipped} with one class skipped)" if skipped else ""))
     if not values:
         return Interval(estimate, math.nan, math.nan, method)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
     return Interval(estimate, float(low), float(high), method)
+
+
+def _as_studies(probabilities_per_study: list[np.ndarray]) -> list[np.ndarray]:
+    studies = [np.asarray(p, dtype=np.float64) for p in probabilities_per_study]
+    for i, study in enumerate(studies):
+        if study.ndim != 1 or study.size == 0:
+            raise ValueError(f"study {i}: need a non-empty 1-D array of slice probabilities, got shape {study.shape}")
+    return studies
 
 
 def patient_rule(
@@ -226,19 +329,20 @@ def patient_rule(
     fraction: float,
     min_positive_slices: int = 1,
 ) -> np.ndarray:
-    """The paper's rule per study: positive when count(p > threshold) ≥
-    max(min_positive_slices, ceil(fraction × N))."""
-    verdicts = []
-    for probabilities in probabilities_per_study:
-        probabilities = np.asarray(probabilities)
-        required = required_positive_slices(len(probabilities), fraction, min_positive_slices)
-        verdicts.append(int(np.sum(probabilities > slice_threshold)) >= required)
-    return np.array(verdicts, dtype=bool)
+    """The paper's rule per study: positive when count(p > slice_threshold) ≥
+    max(min_positive_slices, ceil(fraction × N)). A slice exactly at the threshold
+    does not count; the ceiling is taken after rounding (0.07 × 100 → 7, not 8)."""
+    TriageRule(slice_threshold, fraction, min_positive_slices)  # validates, naming a bad value
+    return np.array([int(np.sum(study > slice_threshold))
+                     >= required_positive_slices(len(study), fraction, min_positive_slices)
+                     for study in _as_studies(probabilities_per_study)], dtype=bool)
 
 
-def _auc_entry(labels, scores, statistic, *, groups, resamples, seed) -> dict | None:
-    if len(set(np.asarray(labels).tolist())) < 2:
-        return None  # undefined with one class
+def _auc_entry(labels: np.ndarray, scores: np.ndarray, statistic: Statistic, *, groups: np.ndarray | None,
+               resamples: int, seed: int) -> dict[str, float | str | None] | None:
+    """Bootstrap interval as a dict, or None where one class only makes the area undefined."""
+    if labels.all() or not labels.any():
+        return None
     return bootstrap_interval(labels, scores, statistic, resamples=resamples, seed=seed, groups=groups).as_dict()
 
 
@@ -251,12 +355,17 @@ def slice_level_metrics(
     resamples: int = 2000,
     seed: int = 0,
 ) -> dict:
-    """The paper's Table 1 with intervals, as JSON-ready data."""
-    labels, probabilities = np.asarray(labels).astype(int), np.asarray(probabilities, dtype=np.float64)
+    """The paper's Table 1 with intervals, JSON-ready. Threshold keys are f"{t:g}"
+    ("0.5"); a slice is positive when P > t. Areas are None with one class only."""
+    labels = _as_labels(labels)
+    probabilities = _as_scores(probabilities, len(labels))
+    if groups is not None and np.shape(groups) != labels.shape:
+        raise ValueError(f"groups of shape {np.shape(groups)} do not match {len(labels)} labels")
     auc_args = {"groups": groups, "resamples": resamples, "seed": seed}
     return {
-        "n": int(len(labels)), "positives": int(labels.sum()), "negatives": int((1 - labels).sum()),
-        "thresholds": {f"{t:g}": ConfusionMatrix.from_predictions(labels, probabilities > t).summary()
+        "n": len(labels), "positives": int(labels.sum()), "negatives": int((~labels).sum()),
+        "patients": None if groups is None else len(np.unique(groups)),
+        "thresholds": {f"{t:g}": ConfusionMatrix.from_predictions(labels, probabilities > t).as_dict()
                        for t in thresholds},
         "roc_auc": _auc_entry(labels, probabilities, roc_auc, **auc_args),
         "average_precision": _auc_entry(labels, probabilities, average_precision, **auc_args),
@@ -274,21 +383,25 @@ def patient_level_metrics(
     resamples: int = 2000,
     seed: int = 0,
 ) -> dict:
-    """The paper's Table 2 (the n % rules) with intervals, and the study-score ROC-AUC."""
-    labels = np.asarray(study_labels).astype(int)
-    if len(labels) != len(probabilities_per_study):
-        raise ValueError(f"{len(labels)} study labels but {len(probabilities_per_study)} studies")
-    rules = {}
-    for fraction in fractions:
-        predicted = patient_rule(probabilities_per_study, slice_threshold=slice_threshold, fraction=fraction,
-                                 min_positive_slices=min_positive_slices)
-        rules[f"{fraction * 100:g}%"] = ConfusionMatrix.from_predictions(labels, predicted).summary()
-    maximum = np.array([np.max(p) for p in probabilities_per_study])
-    top3 = np.array([np.mean(np.sort(p)[::-1][:3]) for p in probabilities_per_study])
+    """The paper's Table 2 (the n % rules, keys f"{100 × fraction:g}%" such as "2.5%")
+    with intervals, and the ROC-AUC of two study scores: the maximum slice probability
+    and the mean of the three highest. JSON-ready; areas are None with one class only."""
+    labels = _as_labels(study_labels)
+    studies = _as_studies(probabilities_per_study)
+    if len(labels) != len(studies):
+        raise ValueError(f"{len(labels)} study labels but {len(studies)} studies")
+    rules = {
+        f"{fraction * 100:g}%": ConfusionMatrix.from_predictions(labels, patient_rule(
+            studies, slice_threshold=slice_threshold, fraction=fraction,
+            min_positive_slices=min_positive_slices)).as_dict()
+        for fraction in fractions
+    }
+    maximum = np.array([study.max() for study in studies])
+    top_mean = np.array([np.sort(study)[::-1][:TOP_K].mean() for study in studies])
     auc_args = {"groups": None, "resamples": resamples, "seed": seed}
     return {
-        "n": int(len(labels)), "positives": int(labels.sum()), "negatives": int((1 - labels).sum()),
-        "slice_threshold": slice_threshold, "rules": rules,
+        "n": len(labels), "positives": int(labels.sum()), "negatives": int((~labels).sum()),
+        "slice_threshold": slice_threshold, "min_positive_slices": min_positive_slices, "rules": rules,
         "study_score_roc_auc": _auc_entry(labels, maximum, roc_auc, **auc_args),
-        "top3_mean_roc_auc": _auc_entry(labels, top3, roc_auc, **auc_args),
+        "top3_mean_roc_auc": _auc_entry(labels, top_mean, roc_auc, **auc_args),
     }

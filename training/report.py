@@ -1,33 +1,53 @@
 """Evaluation output: metrics.json, report.md (the paper's two tables) and ROC/PR plots.
 
-Every table heading names the data it was measured on; a number never travels alone.
+Honesty rule: every table heading and every plot title names the data it was measured on;
+a number never travels without its data and its interval.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-from training.metrics import average_precision, precision_recall_curve, roc_auc, roc_curve
+from training.metrics import (
+    average_precision,
+    precision_recall_curve,
+    roc_auc,
+    roc_curve,
+)
 
-__all__ = ["format_interval", "write_report", "plot_roc", "plot_pr"]
+__all__ = ["INTERVALS_NOTE", "format_interval", "plot_pr", "plot_roc", "write_report"]
 
 COLUMNS = (("accuracy", "ACC"), ("sensitivity", "TPR"), ("specificity", "TNR"), ("ppv", "PPV"), ("npv", "NPV"))
-INTERVALS_NOTE = ("95 % intervals: Wilson score for proportions; percentile bootstrap for areas under "
-                  "curves (slice level: whole patients resampled).")
+INTERVALS_NOTE = ("Intervals are 95 %: Wilson score for proportions (ACC, TPR, TNR, PPV, NPV), "
+                  "bootstrap percentile for areas under curves.")
 
 
-def format_interval(entry: dict | None) -> str:
+def _defined(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def format_interval(entry: Mapping[str, float | str | None] | None) -> str:
     """'0.912 (0.890–0.931)'; 'n/a' when undefined (one class only, or no cases)."""
-    if entry is None or entry["estimate"] is None or math.isnan(entry["estimate"]):
+    if entry is None or not _defined(entry["estimate"]):
         return "n/a"
+    if not (_defined(entry["low"]) and _defined(entry["high"])):
+        return f"{entry['estimate']:.3f} (interval n/a)"
     return f"{entry['estimate']:.3f} ({entry['low']:.3f}–{entry['high']:.3f})"
 
 
-def _table(rows: dict[str, dict], label: str) -> list[str]:
+def _require_text(name: str, value: str) -> None:
+    if not value.strip():
+        raise ValueError(f"{name} must say what it describes, got {value!r}")
+
+
+def _rate_table(rows: dict[str, dict], label: str) -> list[str]:
     lines = [f"| {label} | " + " | ".join(short for _, short in COLUMNS) + " | TP | FP | TN | FN |",
              "|---" * (len(COLUMNS) + 5) + "|"]
     for name, cells in rows.items():
@@ -36,72 +56,118 @@ def _table(rows: dict[str, dict], label: str) -> list[str]:
     return lines
 
 
+def _bootstrap_line(*entries: dict | None) -> str:
+    """How the AUC intervals were made: the entries share labels, draws and seed, so one method."""
+    methods = [entry["method"] for entry in entries if entry is not None]
+    return f"AUC intervals: {methods[0]}." if methods else "AUCs are undefined: only one class is present."
+
+
 def _slice_section(metrics: dict, data: str) -> list[str]:
-    lines = [f"## Slice level (as the paper's Table 1) — measured on: {data}", "",
-             f"{metrics['n']} slices: {metrics['positives']} with ICH, {metrics['negatives']} without.", ""]
-    lines += _table({f"p > {t}": cells for t, cells in metrics["thresholds"].items()}, "threshold")
-    lines += ["", "| area | value (95 % interval) |", "|---|---|",
-              f"| PR-AUC (average precision) | {format_interval(metrics['average_precision'])} |",
-              f"| PR-AUC (trapezoid, as the paper's code) | {format_interval(metrics['pr_auc_trapezoid'])} |",
-              f"| ROC-AUC | {format_interval(metrics['roc_auc'])} |", ""]
-    return lines
+    patients = "" if metrics.get("patients") is None else f" from {metrics['patients']} patients"
+    areas = {"PR-AUC (average precision)": metrics["average_precision"],
+             "PR-AUC (trapezoid, as the paper's code)": metrics["pr_auc_trapezoid"],
+             "ROC-AUC": metrics["roc_auc"]}
+    return [
+        "## Table 1 — slice level (as the paper's Table 1)", "",
+        f"### Table 1a. Slice classification at P(ICH) thresholds — measured on: {data}", "",
+        (f"{metrics['n']} slices{patients}: {metrics['positives']} with ICH, {metrics['negatives']} without. "
+         "A slice is called positive when P(ICH) > threshold."), "",
+        *_rate_table({f"p > {t}": cells for t, cells in metrics["thresholds"].items()}, "threshold"), "",
+        f"### Table 1b. Slice-level areas under curves — measured on: {data}", "",
+        "| area | value (95 % interval) |", "|---|---|",
+        *(f"| {name} | {format_interval(entry)} |" for name, entry in areas.items()), "",
+        _bootstrap_line(*areas.values()), "",
+    ]
 
 
 def _patient_section(metrics: dict, data: str) -> list[str]:
-    lines = [f"## Patient level (as the paper's Table 2) — measured on: {data}", "",
-             f"{metrics['n']} patients or studies: {metrics['positives']} with ICH, {metrics['negatives']} without. "
-             f"A study is positive when at least n % of its slices (and at least one) have P(ICH) > "
-             f"{metrics['slice_threshold']}.", ""]
-    lines += _table({name.replace("%", " %"): cells for name, cells in metrics["rules"].items()}, "rule")
-    lines += ["", "| study score | ROC-AUC (95 % interval) |", "|---|---|",
-              f"| max P(ICH) | {format_interval(metrics['study_score_roc_auc'])} |",
-              f"| mean of the top 3 P(ICH) | {format_interval(metrics['top3_mean_roc_auc'])} |", ""]
-    return lines
+    scores = {"max P(ICH)": metrics["study_score_roc_auc"], "mean of the top 3 P(ICH)": metrics["top3_mean_roc_auc"]}
+    return [
+        "## Table 2 — patient level (as the paper's Table 2)", "",
+        f"### Table 2a. Patient classification by the n % rule — measured on: {data}", "",
+        (f"{metrics['n']} studies: {metrics['positives']} with ICH, {metrics['negatives']} without. "
+         "A study is called positive when at least n % of its slices, and at least "
+         f"{metrics['min_positive_slices']}, have P(ICH) > {metrics['slice_threshold']}."), "",
+        *_rate_table({name.replace("%", " %"): cells for name, cells in metrics["rules"].items()}, "rule"), "",
+        f"### Table 2b. Study-score ROC-AUC — measured on: {data}", "",
+        "| study score | ROC-AUC (95 % interval) |", "|---|---|",
+        *(f"| {name} | {format_interval(entry)} |" for name, entry in scores.items()), "",
+        _bootstrap_line(*scores.values()), "",
+    ]
 
 
-def write_report(out_dir: Path, *, slice_metrics: dict | None, patient_metrics: dict | None,
-                 data_description: str, model_description: str) -> dict[str, Path]:
-    """Write metrics.json and report.md under `out_dir`; returns their paths."""
+def _relative(path: Path, out_dir: Path) -> str:
+    """Links in report.md work when the folder is moved: paths inside it are made relative."""
+    return str(path.relative_to(out_dir)) if path.is_relative_to(out_dir) else str(path)
+
+
+def write_report(
+    out_dir: Path,
+    *,
+    slice_metrics: dict | None,
+    patient_metrics: dict | None,
+    data_description: str,
+    model_description: str,
+    curves: dict[str, Path] | None = None,
+) -> dict[str, Path]:
+    """Write metrics.json (everything) and report.md (the two tables) under `out_dir`.
+
+    `curves` names plots already written (e.g. by plot_roc); they are linked from the
+    report, listed in metrics.json and returned with the other paths.
+    """
+    _require_text("data_description", data_description)
+    _require_text("model_description", model_description)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md"}
-    payload = {"data": data_description, "model": model_description, "slice_level": slice_metrics,
-               "patient_level": patient_metrics, "intervals": INTERVALS_NOTE}
-    paths["metrics"].write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
+    curves = {name: Path(path) for name, path in (curves or {}).items()}
+    paths = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md", **curves}
+    payload = {"data_description": data_description, "model_description": model_description,
+               "intervals": INTERVALS_NOTE, "slice_level": slice_metrics, "patient_level": patient_metrics,
+               "curves": {name: _relative(path, out_dir) for name, path in curves.items()}}
+    # allow_nan=False: NaN is not JSON; metrics carry undefined values as null.
+    paths["metrics"].write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
     lines = ["# Evaluation", "", f"- Model: {model_description}", f"- Data: {data_description}",
              f"- {INTERVALS_NOTE}", ""]
     if slice_metrics is not None:
         lines += _slice_section(slice_metrics, data_description)
     if patient_metrics is not None:
         lines += _patient_section(patient_metrics, data_description)
-    paths["report"].write_text("\n".join(lines) + "\n")
+    if curves:
+        lines += ["## Curves", "", *(f"![{name}]({_relative(path, out_dir)})" for name, path in curves.items()), ""]
+    paths["report"].write_text("\n".join(lines))
     return paths
 
 
-def _figure(title: str):
-    from matplotlib.figure import Figure
-
+def _figure(title: str) -> tuple[Figure, Axes]:
+    """A pyplot-free figure: no global backend state, safe in worker threads."""
+    _require_text("title", title)
     figure = Figure(figsize=(6, 6))
     axes = figure.subplots()
     figure.suptitle(title, fontsize=8, wrap=True)
     return figure, axes
 
 
-def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> None:
+def plot_roc(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> Path:
+    """ROC curve with its AUC and the chance diagonal, as PNG. `title` must name the data."""
     fpr, tpr, _ = roc_curve(labels, scores)
     figure, axes = _figure(title)
-    axes.plot(fpr, tpr, label=f"ROC-AUC {roc_auc(labels, scores):.3f}")
+    axes.plot(fpr, tpr, label=f"ROC-AUC = {roc_auc(labels, scores):.3f}")
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    axes.set(xlabel="1 - specificity (FPR)", ylabel="sensitivity (TPR)", xlim=(0, 1), ylim=(0, 1.01))
+    axes.set(xlabel="1 − specificity (FPR)", ylabel="sensitivity (TPR)", xlim=(0, 1), ylim=(0, 1.01))
     axes.legend(loc="lower right")
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
+    return Path(path)
 
 
-def plot_pr(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> None:
+def plot_pr(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> Path:
+    """Precision–recall curve (step-wise, as AP integrates it) with AP and prevalence, as PNG.
+    `title` must name the data."""
     precision, recall, _ = precision_recall_curve(labels, scores)
     figure, axes = _figure(title)
-    axes.step(recall, precision, where="post", label=f"average precision {average_precision(labels, scores):.3f}")
-    prevalence = float(np.mean(labels))
-    axes.axhline(prevalence, linestyle="--", color="grey", label=f"prevalence {prevalence:.2f}")
+    axes.step(recall, precision, where="post", label=f"AP = {average_precision(labels, scores):.3f}")
+    prevalence = float(np.mean(np.asarray(labels, dtype=np.float64)))
+    axes.axhline(prevalence, linestyle="--", color="grey", label=f"prevalence = {prevalence:.3f}")
     axes.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(0, 1), ylim=(0, 1.01))
     axes.legend(loc="lower left")
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
+    return Path(path)

@@ -32,5 +32,5 @@ class TriageRule:
 
 def required_positive_slices(total: int, fraction: float, min_positive_slices: int) -> int:
     """max(min_positive_slices, ceil(fraction × total))."""
-    # round() first: 0.1 × 30 is 3.0000000000000004 in floating point, not 4 slices.
+    # round() first: 0.07 × 100 is 7.000000000000001 in floating point, whose ceil is 8, not 7.
     return max(min_positive_slices, math.ceil(round(fraction * total, 9)))
