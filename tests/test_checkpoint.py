@@ -43,6 +43,20 @@ def test_round_trip_keeps_weights_and_config(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".m.pt.*")), "the temporary file was left behind"
 
 
+def test_half_precision_file_is_smaller_and_loads_as_float32(tmp_path: Path) -> None:
+    model = create_model("resnet18")
+    config = default_model_config("resnet18")
+    full = save_checkpoint(tmp_path / "full.pt", model, config)
+    half = save_checkpoint(tmp_path / "half.pt", model, config, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = load_checkpoint(half)
+    original = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert value.dtype == original[name].dtype  # float32 again; integer counters untouched
+        if value.is_floating_point():
+            torch.testing.assert_close(value, original[name].half().float(), rtol=0, atol=0)
+
+
 def test_default_provenance_says_untrained() -> None:
     config = default_model_config("resnet18")
     assert config.provenance.untrained and not config.provenance.synthetic

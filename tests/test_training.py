@@ -189,6 +189,20 @@ def test_effclass_trains_a_step_on_the_cpu(synthetic_prepared: Path, tmp_path: P
     assert load_checkpoint(result.checkpoint, architecture="effclass")[1].preprocess.input_size == 512
 
 
+def test_batchnorm_statistics_are_recomputed_exactly() -> None:
+    import torch
+
+    from training.train import _recompute_batchnorm
+
+    norm = torch.nn.BatchNorm2d(3, momentum=0.01)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 5, 5, generator=generator) * 3 + 7, torch.zeros(4)) for _ in range(3)]
+    _recompute_batchnorm(norm, batches, torch.device("cpu"), batches=2)
+    seen = torch.cat([x for x, _ in batches[:2]])
+    torch.testing.assert_close(norm.running_mean, seen.mean(dim=(0, 2, 3)))
+    assert norm.momentum == 0.01 and int(norm.num_batches_tracked) == 2
+
+
 def test_bad_training_config_names_the_key(tmp_path: Path) -> None:
     from node.errors import ConfigError
 
@@ -215,6 +229,8 @@ def test_evaluate_writes_both_tables(synthetic_prepared: Path, small_synthetic: 
         assert "synthetic" in report.lower() and "NOT clinical data" in report
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["slice_level"] is not None and metrics["patient_level"] is not None
+        # Lesion masks exist for `ichnode synth` folders only, not for a prepared cache.
+        assert (metrics["gradcam_localisation"] is not None) == (name == "studies")
         assert (out / "predictions.csv").is_file()
 
 

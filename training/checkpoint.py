@@ -119,15 +119,22 @@ def _code_version() -> str:
         return "ichnode (not installed)"
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig) -> Path:
-    """Write weights and config to `path` atomically (a reader never sees half a file)."""
+def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, *, half: bool = False) -> Path:
+    """Write weights and config to `path` atomically (a reader never sees half a file).
+
+    `half` stores floating-point tensors as float16, for a file half the size (one that
+    is committed to the repository, say); loading casts them back to the model's float32.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state,
     }
     atomic_write(path, lambda handle: torch.save(payload, handle))
     return path

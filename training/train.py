@@ -70,12 +70,16 @@ class LoopSection:
     seed: int = 42
     flips: bool = True  # the paper's only augmentation
     max_steps_per_epoch: int = 0  # 0: the whole training list
+    # Before each validation, re-estimate BatchNorm statistics over this many training
+    # batches with the epoch's final weights; 0: keep the running averages (the paper).
+    batchnorm_batches: int = 0
 
 
 @dataclass(frozen=True)
 class ExperimentSection:
     folder: Path = Path("experiments")
     name: str = "effclass-paper"
+    half_precision: bool = False  # store the kept checkpoint's weights as float16 (half the file)
 
 
 @dataclass(frozen=True)
@@ -103,8 +107,9 @@ class TrainConfig:
                            ("training.batch_size", self.training.batch_size)):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
-        if self.training.workers < 0 or self.training.max_steps_per_epoch < 0:
-            raise ConfigError("training.workers and training.max_steps_per_epoch must be ≥ 0")
+        if min(self.training.workers, self.training.max_steps_per_epoch, self.training.batchnorm_batches) < 0:
+            raise ConfigError("training.workers, training.max_steps_per_epoch and training.batchnorm_batches "
+                              "must be ≥ 0")
 
     @property
     def folder(self) -> Path:
@@ -172,6 +177,30 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
     if schedule.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.training.epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def _recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device, batches: int) -> None:
+    """Replace BatchNorm running statistics by exact averages over `batches` training batches.
+
+    Short runs need it: EfficientDet's BiFPN averages with momentum 0.01, so after a few
+    hundred steps its running statistics still remember the random start, and eval-mode
+    predictions can be worse than chance while training-mode ones are good.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches == 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # None: a cumulative average over the batches seen
+    model.train()
+    with torch.no_grad():
+        for step, (x, _) in enumerate(loader):
+            if step >= batches:
+                break
+            model(x.to(device, memory_format=torch.channels_last))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float | None, np.ndarray]:
@@ -243,7 +272,10 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
                               pin_memory=device.type == "cuda", persistent_workers=loop.workers > 0)
     val_loader = DataLoader(val_set, batch_size=loop.batch_size * 2, num_workers=loop.workers)
 
-    model = create_model(config.model.architecture, init_from=config.model.init_from).to(device)
+    # Channels-last runs EffClass's convolutions faster on a CPU (forward 0.31 against 0.42 s
+    # per slice on 2 cores) and suits tensor cores on a GPU; the weights saved are the same.
+    model = create_model(config.model.architecture, init_from=config.model.init_from).to(
+        device, memory_format=torch.channels_last)
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if dist_info.world > 1 else model
     optimizer = _optimizer(config, model)
     scheduler = _scheduler(config, optimizer)
@@ -281,7 +313,8 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
         for step, (x, y) in enumerate(train_loader):
             if step >= steps:
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 loss = loss_fn(net(x), y)
@@ -295,6 +328,7 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
         bar.close()
         scheduler.step()
         if dist_info.main:
+            _recompute_batchnorm(model, train_loader, device, loop.batchnorm_batches)
             val_loss, val_auc, _ = _validate(model, val_loader, device)
             record = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
                       "val_roc_auc": val_auc, "lr": optimizer.param_groups[0]["lr"],
@@ -312,7 +346,8 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
                     metrics={"val_roc_auc": val_auc, "val_loss": val_loss, "epoch": epoch + 1,
                              "measured_on": f"validation split of {data_note}"},
                 )
-                save_checkpoint(best_path, model, default_model_config(config.model.architecture, provenance))
+                save_checkpoint(best_path, model, default_model_config(config.model.architecture, provenance),
+                                half=config.experiment.half_precision)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                         "history": history, "best_epoch": best_epoch, "best_score": best_score,
