@@ -100,6 +100,7 @@ class EvalStudy:
     study_id: str  # a patient (RSNA, CQ500) or a study (synthetic)
     label: int
     slices: list[EvalSlice]  # ordered inferior → superior
+    mask_folder: Path | None = None  # synthetic: its mask.npz has one lesion mask per slice, in this order
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def _from_synthetic(root: Path) -> EvalSet:
         study = labels_path.parent.name
         items = [EvalSlice(f"{study}_{e['instance_number']:04d}", study, int(e["label"]),
                            labels_path.parent / e["file"], None) for e in labels["slices"]]
-        studies.append(EvalStudy(labels_path.parent.name, int(labels["positive"]), items))
+        studies.append(EvalStudy(study, int(labels["positive"]), items, labels_path.parent))
         slices.extend(items)
     seeds = sorted({json.loads(p.read_text())["generator"]["seed"] for p in root.glob("study_*/labels.json")})
     description = (f"synthetic phantoms (ichnode synth, seed {', '.join(map(str, seeds))}) in {root}: "

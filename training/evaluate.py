@@ -9,10 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from tqdm import tqdm
 
-from training.datasets import EvalSet, EvalSlice, load_eval_set
-from training.metrics import patient_level_metrics, slice_level_metrics
+from node.triage import key_slice_indices
+from training.datasets import EvalSet, EvalSlice, EvalStudy, load_eval_set
+from training.localisation import (
+    DEFAULT_MARGIN_MM,
+    dilate,
+    margin_in_input_pixels,
+    mask_to_input,
+    peak_inside,
+)
+from training.metrics import patient_level_metrics, slice_level_metrics, wilson_interval
 from training.predictor import Predictor
 from training.report import plot_pr, plot_roc, write_report
 
@@ -27,6 +36,7 @@ class EvaluationResult:
     files: dict[str, Path]
     slice_metrics: dict | None
     patient_metrics: dict | None
+    localisation_metrics: dict | None
 
 
 def _predict_all(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice], *,
@@ -54,8 +64,49 @@ def _predict_all(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice
     return probabilities
 
 
+def _localised_key_slices(predictor: Predictor, eval_set: EvalSet, study: EvalStudy,
+                          probabilities: dict[str, float], *, key_slices: int, margin_mm: float) -> list[bool]:
+    """For each true-positive key slice of `study` (one the node would show, truly bleeding
+    and above the slice threshold): is its Grad-CAM peak inside the dilated bleed mask?"""
+    from training.synthetic import read_mask
+
+    p = np.array([probabilities[s.image_id] for s in study.slices])
+    threshold = predictor.config.triage.slice_threshold
+    chosen = [i for i in key_slice_indices(p, key_slices) if study.slices[i].label == 1 and p[i] > threshold]
+    if not chosen:
+        return []
+    spec = predictor.config.preprocess
+    cams = predictor.gradcam(np.stack([eval_set.load(study.slices[i], spec) for i in chosen]))
+    masks = read_mask(study.mask_folder)
+    hits = []
+    for i, cam in zip(chosen, cams):
+        header = pydicom.dcmread(study.slices[i].source, stop_before_pixels=True)
+        margin = margin_in_input_pixels(margin_mm, float(header.PixelSpacing[0]), int(header.Rows),
+                                        int(header.Columns), spec.input_size)
+        hits.append(peak_inside(cam, dilate(mask_to_input(masks[i], spec.input_size), margin)))
+    return hits
+
+
+def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities: dict[str, float], *,
+                         key_slices: int = 3, margin_mm: float = DEFAULT_MARGIN_MM,
+                         progress: bool = False) -> dict | None:
+    """Share of true-positive key slices whose Grad-CAM peak lies in the bleed mask dilated
+    by `margin_mm`; None when the data has no lesion masks (only synthetic studies do)."""
+    studies = [s for s in eval_set.studies if s.mask_folder is not None and s.label == 1]
+    if not studies:
+        return None
+    hits: list[bool] = []
+    for study in tqdm(studies, desc="grad-cam", unit="study", disable=not progress):
+        hits += _localised_key_slices(predictor, eval_set, study, probabilities, key_slices=key_slices,
+                                      margin_mm=margin_mm)
+    return {"key_slices_per_study": key_slices, "slice_threshold": predictor.config.triage.slice_threshold,
+            "margin_mm": margin_mm, "positive_studies": len(studies), "true_positive_key_slices": len(hits),
+            "peak_inside": int(sum(hits)), "fraction": wilson_interval(int(sum(hits)), len(hits)).as_dict()}
+
+
 def evaluate(checkpoint: Path, data: Path, out: Path, *, device: str = "auto", batch_size: int = 8,
-             resamples: int = 2000, progress: bool = True, backend: str = "auto") -> EvaluationResult:
+             resamples: int = 2000, progress: bool = True, backend: str = "auto",
+             key_slices: int = 3) -> EvaluationResult:
     """Predict every slice of `data` with `checkpoint`, then write metrics, tables and plots."""
     predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend)
     eval_set = load_eval_set(Path(data), predictor.config.preprocess)
@@ -91,9 +142,11 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: str = "auto", b
             curves["patient_roc"] = out / "patient_roc.png"
             plot_roc(study_labels, np.array([p.max() for p in per_study]), curves["patient_roc"],
                      f"Patient level (max P(ICH)): {eval_set.description}")
+    localisation = localisation_metrics(predictor, eval_set, probabilities, key_slices=key_slices,
+                                        progress=progress)
     files = write_report(out, slice_metrics=slice_metrics, patient_metrics=patient_metrics,
-                         data_description=data_description, model_description=model_description)
-    files.update(curves)
+                         localisation_metrics=localisation, data_description=data_description,
+                         model_description=model_description, curves=curves)
     files["predictions"] = out / "predictions.csv"
     with open(files["predictions"], "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -101,4 +154,4 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: str = "auto", b
         for item in {s.image_id: s for s in wanted}.values():
             writer.writerow([item.image_id, item.group, "" if item.label is None else item.label,
                              f"{probabilities[item.image_id]:.6f}"])
-    return EvaluationResult(out, files, slice_metrics, patient_metrics)
+    return EvaluationResult(out, files, slice_metrics, patient_metrics, localisation)

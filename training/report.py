@@ -96,6 +96,19 @@ def _patient_section(metrics: dict, data: str) -> list[str]:
     ]
 
 
+def _localisation_section(metrics: dict, data: str) -> list[str]:
+    return [
+        f"## Grad-CAM localisation — measured on: {data}", "",
+        (f"Key slices are the {metrics['key_slices_per_study']} most suspicious slices of a study, as the node "
+         f"shows them. Of the true-positive key slices (bleeding, P(ICH) > {metrics['slice_threshold']}) of "
+         f"{metrics['positive_studies']} studies with ICH, this share has its Grad-CAM peak inside the bleed "
+         f"mask dilated by {metrics['margin_mm']:g} mm:"), "",
+        "| true-positive key slices | peak inside | share (95 % interval) |", "|---|---|---|",
+        f"| {metrics['true_positive_key_slices']} | {metrics['peak_inside']} | {format_interval(metrics['fraction'])} |",
+        "",
+    ]
+
+
 def _relative(path: Path, out_dir: Path) -> str:
     """Links in report.md work when the folder is moved: paths inside it are made relative."""
     return str(path.relative_to(out_dir)) if path.is_relative_to(out_dir) else str(path)
@@ -108,6 +121,7 @@ def write_report(
     patient_metrics: dict | None,
     data_description: str,
     model_description: str,
+    localisation_metrics: dict | None = None,
     curves: dict[str, Path] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json (everything) and report.md (the two tables) under `out_dir`.
@@ -123,6 +137,7 @@ def write_report(
     paths = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md", **curves}
     payload = {"data_description": data_description, "model_description": model_description,
                "intervals": INTERVALS_NOTE, "slice_level": slice_metrics, "patient_level": patient_metrics,
+               "gradcam_localisation": localisation_metrics,
                "curves": {name: _relative(path, out_dir) for name, path in curves.items()}}
     # allow_nan=False: NaN is not JSON; metrics carry undefined values as null.
     paths["metrics"].write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
@@ -132,6 +147,8 @@ def write_report(
         lines += _slice_section(slice_metrics, data_description)
     if patient_metrics is not None:
         lines += _patient_section(patient_metrics, data_description)
+    if localisation_metrics is not None:
+        lines += _localisation_section(localisation_metrics, data_description)
     if curves:
         lines += ["## Curves", "", *(f"![{name}]({_relative(path, out_dir)})" for name, path in curves.items()), ""]
     paths["report"].write_text("\n".join(lines))

@@ -1,0 +1,103 @@
+"""Grad-CAM localisation: the pure geometry, and the metric `ichnode evaluate` reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.triage import key_slice_indices
+from training.checkpoint import default_model_config
+from training.datasets import load_eval_set
+from training.evaluate import localisation_metrics
+from training.localisation import (
+    dilate,
+    margin_in_input_pixels,
+    mask_to_input,
+    peak_inside,
+)
+from training.synthetic import read_mask
+
+
+def test_square_mask_keeps_its_pixels() -> None:
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:4, 5:7] = 4  # any subtype bit counts
+    np.testing.assert_array_equal(mask_to_input(mask, 8), mask != 0)
+
+
+def test_wide_mask_is_padded_like_the_image() -> None:
+    mask = np.zeros((4, 8), dtype=bool)
+    mask[0, 0] = True  # top-left of a 4-row image: row 2 of the centred 8×8 square
+    on_input = mask_to_input(mask, 8)
+    assert on_input[2, 0] and on_input.sum() == 1
+
+
+def test_dilation_reaches_the_radius_and_no_further() -> None:
+    mask = np.zeros((21, 21), dtype=bool)
+    mask[10, 10] = True
+    grown = dilate(mask, 3.0)
+    assert grown[10, 13] and grown[7, 10] and not grown[10, 14] and not grown[13, 13]
+    assert not dilate(np.zeros((5, 5), dtype=bool), 3.0).any()
+
+
+def test_margin_follows_spacing_and_resize() -> None:
+    assert margin_in_input_pixels(10.0, 0.5, 512, 512, 512) == pytest.approx(20.0)
+    assert margin_in_input_pixels(10.0, 0.5, 512, 1024, 512) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="pixel spacing"):
+        margin_in_input_pixels(10.0, 0.0, 512, 512, 512)
+
+
+def test_peak_inside_uses_the_hottest_pixel() -> None:
+    cam = np.zeros((6, 6), dtype=np.float32)
+    cam[1, 4] = 1.0
+    region = np.zeros((6, 6), dtype=bool)
+    region[1, 4] = True
+    assert peak_inside(cam, region)
+    assert not peak_inside(cam, ~region)
+    with pytest.raises(ValueError, match="differ in shape"):
+        peak_inside(cam, region[:5])
+
+
+class _FixedCams:
+    """A stand-in for Predictor.gradcam that returns prepared maps in call order."""
+
+    def __init__(self, cams: list[np.ndarray]) -> None:
+        self.config = default_model_config("effclass")
+        self.cams = list(cams)
+
+    def gradcam(self, inputs: np.ndarray) -> np.ndarray:
+        taken, self.cams = self.cams[: len(inputs)], self.cams[len(inputs):]
+        return np.stack(taken)
+
+
+def _peak_at(row: int, column: int, size: int = 512) -> np.ndarray:
+    cam = np.zeros((size, size), dtype=np.float32)
+    cam[row, column] = 1.0
+    return cam
+
+
+def test_metric_counts_true_positive_key_slices(positive_study: Path) -> None:
+    root = positive_study.parent
+    spec = default_model_config("effclass").preprocess
+    eval_set = load_eval_set(root, spec)
+    study = next(s for s in eval_set.studies if s.label == 1)
+    # Perfect probabilities: every bleeding slice 0.9 (above 0.8), the rest 0.1.
+    probabilities = {s.image_id: (0.9 if s.label else 0.1) for st in eval_set.studies for s in st.slices}
+    p = np.array([probabilities[s.image_id] for s in study.slices])
+    chosen = [i for i in key_slice_indices(p, 3) if study.slices[i].label == 1]
+    masks = read_mask(positive_study)
+    inside = [np.argwhere(masks[i] != 0)[0] for i in chosen]
+
+    hits = localisation_metrics(_FixedCams([_peak_at(*rc) for rc in inside]), eval_set, probabilities)
+    assert hits["true_positive_key_slices"] == len(chosen) > 0
+    assert hits["peak_inside"] == len(chosen) and hits["positive_studies"] == 1
+    misses = localisation_metrics(_FixedCams([_peak_at(0, 0)] * len(chosen)), eval_set, probabilities)
+    assert misses["peak_inside"] == 0 and misses["fraction"]["estimate"] == 0.0
+
+
+def test_metric_is_absent_without_masks(positive_study: Path) -> None:
+    eval_set = load_eval_set(positive_study.parent, default_model_config("effclass").preprocess)
+    no_masks = type(eval_set)(eval_set.description, True, eval_set.slice_level,
+                              [type(s)(s.study_id, s.label, s.slices) for s in eval_set.studies])
+    assert localisation_metrics(_FixedCams([]), no_masks, {}) is None
