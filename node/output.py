@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from node.triage import Verdict
 from training.checkpoint import Provenance
 
-__all__ = ["ResultTexts", "result_texts", "build_result_series", "encode"]
+__all__ = ["ResultTexts", "model_warnings", "result_texts", "build_result_series", "encode"]
 
 DESCRIPTION_PREFIX = "AI ICH TRIAGE"
 DEMO_WARNING = "DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
@@ -36,16 +36,26 @@ class ResultTexts:
     warnings: list[str]
 
 
-def result_texts(verdict: Verdict, provenance: Provenance, architecture: str) -> ResultTexts:
-    warnings = []
-    tag = ""
+def model_warnings(provenance: Provenance) -> list[str]:
+    """What every output of this model must say about the model itself (from its provenance)."""
     if provenance.synthetic:
-        warnings.append(DEMO_WARNING)
-        tag = " [DEMO MODEL]"
-    elif provenance.untrained:
-        warnings.append(UNTRAINED_WARNING)
-        tag = " [UNTRAINED MODEL]"
+        return [DEMO_WARNING]
+    if provenance.untrained:
+        return [UNTRAINED_WARNING]
+    return []
+
+
+def result_texts(verdict: Verdict, provenance: Provenance, architecture: str) -> ResultTexts:
+    """The verdict's words. A demonstration model's series is named by the whole demo
+    warning (it fills the 64 characters of SeriesDescription, so the verdict is left to
+    the images, ImageComments and the log): nobody should read it as a finding."""
+    warnings = model_warnings(provenance)
     verdict_line = f"{DESCRIPTION_PREFIX}: {verdict.label}"
+    description = verdict_line
+    if provenance.synthetic:
+        description = f"{DESCRIPTION_PREFIX} {DEMO_WARNING}"
+    elif provenance.untrained:
+        description = f"{verdict_line} [UNTRAINED MODEL]"
     rule_line = (
         f"{verdict.positive_slices} of {verdict.total_slices} slices with P(ICH) > "
         f"{verdict.slice_threshold:g} (positive when >= {verdict.required_slices}); "
@@ -55,7 +65,7 @@ def result_texts(verdict: Verdict, provenance: Provenance, architecture: str) ->
         [f"{verdict_line}.", f"{rule_line}.", f"Model {architecture}, trained on: "
          f"{provenance.training_data} ({provenance.description}).", "NOT FOR DIAGNOSTIC USE.", *warnings]
     )
-    return ResultTexts((verdict_line + tag)[:64], verdict_line, rule_line, comments, warnings)
+    return ResultTexts(description[:64], verdict_line, rule_line, comments, warnings)
 
 
 def build_result_series(

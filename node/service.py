@@ -22,6 +22,7 @@ from node.config import Config
 from node.delivery import DicomSender, Sender, deliver_due
 from node.errors import ConfigError
 from node.ingest import Ingest
+from node.output import model_warnings
 from node.scp import start_scp
 from node.triagelog import TriageLog
 from node.worker import NO_CHECKPOINT, Analyzer, Worker
@@ -123,6 +124,8 @@ def serve(config: Config, *, sender: Sender | None = None, stop: threading.Event
         provenance = node.predictor.config.provenance
         log.info("model %s on %s with %s (trained on: %s)", node.predictor.config.architecture,
                  node.predictor.device, node.predictor.forward.name, provenance.training_data)
+        for warning in model_warnings(provenance):
+            log.warning("%s: every result of this model says so", warning)
     ingest = Ingest(node.store, node.sessions, node.triage_log, min_free_mb=config.storage.min_free_mb)
     server = start_scp(config.node, ingest)
     scheduler = BackgroundScheduler(timezone="UTC")

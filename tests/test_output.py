@@ -51,17 +51,20 @@ def negative() -> Verdict:
 # --- result_texts ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("training_data", "tag"),
-    [("synthetic", " [DEMO MODEL]"), ("none", " [UNTRAINED MODEL]"), ("rsna", "")],
-)
+@pytest.mark.parametrize(("training_data", "tag"), [("none", " [UNTRAINED MODEL]"), ("rsna", "")])
 def test_series_description_carries_verdict_and_model_tag(
     positive: Verdict, training_data: str, tag: str
 ) -> None:
     texts = result_texts(positive, Provenance(training_data=training_data), "effclass")
-    assert texts.series_description.startswith("AI ICH TRIAGE: SUSPECTED - PRIORITY")
     assert len(texts.series_description) <= 64
     assert texts.series_description == "AI ICH TRIAGE: SUSPECTED - PRIORITY" + tag
+
+
+@pytest.mark.parametrize("verdict", ["positive", "negative"])
+def test_demo_series_description_is_the_whole_warning(verdict: str, request: pytest.FixtureRequest) -> None:
+    texts = result_texts(request.getfixturevalue(verdict), Provenance(training_data="synthetic"), "effclass")
+    assert texts.series_description == "AI ICH TRIAGE DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
+    assert len(texts.series_description) == 64  # every word fits the LO value
 
 
 def test_untrained_is_the_default_provenance(positive: Verdict) -> None:
@@ -99,7 +102,7 @@ def test_rule_line_states_the_counts(positive: Verdict) -> None:
 
 def test_negative_verdict_texts(negative: Verdict) -> None:
     texts = result_texts(negative, Provenance(training_data="synthetic"), "effclass")
-    assert texts.series_description == "AI ICH TRIAGE: not detected [DEMO MODEL]"
+    assert texts.verdict_line == "AI ICH TRIAGE: not detected"
     assert "SUSPECTED" not in texts.image_comments
 
 
@@ -214,7 +217,8 @@ def test_result_series_keeps_patient_and_study(ct: Dataset, result: Result) -> N
         assert sc.SeriesNumber == 9901
         assert sc.BodyPartExamined == "HEAD"
         assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
-        assert sc.SeriesDescription.startswith("AI ICH TRIAGE: SUSPECTED - PRIORITY")
+        assert sc.SeriesDescription == "AI ICH TRIAGE DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
+        assert "AI ICH TRIAGE: SUSPECTED - PRIORITY" in sc.ImageComments
         assert "NOT FOR DIAGNOSTIC USE" in sc.ImageComments
         assert sc.BurnedInAnnotation == "YES"
 
