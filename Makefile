@@ -8,7 +8,11 @@ CONFIG ?= config.toml
 # Real peers the tests use: DCMTK (storescu, echoscu, dcmdump), Orthanc, dicom3tools (dciodvfy).
 APT_COMMANDS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools
 
-.PHONY: run test bench setup system-packages clean
+# The demonstration model: trained on synthetic phantoms only (models/README.md).
+DEMO_MODEL := models/effclass-synthetic-demo.pt
+DEMO_WORK := var/demo-model
+
+.PHONY: run test bench demo demo-model setup system-packages clean
 
 run: $(INSTALLED)
 	$(BIN)/ichnode serve --config $(CONFIG)
@@ -18,6 +22,21 @@ test: $(INSTALLED) system-packages
 
 bench: $(INSTALLED) system-packages
 	$(BIN)/python -m bench.run
+
+# The whole loop on loopback: synthetic studies → storescu → node → Orthanc, PNGs in var/demo/.
+demo: $(INSTALLED) system-packages
+	$(BIN)/python -m demo.run
+
+# Train the demonstration checkpoint from random weights on the CPU (about an hour on 2
+# cores), then evaluate it on 48 held-out studies made with another seed.
+demo-model: $(INSTALLED)
+	$(BIN)/ichnode synth --out $(DEMO_WORK)/train-studies --studies 160 --seed 1
+	$(BIN)/ichnode prepare-rsna --data $(DEMO_WORK)/train-studies --out $(DEMO_WORK)/prepared
+	$(BIN)/ichnode train --config models/effclass-synthetic-demo.toml
+	cp $(DEMO_WORK)/experiments/effclass-synthetic-demo/model.pt $(DEMO_MODEL)
+	$(BIN)/ichnode synth --out $(DEMO_WORK)/heldout-studies --studies 48 --seed 2
+	$(BIN)/ichnode evaluate --checkpoint $(DEMO_MODEL) --data $(DEMO_WORK)/heldout-studies \
+	  --out $(DEMO_WORK)/heldout-evaluation
 
 setup: $(INSTALLED)
 

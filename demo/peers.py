@@ -1,0 +1,169 @@
+"""Real peers on loopback: Orthanc as the PACS and the node as a subprocess.
+
+`make demo`, the benchmarks and the network tests all start the same peers the same way:
+free ports, a folder of their own, every wait a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import closing
+from pathlib import Path
+from typing import Callable, TypeVar
+
+__all__ = ["free_port", "wait_for", "port_open", "find_tool", "Orthanc", "NodeProcess"]
+
+T = TypeVar("T")
+
+
+def find_tool(name: str) -> str:
+    """Path of a peer program (DCMTK, Orthanc); Debian puts Orthanc in /usr/sbin, which a
+    non-root PATH may lack."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        raise FileNotFoundError(f"{name} is not installed; `make test` and `make demo` install it")
+    return path
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], T], *, timeout: float, what: str, every: float = 0.2) -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def port_open(port: int) -> bool:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Orthanc:
+    """An Orthanc PACS with its own storage, on free loopback ports."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS", dicom_port: int | None = None) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Orthanc":
+        binary = find_tool("Orthanc")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "ichnode-pacs",
+            "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False,
+            "Plugins": [],
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config))
+        log = open(self.folder / "orthanc.log", "wb")
+        self.process = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self._http_ok() or self._exited(), timeout=60, what="Orthanc to start")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"Orthanc exited: {(self.folder / 'orthanc.log').read_text()[-2000:]}")
+        wait_for(lambda: port_open(self.dicom_port), timeout=30, what="Orthanc's DICOM port")
+        return self
+
+    def _exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def _http_ok(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as response:
+            return json.loads(response.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            return response.read()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class NodeProcess:
+    """`ichnode serve` as a subprocess with a config written for the test."""
+
+    def __init__(self, folder: Path, config_text: str, port: int) -> None:
+        self.folder = folder
+        self.port = port
+        self.config_path = folder / "node.toml"
+        self.config_path.write_text(config_text)
+        self.process: subprocess.Popen | None = None
+
+    def start(self, *, wait: bool = True) -> "NodeProcess":
+        self.log = open(self.folder / "node.stderr", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        if wait:
+            wait_for(lambda: port_open(self.port) or self.process.poll() is not None,
+                     timeout=120, what="the node to listen")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"node exited: {self.output()[-3000:]}")
+        return self
+
+    def output(self) -> str:
+        return (self.folder / "node.stderr").read_text(errors="replace")
+
+    def peak_memory_mb(self) -> float | None:
+        """The running node's peak resident memory (VmHWM), in MiB."""
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:  # already gone
+            return None
+        return None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode

@@ -1,0 +1,58 @@
+"""`make demo` end to end: storescu → node → Orthanc, pictures written, peers stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tests.conftest import require_tool
+from training.checkpoint import default_model_config, save_checkpoint
+from training.model import create_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A child that exited but was not yet reaped by its parent is gone for our purposes.
+    state = Path(f"/proc/{pid}/stat")
+    return state.is_file() and state.read_text().split(")")[-1].split()[0] != "Z"
+
+
+def test_demo_runs_the_whole_loop_and_stops_its_peers(tmp_path: Path) -> None:
+    require_tool("storescu")
+    checkpoint = save_checkpoint(tmp_path / "random.pt", create_model("effclass"), default_model_config("effclass"))
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "demo.run", "--checkpoint", str(checkpoint), "--studies", "2", "--out", str(out),
+         "--timeout", "400"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "study_0000" in result.stdout and "study_0001" in result.stdout
+    assert "UNTRAINED MODEL" in result.stdout  # the triage log was printed, with the model's warning
+    pictures = sorted(out.glob("*.png"))
+    # Per study: three key slices and the summary.
+    assert [p.name for p in pictures] == [f"study_000{s}_0{i}.png" for s in (0, 1) for i in (1, 2, 3, 4)]
+    for path in pictures:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.mode == "RGB" and image.width == 1024
+    pids = json.loads((out / "work" / "pids.json").read_text())
+    assert not [name for name, pid in pids.items() if _alive(pid)], "the demo left a peer running"
+
+
+def test_demo_without_a_model_says_what_to_do(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "demo.run", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "make demo-model" in result.stderr
