@@ -11,12 +11,9 @@ from node.triage import key_slice_indices
 from training.checkpoint import default_model_config
 from training.datasets import load_eval_set
 from training.evaluate import localisation_metrics
-from training.localisation import (
-    dilate,
-    margin_in_input_pixels,
-    mask_to_input,
-    peak_inside,
-)
+from training.localisation import dilate, mask_to_input, peak_inside
+from training.model import create_model
+from training.predictor import Predictor
 from training.synthetic import read_mask
 
 
@@ -41,11 +38,9 @@ def test_dilation_reaches_the_radius_and_no_further() -> None:
     assert not dilate(np.zeros((5, 5), dtype=bool), 3.0).any()
 
 
-def test_margin_follows_spacing_and_resize() -> None:
-    assert margin_in_input_pixels(10.0, 0.5, 512, 512, 512) == pytest.approx(20.0)
-    assert margin_in_input_pixels(10.0, 0.5, 512, 1024, 512) == pytest.approx(10.0)
-    with pytest.raises(ValueError, match="pixel spacing"):
-        margin_in_input_pixels(10.0, 0.0, 512, 512, 512)
+def test_gradcam_cell_is_measured_from_the_model() -> None:
+    predictor = Predictor(create_model("resnet18"), default_model_config("resnet18"), device="cpu")
+    assert predictor.gradcam_cell_pixels() == pytest.approx(32.0)  # 224 input, 7 × 7 at layer4
 
 
 def test_peak_inside_uses_the_hottest_pixel() -> None:
@@ -65,6 +60,9 @@ class _FixedCams:
     def __init__(self, cams: list[np.ndarray]) -> None:
         self.config = default_model_config("effclass")
         self.cams = list(cams)
+
+    def gradcam_cell_pixels(self) -> float:
+        return 512 / 7
 
     def gradcam(self, inputs: np.ndarray) -> np.ndarray:
         taken, self.cams = self.cams[: len(inputs)], self.cams[len(inputs):]

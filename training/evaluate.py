@@ -9,18 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from tqdm import tqdm
 
 from node.triage import key_slice_indices
 from training.datasets import EvalSet, EvalSlice, EvalStudy, load_eval_set
-from training.localisation import (
-    DEFAULT_MARGIN_MM,
-    dilate,
-    margin_in_input_pixels,
-    mask_to_input,
-    peak_inside,
-)
+from training.localisation import dilate, mask_to_input, peak_inside
 from training.metrics import patient_level_metrics, slice_level_metrics, wilson_interval
 from training.predictor import Predictor
 from training.report import plot_pr, plot_roc, write_report
@@ -65,7 +58,7 @@ def _predict_all(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice
 
 
 def _localised_key_slices(predictor: Predictor, eval_set: EvalSet, study: EvalStudy,
-                          probabilities: dict[str, float], *, key_slices: int, margin_mm: float) -> list[bool]:
+                          probabilities: dict[str, float], *, key_slices: int, margin: float) -> list[bool]:
     """For each true-positive key slice of `study` (one the node would show, truly bleeding
     and above the slice threshold): is its Grad-CAM peak inside the dilated bleed mask?"""
     from training.synthetic import read_mask
@@ -78,29 +71,26 @@ def _localised_key_slices(predictor: Predictor, eval_set: EvalSet, study: EvalSt
     spec = predictor.config.preprocess
     cams = predictor.gradcam(np.stack([eval_set.load(study.slices[i], spec) for i in chosen]))
     masks = read_mask(study.mask_folder)
-    hits = []
-    for i, cam in zip(chosen, cams):
-        header = pydicom.dcmread(study.slices[i].source, stop_before_pixels=True)
-        margin = margin_in_input_pixels(margin_mm, float(header.PixelSpacing[0]), int(header.Rows),
-                                        int(header.Columns), spec.input_size)
-        hits.append(peak_inside(cam, dilate(mask_to_input(masks[i], spec.input_size), margin)))
-    return hits
+    return [peak_inside(cam, dilate(mask_to_input(masks[i], spec.input_size), margin)) for i, cam in zip(chosen, cams)]
 
 
 def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities: dict[str, float], *,
-                         key_slices: int = 3, margin_mm: float = DEFAULT_MARGIN_MM,
-                         progress: bool = False) -> dict | None:
+                         key_slices: int = 3, progress: bool = False) -> dict | None:
     """Share of true-positive key slices whose Grad-CAM peak lies in the bleed mask dilated
-    by `margin_mm`; None when the data has no lesion masks (only synthetic studies do)."""
+    by half a Grad-CAM cell; None when the data has no lesion masks (only synthetic studies
+    have them)."""
     studies = [s for s in eval_set.studies if s.mask_folder is not None and s.label == 1]
     if not studies:
         return None
+    cell = predictor.gradcam_cell_pixels()
     hits: list[bool] = []
     for study in tqdm(studies, desc="grad-cam", unit="study", disable=not progress):
         hits += _localised_key_slices(predictor, eval_set, study, probabilities, key_slices=key_slices,
-                                      margin_mm=margin_mm)
+                                      margin=cell / 2)
     return {"key_slices_per_study": key_slices, "slice_threshold": predictor.config.triage.slice_threshold,
-            "margin_mm": margin_mm, "positive_studies": len(studies), "true_positive_key_slices": len(hits),
+            "gradcam_cell_pixels": round(cell, 2), "margin_pixels": round(cell / 2, 2),
+            "input_size": predictor.config.preprocess.input_size,
+            "positive_studies": len(studies), "true_positive_key_slices": len(hits),
             "peak_inside": int(sum(hits)), "fraction": wilson_interval(int(sum(hits)), len(hits)).as_dict()}
 
 

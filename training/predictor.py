@@ -116,6 +116,22 @@ class Predictor:
         """P(ICH) per DICOM slice, in the order given."""
         return self.predict(self.prepare(slices))
 
+    @property
+    def _cam_layer(self) -> nn.Module:
+        """Grad-CAM's layer: the last block of the ResNet head, as in the paper's code."""
+        return self.model.resnet.layer4[-1]
+
+    def gradcam_cell_pixels(self) -> float:
+        """Input pixels per Grad-CAM value: how coarse the map is before it is upsampled."""
+        sizes: list[int] = []
+        handle = self._cam_layer.register_forward_hook(lambda _module, _inputs, output: sizes.append(output.shape[-1]))
+        try:
+            with torch.inference_mode():
+                self.model(torch.zeros(1, *self.input_shape, device=self.device))
+        finally:
+            handle.remove()
+        return self.input_shape[-1] / sizes[0]
+
     def gradcam(self, inputs: np.ndarray, *, aug_smooth: bool = False) -> np.ndarray:
         """Grad-CAM of the ICH class at `resnet.layer4[-1]`: float32 [N, S, S] in [0, 1].
 
@@ -126,7 +142,7 @@ class Predictor:
         if len(inputs) == 0:
             return np.zeros((0, *self.input_shape[1:]), dtype=np.float32)
         maps = []
-        with GradCAM(model=self.model, target_layers=[self.model.resnet.layer4[-1]]) as cam:
+        with GradCAM(model=self.model, target_layers=[self._cam_layer]) as cam:
             for start in range(0, len(inputs), self.batch_size):
                 batch = torch.from_numpy(inputs[start : start + self.batch_size]).to(self.device)
                 targets = [ClassifierOutputTarget(ICH_CLASS)] * len(batch)
