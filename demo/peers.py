@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
-__all__ = ["free_port", "wait_for", "port_open", "find_tool", "Orthanc", "NodeProcess"]
+__all__ = ["NodeProcess", "Orthanc", "find_tool", "free_port", "port_open", "wait_for"]
 
 T = TypeVar("T")
 
@@ -66,7 +67,7 @@ class Orthanc:
         self.http_port = free_port()
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         binary = find_tool("Orthanc")
         self.folder.mkdir(parents=True, exist_ok=True)
         config = {
@@ -130,18 +131,22 @@ class NodeProcess:
         self.config_path.write_text(config_text)
         self.process: subprocess.Popen | None = None
 
-    def start(self, *, wait: bool = True) -> "NodeProcess":
+    def start(self, *, wait: bool = True) -> NodeProcess:
         self.log = open(self.folder / "node.stderr", "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         if wait:
-            wait_for(lambda: port_open(self.port) or self.process.poll() is not None,
-                     timeout=120, what="the node to listen")
-            if self.process.poll() is not None:
-                raise RuntimeError(f"node exited: {self.output()[-3000:]}")
+            self.wait_listening()
         return self
+
+    def wait_listening(self, timeout: float = 120) -> None:
+        """Until the node accepts associations; fails with its output if it exits first."""
+        wait_for(lambda: port_open(self.port) or self.process.poll() is not None,
+                 timeout=timeout, what="the node to listen")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"node exited: {self.output()[-3000:]}")
 
     def output(self) -> str:
         return (self.folder / "node.stderr").read_text(errors="replace")

@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -82,25 +83,49 @@ port = {pacs.dicom_port}
 
 
 def _default_checkpoint() -> Path | None:
-    return load_config(REPO / "config.toml").model.checkpoint
+    """The model `make run` would use: model.checkpoint of the repository's config.toml."""
+    try:
+        return load_config(REPO / "config.toml").model.checkpoint
+    except IchNodeError as exc:
+        print(f"cannot read config.toml for its model.checkpoint: {exc}", file=sys.stderr)
+        return None
 
 
 def _send(port: int, study: Path) -> None:
     """Every file of the study (head, bone and scout series) in one association, as a scanner."""
     result = subprocess.run(
         [find_tool("storescu"), "-aet", "SCANNER", "-aec", "ICHNODE", "127.0.0.1", str(port),
-         *map(str, sorted(study.rglob("*.dcm")))], capture_output=True, text=True, timeout=300)
+         *map(str, sorted(study.rglob("*.dcm")))], check=False, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"storescu could not send {study.name}: {result.stderr.strip()[-1000:]}")
 
 
-def _finished(log_path: Path, uids: set[str]) -> dict[str, dict] | None:
-    """Once every study is delivered or failed: the last `analysed` event of each."""
-    events = read_events(log_path) if log_path.is_file() else []
-    done = {e["study_instance_uid"] for e in events if e["event"] in ("delivered", "failed")}
-    if not uids <= done:
-        return None
-    return {e["study_instance_uid"]: e for e in events if e["event"] == "analysed"}
+def _settled(event: dict) -> bool:
+    """Whether the event ends a study's story: delivered, failed, or delivery given up."""
+    return event["event"] in ("delivered", "failed") or (event["event"] == "delivery_failed"
+                                                         and bool(event.get("final")))
+
+
+def _unsettled(log_path: Path, uids: set[str]) -> set[str]:
+    """The studies whose result has neither arrived nor finally failed yet."""
+    return uids - {e["study_instance_uid"] for e in read_events(log_path) if _settled(e)}
+
+
+def _analysed(log_path: Path) -> dict[str, dict]:
+    """The last `analysed` event of each study."""
+    return {e["study_instance_uid"]: e for e in read_events(log_path) if e["event"] == "analysed"}
+
+
+def _wait_for_results(node: NodeProcess, log_path: Path, uids: dict[str, str], timeout: float) -> None:
+    """Poll the triage log until every study settles; on timeout name the missing ones."""
+    try:
+        wait_for(lambda: not _unsettled(log_path, set(uids.values())), timeout=timeout,
+                 what="every study's result", every=1.0)
+    except TimeoutError as exc:
+        missing = _unsettled(log_path, set(uids.values()))
+        names = ", ".join(name for name, uid in uids.items() if uid in missing)
+        raise RuntimeError(f"{exc}; no result yet for {names}; the node's output ends with:\n"
+                           f"{node.output()[-3000:]}") from None
 
 
 def _save_pictures(pacs: Orthanc, study_uid: str, name: str, out: Path) -> list[Path]:
@@ -152,19 +177,19 @@ def run(checkpoint: Path, studies: int, out: Path, timeout: float) -> list[Outco
         print("starting an Orthanc PACS and the node on loopback ...", flush=True)
         pacs.start()
         port = free_port()
-        node = NodeProcess(work, node_config_text(work, port, checkpoint, pacs), port).start()
+        node = NodeProcess(work, node_config_text(work, port, checkpoint, pacs), port)
+        node.start(wait=False)  # assigned first, so the finally stops a node that never listens
         (work / "pids.json").write_text(json.dumps({"node": node.process.pid, "orthanc": pacs.process.pid}))
+        node.wait_listening()
         for study in labels:
             print(f"storescu → node: {study.folder.name}", flush=True)
             _send(port, study.folder)
-        print("waiting for the node to analyse and deliver every study ...", flush=True)
-        try:
-            analysed = wait_for(lambda: _finished(work / "triage.log", set(uids.values())), timeout=timeout,
-                                what="every study to be delivered to the PACS")
-        except TimeoutError as exc:
-            raise RuntimeError(f"{exc}; the node's output ends with:\n{node.output()[-3000:]}") from None
+        print(f"waiting up to {timeout:.0f} s for the node to analyse and deliver every study ...", flush=True)
+        _wait_for_results(node, work / "triage.log", uids, timeout)
+        analysed = _analysed(work / "triage.log")
         print("\ntriage log (`ichnode log`):", flush=True)
-        subprocess.run([sys.executable, "-m", "node.cli", "log", "--config", str(node.config_path)], timeout=60)
+        subprocess.run([sys.executable, "-m", "node.cli", "log", "--config", str(node.config_path)],
+                       check=False, timeout=60)
         return [Outcome(s.folder.name, s, uids[s.folder.name], analysed.get(uids[s.folder.name]),
                         _save_pictures(pacs, uids[s.folder.name], s.folder.name, out)) for s in labels]
     finally:
@@ -181,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "var" / "demo", help="folder for the PNGs")
     parser.add_argument("--timeout", type=float, default=480, help="seconds to wait for the results")
     args = parser.parse_args(argv)
+    # `kill` or a CI timeout sends SIGTERM: leave through the finally that stops the peers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     checkpoint = args.checkpoint or _default_checkpoint()
     if checkpoint is None or not checkpoint.is_file():
         print(f"no model to demonstrate ({checkpoint or 'model.checkpoint is empty'}): run `make demo-model` "

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 from PIL import Image
 
 from tests.conftest import require_tool
@@ -27,6 +28,17 @@ def _alive(pid: int) -> bool:
     return state.is_file() and state.read_text().split(")")[-1].split()[0] != "Z"
 
 
+def _result_images(work: Path) -> dict[str, tuple[int, int]]:
+    """The PNG name the demo should write for each Secondary Capture the node sent, and its size."""
+    names = {json.loads(labels.read_text())["study_instance_uid"]: labels.parent.name
+             for labels in (work / "studies").glob("*/labels.json")}
+    images = {}
+    for path in (work / "store" / "results").glob("*/*/*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        images[f"{names[ds.StudyInstanceUID]}_{int(ds.InstanceNumber):02d}.png"] = (ds.Columns, ds.Rows)
+    return images
+
+
 def test_demo_runs_the_whole_loop_and_stops_its_peers(tmp_path: Path) -> None:
     require_tool("storescu")
     checkpoint = save_checkpoint(tmp_path / "random.pt", create_model("effclass"), default_model_config("effclass"))
@@ -34,17 +46,17 @@ def test_demo_runs_the_whole_loop_and_stops_its_peers(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "demo.run", "--checkpoint", str(checkpoint), "--studies", "2", "--out", str(out),
          "--timeout", "400"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        check=False, capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "study_0000" in result.stdout and "study_0001" in result.stdout
     assert "UNTRAINED MODEL" in result.stdout  # the triage log was printed, with the model's warning
-    pictures = sorted(out.glob("*.png"))
-    # Per study: three key slices and the summary.
-    assert [p.name for p in pictures] == [f"study_000{s}_0{i}.png" for s in (0, 1) for i in (1, 2, 3, 4)]
-    for path in pictures:
-        with Image.open(path) as image:
-            assert image.format == "PNG" and image.mode == "RGB" and image.width == 1024
+    sent = _result_images(out / "work")
+    assert sorted(sent) == [f"study_000{s}_0{i}.png" for s in (0, 1) for i in (1, 2, 3, 4)]  # 3 key slices, summary
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(sent)
+    for name, size in sent.items():
+        with Image.open(out / name) as image:
+            assert (image.format, image.mode, image.size) == ("PNG", "RGB", size)
     pids = json.loads((out / "work" / "pids.json").read_text())
     assert not [name for name, pid in pids.items() if _alive(pid)], "the demo left a peer running"
 
@@ -52,7 +64,7 @@ def test_demo_runs_the_whole_loop_and_stops_its_peers(tmp_path: Path) -> None:
 def test_demo_without_a_model_says_what_to_do(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "demo.run", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        check=False, capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert result.returncode == 2
     assert "make demo-model" in result.stderr
