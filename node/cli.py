@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from collections.abc import Callable, Sequence
 
-from node.config import ENV_VAR, load_config
+from node.config import ENV_VAR, GRADCAM_LAYERS, load_config
 from node.errors import IchNodeError
 
 __all__ = ["main", "build_parser"]
@@ -184,7 +184,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     out = args.out or Path("experiments") / f"eval-{args.checkpoint.stem}-{args.data.resolve().name}"
     result = evaluate(args.checkpoint, args.data, out, device=args.device, batch_size=args.batch_size,
-                      resamples=args.resamples, backend=args.backend)
+                      resamples=args.resamples, backend=args.backend, gradcam_layer=args.gradcam_layer)
     print((result.files["report"]).read_text())
     print(f"written to {out}: " + ", ".join(sorted(p.name for p in result.files.values())))
     return 0
@@ -197,6 +197,8 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="report folder (default experiments/eval-…)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--gradcam-layer", default="layer4", choices=GRADCAM_LAYERS,
+                        help="ResNet block Grad-CAM explains at, as explain.gradcam_layer (synthetic data only)")
     parser.add_argument("--backend", default="auto",
                         help="auto (ONNX Runtime on a CPU, PyTorch on a GPU) | torch | onnxruntime")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for AUC intervals")

@@ -20,8 +20,13 @@ from typing import Any
 from node.errors import ConfigError
 from training.rule import TriageRule
 
+# Blocks of the ResNet head Grad-CAM can explain at: layer4 is the paper's choice (7 × 7
+# values for EffClass, 73 input pixels each); layer3 has twice the resolution (14 × 14).
+GRADCAM_LAYERS = ("layer4", "layer3")
+
 __all__ = [
     "ENV_VAR",
+    "GRADCAM_LAYERS",
     "NodeSection",
     "StorageSection",
     "CompletionSection",
@@ -187,10 +192,14 @@ class TriageSection:
 class ExplainSection:
     key_slices: int = 3
     aug_smooth: bool = False
+    gradcam_layer: str = "layer4"
 
     def validate(self) -> None:
         if not 1 <= self.key_slices <= 20:
             raise ConfigError(f"explain.key_slices must be 1-20, got {self.key_slices}")
+        if self.gradcam_layer not in GRADCAM_LAYERS:
+            raise ConfigError(f"explain.gradcam_layer must be one of {', '.join(GRADCAM_LAYERS)}, "
+                              f"got {self.gradcam_layer!r}")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ def load_predictor(config: Config) -> Predictor | None:
         return None
     model = config.model
     return Predictor.from_checkpoint(model.checkpoint, device=model.device, batch_size=model.batch_size,
-                                     backend=model.backend, mixed_precision=model.mixed_precision)
+                                     backend=model.backend, mixed_precision=model.mixed_precision,
+                                     gradcam_layer=config.explain.gradcam_layer)
 
 
 def complete_quiet_studies(config: Config, sessions: sessionmaker, triage_log: TriageLog) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 from node.config import ENV_VAR, Config, config_path, load_config, parse_config
 from node.errors import ConfigError
+from training.checkpoint import load_checkpoint
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
@@ -47,13 +49,20 @@ def test_repo_config_matches_dataclass_defaults() -> None:
     """Every value in config.toml is documented as the default: the two must agree."""
     config = load_config(REPO_CONFIG)
     defaults = parse_config({}, REPO_CONFIG.parent)
-    for section in ("node", "storage", "completion", "worker", "model", "triage",
-                    "explain", "output", "delivery", "log"):
+    for section in ("node", "storage", "completion", "worker", "triage", "explain", "output", "delivery", "log"):
         assert getattr(config, section) == getattr(defaults, section), section
+    # The one exception: the shipped file names the demonstration model; the default is none.
+    assert replace(config.model, checkpoint=None) == defaults.model
+
+
+def test_repo_config_analyses_with_the_demo_model() -> None:
+    checkpoint = load_config(REPO_CONFIG).model.checkpoint
+    assert checkpoint == REPO_CONFIG.parent / "models" / "effclass-synthetic-demo.pt"
+    assert load_checkpoint(checkpoint)[1].provenance.synthetic  # so every output says DEMO MODEL
 
 
 def test_empty_checkpoint_means_none() -> None:
-    assert load_config(REPO_CONFIG).model.checkpoint is None
+    assert parse_config({}, REPO_CONFIG.parent).model.checkpoint is None
     assert _parse({"model": {"checkpoint": ""}}).model.checkpoint is None
 
 
@@ -121,6 +130,7 @@ def test_integer_accepted_for_float_setting() -> None:
         ({"worker": {"stale_after_seconds": 20, "heartbeat_seconds": 10}}, "worker.stale_after_seconds"),
         ({"model": {"device": "tpu"}}, "model.device"),
         ({"explain": {"key_slices": 21}}, "explain.key_slices"),
+        ({"explain": {"gradcam_layer": "layer2"}}, "explain.gradcam_layer"),
         ({"output": {"series_number": 0}}, "output.series_number"),
         ({"delivery": {"max_backoff_seconds": 1}}, "delivery.max_backoff_seconds"),
         ({"storage": {"database_url": "node.db"}}, "storage.database_url"),

@@ -41,6 +41,10 @@ def test_dilation_reaches_the_radius_and_no_further() -> None:
 def test_gradcam_cell_is_measured_from_the_model() -> None:
     predictor = Predictor(create_model("resnet18"), default_model_config("resnet18"), device="cpu")
     assert predictor.gradcam_cell_pixels() == pytest.approx(32.0)  # 224 input, 7 × 7 at layer4
+    finer = Predictor(create_model("resnet18"), default_model_config("resnet18"), device="cpu",
+                      gradcam_layer="layer3")
+    assert finer.gradcam_cell_pixels() == pytest.approx(16.0)
+    assert finer.gradcam(np.zeros((1, 3, 224, 224), dtype=np.float32)).shape == (1, 224, 224)
 
 
 def test_peak_inside_uses_the_hottest_pixel() -> None:
@@ -59,6 +63,7 @@ class _FixedCams:
 
     def __init__(self, cams: list[np.ndarray]) -> None:
         self.config = default_model_config("effclass")
+        self.gradcam_layer = "layer4"
         self.cams = list(cams)
 
     def gradcam_cell_pixels(self) -> float:

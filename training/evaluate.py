@@ -88,7 +88,7 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
         hits += _localised_key_slices(predictor, eval_set, study, probabilities, key_slices=key_slices,
                                       margin=cell / 2)
     return {"key_slices_per_study": key_slices, "slice_threshold": predictor.config.triage.slice_threshold,
-            "gradcam_cell_pixels": round(cell, 2), "margin_pixels": round(cell / 2, 2),
+            "gradcam_layer": predictor.gradcam_layer, "gradcam_cell_pixels": round(cell, 2), "margin_pixels": round(cell / 2, 2),
             "input_size": predictor.config.preprocess.input_size,
             "positive_studies": len(studies), "true_positive_key_slices": len(hits),
             "peak_inside": int(sum(hits)), "fraction": wilson_interval(int(sum(hits)), len(hits)).as_dict()}
@@ -96,9 +96,10 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
 
 def evaluate(checkpoint: Path, data: Path, out: Path, *, device: str = "auto", batch_size: int = 8,
              resamples: int = 2000, progress: bool = True, backend: str = "auto",
-             key_slices: int = 3) -> EvaluationResult:
+             key_slices: int = 3, gradcam_layer: str = "layer4") -> EvaluationResult:
     """Predict every slice of `data` with `checkpoint`, then write metrics, tables and plots."""
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend,
+                                          gradcam_layer=gradcam_layer)
     eval_set = load_eval_set(Path(data), predictor.config.preprocess)
     wanted = eval_set.slice_level + [s for study in eval_set.studies for s in study.slices]
     probabilities = _predict_all(predictor, eval_set, wanted, progress=progress)

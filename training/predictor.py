@@ -17,6 +17,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy.special import expit
 from torch import nn
 
+from node.config import GRADCAM_LAYERS
 from node.errors import ConfigError, InferenceError
 from training.checkpoint import ModelConfig, load_checkpoint
 from training.preprocess import dataset_to_input
@@ -62,9 +63,14 @@ class Predictor:
         batch_size: int = 8,
         backend: str = "torch",
         mixed_precision: bool = True,
+        gradcam_layer: str = "layer4",
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"model.batch_size must be ≥ 1, got {batch_size}")
+        if gradcam_layer not in GRADCAM_LAYERS:
+            raise ConfigError(f"explain.gradcam_layer must be one of {', '.join(GRADCAM_LAYERS)}, "
+                              f"got {gradcam_layer!r}")
+        self.gradcam_layer = gradcam_layer
         self.config = config
         self.device = resolve_device(device)
         self.batch_size = batch_size
@@ -76,11 +82,11 @@ class Predictor:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, *, device: str = "auto", batch_size: int = 8, backend: str = "torch",
-        mixed_precision: bool = True,
+        mixed_precision: bool = True, gradcam_layer: str = "layer4",
     ) -> "Predictor":
         model, config = load_checkpoint(path)
         return cls(model, config, device=device, batch_size=batch_size, backend=backend,
-                   mixed_precision=mixed_precision)
+                   mixed_precision=mixed_precision, gradcam_layer=gradcam_layer)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -118,8 +124,8 @@ class Predictor:
 
     @property
     def _cam_layer(self) -> nn.Module:
-        """Grad-CAM's layer: the last block of the ResNet head, as in the paper's code."""
-        return self.model.resnet.layer4[-1]
+        """Grad-CAM's layer: the last block of `gradcam_layer` in the ResNet head."""
+        return getattr(self.model.resnet, self.gradcam_layer)[-1]
 
     def gradcam_cell_pixels(self) -> float:
         """Input pixels per Grad-CAM value: how coarse the map is before it is upsampled."""
@@ -133,7 +139,7 @@ class Predictor:
         return self.input_shape[-1] / sizes[0]
 
     def gradcam(self, inputs: np.ndarray, *, aug_smooth: bool = False) -> np.ndarray:
-        """Grad-CAM of the ICH class at `resnet.layer4[-1]`: float32 [N, S, S] in [0, 1].
+        """Grad-CAM of the ICH class at the last block of `gradcam_layer`: float32 [N, S, S] in [0, 1].
 
         The hooks live only for the call, so `predict` runs without them. `aug_smooth`
         averages six flipped/scaled passes: smoother maps, six times the cost.
