@@ -71,7 +71,8 @@ def _localised_key_slices(predictor: Predictor, eval_set: EvalSet, study: EvalSt
     spec = predictor.config.preprocess
     cams = predictor.gradcam(np.stack([eval_set.load(study.slices[i], spec) for i in chosen]))
     masks = read_mask(study.mask_folder)
-    return [peak_inside(cam, dilate(mask_to_input(masks[i], spec.input_size), margin)) for i, cam in zip(chosen, cams)]
+    return [peak_inside(cam, dilate(mask_to_input(masks[i], spec.input_size), margin))
+            for i, cam in zip(chosen, cams)]
 
 
 def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities: dict[str, float], *,
@@ -88,8 +89,8 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
         hits += _localised_key_slices(predictor, eval_set, study, probabilities, key_slices=key_slices,
                                       margin=cell / 2)
     return {"key_slices_per_study": key_slices, "slice_threshold": predictor.config.triage.slice_threshold,
-            "gradcam_layer": predictor.gradcam_layer, "gradcam_cell_pixels": round(cell, 2), "margin_pixels": round(cell / 2, 2),
-            "input_size": predictor.config.preprocess.input_size,
+            "gradcam_layer": predictor.gradcam_layer, "gradcam_cell_pixels": round(cell, 2),
+            "margin_pixels": round(cell / 2, 2), "input_size": predictor.config.preprocess.input_size,
             "positive_studies": len(studies), "true_positive_key_slices": len(hits),
             "peak_inside": int(sum(hits)), "fraction": wilson_interval(int(sum(hits)), len(hits)).as_dict()}
 

@@ -130,7 +130,8 @@ class Predictor:
     def gradcam_cell_pixels(self) -> float:
         """Input pixels per Grad-CAM value: how coarse the map is before it is upsampled."""
         sizes: list[int] = []
-        handle = self._cam_layer.register_forward_hook(lambda _module, _inputs, output: sizes.append(output.shape[-1]))
+        handle = self._cam_layer.register_forward_hook(
+            lambda _module, _inputs, output: sizes.append(output.shape[-1]))
         try:
             with torch.inference_mode():
                 self.model(torch.zeros(1, *self.input_shape, device=self.device))

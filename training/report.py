@@ -107,7 +107,8 @@ def _localisation_section(metrics: dict, data: str) -> list[str]:
          f"input pixels; the map has one value per {metrics['gradcam_cell_pixels']:g} pixels, so its peak "
          "cannot be placed more finely):"), "",
         "| true-positive key slices | peak inside | share (95 % interval) |", "|---|---|---|",
-        f"| {metrics['true_positive_key_slices']} | {metrics['peak_inside']} | {format_interval(metrics['fraction'])} |",
+        (f"| {metrics['true_positive_key_slices']} | {metrics['peak_inside']} "
+         f"| {format_interval(metrics['fraction'])} |"),
         "",
     ]
 
