@@ -197,8 +197,8 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="report folder (default experiments/eval-…)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--gradcam-layer", default="layer4", choices=GRADCAM_LAYERS,
-                        help="ResNet block Grad-CAM explains at, as explain.gradcam_layer (synthetic data only)")
+    parser.add_argument("--gradcam-layer", default="auto", choices=GRADCAM_LAYERS,
+                        help="layer Grad-CAM explains at, as explain.gradcam_layer (synthetic data only)")
     parser.add_argument("--backend", default="auto",
                         help="auto (ONNX Runtime on a CPU, PyTorch on a GPU) | torch | onnxruntime")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for AUC intervals")

@@ -20,9 +20,11 @@ from typing import Any
 from node.errors import ConfigError
 from training.rule import TriageRule
 
-# Blocks of the ResNet head Grad-CAM can explain at: layer4 is the paper's choice (7 × 7
-# values for EffClass, 73 input pixels each); layer3 has twice the resolution (14 × 14).
-GRADCAM_LAYERS = ("layer4", "layer3")
+# Layers Grad-CAM can explain at, over every architecture (the model registry says which
+# each one has): auto is the architecture's best (EffClass: bifpn_p3, the BiFPN's 64 × 64
+# P3 output; the ResNet baselines: layer4); layer4 is the paper's choice (7 × 7 values) and
+# layer3 has twice its resolution.
+GRADCAM_LAYERS = ("auto", "bifpn_p3", "layer4", "layer3")
 
 __all__ = [
     "ENV_VAR",
@@ -192,7 +194,7 @@ class TriageSection:
 class ExplainSection:
     key_slices: int = 3
     aug_smooth: bool = False
-    gradcam_layer: str = "layer4"
+    gradcam_layer: str = "auto"
 
     def validate(self) -> None:
         if not 1 <= self.key_slices <= 20:

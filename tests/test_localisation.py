@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from node.config import GRADCAM_LAYERS
+from node.errors import ConfigError
 from node.triage import key_slice_indices
 from training.checkpoint import default_model_config
 from training.datasets import load_eval_set
 from training.evaluate import localisation_metrics
 from training.localisation import dilate, mask_to_input, peak_inside
-from training.model import create_model
+from training.model import architecture_spec, available_models, create_model
 from training.predictor import Predictor
 from training.synthetic import read_mask
 
@@ -45,6 +47,25 @@ def test_gradcam_cell_is_measured_from_the_model() -> None:
                       gradcam_layer="layer3")
     assert finer.gradcam_cell_pixels() == pytest.approx(16.0)
     assert finer.gradcam(np.zeros((1, 3, 224, 224), dtype=np.float32)).shape == (1, 224, 224)
+
+
+def test_auto_layer_is_the_architectures_best() -> None:
+    baseline = Predictor(create_model("resnet18"), default_model_config("resnet18"), device="cpu")
+    assert baseline.gradcam_layer == "layer4"
+    effclass = Predictor(create_model("effclass"), default_model_config("effclass"), device="cpu")
+    assert effclass.gradcam_layer == "bifpn_p3"
+    assert effclass.gradcam_cell_pixels() == pytest.approx(8.0)  # P3: 64 × 64 over 512 pixels
+
+
+def test_a_layer_the_architecture_lacks_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"explain.gradcam_layer: .*'bifpn_p3'.*'resnet18'.*layer4, layer3"):
+        Predictor(create_model("resnet18"), default_model_config("resnet18"), device="cpu",
+                  gradcam_layer="bifpn_p3")
+
+
+def test_config_accepts_exactly_the_registrys_layers() -> None:
+    registry = {layer for name in available_models() for layer in architecture_spec(name).gradcam_layers}
+    assert set(GRADCAM_LAYERS) == registry | {"auto"}
 
 
 def test_peak_inside_uses_the_hottest_pixel() -> None:

@@ -97,7 +97,7 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
 
 def evaluate(checkpoint: Path, data: Path, out: Path, *, device: str = "auto", batch_size: int = 8,
              resamples: int = 2000, progress: bool = True, backend: str = "auto",
-             key_slices: int = 3, gradcam_layer: str = "layer4") -> EvaluationResult:
+             key_slices: int = 3, gradcam_layer: str = "auto") -> EvaluationResult:
     """Predict every slice of `data` with `checkpoint`, then write metrics, tables and plots."""
     predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend,
                                           gradcam_layer=gradcam_layer)

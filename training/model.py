@@ -21,6 +21,7 @@ __all__ = [
     "EffClass",
     "available_models",
     "architecture_spec",
+    "gradcam_module",
     "create_model",
     "count_parameters",
 ]
@@ -35,16 +36,21 @@ EFFCLASS_DECONVS: tuple[tuple[int, int, int, int, int], ...] = (
     (2, 30, 8, 2, 7),
 )
 BIFPN_CHANNELS = 64
+# Blocks of a ResNet (EffClass's head or a baseline) Grad-CAM can explain at: layer4 is the
+# paper's choice (7 × 7 values); layer3 has twice the resolution.
+RESNET_LAYERS = ("layer4", "layer3")
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """What the registry knows about one architecture: how to build it and its input."""
+    """What the registry knows about one architecture: how to build it, its input, and the
+    layers Grad-CAM can explain at (the first is the default)."""
 
     name: str
     input_size: int
     build: Callable[[], nn.Module]
     description: str
+    gradcam_layers: tuple[str, ...]
 
 
 def _resnet_classifier(depth: int) -> nn.Module:
@@ -85,6 +91,23 @@ class EffClass(nn.Module):
         self.conv1 = nn.Conv2d(16, 3, 3, padding=1)
         self.resnet = _resnet_classifier(18)
 
+    def bifpn_output(self, level: int) -> nn.Module:
+        """The BiFPN node whose output is pyramid level `level` (3 = 64², 8 input pixels a value).
+
+        The five deconvolutions draw the levels onto the ResNet's 224² input at different
+        scales: only P4 lands in proportion; P3 is squeezed 14 % towards the centre and P7
+        86 %. A Grad-CAM map of a ResNet block is therefore pulled towards the centre of
+        the head, while a BiFPN level still lies on the input's own grid.
+        """
+        from effdet.efficientdet import get_fpn_config
+
+        # The node list BiFpn itself was built from; the last node of a level is its output.
+        config = self.effdet.config
+        fpn = config.fpn_config or get_fpn_config(config.fpn_name, min_level=config.min_level,
+                                                  max_level=config.max_level)
+        index = max(i for i, node in enumerate(fpn["nodes"]) if node["feat_level"] == level)
+        return self.effdet.fpn.cell[-1].fnode[index]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.input_size, self.input_size):
             raise ValueError(
@@ -113,15 +136,18 @@ class ResNetBaseline(nn.Module):
 _REGISTRY: dict[str, ArchitectureSpec] = {}
 
 
-def _register(name: str, input_size: int, description: str):
+def _register(name: str, input_size: int, description: str,
+              gradcam_layers: tuple[str, ...] = RESNET_LAYERS):
     def decorator(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-        _REGISTRY[name] = ArchitectureSpec(name, input_size, build, description)
+        _REGISTRY[name] = ArchitectureSpec(name, input_size, build, description, gradcam_layers)
         return build
 
     return decorator
 
 
-@_register("effclass", 512, "EffClass: EfficientDet-D0 + BiFPN + deconvolutions + ResNet18")
+# EffClass explains best at its BiFPN's P3 output: see EffClass.bifpn_output.
+@_register("effclass", 512, "EffClass: EfficientDet-D0 + BiFPN + deconvolutions + ResNet18",
+           ("bifpn_p3", *RESNET_LAYERS))
 def _effclass() -> nn.Module:
     return EffClass()
 
@@ -154,6 +180,18 @@ def architecture_spec(name: str) -> ArchitectureSpec:
         raise ValueError(
             f"unknown model architecture {name!r}; known: {', '.join(available_models())}"
         ) from None
+
+
+def gradcam_module(model: nn.Module, architecture: str, layer: str) -> nn.Module:
+    """The module whose output Grad-CAM weighs for `layer` of `architecture`; a ValueError
+    names the layers the architecture has."""
+    layers = architecture_spec(architecture).gradcam_layers
+    if layer not in layers:
+        raise ValueError(f"Grad-CAM layer {layer!r} does not exist in {architecture!r}; "
+                         f"it has {', '.join(layers)}")
+    if layer == "bifpn_p3":
+        return model.bifpn_output(3)
+    return getattr(model.resnet, layer)[-1]
 
 
 def create_model(name: str, *, init_from: str | Path | None = None) -> nn.Module:

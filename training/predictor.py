@@ -17,9 +17,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy.special import expit
 from torch import nn
 
-from node.config import GRADCAM_LAYERS
 from node.errors import ConfigError, InferenceError
 from training.checkpoint import ModelConfig, load_checkpoint
+from training.model import architecture_spec, gradcam_module
 from training.preprocess import dataset_to_input
 from training.runtime import make_forward
 
@@ -63,13 +63,16 @@ class Predictor:
         batch_size: int = 8,
         backend: str = "torch",
         mixed_precision: bool = True,
-        gradcam_layer: str = "layer4",
+        gradcam_layer: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"model.batch_size must be ≥ 1, got {batch_size}")
-        if gradcam_layer not in GRADCAM_LAYERS:
-            raise ConfigError(f"explain.gradcam_layer must be one of {', '.join(GRADCAM_LAYERS)}, "
-                              f"got {gradcam_layer!r}")
+        if gradcam_layer == "auto":
+            gradcam_layer = architecture_spec(config.architecture).gradcam_layers[0]
+        try:
+            self._cam_layer = gradcam_module(model, config.architecture, gradcam_layer)
+        except ValueError as exc:
+            raise ConfigError(f"explain.gradcam_layer: {exc}") from None
         self.gradcam_layer = gradcam_layer
         self.config = config
         self.device = resolve_device(device)
@@ -82,7 +85,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, *, device: str = "auto", batch_size: int = 8, backend: str = "torch",
-        mixed_precision: bool = True, gradcam_layer: str = "layer4",
+        mixed_precision: bool = True, gradcam_layer: str = "auto",
     ) -> "Predictor":
         model, config = load_checkpoint(path)
         return cls(model, config, device=device, batch_size=batch_size, backend=backend,
@@ -122,11 +125,6 @@ class Predictor:
         """P(ICH) per DICOM slice, in the order given."""
         return self.predict(self.prepare(slices))
 
-    @property
-    def _cam_layer(self) -> nn.Module:
-        """Grad-CAM's layer: the last block of `gradcam_layer` in the ResNet head."""
-        return getattr(self.model.resnet, self.gradcam_layer)[-1]
-
     def gradcam_cell_pixels(self) -> float:
         """Input pixels per Grad-CAM value: how coarse the map is before it is upsampled."""
         sizes: list[int] = []
@@ -140,7 +138,7 @@ class Predictor:
         return self.input_shape[-1] / sizes[0]
 
     def gradcam(self, inputs: np.ndarray, *, aug_smooth: bool = False) -> np.ndarray:
-        """Grad-CAM of the ICH class at the last block of `gradcam_layer`: float32 [N, S, S] in [0, 1].
+        """Grad-CAM of the ICH class at `gradcam_layer`: float32 [N, S, S] in [0, 1].
 
         The hooks live only for the call, so `predict` runs without them. `aug_smooth`
         averages six flipped/scaled passes: smoother maps, six times the cost.

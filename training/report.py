@@ -102,7 +102,7 @@ def _localisation_section(metrics: dict, data: str) -> list[str]:
         (f"Key slices are the {metrics['key_slices_per_study']} most suspicious slices of a study, as the node "
          f"shows them. Of the true-positive key slices (bleeding, P(ICH) > {metrics['slice_threshold']}) of "
          f"{metrics['positive_studies']} studies with ICH, this share has its Grad-CAM peak (at "
-         f"`resnet.{metrics['gradcam_layer']}`) inside the bleed "
+         f"`{metrics['gradcam_layer']}`) inside the bleed "
          f"mask dilated by half a Grad-CAM cell ({metrics['margin_pixels']:g} of the {metrics['input_size']} "
          f"input pixels; the map has one value per {metrics['gradcam_cell_pixels']:g} pixels, so its peak "
          "cannot be placed more finely):"), "",
