@@ -77,16 +77,27 @@ def test_report_has_both_tables_each_naming_its_data(tables, tmp_path: Path) -> 
     assert "Wilson" in INTERVALS_NOTE and "bootstrap percentile" in INTERVALS_NOTE
 
 
+def _report_text(folder: Path, *, slice_metrics: dict | None = None, patient_metrics: dict | None = None) -> str:
+    """report.md as written for one table family alone."""
+    files = write_report(folder, slice_metrics=slice_metrics, patient_metrics=patient_metrics,
+                         data_description=DATA, model_description=MODEL)
+    return files["report"].read_text()
+
+
+def _row(table: str, first_cell: str) -> str:
+    """The line of a markdown table whose first cell is `first_cell`."""
+    return next(line for line in table.splitlines() if line.startswith(f"| {first_cell} |"))
+
+
 def test_slice_table_mirrors_the_papers_table_1(tables, tmp_path: Path) -> None:
     slice_metrics, _ = tables
-    report = write_report(tmp_path, slice_metrics=slice_metrics, patient_metrics=None,
-                          data_description=DATA, model_description=MODEL)["report"].read_text()
+    report = _report_text(tmp_path, slice_metrics=slice_metrics)
     assert "Table 2" not in report
     rates = _section(report, "### Table 1a")
     assert "| threshold | ACC | TPR | TNR | PPV | NPV | TP | FP | TN | FN |" in rates
     assert "200 slices from 20 patients" in rates
     for threshold in ("0.5", "0.7", "0.9"):
-        row = next(line for line in rates.splitlines() if line.startswith(f"| p > {threshold} |"))
+        row = _row(rates, f"p > {threshold}")
         assert len(INTERVAL.findall(row)) == 5
         cells = slice_metrics["thresholds"][threshold]
         assert row.endswith(f"| {cells['tp']} | {cells['fp']} | {cells['tn']} | {cells['fn']} |")
@@ -101,14 +112,13 @@ def test_slice_table_mirrors_the_papers_table_1(tables, tmp_path: Path) -> None:
 
 def test_patient_table_mirrors_the_papers_table_2(tables, tmp_path: Path) -> None:
     _, patient_metrics = tables
-    report = write_report(tmp_path, slice_metrics=None, patient_metrics=patient_metrics,
-                          data_description=DATA, model_description=MODEL)["report"].read_text()
+    report = _report_text(tmp_path, patient_metrics=patient_metrics)
     assert "Table 1" not in report
     rules = _section(report, "### Table 2a")
     assert "| rule | ACC | TPR | TNR | PPV | NPV | TP | FP | TN | FN |" in rules
     assert "at least 1, have P(ICH) > 0.8" in rules
     for name in ("2.5 %", "5 %", "10 %"):
-        row = next(line for line in rules.splitlines() if line.startswith(f"| {name} |"))
+        row = _row(rules, name)
         assert row.count("|") == 11
     scores = _section(report, "### Table 2b")
     assert f"| max P(ICH) | {format_interval(patient_metrics['study_score_roc_auc'])} |" in scores
