@@ -77,8 +77,16 @@ class NodeSection:
     port: int = 11112
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 10
-    # 0 = no limit; large PDUs move CT faster (FACTS: 71 → 86 images/s on loopback).
+    # 0 = no limit; large PDUs move CT faster (71 → 86 images/s on loopback, docs/performance.md).
     maximum_pdu_size: int = 0
+    # ARTIM: from TCP connect (and TLS handshake) to a complete A-ASSOCIATE-RQ; slower peers are dropped.
+    acse_timeout_seconds: float = 10.0
+    # An established association that sends nothing for this long (mid-PDU included) is aborted.
+    network_timeout_seconds: float = 60.0
+    # Connections still negotiating do not count in max_associations; they have their own
+    # budget, in all and per remote IP address, and are closed at once beyond it.
+    max_pending_associations: int = 32
+    max_pending_per_address: int = 4
     # DICOM TLS: certificate and key (PEM) turn it on; CA certificates make client
     # certificates required and checked against them.
     tls_certificate: Path | None = None
@@ -99,6 +107,10 @@ class NodeSection:
         for i, aet in enumerate(self.allowed_calling_aets):
             _ae_title(f"node.allowed_calling_aets[{i}]", aet)
         _positive("node.max_associations", self.max_associations)
+        _positive("node.acse_timeout_seconds", self.acse_timeout_seconds)
+        _positive("node.network_timeout_seconds", self.network_timeout_seconds)
+        _positive("node.max_pending_associations", self.max_pending_associations)
+        _positive("node.max_pending_per_address", self.max_pending_per_address)
         if self.maximum_pdu_size < 0:
             raise ConfigError(f"node.maximum_pdu_size must be ≥ 0, got {self.maximum_pdu_size}")
 
