@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.peers import NodeProcess, Orthanc, free_port, node_config, port_open, wait_for
-from training.checkpoint import default_model_config, save_checkpoint
-from training.model import create_model
-from training.predictor import Predictor
+from demo.peers import NodeProcess, Orthanc, free_port, node_config, port_open, wait_for
+from training.model.checkpoint import default_model_config, save_checkpoint
+from training.model.architectures import create_model
+from training.inference.predictor import Predictor
 from training.synthetic import SyntheticOptions, write_studies
 
 

@@ -19,7 +19,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["NodeProcess", "Orthanc", "find_tool", "free_port", "port_open", "wait_for"]
+__all__ = ["NodeProcess", "Orthanc", "find_tool", "free_port", "node_config", "port_open", "wait_for"]
 
 T = TypeVar("T")
 
@@ -172,3 +172,50 @@ class NodeProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+def node_config(
+    folder: Path,
+    *,
+    port: int,
+    checkpoint: Path | None,
+    destinations: list[tuple[str, str, int]] = (),
+    allowed_calling_aets: tuple[str, ...] = (),
+    stable_seconds: float = 2.0,
+    heartbeat_seconds: float = 10.0,
+    stale_after_seconds: float = 120.0,
+    overrides: dict[str, dict[str, object]] | None = None,
+) -> str:
+    """A config for a test node: loopback, fast completion and retries. `overrides` sets
+    or adds keys per section, e.g. {"delivery": {"timeout_seconds": 3}}."""
+    sections: dict[str, dict[str, object]] = {
+        "node": {"ae_title": "ICHNODE", "host": "127.0.0.1", "port": port,
+                 "allowed_calling_aets": list(allowed_calling_aets)},
+        # No free-disk floor: it has its own test, and a nearly full CI disk must not fail the others.
+        "storage": {"root": str(folder / "store"), "database_url": f"sqlite:///{folder / 'node.db'}",
+                    "min_free_mb": 0},
+        "completion": {"stable_seconds": stable_seconds, "check_interval_seconds": 0.5},
+        "worker": {"poll_seconds": 0.5, "min_slices": 10, "heartbeat_seconds": heartbeat_seconds,
+                   "stale_after_seconds": stale_after_seconds},
+        "model": {"checkpoint": str(checkpoint or ""), "device": "cpu", "batch_size": 4},
+        "delivery": {"initial_backoff_seconds": 1, "max_backoff_seconds": 2, "max_attempts": 30,
+                     "timeout_seconds": 10},
+        "log": {"path": str(folder / "triage.log")},
+    }
+    for section, values in (overrides or {}).items():
+        sections.setdefault(section, {}).update(values)
+    text = "".join(f"[{section}]\n" + "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+                   for section, values in sections.items())
+    for name, ae_title, dest_port in destinations:
+        text += f'\n[[destinations]]\nname = "{name}"\nae_title = "{ae_title}"\nhost = "127.0.0.1"\nport = {dest_port}\n'
+    return text

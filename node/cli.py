@@ -1,7 +1,9 @@
 """`ichnode`: the one command-line entry point of the product.
 
-Errors the project raises on purpose print one line naming what was wrong and exit 1;
-anything else prints one line asking for a report and exits 70. No traceback reaches a user.
+This is the one place that turns an error into a message and an exit code: errors the
+project raises on purpose print one line naming what was wrong and exit 1; anything else
+prints one line asking for a report and exits 70. No traceback reaches a user. A reader
+that goes away (`ichnode status | head -1`) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import sys
 from pathlib import Path
 from collections.abc import Callable, Sequence
 
-from node.config import ENV_VAR, GRADCAM_LAYERS, load_config
+from node.config import ENV_VAR, load_config
 from node.errors import IchNodeError
+from training.inference.settings import Backend, Device
+from training.model.layers import GradcamLayer
 
 __all__ = ["main", "build_parser"]
 
@@ -99,18 +103,27 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _log(args: argparse.Namespace) -> int:
-    from node.triagelog import follow_events, print_events, read_events
+    from node.triagelog import LogReader, print_events
 
     config = load_config(args.config)
+    path = config.log.path
     color = sys.stdout.isatty() and not args.json
-    if args.follow:
-        print_events(follow_events(config.log.path), sys.stdout, as_json=args.json, color=color)
-        return 0
-    if not config.log.path.exists():
-        print(f"no triage log yet at {config.log.path}", file=sys.stderr)
-        return 0
-    events = read_events(config.log.path)
-    print_events(events[-args.lines :] if args.lines else events, sys.stdout, as_json=args.json, color=color)
+    reader = LogReader(path)
+    try:
+        if args.follow:
+            events = reader.follow(on_wait=lambda: print(
+                f"waiting for the triage log at {path} to appear", file=sys.stderr, flush=True))
+        elif not path.exists():
+            print(f"no triage log yet at {path}", file=sys.stderr)
+            return 0
+        else:
+            events = reader.read()
+            events = events[-args.lines :] if args.lines else events
+        print_events(events, sys.stdout, as_json=args.json, color=color)
+    finally:
+        if reader.skipped:
+            count = reader.skipped
+            print(f"{count} unreadable line{'' if count == 1 else 's'} skipped in {path}", file=sys.stderr)
     return 0
 
 
@@ -182,12 +195,30 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
+    rule, source = None, ""
+    if args.triage_config:
+        rule, source = load_config(args.triage_config).triage, f"[triage] of {args.triage_config}"
     out = args.out or Path("experiments") / f"eval-{args.checkpoint.stem}-{args.data.resolve().name}"
     result = evaluate(args.checkpoint, args.data, out, device=args.device, batch_size=args.batch_size,
-                      resamples=args.resamples, backend=args.backend, gradcam_layer=args.gradcam_layer)
+                      resamples=args.resamples, backend=args.backend, gradcam_layer=args.gradcam_layer,
+                      rule=rule, rule_source=source)
     print((result.files["report"]).read_text())
     print(f"written to {out}: " + ", ".join(sorted(p.name for p in result.files.values())))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _device(text: str) -> Device:
+    try:
+        return Device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,13 +226,16 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True,
                         help="a prepare-rsna folder (test split), `ichnode synth` studies, or a CQ500 folder")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default experiments/eval-…)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--gradcam-layer", default="auto", choices=GRADCAM_LAYERS,
+    parser.add_argument("--device", type=_device, default=Device("auto"), help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--gradcam-layer", type=GradcamLayer, default=GradcamLayer.AUTO, choices=list(GradcamLayer),
                         help="layer Grad-CAM explains at, as explain.gradcam_layer (synthetic data only)")
-    parser.add_argument("--backend", default="auto",
+    parser.add_argument("--backend", type=Backend, default=Backend.AUTO, choices=list(Backend),
                         help="auto (ONNX Runtime on a CPU, PyTorch on a GPU) | torch | onnxruntime")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for AUC intervals")
+    parser.add_argument("--triage-config", type=Path, default=None, metavar="PATH",
+                        help="report the patient rule of this node config's [triage] "
+                             "(default: the rule the checkpoint recommends)")
+    parser.add_argument("--resamples", type=_positive_int, default=2000, help="bootstrap resamples for AUC intervals")
 
 
 # name → (one-line help, argument builder, handler)
@@ -237,7 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return code
+    except BrokenPipeError:
+        # The reader went away (`| head`); as Python's documentation advises, point stdout
+        # at devnull so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except IchNodeError as exc:
         print(f"ichnode {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR

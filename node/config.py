@@ -2,39 +2,33 @@
 
 Unknown keys and bad values are errors naming the key (`node.port`, `destinations[1].host`).
 Relative paths are taken relative to the folder of the config file, so the node behaves
-the same whatever directory it is started from. The keys of DESIGN.md are a contract:
-add keys freely, rename none.
+the same whatever directory it is started from. The documented keys are a contract that
+scripts and docs rely on: add keys freely, rename none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
-from training.rule import TriageRule
-
-# Layers Grad-CAM can explain at, over every architecture (the model registry says which
-# each one has): auto is the architecture's best (EffClass: bifpn_p3, the BiFPN's 64 × 64
-# P3 output; the ResNet baselines: layer4); layer4 is the paper's choice (7 × 7 values) and
-# layer3 has twice its resolution.
-GRADCAM_LAYERS = ("auto", "bifpn_p3", "layer4", "layer3")
+from storage.db import anchor_sqlite_url
+from training.configfile import anchor_paths, read_toml, section_from_table
+from training.inference.settings import Backend, Device
+from training.model.layers import GradcamLayer
+from training.model.rule import TriageRule
 
 __all__ = [
     "ENV_VAR",
-    "GRADCAM_LAYERS",
     "NodeSection",
     "StorageSection",
     "CompletionSection",
     "WorkerSection",
     "ModelSection",
-    "TriageSection",
     "ExplainSection",
     "OutputSection",
     "DeliverySection",
@@ -43,9 +37,6 @@ __all__ = [
     "Config",
     "load_config",
     "parse_config",
-    "read_toml",
-    "section_from_table",
-    "anchor_paths",
     "config_path",
 ]
 
@@ -59,8 +50,8 @@ def _ae_title(key: str, value: str) -> None:
 
 
 def _port(key: str, value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{key} must be a port number 0-65535, got {value}")
+    if not 1 <= value <= 65535:
+        raise ConfigError(f"{key} must be a port number 1-65535, got {value}")
 
 
 def _positive(key: str, value: float) -> None:
@@ -85,8 +76,8 @@ class NodeSection:
     network_timeout_seconds: float = 60.0
     # Connections still negotiating do not count in max_associations; they have their own
     # budget, in all and per remote IP address, and are closed at once beyond it.
-    max_pending_associations: int = 32
-    max_pending_per_address: int = 4
+    max_pending_associations: int = 64
+    max_pending_per_address: int = 10
     # DICOM TLS: certificate and key (PEM) turn it on; CA certificates make client
     # certificates required and checked against them.
     tls_certificate: Path | None = None
@@ -104,6 +95,8 @@ class NodeSection:
             if path is not None and not path.is_file():
                 raise ConfigError(f"node.{key}: {path} is not a file")
         _port("node.port", self.port)
+        if not self.host.strip():
+            raise ConfigError("node.host must not be empty (0.0.0.0 listens on every interface)")
         for i, aet in enumerate(self.allowed_calling_aets):
             _ae_title(f"node.allowed_calling_aets[{i}]", aet)
         _positive("node.max_associations", self.max_associations)
@@ -156,7 +149,14 @@ class WorkerSection:
     # A processing study whose heartbeat is older than this is re-queued.
     stale_after_seconds: float = 120.0
     min_slices: int = 10
+    # More unreadable slices than this share of the series fail the study: a verdict that
+    # did not see them could miss a bleed.
+    max_unusable_fraction: float = 0.1
     max_attempts: int = 3
+    # A study whose analysis failed for a reason that may pass (disk full, database busy)
+    # waits this long before it is tried again, doubling up to retry_max_seconds.
+    retry_initial_seconds: float = 10.0
+    retry_max_seconds: float = 300.0
 
     def validate(self) -> None:
         _positive("worker.poll_seconds", self.poll_seconds)
@@ -167,53 +167,37 @@ class WorkerSection:
                 f"got {self.stale_after_seconds} and {self.heartbeat_seconds}"
             )
         _positive("worker.min_slices", self.min_slices)
+        if not 0 <= self.max_unusable_fraction < 1:
+            raise ConfigError(f"worker.max_unusable_fraction must be in [0, 1), got {self.max_unusable_fraction}")
         _positive("worker.max_attempts", self.max_attempts)
+        _positive("worker.retry_initial_seconds", self.retry_initial_seconds)
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ConfigError("worker.retry_max_seconds must be ≥ worker.retry_initial_seconds")
 
 
 @dataclass(frozen=True)
 class ModelSection:
+    """The checkpoint and how it runs; device and backend check themselves when parsed."""
+
     checkpoint: Path | None = None  # None: receive and store, analyse nothing
-    device: str = "auto"
+    device: Device = Device("auto")
     batch_size: int = 8
-    backend: str = "auto"  # auto | torch | onnxruntime (CPU)
+    backend: Backend = Backend.AUTO
     mixed_precision: bool = True  # fp16 autocast on CUDA
 
     def validate(self) -> None:
         _positive("model.batch_size", self.batch_size)
-        if self.backend not in ("auto", "torch", "onnxruntime"):
-            raise ConfigError(f"model.backend must be auto, torch or onnxruntime, got {self.backend!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"model.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-
-
-@dataclass(frozen=True)
-class TriageSection:
-    """The paper's patient-level rule (DESIGN.md)."""
-
-    slice_threshold: float = 0.8
-    positive_fraction: float = 0.05
-    min_positive_slices: int = 1
-
-    def validate(self) -> None:
-        # The same rule checks a checkpoint's recommended thresholds.
-        try:
-            TriageRule(self.slice_threshold, self.positive_fraction, self.min_positive_slices)
-        except ValueError as exc:
-            raise ConfigError(f"triage.{exc}") from None
 
 
 @dataclass(frozen=True)
 class ExplainSection:
     key_slices: int = 3
     aug_smooth: bool = False
-    gradcam_layer: str = "auto"
+    gradcam_layer: GradcamLayer = GradcamLayer.AUTO  # whether the checkpoint's model has it: at start-up
 
     def validate(self) -> None:
         if not 1 <= self.key_slices <= 20:
             raise ConfigError(f"explain.key_slices must be 1-20, got {self.key_slices}")
-        if self.gradcam_layer not in GRADCAM_LAYERS:
-            raise ConfigError(f"explain.gradcam_layer must be one of {', '.join(GRADCAM_LAYERS)}, "
-                              f"got {self.gradcam_layer!r}")
 
 
 @dataclass(frozen=True)
@@ -280,7 +264,7 @@ class Config:
     completion: CompletionSection = field(default_factory=CompletionSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
     model: ModelSection = field(default_factory=ModelSection)
-    triage: TriageSection = field(default_factory=TriageSection)
+    triage: TriageRule = field(default_factory=TriageRule)  # the paper's patient-level rule
     explain: ExplainSection = field(default_factory=ExplainSection)
     output: OutputSection = field(default_factory=OutputSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
@@ -290,7 +274,7 @@ class Config:
 
     def validate(self) -> None:
         for section in (self.node, self.storage, self.completion, self.worker, self.model,
-                        self.triage, self.explain, self.output, self.delivery, self.log):
+                        self.explain, self.output, self.delivery, self.log):
             section.validate()
         names = [d.name for d in self.destinations]
         for i, destination in enumerate(self.destinations):
@@ -302,61 +286,6 @@ class Config:
     @property
     def calling_ae_title(self) -> str:
         return self.delivery.calling_ae_title or self.node.ae_title
-
-
-def _convert(key: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against the field's type and convert paths and tuples."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value == "" and Path in options:
-            return None  # an empty path means "not set"
-        return _convert(key, value, options[0])
-    if annotation is Path:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a path string, got {value!r}")
-        return Path(value).expanduser()
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        (item_type, _ellipsis) = typing.get_args(annotation)
-        return tuple(_convert(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported setting type {annotation!r}")  # a bug, not a user error
-
-
-def section_from_table(cls: type, key: str, table: Any) -> Any:
-    """A frozen dataclass from one TOML table; unknown keys and bad types name the key."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{key}] must be a table, got {table!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown key {key}.{unknown[0]}; known keys of [{key}]: {', '.join(sorted(known))}"
-        )
-    values = {name: _convert(f"{key}.{name}", v, hints[name]) for name, v in table.items()}
-    try:
-        return cls(**values)
-    except TypeError as exc:  # a required key is missing
-        missing = sorted(known - set(table))
-        raise ConfigError(f"[{key}] is missing keys: {', '.join(missing)}") from exc
 
 
 def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
@@ -386,30 +315,11 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
     return config
 
 
-def anchor_paths(section: Any, base: Path) -> Any:
-    """Relative paths of a section → paths inside the config file's folder."""
-    changes = {
-        f.name: base / value
-        for f in dataclasses.fields(section)
-        if isinstance(value := getattr(section, f.name), Path) and not value.is_absolute()
-    }
-    return dataclasses.replace(section, **changes) if changes else section
-
-
 def _anchor_sqlite(url: str, base: Path) -> str:
-    """sqlite[+driver]:///relative.db → an absolute path next to the config file."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
     try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
+        return anchor_sqlite_url(url, base)
+    except ValueError as exc:
         raise ConfigError(f"storage.database_url {url!r} is not an SQLAlchemy URL: {exc}") from None
-    database = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" \
-            or database.startswith("file:") or Path(database).is_absolute():
-        return url
-    return parsed.set(database=str(base / database)).render_as_string(hide_password=False)
 
 
 def config_path(explicit: str | Path | None) -> Path:
@@ -417,18 +327,6 @@ def config_path(explicit: str | Path | None) -> Path:
     if explicit:
         return Path(explicit)
     return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
-
-
-def read_toml(path: Path, hint: str = "") -> dict[str, Any]:
-    """A TOML file as a dict; ConfigError naming the file when it cannot be read."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found{hint}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
 def load_config(path: str | Path | None = None) -> Config:

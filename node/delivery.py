@@ -1,5 +1,11 @@
 """Sending result series to the configured PACS, with retries that survive restarts.
 
+Each destination has a sending thread of its own, so a PACS that stalls delays only its
+own results, never another destination's or ingest. No database transaction is open
+while a result is on the wire: due deliveries are read, sent, and the outcome recorded in
+a short transaction of its own. Every step of a send is bounded by
+`delivery.timeout_seconds` (TCP connect, association, each PDU, each response).
+
 `Sender` is the seam: `DicomSender` speaks C-STORE; tests may pass any object with the
 same `send` method.
 """
@@ -7,23 +13,26 @@ same `send` method.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Protocol
 
 import pydicom
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from sqlalchemy.orm import sessionmaker
 
 from node.config import Config, Destination
 from node.errors import DeliveryError
 from node.triagelog import TriageLog
-from storage.db import utcnow
-from storage.state import delivery_attempt_failed, delivery_sent, due_deliveries
+from storage.db import Database, DeliveryState, utcnow
+from storage.state import DueDelivery, delivery_attempt_failed, delivery_sent, due_deliveries
 from storage.store import InstanceStore
 
-__all__ = ["Sender", "DicomSender", "deliver_due"]
+__all__ = ["Sender", "DicomSender", "Deliveries"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +46,19 @@ class Sender(Protocol):
         """Store every file at `destination` or raise DeliveryError."""
 
 
+def _peer_said(primitive: object) -> str:
+    """What an A-ASSOCIATE-RJ or A-ABORT from the peer said, in words."""
+    if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+        return f"{primitive.result_str.lower()} by the {primitive.source_str.lower()}: {primitive.reason_str}"
+    if isinstance(primitive, A_P_ABORT):
+        return f"provider abort (reason {primitive.provider_reason})"
+    if isinstance(primitive, A_ABORT):
+        return f"abort from the {'acceptor' if primitive.abort_source == 0x02 else 'peer'}"
+    return ""
+
+
 class DicomSender:
-    """C-STORE SCU: one association per delivery."""
+    """C-STORE SCU: one association per delivery, every wait bounded."""
 
     def __init__(self, calling_ae_title: str, timeout_seconds: float) -> None:
         self.calling_ae_title = calling_ae_title
@@ -46,71 +66,129 @@ class DicomSender:
 
     def send(self, destination: Destination, files: list[Path], *, priority_high: bool) -> None:
         ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_seconds
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_seconds
         ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        heard: list[object] = []  # the peer's last association-control message
+
+        def remember(event: Event) -> None:
+            heard.append(event.primitive)
+
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             evt_handlers=[(evt.EVT_ACSE_RECV, remember)])
         if not assoc.is_established:
-            state = "rejected the association" if assoc.is_rejected else "could not be reached"
-            raise DeliveryError(f"{where} {state}")
+            said = _peer_said(heard[-1]) if heard else ""
+            if assoc.is_rejected:
+                raise DeliveryError(f"{where} rejected the association ({said})")
+            if said:
+                raise DeliveryError(f"{where} ended the association request ({said})")
+            raise DeliveryError(f"{where} could not be reached, or did not answer the association request "
+                                f"within {self.timeout_seconds:g} s")
         try:
-            self._store_all(assoc, where, files, priority_high)
+            self._store_all(assoc, where, files, priority_high, heard)
         finally:
             if assoc.is_established:
                 assoc.release()
 
-    @staticmethod
-    def _store_all(assoc, where: str, files: list[Path], priority_high: bool) -> None:
+    def _store_all(self, assoc, where: str, files: list[Path], priority_high: bool, heard: list[object]) -> None:
         try:
             for path in files:
                 status = assoc.send_c_store(
                     pydicom.dcmread(path), priority=PRIORITY_HIGH if priority_high else PRIORITY_MEDIUM
                 )
                 code = getattr(status, "Status", None)
+                if code is None:
+                    said = _peer_said(heard[-1]) if heard else ""
+                    why = (f"the association was aborted ({said})" if assoc.is_aborted and said else
+                           f"no response within {self.timeout_seconds:g} s")
+                    raise DeliveryError(f"{where} did not store {path.name}: {why}")
                 if code not in _STORED:
-                    shown = "no response" if code is None else f"status 0x{code:04X}"
-                    raise DeliveryError(f"{where} did not store {path.name}: {shown}")
+                    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", "unknown status"))[1]
+                    raise DeliveryError(f"{where} refused {path.name}: status 0x{code:04X} ({meaning})")
         except (OSError, RuntimeError, ValueError) as exc:  # connection lost, unreadable file
             raise DeliveryError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
 
-def deliver_due(
-    config: Config, sessions: sessionmaker, store: InstanceStore, sender: Sender, triage_log: TriageLog
-) -> int:
-    """Attempt every delivery that is due; returns how many were attempted."""
-    destinations = {d.name: d for d in config.destinations}
-    settings = config.delivery
-    with sessions() as session:
-        due = due_deliveries(session, utcnow())
-        for delivery in due:
-            study = delivery.study
-            destination = destinations.get(delivery.destination)
-            files = sorted(store.absolute(delivery.result_folder).glob("*.dcm"))
+class Deliveries:
+    """Sends due results, one thread per destination, and records each attempt."""
+
+    def __init__(self, config: Config, database: Database, store: InstanceStore, sender: Sender,
+                 triage_log: TriageLog) -> None:
+        self.config = config
+        self.database = database
+        self.store = store
+        self.sender = sender
+        self.triage_log = triage_log
+
+    def start(self, stop: threading.Event) -> list[threading.Thread]:
+        """One sending thread per destination, running until `stop` is set."""
+        threads = [threading.Thread(target=self._run, args=[destination, stop], daemon=True,
+                                    name=f"deliver-{destination.name}")
+                   for destination in self.config.destinations]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def _run(self, destination: Destination, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
-                if destination is None:
-                    raise DeliveryError(f"destination {delivery.destination!r} is no longer in the config")
-                if not files:
-                    raise DeliveryError(f"result folder {delivery.result_folder} holds no objects")
-                sender.send(destination, files, priority_high=delivery.priority_high)
-            except DeliveryError as exc:
-                failed = delivery_attempt_failed(
-                    session, delivery, str(exc), max_attempts=settings.max_attempts,
-                    initial_backoff=settings.initial_backoff_seconds,
-                    max_backoff=settings.max_backoff_seconds, now=utcnow(),
-                )
-                log.warning("delivery %d: %s (attempt %d)", delivery.id, exc, delivery.attempts)
-                triage_log.write(
-                    "delivery_failed", study.study_instance_uid, study.accession_number,
-                    destination=delivery.destination, reason=str(exc), attempts=delivery.attempts,
-                    final=failed,
-                    next_attempt_at=None if failed else delivery.next_attempt_at.isoformat(timespec="seconds") + "Z",
-                )
-                continue
-            delivery_sent(session, delivery, utcnow())
-            triage_log.write(
-                "delivered", study.study_instance_uid, study.accession_number,
-                destination=delivery.destination, objects=len(files),
-                priority="HIGH" if delivery.priority_high else "MEDIUM", attempts=delivery.attempts,
-                result_series_uid=study.result_series_uid,
-            )
+                sent = self.send_due(destination)
+            except Exception:  # the database may be briefly unavailable: keep the thread alive
+                log.exception("delivery to %s", destination.name)
+                sent = 0
+            if not sent:
+                stop.wait(1.0)
+
+    def send_due(self, destination: Destination) -> int:
+        """Attempt every delivery to `destination` that is due; returns how many."""
+        with self.database.read() as session:
+            due = due_deliveries(session, utcnow(), destination=destination.name)
+        for delivery in due:
+            self._attempt(delivery, destination)
         return len(due)
+
+    def fail_orphans(self) -> int:
+        """Deliveries to a destination no longer in the config get the usual retries and
+        then fail, so `ichnode retry` can send them once it is back."""
+        known = {d.name for d in self.config.destinations}
+        with self.database.read() as session:
+            orphans = [d for d in due_deliveries(session, utcnow(), limit=64) if d.destination not in known]
+        for delivery in orphans:
+            self._attempt(delivery, None)
+        return len(orphans)
+
+    def _attempt(self, delivery: DueDelivery, destination: Destination | None) -> None:
+        files = sorted(self.store.absolute(delivery.result_folder).glob("*.dcm"))
+        try:
+            if destination is None:
+                raise DeliveryError(f"destination {delivery.destination!r} is no longer in the config")
+            if not files:
+                raise DeliveryError(f"result folder {delivery.result_folder} holds no objects")
+            self.sender.send(destination, files, priority_high=delivery.priority_high)
+        except DeliveryError as exc:
+            self._failed(delivery, str(exc))
+            return
+        with self.database.write() as session:
+            row = delivery_sent(session, delivery.id, utcnow())
+        self.triage_log.write(
+            "delivered", delivery.study_instance_uid, delivery.accession_number,
+            destination=delivery.destination, objects=len(files),
+            priority="HIGH" if delivery.priority_high else "MEDIUM", attempts=row.attempts,
+            result_series_uid=delivery.result_series_uid,
+        )
+
+    def _failed(self, delivery: DueDelivery, reason: str) -> None:
+        settings = self.config.delivery
+        with self.database.write() as session:
+            row = delivery_attempt_failed(
+                session, delivery.id, reason, max_attempts=settings.max_attempts,
+                initial_backoff=settings.initial_backoff_seconds, max_backoff=settings.max_backoff_seconds,
+                now=utcnow(),
+            )
+            final, attempts, next_at = row.state == DeliveryState.FAILED, row.attempts, row.next_attempt_at
+        log.warning("delivery %d: %s (attempt %d)", delivery.id, reason, attempts)
+        self.triage_log.write(
+            "delivery_failed", delivery.study_instance_uid, delivery.accession_number,
+            destination=delivery.destination, reason=reason, attempts=attempts, final=final,
+            next_attempt_at=None if final else next_at.isoformat(timespec="seconds") + "Z",
+        )

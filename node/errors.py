@@ -1,71 +1,36 @@
-"""The one exception tree of the project.
+"""The one error tree of the project, drawn whole; the node's own errors.
 
-Every error that can reach a person derives from `IchNodeError` and says what was wrong,
-naming the file, config key or study involved::
+Each layer raises its own errors (`storage/errors.py`, `training/errors.py`, this
+module); all derive from `IchNodeError`, which lives in the lowest layer. The CLI is the
+one place that turns any of them into a message and an exit code. `retryable` is a
+property of each error: the worker and the sender try again later when it is true.
 
-    IchNodeError
-    ├── ConfigError          bad or unknown configuration key or value
-    ├── CheckpointError      a file that is not a usable checkpoint
-    ├── InvalidInstance      a DICOM instance that cannot be used as it is
-    ├── StorageError         an instance or result could not be stored
-    │   └── StorageFull      no space left (the SCP answers 0xA700)
-    ├── InferenceError       the model could not run on valid input
-    ├── NoAnalysableSeries   a study without an axial head CT series to analyse
-    ├── DeliveryError        a destination did not take a result
-    └── SyntheticDataError   impossible options for synthetic studies
+    IchNodeError                      storage.errors
+    ├── InvalidInstance               storage.errors    permanent: the data is wrong
+    ├── StorageError                  storage.errors    retried: disk or database failed
+    │   ├── StorageFull               storage.errors    retried: no space left
+    │   └── DatabaseMissing           storage.errors    permanent: no database where configured
+    ├── ConfigError                   training.errors   bad or unknown setting
+    ├── CheckpointError               training.errors   not a usable checkpoint
+    ├── InferenceError                training.errors   the model failed on valid input
+    ├── NoAnalysableSeries            training.errors   no axial head CT series in a study
+    ├── DataError                     training.errors   a data folder that cannot be used
+    ├── SyntheticDataError            training.errors   impossible synthetic-study options
+    └── DeliveryError                 node.errors       retried: a destination did not take a result
 """
 
 from __future__ import annotations
 
-__all__ = [
-    "IchNodeError",
-    "ConfigError",
-    "CheckpointError",
-    "InvalidInstance",
-    "StorageError",
-    "StorageFull",
-    "InferenceError",
-    "NoAnalysableSeries",
-    "DeliveryError",
-    "SyntheticDataError",
-]
+from storage import errors as _storage_errors
+from storage.errors import *  # noqa: F403 - the tree, re-exported whole (see __all__)
+from training import errors as _training_errors
+from training.errors import *  # noqa: F403
 
-
-class IchNodeError(Exception):
-    """Base of every error the project raises on purpose."""
-
-
-class ConfigError(IchNodeError):
-    """A configuration file, key or value that cannot be used."""
-
-
-class CheckpointError(IchNodeError):
-    """A model file that is missing, not a checkpoint, or of another architecture."""
-
-
-class InvalidInstance(IchNodeError):
-    """A DICOM instance whose content the node cannot use (pixel data, geometry, …)."""
-
-
-class StorageError(IchNodeError):
-    """An instance, result or database row could not be written."""
-
-
-class StorageFull(StorageError):
-    """The disk holding storage.root is full."""
-
-
-class InferenceError(IchNodeError):
-    """The model failed on input that passed validation."""
-
-
-class NoAnalysableSeries(IchNodeError):
-    """No series of a study qualifies as the axial head CT to analyse."""
+# Every error importable from here, so that the CLI and the node's modules need one import.
+__all__ = [*_storage_errors.__all__, *_training_errors.__all__, "DeliveryError"]
 
 
 class DeliveryError(IchNodeError):
     """A destination refused a result or could not be reached."""
 
-
-class SyntheticDataError(IchNodeError):
-    """Options for synthetic studies that cannot be satisfied."""
+    retryable = True

@@ -1,7 +1,9 @@
 """Receiving one instance: file on disk, row in the database, then the status to answer.
 
 The SCP's C-STORE handler only calls `Ingest.receive`; every failure becomes a DICOM
-status here, so no exception reaches pynetdicom.
+status here, so no exception reaches pynetdicom. Success means the instance is on disk
+and recorded in its study, so it will be analysed; anything less is 0xA700, and the
+sender keeps the instance and tries again.
 """
 
 from __future__ import annotations
@@ -9,21 +11,17 @@ from __future__ import annotations
 import logging
 
 from pydicom.dataset import Dataset
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
 
-from node.errors import InvalidInstance, StorageError
 from node.triagelog import TriageLog
-from storage.db import utcnow
-from storage.state import ReceivedInstance, record_instance
+from storage.db import Database, utcnow
+from storage.errors import InvalidInstance, StorageError
+from storage.state import ReceivedInstance, RecordOutcome, record_instance
 from storage.store import InstanceStore, check_uid
+from training.model.series import could_be_analysed
 
-__all__ = ["Status", "ANALYSABLE_SOP_CLASSES", "Ingest"]
+__all__ = ["Status", "Ingest"]
 
 log = logging.getLogger(__name__)
-
-# CT Image Storage, Enhanced CT Image Storage: the objects that can be analysed.
-ANALYSABLE_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"})
 
 
 class Status:
@@ -35,25 +33,35 @@ class Status:
     CANNOT_UNDERSTAND = 0xC210  # the dataset could not be decoded
 
 
+def _received(ds: Dataset, relative: str, size: int, *, calling_aet: str, transfer_syntax_uid: str,
+              uids: tuple[str, str, str, str]) -> ReceivedInstance:
+    study_uid, series_uid, sop_uid, sop_class = uids
+    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
+    return ReceivedInstance(
+        study_instance_uid=study_uid, series_instance_uid=series_uid, sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class, modality=str(ds.get("Modality", "") or "")[:16],
+        accession_number=str(ds.get("AccessionNumber", "") or "")[:16],
+        transfer_syntax_uid=str(transfer_syntax_uid), path=relative, size=size,
+        calling_aet=calling_aet, analysable=could_be_analysed(sop_class, image_type),
+    )
+
+
 class Ingest:
     """Stores received instances durably and keeps the study state up to date."""
 
-    def __init__(self, store: InstanceStore, sessions: sessionmaker, triage_log: TriageLog,
+    def __init__(self, store: InstanceStore, database: Database, triage_log: TriageLog,
                  *, min_free_mb: float = 0.0) -> None:
         self.store = store
-        self.sessions = sessions
+        self.database = database
         self.triage_log = triage_log
         self.min_free_mb = min_free_mb
 
     def receive(self, ds: Dataset, encoded: bytes, *, calling_aet: str, transfer_syntax_uid: str) -> int:
         """Store `encoded` (the file as received) and record it; returns the status."""
         try:
-            study_uid = check_uid("StudyInstanceUID", ds.get("StudyInstanceUID"))
-            series_uid = check_uid("SeriesInstanceUID", ds.get("SeriesInstanceUID"))
-            sop_uid = check_uid("SOPInstanceUID", ds.get("SOPInstanceUID"))
-            sop_class = check_uid("SOPClassUID", ds.get("SOPClassUID"))
-            accession = str(ds.get("AccessionNumber", "") or "")[:16]
-            modality = str(ds.get("Modality", "") or "")[:16]
+            uids = tuple(check_uid(k, ds.get(k)) for k in
+                         ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"))
+            study_uid, series_uid, sop_uid, _ = uids
         except InvalidInstance as exc:
             log.warning("refused an instance from %s: %s (status 0xA900)", calling_aet, exc)
             return Status.DATASET_MISMATCH
@@ -68,26 +76,32 @@ class Ingest:
             return Status.OUT_OF_RESOURCES
         try:
             size = self.store.write(relative, encoded)
-        except StorageError as exc:
-            log.error("could not store %s of study %s: %s (status 0xA700)", sop_uid, study_uid, exc)
-            return Status.OUT_OF_RESOURCES
-        item = ReceivedInstance(
-            study_instance_uid=study_uid, series_instance_uid=series_uid, sop_instance_uid=sop_uid,
-            sop_class_uid=sop_class, modality=modality, accession_number=accession,
-            transfer_syntax_uid=str(transfer_syntax_uid), path=str(relative), size=size,
-            calling_aet=calling_aet, analysable=sop_class in ANALYSABLE_SOP_CLASSES,
-        )
-        try:
-            with self.sessions.begin() as session:
+            item = _received(ds, str(relative), size, calling_aet=calling_aet,
+                             transfer_syntax_uid=transfer_syntax_uid, uids=uids)  # type: ignore[arg-type]
+            with self.database.write() as session:
                 outcome = record_instance(session, item, utcnow())
-        except SQLAlchemyError as exc:
-            log.error("could not record %s of study %s: %s (status 0xA700)", sop_uid, study_uid, exc)
+        except StorageError as exc:
+            log.error("could not store or record %s of study %s: %s (status 0xA700)", sop_uid, study_uid, exc)
             return Status.OUT_OF_RESOURCES
-        if outcome.new_study or outcome.reopened:
+        except Exception as exc:  # a header value pydicom cannot read (ImageType, …)
+            log.warning("refused an undecodable instance from %s: %s (status 0xC210)", calling_aet, exc)
+            return Status.CANNOT_UNDERSTAND
+        self._log_outcome(ds, outcome, item)
+        return Status.SUCCESS
+
+    def _log_outcome(self, ds: Dataset, outcome: RecordOutcome, item: ReceivedInstance) -> None:
+        """Log what an admin should know; the instance is stored whatever happens here."""
+        if outcome.sop_uid_also_in:
+            log.warning("SOPInstanceUID %s of study %s also exists in study %s; both are kept, each in its "
+                        "own study", item.sop_instance_uid, item.study_instance_uid, outcome.sop_uid_also_in)
+        if not (outcome.new_study or outcome.reopened):
+            return
+        try:
             self.triage_log.write(
-                "received", study_uid, accession, calling_aet=calling_aet,
+                "received", item.study_instance_uid, item.accession_number, calling_aet=item.calling_aet,
                 note="study re-opened by a new instance" if outcome.reopened else "new study",
                 patient_name=str(ds.get("PatientName", "")), patient_id=str(ds.get("PatientID", "")),
                 patient_birth_date=str(ds.get("PatientBirthDate", "")),
             )
-        return Status.SUCCESS
+        except OSError as exc:
+            log.error("study %s stored, but its triage log event was not written: %s", item.study_instance_uid, exc)

@@ -15,10 +15,10 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from node.triage import Verdict
-from training.checkpoint import Provenance
+from training.model.checkpoint import Provenance
+from training.model.rule import Verdict
 
-__all__ = ["ResultTexts", "model_warnings", "result_texts", "build_result_series", "encode"]
+__all__ = ["ResultTexts", "SourceImage", "model_warnings", "result_texts", "build_result_series", "encode"]
 
 DESCRIPTION_PREFIX = "AI ICH TRIAGE"
 DEMO_WARNING = "DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
@@ -36,6 +36,14 @@ class ResultTexts:
     warnings: list[str]
 
 
+@dataclass(frozen=True)
+class SourceImage:
+    """The CT slice a result image shows, for its Source Image Sequence."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
 def model_warnings(provenance: Provenance) -> list[str]:
     """What every output of this model must say about the model itself (from its provenance)."""
     if provenance.synthetic:
@@ -45,10 +53,12 @@ def model_warnings(provenance: Provenance) -> list[str]:
     return []
 
 
-def result_texts(verdict: Verdict, provenance: Provenance, architecture: str) -> ResultTexts:
+def result_texts(verdict: Verdict, provenance: Provenance, architecture: str, *,
+                 unusable_slices: int = 0) -> ResultTexts:
     """The verdict's words. A demonstration model's series is named by the whole demo
     warning (it fills the 64 characters of SeriesDescription, so the verdict is left to
-    the images, ImageComments and the log): nobody should read it as a finding."""
+    the images, ImageComments and the log): nobody should read it as a finding. Slices
+    left out as unreadable are counted, so a reader knows the verdict did not see them."""
     warnings = model_warnings(provenance)
     verdict_line = f"{DESCRIPTION_PREFIX}: {verdict.label}"
     description = verdict_line
@@ -58,11 +68,13 @@ def result_texts(verdict: Verdict, provenance: Provenance, architecture: str) ->
         description = f"{verdict_line} [UNTRAINED MODEL]"
     rule_line = (
         f"{verdict.positive_slices} of {verdict.total_slices} slices with P(ICH) > "
-        f"{verdict.slice_threshold:g} (positive when >= {verdict.required_slices}); "
+        f"{verdict.rule.slice_threshold:g} (positive when >= {verdict.required_slices}); "
         f"max P(ICH) {verdict.study_score:.3f}"
     )
+    left_out = ([f"{unusable_slices} unreadable slices of the series were left out of the analysis."]
+                if unusable_slices else [])
     comments = " ".join(
-        [f"{verdict_line}.", f"{rule_line}.", f"Model {architecture}, trained on: "
+        [f"{verdict_line}.", f"{rule_line}.", *left_out, f"Model {architecture}, trained on: "
          f"{provenance.training_data} ({provenance.description}).", "NOT FOR DIAGNOSTIC USE.", *warnings]
     )
     return ResultTexts(description[:64], verdict_line, rule_line, comments, warnings)
@@ -77,7 +89,7 @@ def build_result_series(
     manufacturer: str,
     institution_name: str,
     software_version: str,
-    sources: list[Dataset | None],
+    sources: list[SourceImage | None],
 ) -> tuple[str, list[hd.sc.SCImage]]:
     """One SC image per RGB array; `sources[i]` is the CT slice image i shows, if any."""
     if len(images) != len(sources):
@@ -109,8 +121,8 @@ def build_result_series(
         sc.DerivationDescription = "Grad-CAM and P(ICH) of an ICH classifier"[:1024]
         if source is not None:
             item = Dataset()
-            item.ReferencedSOPClassUID = source.SOPClassUID
-            item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+            item.ReferencedSOPClassUID = source.sop_class_uid
+            item.ReferencedSOPInstanceUID = source.sop_instance_uid
             sc.SourceImageSequence = [item]
         result.append(sc)
     return series_uid, result

@@ -57,11 +57,13 @@ def key_slice_image(
     verdict_line: str,
     positive: bool,
     warnings: list[str],
+    window_label: str = "brain window",
 ) -> np.ndarray:
     """Plain brain window beside the Grad-CAM overlay, with the slice's facts burned in.
 
     `brain` is the brain-window channel in [0, 1] and `cam` the Grad-CAM map in [0, 1],
-    both at the model's input size, so they line up pixel for pixel.
+    both at the model's input size, so they line up pixel for pixel. `window_label`
+    names that window as the checkpoint defines it (e.g. "brain window (0-80 HU)").
     """
     if brain.shape != cam.shape:
         raise ValueError(f"brain window {brain.shape} and Grad-CAM {cam.shape} differ in shape")
@@ -74,7 +76,7 @@ def key_slice_image(
     header = [
         (verdict_line, RED if positive else GREEN),
         (f"P(ICH) = {probability:.3f}   slice {slice_number} of {total_slices}{where}", WHITE),
-        ("left: brain window (0-80 HU)   right: Grad-CAM heatmap of the ICH class", GREY),
+        (f"left: {window_label}   right: Grad-CAM heatmap of the ICH class", GREY),
     ]
     return _frame(body, header, warnings)
 

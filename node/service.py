@@ -1,8 +1,12 @@
 """Assembling and running the node: `ichnode serve` and `ichnode worker`.
 
-`serve` = Storage SCP + completion job + delivery job (+ a worker thread unless
-worker.enabled_in_serve is false). `worker` = only the analysis loop, for more processes
-or GPU hosts sharing the database and the storage folder.
+`serve` = Storage SCP + completion job + one sending thread per destination (+ a worker
+thread unless worker.enabled_in_serve is false). `worker` = only the analysis loop, for
+more processes or GPU hosts sharing the database and the storage folder.
+
+Start-up checks what is cheap before what is slow: the listening address, TLS files, the
+database and the triage log are checked before the model is loaded, so a typo costs a
+second, not a minute.
 """
 
 from __future__ import annotations
@@ -11,27 +15,27 @@ import datetime as dt
 import logging
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import distinct, func, select
-from sqlalchemy.orm import sessionmaker
 
-from node.config import Config
-from node.delivery import DicomSender, Sender, deliver_due
-from node.errors import ConfigError
+from node.config import Config, NodeSection
+from node.delivery import DicomSender, Deliveries
+from node.errors import ConfigError, DatabaseMissing
 from node.ingest import Ingest
 from node.output import model_warnings
-from node.scp import start_scp
+from node.scp import start_scp, tls_context
 from node.triagelog import TriageLog
-from node.worker import NO_CHECKPOINT, Analyzer, Worker
-from storage.db import Instance, make_engine, make_sessionmaker, utcnow
+from node.worker import NO_CHECKPOINT, Worker, recover_results
+from storage.db import Database, utcnow
 from storage.state import mark_ready, purge_candidates, record_purge
 from storage.store import InstanceStore
-from training.predictor import Predictor
+from training.inference.predictor import Predictor
 
-__all__ = ["Node", "complete_quiet_studies", "load_predictor", "serve", "run_worker"]
+__all__ = ["Node", "complete_quiet_studies", "purge_delivered", "load_predictor", "open_database",
+           "serve", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +51,63 @@ def load_predictor(config: Config) -> Predictor | None:
                                      gradcam_layer=config.explain.gradcam_layer)
 
 
-def complete_quiet_studies(config: Config, sessions: sessionmaker, triage_log: TriageLog) -> int:
+def open_database(config: Config, store: InstanceStore | None = None) -> Database:
+    """The node's database. With `store` (serve and worker) a missing database is created,
+    but only on a first start: when the store already holds received instances, a new
+    empty database would silently forget them, so that is refused."""
+    create = store is not None and not store.holds_instances()
+    try:
+        database = Database(config.storage.database_url, create=create)
+    except DatabaseMissing as exc:
+        if store is not None:
+            raise DatabaseMissing(f"{exc}; storage.root {store.root} already holds received instances, so this "
+                                  "is not a first start: restore the database, or move storage.root aside "
+                                  "to start afresh") from exc
+        raise
+    if database.created:
+        log.warning("created a new, empty database at %s (first start)", database.shown)
+    return database
+
+
+def complete_quiet_studies(config: Config, database: Database, triage_log: TriageLog) -> int:
     """Mark studies quiet for completion.stable_seconds ready and log each."""
-    with sessions() as session:
+    with database.write() as session:
         ready = mark_ready(session, config.completion.stable_seconds, utcnow())
-        session.commit()
-        for study in ready:
-            series = session.scalar(
-                select(func.count(distinct(Instance.series_instance_uid))).where(Instance.study_id == study.id)
-            )
-            triage_log.write("ready", study.study_instance_uid, study.accession_number,
-                             instances=study.instance_count, series=series)
+    for study in ready:
+        triage_log.write("ready", study.study_instance_uid, study.accession_number,
+                         instances=study.instances, series=study.series)
     return len(ready)
 
 
-def purge_delivered(config: Config, sessions: sessionmaker, store: InstanceStore, triage_log: TriageLog) -> int:
+def purge_delivered(config: Config, database: Database, store: InstanceStore, triage_log: TriageLog) -> int:
     """Delete the received instances of studies whose results were all delivered more
     than storage.retention_days ago; the study rows and result series stay."""
     cutoff = utcnow() - dt.timedelta(days=config.storage.retention_days)
-    with sessions() as session:
+    with database.read() as session:
         studies = purge_candidates(session, cutoff)
-        session.commit()
     for study_id, uid, accession, paths in studies:
         for path in paths:
             store.delete(path)
-        with sessions() as session:
+        with database.write() as session:
             record_purge(session, study_id, utcnow())
         triage_log.write("purged", uid, accession, instances=len(paths),
                          retention_days=config.storage.retention_days)
     return len(studies)
+
+
+def check_listen_address(node: NodeSection) -> None:
+    """ConfigError when node.host does not resolve or node.port cannot be bound."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(node.host, node.port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"node.host {node.host!r} cannot be resolved: {exc.strerror}") from exc
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on node.host {node.host} node.port {node.port}: {exc.strerror}"
+                              " (is another node or DICOM service using it?)") from exc
 
 
 @dataclass
@@ -83,7 +115,7 @@ class Node:
     """Everything a node process holds, built once from the config."""
 
     config: Config
-    sessions: sessionmaker
+    database: Database
     store: InstanceStore
     triage_log: TriageLog
     predictor: Predictor | None
@@ -94,13 +126,30 @@ class Node:
         os.umask(0o077)
         store = InstanceStore(config.storage.root)
         store.ensure()
-        sessions = make_sessionmaker(make_engine(config.storage.database_url))
         triage_log = TriageLog(config.log.path, include_patient_identifiers=config.log.include_patient_identifiers)
-        return cls(config, sessions, store, triage_log, load_predictor(config))
+        try:
+            triage_log.check()
+        except OSError as exc:
+            raise ConfigError(f"log.path {config.log.path} cannot be written: {exc.strerror or exc}") from exc
+        database = open_database(config, store)
+        recover_results(database, store, config.worker.stale_after_seconds)
+        predictor = load_predictor(config)
+        _announce_model(predictor)
+        return cls(config, database, store, triage_log, predictor)
 
     def worker(self) -> Worker:
-        analyzer = Analyzer(self.predictor, self.config, self.store) if self.predictor else None
-        return Worker(self.config, self.sessions, self.store, analyzer, self.triage_log)
+        return Worker(self.config, self.database, self.store, self.predictor, self.triage_log)
+
+
+def _announce_model(predictor: Predictor | None) -> None:
+    if predictor is None:
+        log.warning("%s: studies are received and stored but not analysed", NO_CHECKPOINT)
+        return
+    provenance = predictor.config.provenance
+    log.info("model %s on %s with %s (trained on: %s)", predictor.config.architecture, predictor.device,
+             predictor.forward.name, provenance.training_data)
+    for warning in model_warnings(provenance):
+        log.warning("%s: every result of this model says so", warning)
 
 
 def _wait_for_signal(stop: threading.Event) -> None:
@@ -114,31 +163,32 @@ def _wait_for_signal(stop: threading.Event) -> None:
         pass
 
 
-def serve(config: Config, *, sender: Sender | None = None, stop: threading.Event | None = None) -> None:
-    """Run the node until SIGTERM/SIGINT (or `stop` is set)."""
-    node = Node.build(config)
-    stop = stop or threading.Event()
-    sender = sender or DicomSender(config.calling_ae_title, config.delivery.timeout_seconds)
-    if node.predictor is None:
-        log.warning("%s: studies are received and stored but not analysed", NO_CHECKPOINT)
-    else:
-        provenance = node.predictor.config.provenance
-        log.info("model %s on %s with %s (trained on: %s)", node.predictor.config.architecture,
-                 node.predictor.device, node.predictor.forward.name, provenance.training_data)
-        for warning in model_warnings(provenance):
-            log.warning("%s: every result of this model says so", warning)
-    ingest = Ingest(node.store, node.sessions, node.triage_log, min_free_mb=config.storage.min_free_mb)
-    server = start_scp(config.node, ingest)
+def _scheduler(node: Node, deliveries: Deliveries) -> BackgroundScheduler:
+    config = node.config
     scheduler = BackgroundScheduler(timezone="UTC")
-    scheduler.add_job(complete_quiet_studies, "interval", args=[config, node.sessions, node.triage_log],
+    scheduler.add_job(complete_quiet_studies, "interval", args=[config, node.database, node.triage_log],
                       seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True)
-    scheduler.add_job(deliver_due, "interval", args=[config, node.sessions, node.store, sender, node.triage_log],
-                      seconds=1.0, max_instances=1, coalesce=True)
+    scheduler.add_job(deliveries.fail_orphans, "interval", seconds=10, max_instances=1, coalesce=True)
     if config.storage.retention_days > 0:
-        scheduler.add_job(purge_delivered, "interval", args=[config, node.sessions, node.store, node.triage_log],
-                          minutes=10, max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.timezone.utc))
+        scheduler.add_job(purge_delivered, "interval", args=[config, node.database, node.store, node.triage_log],
+                          minutes=10, max_instances=1, coalesce=True,
+                          next_run_time=dt.datetime.now(dt.timezone.utc))
+    return scheduler
+
+
+def serve(config: Config) -> None:
+    """Run the node until SIGTERM/SIGINT."""
+    check_listen_address(config.node)
+    tls_context(config.node)  # unreadable TLS files stop start-up here, before the model loads
+    node = Node.build(config)
+    stop = threading.Event()
+    deliveries = Deliveries(config, node.database, node.store,
+                            DicomSender(config.calling_ae_title, config.delivery.timeout_seconds), node.triage_log)
+    ingest = Ingest(node.store, node.database, node.triage_log, min_free_mb=config.storage.min_free_mb)
+    server = start_scp(config.node, ingest)
+    scheduler = _scheduler(node, deliveries)
     scheduler.start()
-    threads = []
+    threads = deliveries.start(stop)
     if config.worker.enabled_in_serve:
         threads.append(threading.Thread(target=node.worker().run_forever, args=[stop], name="worker"))
         threads[-1].start()
@@ -156,16 +206,16 @@ def serve(config: Config, *, sender: Sender | None = None, stop: threading.Event
         log.info("stopped")
 
 
-def run_worker(config: Config, *, stop: threading.Event | None = None) -> None:
+def run_worker(config: Config) -> None:
     """Run an analysis-only worker until SIGTERM/SIGINT."""
-    node = Node.build(config)
-    if node.predictor is None:
+    if config.model.checkpoint is None:
         raise ConfigError(f"ichnode worker needs a model: {NO_CHECKPOINT} is empty")
-    stop = stop or threading.Event()
+    node = Node.build(config)
+    stop = threading.Event()
     worker = node.worker()
     thread = threading.Thread(target=worker.run_forever, args=[stop], name="worker")
     thread.start()
-    log.info("worker %s analysing studies from %s", worker.owner, config.storage.database_url)
+    log.info("worker %s analysing studies from %s", worker.owner, node.database.shown)
     try:
         _wait_for_signal(stop)
     finally:

@@ -1,36 +1,49 @@
-"""Analysis: claim a ready study, choose and order its head series, run the model, apply
-the patient rule, explain the key slices with Grad-CAM, and store the result series."""
+"""The worker: claim a ready study, load its headers, `analyse` it, write the result
+series, record the outcome, log it. Analysis itself is the pure stage in `node.analysis`.
+
+What happens to a study whose analysis failed depends on the error, not on where it was
+raised: a retryable error (disk full, database busy) sends it back to the queue after a
+growing wait without using up an attempt; an unexpected error is tried again
+`worker.max_attempts` times; anything else (no head series, unusable pixels) fails it at
+once with the reason.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pydicom
-from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
+from pydicom.dataset import Dataset
 
+from node.analysis import AnalysisResult, AnalysisSettings, analyse
 from node.config import Config
-from node.errors import IchNodeError, InvalidInstance
-from node.output import ResultTexts, build_result_series, encode, result_texts
-from node.render import key_slice_image, summary_image
-from node.series import SeriesChoice, choose_head_series, read_header
-from node.triage import Verdict, key_slice_indices, patient_verdict
+from node.output import encode
 from node.triagelog import TriageLog
-from storage.db import Instance, utcnow
-from storage.state import claim_next_study, fail_study, finish_study, heartbeat, requeue_stale
+from storage.db import Database, utcnow
+from storage.errors import DatabaseMissing, IchNodeError
+from storage.state import (
+    ClaimedStudy,
+    backoff_seconds,
+    claim_next_study,
+    defer_study,
+    fail_study,
+    finish_study,
+    heartbeat,
+    requeue_stale,
+    result_folders,
+)
 from storage.store import InstanceStore
-from training.predictor import Predictor
-from training.preprocess import dataset_to_input
+from training.inference.predictor import Predictor
+from training.model.series import SliceHeader, read_header
 
-__all__ = ["NO_CHECKPOINT", "Analysis", "Analyzer", "Worker", "worker_id"]
+__all__ = ["NO_CHECKPOINT", "Worker", "worker_id", "analysis_settings", "recover_results"]
 
 log = logging.getLogger(__name__)
 
@@ -42,150 +55,45 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-@dataclass(frozen=True)
-class Analysis:
-    verdict: Verdict
-    choice: SeriesChoice
-    texts: ResultTexts
-    result_series_uid: str
-    result_folder: Path  # relative to storage.root
-    objects: int
-    timings: dict[str, float] = field(default_factory=dict)
-    skipped_slices: dict[str, str] = field(default_factory=dict)  # SOPInstanceUID → why
+def analysis_settings(config: Config) -> AnalysisSettings:
+    return AnalysisSettings(
+        rule=config.triage, min_slices=config.worker.min_slices,
+        max_unusable_fraction=config.worker.max_unusable_fraction, key_slices=config.explain.key_slices,
+        aug_smooth=config.explain.aug_smooth, manufacturer=config.output.manufacturer,
+        institution_name=config.output.institution_name,
+    )
 
 
-class _Stopwatch:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.timings[stage] = round(now - self._last, 3)
-        self._last = now
-
-    def add(self, stage: str, seconds: float) -> None:
-        """A stage timed by its caller; the next lap starts now."""
-        self.timings[stage] = round(seconds, 3)
-        self._last = time.perf_counter()
+def read_slice(header: SliceHeader) -> Dataset:
+    return pydicom.dcmread(header.path)
 
 
-class Analyzer:
-    """One study's instances → verdict and a stored Secondary Capture series."""
-
-    def __init__(self, predictor: Predictor, config: Config, store: InstanceStore) -> None:
-        self.predictor = predictor
-        self.config = config
-        self.store = store
-        names = [w.name for w in predictor.config.preprocess.windows]
-        self._brain_channel = names.index("brain") if "brain" in names else 0
-
-    def analyse(self, study_uid: str, paths: list[Path], *, series_number: int) -> Analysis:
-        clock = _Stopwatch()
-        headers = []
-        for path in paths:
-            try:
-                headers.append(read_header(path))
-            except Exception as exc:  # an unreadable file must not stop the others
-                log.warning("study %s: cannot read %s: %s", study_uid, path, exc)
-        choice = choose_head_series(headers, self.config.worker.min_slices)
-        headers, datasets, inputs, skipped = self._usable_slices(choice, clock)
-        probabilities = self.predictor.predict(inputs)
-        clock.lap("inference")
-        triage = self.config.triage
-        verdict = patient_verdict(
-            probabilities,
-            slice_threshold=triage.slice_threshold,
-            positive_fraction=triage.positive_fraction,
-            min_positive_slices=triage.min_positive_slices,
-        )
-        keys = key_slice_indices(probabilities, self.config.explain.key_slices)
-        cams = self.predictor.gradcam(inputs[keys], aug_smooth=self.config.explain.aug_smooth)
-        clock.lap("gradcam")
-        model = self.predictor.config
-        texts = result_texts(verdict, model.provenance, model.architecture)
-        images = self._images(inputs, cams, keys, probabilities, headers, verdict, texts)
-        series_uid, objects = build_result_series(
-            datasets[0], images, texts=texts, series_number=series_number,
-            manufacturer=self.config.output.manufacturer,
-            institution_name=self.config.output.institution_name,
-            software_version=model.provenance.code_version,
-            sources=[datasets[i] for i in keys] + [None],
-        )
-        folder = self.store.result_folder(study_uid, series_uid)
-        for ds in objects:
-            self.store.write(folder / f"{ds.InstanceNumber:04d}.dcm", encode(ds))
-        clock.lap("encode")
-        return Analysis(verdict, choice, texts, series_uid, folder, len(objects), clock.timings, skipped)
-
-    def _usable_slices(self, choice: SeriesChoice, clock: "_Stopwatch"):
-        """(headers, datasets, inputs, skipped) of the chosen slices that can be used: a
-        slice that cannot is left out and reported rather than failing the study, unless
-        too few remain."""
-        spec = self.predictor.config.preprocess
-        datasets, inputs, skipped, kept = [], [], {}, []
-        load = preprocess = 0.0
-        for header in choice.slices:
-            started = time.perf_counter()
-            try:
-                ds = pydicom.dcmread(header.path)
-                loaded = time.perf_counter()
-                inputs.append(dataset_to_input(ds, spec))
-            except Exception as exc:  # InvalidInstance, or pydicom on a damaged file
-                skipped[header.sop_instance_uid] = str(exc)
-                continue
-            load += loaded - started
-            preprocess += time.perf_counter() - loaded
-            datasets.append(ds)
-            kept.append(header)
-        clock.add("load", load)
-        clock.add("preprocess", preprocess)
-        minimum = self.config.worker.min_slices
-        if len(inputs) < minimum:
-            raise InvalidInstance(
-                f"series {choice.series_instance_uid}: only {len(inputs)} of {len(choice.slices)} slices "
-                f"are usable, fewer than worker.min_slices = {minimum} (first problem: "
-                f"{next(iter(skipped.values()), 'none')})"
-            )
-        return kept, datasets, np.stack(inputs), skipped
-
-    def _images(self, inputs, cams, keys, probabilities, headers, verdict, texts) -> list[np.ndarray]:
-        spec = self.predictor.config.preprocess
-        images = []
-        for cam, index in zip(cams, keys):
-            brain = inputs[index, self._brain_channel] * spec.std + spec.mean
-            header = headers[index]
-            images.append(
-                key_slice_image(
-                    brain, cam, probability=float(probabilities[index]),
-                    slice_number=index + 1, total_slices=len(probabilities),
-                    position_mm=header.position[2] if header.position else None,
-                    verdict_line=texts.verdict_line, positive=verdict.positive,
-                    warnings=texts.warnings,
-                )
-            )
-        images.append(
-            summary_image(
-                probabilities, slice_threshold=verdict.slice_threshold, key_slices=keys,
-                verdict_line=texts.verdict_line, rule_line=texts.rule_line,
-                positive=verdict.positive, warnings=texts.warnings,
-            )
-        )
-        return images
+def recover_results(database: Database, store: InstanceStore, stale_after_seconds: float) -> None:
+    """Finish what a crash between writing and recording a result series left: publish the
+    folders the database recorded, delete the ones it never heard of."""
+    with database.read() as session:
+        recorded = result_folders(session)
+    for folder in store.unpublished_results(stale_after_seconds):
+        if str(folder) in recorded:
+            store.publish_result(folder)
+            log.warning("result series %s was recorded before a crash; published it now", folder)
+        else:
+            store.delete_unpublished(folder)
+            log.warning("deleted result series %s: written before a crash, never recorded", folder)
 
 
 class _Heartbeat:
     """Keeps a claimed study's heartbeat fresh from a background thread."""
 
-    def __init__(self, sessions: sessionmaker, study_id: int, owner: str, every: float) -> None:
-        self._sessions, self._study_id, self._owner, self._every = sessions, study_id, owner, every
+    def __init__(self, database: Database, study_id: int, owner: str, every: float) -> None:
+        self._database, self._study_id, self._owner, self._every = database, study_id, owner, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
             try:
-                with self._sessions() as session:
+                with self._database.write() as session:
                     heartbeat(session, self._study_id, self._owner, utcnow())
             except Exception as exc:  # the database may be briefly unavailable
                 log.warning("heartbeat for study %d failed: %s", self._study_id, exc)
@@ -202,104 +110,150 @@ class _Heartbeat:
 class Worker:
     """Claims ready studies one at a time and records what came of each."""
 
-    def __init__(
-        self,
-        config: Config,
-        sessions: sessionmaker,
-        store: InstanceStore,
-        analyzer: Analyzer | None,
-        triage_log: TriageLog,
-        owner: str | None = None,
-    ) -> None:
+    def __init__(self, config: Config, database: Database, store: InstanceStore, predictor: Predictor | None,
+                 triage_log: TriageLog, owner: str | None = None) -> None:
         self.config = config
-        self.sessions = sessions
+        self.database = database
         self.store = store
-        self.analyzer = analyzer
+        self.predictor = predictor
         self.triage_log = triage_log
+        self.settings = analysis_settings(config)
         self.owner = owner or worker_id()
 
     def run_once(self) -> bool:
         """Process at most one study; True when one was claimed."""
-        settings = self.config.worker
-        with self.sessions() as session:
-            for study in requeue_stale(session, settings.stale_after_seconds, settings.max_attempts, utcnow()):
-                log.warning("study %s: %s", study.study_instance_uid, study.last_error)
-                if study.state.value == "failed":
-                    self.triage_log.write("failed", study.study_instance_uid, study.accession_number,
-                                          reason=study.last_error)
-            study = claim_next_study(session, self.owner, utcnow())
-            if study is None:
-                return False
-            started_at = study.heartbeat_at
-            paths = [
-                self.store.absolute(p)
-                for p in session.scalars(select(Instance.path).where(Instance.study_id == study.id))
-            ]
-            study_id, uid, accession = study.id, study.study_instance_uid, study.accession_number
-            series_number = self.config.output.series_number + study.analyses
-        if self.analyzer is None:
-            self._fail(study_id, uid, accession, NO_CHECKPOINT, retry=False)
+        study = self._claim()
+        if study is None:
+            return False
+        if self.predictor is None:
+            self._fail(study, NO_CHECKPOINT)
             return True
-        with _Heartbeat(self.sessions, study_id, self.owner, settings.heartbeat_seconds):
+        with _Heartbeat(self.database, study.id, self.owner, self.config.worker.heartbeat_seconds):
             try:
-                analysis = self.analyzer.analyse(uid, paths, series_number=series_number)
-            except IchNodeError as exc:  # no head series, unusable pixels, …: final
-                self._fail(study_id, uid, accession, str(exc), retry=False)
+                result = analyse(self._headers(study), read_slice, self.predictor, self.settings,
+                                 series_number=self.config.output.series_number + study.analyses)
+                folder = self._write(study, result)
+            except Exception as exc:
+                self._failed(study, exc)
                 return True
-            except Exception as exc:  # unexpected: keep the node up, try again later
-                log.exception("study %s: analysis failed", uid)
-                self._fail(study_id, uid, accession, f"{type(exc).__name__}: {exc}", retry=True)
-                return True
-        self._finish(study_id, uid, accession, analysis, started_at)
+        self._finish(study, result, folder)
         return True
 
-    def _fail(self, study_id: int, uid: str, accession: str, reason: str, *, retry: bool) -> None:
-        with self.sessions() as session:
-            study = fail_study(session, study_id, self.owner, reason, retry=retry,
-                               max_attempts=self.config.worker.max_attempts)
-        if study is None:
-            log.warning("study %s was taken from this worker meanwhile; its failure is not recorded", uid)
-            return
-        if study.state.value == "failed":
-            self.triage_log.write("failed", uid, accession, reason=reason)
-        log.warning("study %s: %s", uid, reason)
+    def _claim(self) -> ClaimedStudy | None:
+        settings = self.config.worker
+        with self.database.write() as session:
+            stale = requeue_stale(session, settings.stale_after_seconds, settings.max_attempts, utcnow())
+            study = claim_next_study(session, self.owner, utcnow())
+        for gone in stale:
+            log.warning("study %s: %s", gone.study_instance_uid, gone.reason)
+            if gone.failed:
+                self.triage_log.write("failed", gone.study_instance_uid, gone.accession_number, reason=gone.reason)
+        return study
 
-    def _finish(self, study_id: int, uid: str, accession: str, analysis: Analysis, started_at) -> None:
-        verdict = analysis.verdict
-        with self.sessions() as session:
-            study = finish_study(
-                session, study_id, self.owner, verdict=verdict.label, study_score=verdict.study_score,
-                result_series_uid=analysis.result_series_uid, result_folder=str(analysis.result_folder),
-                priority_high=verdict.positive, destinations=[d.name for d in self.config.destinations],
-                started_at=started_at, now=utcnow(),
-            )
-        if study is None:
-            log.warning("study %s was re-queued while this worker analysed it; result %s not delivered",
-                        uid, analysis.result_series_uid)
+    def _headers(self, study: ClaimedStudy) -> list[SliceHeader]:
+        headers = []
+        for path in study.instance_paths:
+            try:
+                headers.append(read_header(self.store.absolute(path)))
+            except Exception as exc:  # an unreadable file must not stop the others
+                log.warning("study %s: cannot read %s: %s", study.study_instance_uid, path, exc)
+        return headers
+
+    def _write(self, study: ClaimedStudy, result: AnalysisResult) -> Path:
+        started = time.perf_counter()
+        folder = self.store.result_folder(study.study_instance_uid, result.series_instance_uid)
+        self.store.write_result(folder, {f"{ds.InstanceNumber:04d}.dcm": encode(ds) for ds in result.datasets})
+        result.timings["encode"] = round(result.timings.get("encode", 0.0) + time.perf_counter() - started, 3)
+        return folder
+
+    def _failed(self, study: ClaimedStudy, exc: Exception) -> None:
+        """Retry later, or fail for good, by what the error says about itself."""
+        if isinstance(exc, IchNodeError) and not exc.retryable:
+            self._fail(study, str(exc))
             return
-        model = self.analyzer.predictor.config
-        self.triage_log.write(
-            "analysed", uid, accession,
-            verdict=analysis.texts.verdict_line, positive=verdict.positive,
-            study_score=round(verdict.study_score, 4), top_k_score=round(verdict.top_k_score, 4),
-            positive_slices=verdict.positive_slices, total_slices=verdict.total_slices,
-            required_slices=verdict.required_slices, slice_threshold=verdict.slice_threshold,
-            series_instance_uid=analysis.choice.series_instance_uid,
-            series_reason=analysis.choice.reason, slice_order=analysis.choice.ordering,
-            skipped_slices=analysis.skipped_slices,
-            passed_over=analysis.choice.passed_over,
-            result_series_uid=analysis.result_series_uid, result_objects=analysis.objects,
-            model=model.architecture, model_training_data=model.provenance.training_data,
-            warnings=analysis.texts.warnings, timings_s=analysis.timings,
-        )
+        environment = isinstance(exc, IchNodeError)  # retryable, by the check above
+        if not environment:
+            log.exception("study %s: analysis failed unexpectedly", study.study_instance_uid)
+            if study.attempts >= self.config.worker.max_attempts:
+                self._fail(study, f"{type(exc).__name__}: {exc} (attempt {study.attempts} of "
+                                  f"{self.config.worker.max_attempts})")
+                return
+        self._defer(study, f"{type(exc).__name__}: {exc}" if not environment else str(exc),
+                    counts_as_attempt=not environment)
+
+    def _defer(self, study: ClaimedStudy, reason: str, *, counts_as_attempt: bool) -> None:
+        settings = self.config.worker
+        wait = backoff_seconds(study.retries + 1, settings.retry_initial_seconds, settings.retry_max_seconds)
+        retry_at = utcnow() + dt.timedelta(seconds=wait)
+        with self.database.write() as session:
+            deferred = defer_study(session, study.id, self.owner, reason, retry_at=retry_at,
+                                   counts_as_attempt=counts_as_attempt)
+        if deferred is None:
+            log.warning("study %s was taken from this worker meanwhile", study.study_instance_uid)
+            return
+        log.warning("study %s: %s; trying again in %g s", study.study_instance_uid, reason, wait)
+        self.triage_log.write("deferred", study.study_instance_uid, study.accession_number, reason=reason,
+                              next_attempt_at=retry_at.isoformat(timespec="seconds") + "Z")
+
+    def _fail(self, study: ClaimedStudy, reason: str) -> None:
+        with self.database.write() as session:
+            failed = fail_study(session, study.id, self.owner, reason)
+        if failed is None:
+            log.warning("study %s was taken from this worker meanwhile; its failure is not recorded",
+                        study.study_instance_uid)
+            return
+        self.triage_log.write("failed", study.study_instance_uid, study.accession_number, reason=reason)
+        log.warning("study %s: %s", study.study_instance_uid, reason)
+
+    def _finish(self, study: ClaimedStudy, result: AnalysisResult, folder: Path) -> None:
+        verdict = result.verdict
+        with self.database.write() as session:
+            recorded = finish_study(
+                session, study.id, self.owner, verdict=verdict.label, study_score=verdict.study_score,
+                result_series_uid=result.series_instance_uid, result_folder=str(folder),
+                priority_high=verdict.positive, destinations=[d.name for d in self.config.destinations],
+                started_at=study.claimed_at, now=utcnow(),
+            )
+        if recorded is None:
+            self.store.delete_unpublished(folder)
+            log.warning("study %s was re-queued while this worker analysed it; result %s discarded",
+                        study.study_instance_uid, result.series_instance_uid)
+            return
+        self.store.publish_result(folder)
+        self.triage_log.write("analysed", study.study_instance_uid, study.accession_number,
+                              **_analysed_fields(result, self.predictor))
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Claim and process until `stop` is set; idle polls every worker.poll_seconds."""
+        """Claim and process until `stop` is set; idle polls every worker.poll_seconds.
+        Without its database the worker claims nothing and says so once."""
+        missing = False
         while not stop.is_set():
             try:
                 busy = self.run_once()
+                missing = False
+            except DatabaseMissing as exc:
+                if not missing:
+                    log.error("worker stopped claiming studies: %s", exc)
+                missing, busy = True, False
             except Exception:  # the database may be briefly unavailable
                 log.exception("worker loop error")
                 busy = False
             if not busy:
                 stop.wait(self.config.worker.poll_seconds)
+
+
+def _analysed_fields(result: AnalysisResult, predictor: Predictor) -> dict:
+    """The `analysed` event of the triage log."""
+    verdict, choice, model = result.verdict, result.choice, predictor.config
+    return dict(
+        verdict=result.texts.verdict_line, positive=verdict.positive,
+        study_score=round(verdict.study_score, 4), top_k_score=round(verdict.top_k_score, 4),
+        positive_slices=verdict.positive_slices, total_slices=verdict.total_slices,
+        required_slices=verdict.required_slices, slice_threshold=verdict.rule.slice_threshold,
+        series_instance_uid=choice.series_instance_uid, series_reason=choice.reason,
+        slice_order=choice.ordering, skipped_slices=result.skipped_slices, passed_over=choice.passed_over,
+        result_series_uid=result.series_instance_uid, result_objects=len(result.datasets),
+        model=model.architecture, model_training_data=model.provenance.training_data,
+        warnings=result.texts.warnings, timings_s=result.timings,
+    )
+

@@ -1,13 +1,24 @@
-"""SQLAlchemy models and the engine/session factory (built once per process).
+"""SQLAlchemy models and the database a process opens once (`Database`).
+
+One transaction policy for the whole project: the caller owns the transaction. The state
+functions in `storage/state.py` only read and flush; `Database.write()` commits (or rolls
+back) one short transaction around them, and `Database.read()` gives a snapshot that
+never takes the write lock. No transaction stays open across network or model work.
 
 SQLite runs in WAL mode with synchronous=FULL, so a committed row survives a crash and
-readers never block the SCP; PostgreSQL works unchanged for several worker hosts.
+readers never block writers; write transactions start with BEGIN IMMEDIATE so two writers
+never deadlock upgrading a lock. Once open, connections may not create the file again: a
+database deleted under a running node is noticed (DatabaseMissing), not silently replaced
+by an empty one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import (
@@ -18,14 +29,21 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
+    inspect,
     make_url,
+    select,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from storage.errors import DatabaseMissing, StorageError
 
 __all__ = [
+    "SCHEMA_VERSION",
     "StudyState",
     "DeliveryState",
     "Base",
@@ -33,9 +51,12 @@ __all__ = [
     "Instance",
     "Delivery",
     "utcnow",
-    "make_engine",
-    "make_sessionmaker",
+    "anchor_sqlite_url",
+    "Database",
 ]
+
+# Bumped whenever a table changes; a database of another version is refused with a message.
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> dt.datetime:
@@ -77,6 +98,10 @@ class Study(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(128), default=None)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Failures of the environment (disk full, database busy) since the last success: the
+    # study waits until retry_at, longer after each, without using up `attempts`.
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    retry_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
     analyses: Mapped[int] = mapped_column(Integer, default=0)  # finished analyses
     purged_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)  # retention
     # Outcome of the latest analysis.
@@ -91,10 +116,14 @@ class Study(Base):
 
 
 class Instance(Base):
+    """One stored instance. A SOPInstanceUID is unique only within its study and series:
+    modalities, re-imports and anonymisers do reuse them, and each copy is kept."""
+
     __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("study_id", "series_instance_uid", "sop_instance_uid"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
@@ -130,9 +159,32 @@ class Delivery(Base):
     study: Mapped[Study] = relationship(back_populates="deliveries")
 
 
+class SchemaVersion(Base):
+    """The one row says which version of these tables the database holds."""
+
+    __tablename__ = "ichnode_schema"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+def anchor_sqlite_url(url: str, base: Path) -> str:
+    """sqlite[+driver]:///relative.db → the same URL with the file's path made absolute
+    under `base` (the config file's folder); other URLs unchanged. ValueError when `url`
+    is not a database URL."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ValueError(str(exc)) from None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" \
+            or database.startswith("file:") or Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(base / database)).render_as_string(hide_password=False)
+
+
 def _sqlite_connect(dbapi_connection, _record) -> None:
     # pysqlite's own implicit transactions break SAVEPOINT and start too late; SQLAlchemy
-    # emits BEGIN itself instead (see _sqlite_begin).
+    # emits BEGIN itself instead (see Database).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -142,27 +194,140 @@ def _sqlite_connect(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def _sqlite_begin(connection) -> None:
+def _sqlite_begin_immediate(connection) -> None:
     # IMMEDIATE takes the write lock at the start, so two writers never deadlock on a
-    # lock upgrade (which busy_timeout cannot resolve); WAL readers are not blocked.
+    # lock upgrade (which busy_timeout cannot resolve).
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`, creating the SQLite file's folder and the tables if needed."""
-    parsed = make_url(url)
-    is_sqlite = parsed.get_backend_name() == "sqlite"
-    if is_sqlite and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, pool_pre_ping=not is_sqlite)
-    if is_sqlite:
+def _sqlite_begin_deferred(connection) -> None:
+    # A reader: in WAL mode it sees a snapshot and never waits for, or blocks, a writer.
+    connection.exec_driver_sql("BEGIN")
+
+
+class Database:
+    """The database at one URL, opened once per process.
+
+    `create=True` makes the file and tables when the database does not exist yet (only
+    `serve` and `worker` do that, on first start); otherwise a missing database is a
+    DatabaseMissing error naming the URL. A database of another schema version is refused.
+    """
+
+    def __init__(self, url: str, *, create: bool = False) -> None:
+        self.url = make_url(url)
+        self.created = False
+        self._file: Path | None = None
+        self._identity: tuple[int, int] | None = None
+        if self.url.get_backend_name() == "sqlite" and self.url.database not in (None, "", ":memory:"):
+            self._file = Path(self.url.database)
+            self._open_sqlite_file(create)
+        try:
+            self._writer = self._engine(writer=True)
+        except ModuleNotFoundError as exc:
+            raise StorageError(f"storage.database_url {self.url.drivername}://…: its Python driver "
+                               f"{exc.name!r} is not installed", retryable=False) from exc
+        self._reader = self._engine(writer=False) if self._file is not None else self._writer
+        self._check_schema(create)
+        self._write_sessions = sessionmaker(self._writer, expire_on_commit=False)
+        self._read_sessions = sessionmaker(self._reader, expire_on_commit=False)
+
+    @property
+    def shown(self) -> str:
+        """The URL without its password, for messages."""
+        return self.url.render_as_string(hide_password=True)
+
+    def _open_sqlite_file(self, create: bool) -> None:
+        assert self._file is not None
+        if not self._file.exists():
+            if not create:
+                raise DatabaseMissing(f"database {self._file} does not exist; `ichnode serve` creates it "
+                                      "on first start (check storage.database_url)")
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            self.created = True
+        stat = self._file.stat()
+        self._identity = (stat.st_dev, stat.st_ino)
+
+    def _engine(self, *, writer: bool) -> Engine:
+        if self._file is None:
+            return create_engine(self.url, pool_pre_ping=True)
+        # mode=rw: a connection opened later never creates a new, empty file.
+        url = URL.create("sqlite", database=f"file:{self._file}", query={"mode": "rw", "uri": "true"})
+        engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_connect)
-        event.listen(engine, "begin", _sqlite_begin)
-    Base.metadata.create_all(engine)
-    if is_sqlite and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).chmod(0o600)
-    return engine
+        event.listen(engine, "begin", _sqlite_begin_immediate if writer else _sqlite_begin_deferred)
+        return engine
 
+    def _check_schema(self, create: bool) -> None:
+        try:
+            tables = set(inspect(self._writer).get_table_names())
+            if not tables and (create or self.created):
+                Base.metadata.create_all(self._writer)
+                with Session(self._writer) as session, session.begin():
+                    session.add(SchemaVersion(version=SCHEMA_VERSION))
+                self.created = True
+                return
+            with Session(self._reader) as session:
+                version = session.scalar(select(SchemaVersion.version)) if "ichnode_schema" in tables else None
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot open the database {self.shown}: {exc}", retryable=False) from exc
+        if not tables:
+            raise DatabaseMissing(f"database {self.shown} has no ichnode tables; `ichnode serve` creates them "
+                                  "on first start")
+        if version != SCHEMA_VERSION:
+            raise StorageError(
+                f"database {self.shown} holds tables of schema {version or 1}, this ichnode uses schema "
+                f"{SCHEMA_VERSION} and has no migration for it: stop the node, move the database aside "
+                "(and storage.root with it) and start again, then re-send the studies you need",
+                retryable=False,
+            )
 
-def make_sessionmaker(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False)
+    def check(self) -> None:
+        """DatabaseMissing when the SQLite file was deleted or replaced since it was opened."""
+        if self._file is None:
+            return
+        try:
+            stat = self._file.stat()
+        except FileNotFoundError:
+            identity = None
+        else:
+            identity = (stat.st_dev, stat.st_ino)
+        if identity != self._identity:
+            raise DatabaseMissing(f"the database file {self._file} was deleted or replaced while the node ran; "
+                                  "nothing more is recorded: stop the node and restore the file")
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Database failures as StorageError: a busy or unreachable database may pass
+        (retryable), anything else will not."""
+        try:
+            yield
+        except OperationalError as exc:
+            raise StorageError(f"database {self.shown}: {exc.orig or exc}", retryable=True) from exc
+        except SQLAlchemyError as exc:
+            raise StorageError(f"database {self.shown}: {exc}", retryable=False) from exc
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """One short write transaction: committed on success, rolled back on error."""
+        self.check()
+        with self._translated(), self._write_sessions.begin() as session:
+            yield session
+
+    def session(self) -> Session:
+        """A write session whose transactions the caller ends itself (tests and scripts
+        that step through several); the node uses `write()` and `read()`."""
+        self.check()
+        return self._write_sessions()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only snapshot; it never takes the write lock (nothing is committed)."""
+        self.check()
+        with self._translated(), self._read_sessions() as session:
+            yield session
+
+    def dispose(self) -> None:
+        self._writer.dispose()
+        self._reader.dispose()

@@ -1,10 +1,13 @@
-"""Study and delivery state transitions; the only code that changes their states.
+"""Study and delivery state transitions, and every query the rest of the project needs.
 
 Study:    receiving → ready → processing → done | failed   (a new CT instance re-opens)
 Delivery: pending → sent | failed                          (`retry` makes failed pending)
 
-Claims are single conditional UPDATEs checked by rowcount, so any number of worker
-processes on any number of hosts (PostgreSQL) never take the same study.
+The caller owns the transaction (`Database.write()` or `Database.read()`): these
+functions read, change and flush, never commit, so several of them can form one
+transaction and none holds a lock longer than its caller's. Claims are conditional
+UPDATEs checked by rowcount, so any number of worker processes on any number of hosts
+never take the same study.
 """
 
 from __future__ import annotations
@@ -12,15 +15,20 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, distinct, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.db import Delivery, DeliveryState, Instance, Study, StudyState
+from storage.store import result_folder
 
 __all__ = [
     "ReceivedInstance",
     "RecordOutcome",
+    "ReadyStudy",
+    "StaleStudy",
+    "ClaimedStudy",
+    "DueDelivery",
     "record_instance",
     "mark_ready",
     "claim_next_study",
@@ -28,14 +36,17 @@ __all__ = [
     "requeue_stale",
     "finish_study",
     "fail_study",
+    "defer_study",
     "due_deliveries",
     "delivery_sent",
     "delivery_attempt_failed",
     "retry_failed_deliveries",
     "purge_candidates",
     "record_purge",
+    "result_folders",
     "state_counts",
     "latest_studies",
+    "backoff_seconds",
 ]
 
 
@@ -53,7 +64,7 @@ class ReceivedInstance:
     path: str
     size: int
     calling_aet: str
-    analysable: bool  # CT images re-open a finished study; other objects do not
+    analysable: bool  # an image the analysis could use: it re-opens a finished study
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,58 @@ class RecordOutcome:
     new_study: bool
     reopened: bool
     duplicate: bool
+    # Another study that holds an instance with the same SOPInstanceUID (kept apart).
+    sop_uid_also_in: str | None = None
+
+
+@dataclass(frozen=True)
+class ReadyStudy:
+    study_instance_uid: str
+    accession_number: str
+    instances: int
+    series: int
+
+
+@dataclass(frozen=True)
+class StaleStudy:
+    study_instance_uid: str
+    accession_number: str
+    failed: bool  # no attempts left: failed for good
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClaimedStudy:
+    """A study a worker took, with what it needs to analyse it."""
+
+    id: int
+    study_instance_uid: str
+    accession_number: str
+    attempts: int
+    retries: int
+    analyses: int
+    claimed_at: dt.datetime
+    instance_paths: list[str]  # relative to storage.root
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    id: int
+    study_instance_uid: str
+    accession_number: str
+    result_series_uid: str | None
+    destination: str
+    result_folder: str
+    priority_high: bool
+    attempts: int
+
+
+def backoff_seconds(failures: int, initial: float, maximum: float) -> float:
+    """initial × 2^(failures − 1), at most `maximum`: the wait after the n-th failure."""
+    return min(maximum, initial * 2 ** max(failures - 1, 0))
+
+
+# --- receiving ------------------------------------------------------------------------
 
 
 def _get_or_create_study(session: Session, item: ReceivedInstance, now: dt.datetime) -> tuple[Study, bool]:
@@ -86,14 +149,25 @@ def _get_or_create_study(session: Session, item: ReceivedInstance, now: dt.datet
     return study, True
 
 
+def _other_study_with(session: Session, sop_instance_uid: str, study_id: int) -> str | None:
+    return session.scalar(
+        select(Study.study_instance_uid).join(Instance)
+        .where(Instance.sop_instance_uid == sop_instance_uid, Instance.study_id != study_id).limit(1)
+    )
+
+
 def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime) -> RecordOutcome:
-    """Record a stored instance (idempotent per SOPInstanceUID) and update its study."""
+    """Record a stored instance (idempotent per study, series and SOPInstanceUID) and
+    update its study."""
     study, new_study = _get_or_create_study(session, item, now)
-    existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid))
+    existing = session.scalar(select(Instance).where(
+        Instance.study_id == study.id, Instance.series_instance_uid == item.series_instance_uid,
+        Instance.sop_instance_uid == item.sop_instance_uid))
     reopened = False
     if study.state in (StudyState.DONE, StudyState.FAILED) and item.analysable and existing is None:
-        # Only a CT image not seen before re-opens a finished study; a re-send does not.
+        # Only an analysable image not seen before re-opens a finished study; a re-send does not.
         study.state, study.attempts, study.last_error = StudyState.RECEIVING, 0, None
+        study.retries, study.retry_at = 0, None
         reopened = True
     elif study.state == StudyState.READY:
         study.state = StudyState.RECEIVING  # more is arriving: wait for quiet again
@@ -120,10 +194,11 @@ def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime) 
         study.accession_number = item.accession_number
     study.last_received_at = now
     session.flush()
-    return RecordOutcome(study.id, new_study, reopened, existing is not None)
+    elsewhere = _other_study_with(session, item.sop_instance_uid, study.id) if existing is None else None
+    return RecordOutcome(study.id, new_study, reopened, existing is not None, elsewhere)
 
 
-def mark_ready(session: Session, stable_seconds: float, now: dt.datetime) -> list[Study]:
+def mark_ready(session: Session, stable_seconds: float, now: dt.datetime) -> list[ReadyStudy]:
     """Receiving studies quiet for `stable_seconds` become ready; returns them."""
     cutoff = now - dt.timedelta(seconds=stable_seconds)
     candidates = session.scalars(
@@ -138,17 +213,23 @@ def mark_ready(session: Session, stable_seconds: float, now: dt.datetime) -> lis
             .values(state=StudyState.READY)
         ).rowcount
         if changed:
-            ready.append(study)
+            series = session.scalar(
+                select(func.count(distinct(Instance.series_instance_uid))).where(Instance.study_id == study.id))
+            ready.append(ReadyStudy(study.study_instance_uid, study.accession_number, study.instance_count,
+                                    series or 0))
     session.flush()
-    for study in ready:
-        session.refresh(study)
     return ready
 
 
-def claim_next_study(session: Session, worker_id: str, now: dt.datetime) -> Study | None:
-    """Atomically take the oldest ready study for `worker_id`, or None."""
+# --- analysis -------------------------------------------------------------------------
+
+
+def claim_next_study(session: Session, worker_id: str, now: dt.datetime) -> ClaimedStudy | None:
+    """Atomically take the oldest ready study that is not waiting for a retry, or None."""
     candidates = session.scalars(
-        select(Study.id).where(Study.state == StudyState.READY).order_by(Study.last_received_at).limit(8)
+        select(Study.id)
+        .where(Study.state == StudyState.READY, or_(Study.retry_at.is_(None), Study.retry_at <= now))
+        .order_by(Study.last_received_at).limit(8)
     ).all()
     for study_id in candidates:
         claimed = session.execute(
@@ -157,9 +238,11 @@ def claim_next_study(session: Session, worker_id: str, now: dt.datetime) -> Stud
             .values(state=StudyState.PROCESSING, claimed_by=worker_id, heartbeat_at=now,
                     attempts=Study.attempts + 1)
         ).rowcount
-        session.commit()
         if claimed == 1:
-            return session.get(Study, study_id, populate_existing=True)
+            study = session.get(Study, study_id, populate_existing=True)
+            paths = list(session.scalars(select(Instance.path).where(Instance.study_id == study_id)))
+            return ClaimedStudy(study.id, study.study_instance_uid, study.accession_number, study.attempts,
+                                study.retries, study.analyses, now, paths)
     return None
 
 
@@ -171,11 +254,10 @@ def heartbeat(session: Session, study_id: int, worker_id: str, now: dt.datetime)
                Study.state == StudyState.PROCESSING)
         .values(heartbeat_at=now)
     ).rowcount
-    session.commit()
     return changed == 1
 
 
-def requeue_stale(session: Session, stale_seconds: float, max_attempts: int, now: dt.datetime) -> list[Study]:
+def requeue_stale(session: Session, stale_seconds: float, max_attempts: int, now: dt.datetime) -> list[StaleStudy]:
     """Processing studies whose worker went silent: ready again, or failed after
     `max_attempts` claims."""
     cutoff = now - dt.timedelta(seconds=stale_seconds)
@@ -185,23 +267,26 @@ def requeue_stale(session: Session, stale_seconds: float, max_attempts: int, now
     changed = []
     for study in stale:
         exhausted = study.attempts >= max_attempts
+        reason = f"worker {study.claimed_by} stopped responding (attempt {study.attempts} of {max_attempts})"
         count = session.execute(
             update(Study)
             .where(Study.id == study.id, Study.state == StudyState.PROCESSING,
                    Study.heartbeat_at < cutoff)
-            .values(
-                state=StudyState.FAILED if exhausted else StudyState.READY,
-                claimed_by=None,
-                last_error=(f"worker {study.claimed_by} stopped responding "
-                            f"(attempt {study.attempts} of {max_attempts})"),
-            )
+            .values(state=StudyState.FAILED if exhausted else StudyState.READY, claimed_by=None,
+                    last_error=reason)
         ).rowcount
         if count:
-            changed.append(study)
-    session.commit()
-    for study in changed:
-        session.refresh(study)
+            changed.append(StaleStudy(study.study_instance_uid, study.accession_number, exhausted, reason))
+    session.flush()
     return changed
+
+
+def _owned(session: Session, study_id: int, worker_id: str) -> Study | None:
+    """The study if `worker_id` still holds it (it may have been re-queued as stale)."""
+    study = session.get(Study, study_id, populate_existing=True)
+    if study is None or study.state != StudyState.PROCESSING or study.claimed_by != worker_id:
+        return None
+    return study
 
 
 def finish_study(
@@ -224,14 +309,14 @@ def finish_study(
     A study that received new CT instances while it was analysed goes back to receiving,
     so it is analysed again once quiet; this result is still delivered.
     """
-    study = session.get(Study, study_id, populate_existing=True)
-    if study is None or study.state != StudyState.PROCESSING or study.claimed_by != worker_id:
-        session.rollback()
+    study = _owned(session, study_id, worker_id)
+    if study is None:
         return None
     study.verdict, study.study_score = verdict, study_score
     study.result_series_uid, study.last_error = result_series_uid, None
     study.analyses += 1
     study.claimed_by, study.heartbeat_at = None, None
+    study.retries, study.retry_at = 0, None
     newer = study.last_received_at > started_at
     study.state = StudyState.RECEIVING if newer else StudyState.DONE
     for name in destinations:
@@ -242,75 +327,104 @@ def finish_study(
                 next_attempt_at=now,
             )
         )
-    session.commit()
+    session.flush()
     return study
 
 
-def fail_study(
-    session: Session, study_id: int, worker_id: str, error: str, *, retry: bool, max_attempts: int
-) -> Study | None:
-    """An analysis that failed: ready again while attempts remain and `retry`, else failed.
-    None (nothing changed) when the study is no longer `worker_id`'s."""
-    study = session.get(Study, study_id, populate_existing=True)
-    if study is None or study.state != StudyState.PROCESSING or study.claimed_by != worker_id:
-        session.rollback()
+def fail_study(session: Session, study_id: int, worker_id: str, error: str) -> Study | None:
+    """The analysis cannot succeed: the study is failed with `error`. None (nothing
+    changed) when the study is no longer `worker_id`'s."""
+    study = _owned(session, study_id, worker_id)
+    if study is None:
         return None
-    again = retry and study.attempts < max_attempts
-    study.state = StudyState.READY if again else StudyState.FAILED
-    study.last_error, study.claimed_by, study.heartbeat_at = error, None, None
-    session.commit()
+    study.state, study.last_error = StudyState.FAILED, error
+    study.claimed_by, study.heartbeat_at, study.retry_at = None, None, None
+    session.flush()
     return study
 
 
-def due_deliveries(session: Session, now: dt.datetime, limit: int = 16) -> list[Delivery]:
-    return list(
-        session.scalars(
-            select(Delivery)
-            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-            .order_by(Delivery.priority_high.desc(), Delivery.next_attempt_at)
-            .limit(limit)
-        )
+def defer_study(session: Session, study_id: int, worker_id: str, error: str, *, retry_at: dt.datetime,
+                counts_as_attempt: bool) -> Study | None:
+    """The analysis may succeed later: ready again at `retry_at`. A failure of the
+    environment (disk full, database busy) gives its attempt back, so a long outage
+    never fails a study; an unexpected error keeps it. None when no longer ours."""
+    study = _owned(session, study_id, worker_id)
+    if study is None:
+        return None
+    study.state, study.last_error, study.retry_at = StudyState.READY, error, retry_at
+    study.claimed_by, study.heartbeat_at = None, None
+    study.retries += 1
+    if not counts_as_attempt:
+        study.attempts -= 1
+    session.flush()
+    return study
+
+
+# --- deliveries -----------------------------------------------------------------------
+
+
+def due_deliveries(session: Session, now: dt.datetime, *, destination: str | None = None,
+                   limit: int = 16) -> list[DueDelivery]:
+    """Pending deliveries whose time has come, positive studies first."""
+    query = (
+        select(Delivery, Study)
+        .join(Study)
+        .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+        .order_by(Delivery.priority_high.desc(), Delivery.next_attempt_at, Delivery.id)
+        .limit(limit)
     )
+    if destination is not None:
+        query = query.where(Delivery.destination == destination)
+    return [
+        DueDelivery(d.id, s.study_instance_uid, s.accession_number, s.result_series_uid, d.destination,
+                    d.result_folder, d.priority_high, d.attempts)
+        for d, s in session.execute(query).all()
+    ]
 
 
-def delivery_sent(session: Session, delivery: Delivery, now: dt.datetime) -> None:
+def delivery_sent(session: Session, delivery_id: int, now: dt.datetime) -> Delivery:
+    delivery = session.get(Delivery, delivery_id, populate_existing=True)
     delivery.state, delivery.sent_at = DeliveryState.SENT, now
     delivery.attempts += 1
     delivery.last_error = None
-    session.commit()
+    session.flush()
+    return delivery
 
 
 def delivery_attempt_failed(
     session: Session,
-    delivery: Delivery,
+    delivery_id: int,
     error: str,
     *,
     max_attempts: int,
     initial_backoff: float,
     max_backoff: float,
     now: dt.datetime,
-) -> bool:
-    """Schedule the next attempt with exponential back-off; True when it is now failed."""
+) -> Delivery:
+    """Schedule the next attempt with exponential back-off, or fail the delivery after
+    `max_attempts`; returns the row."""
+    delivery = session.get(Delivery, delivery_id, populate_existing=True)
     delivery.attempts += 1
     delivery.last_error = error
     if delivery.attempts >= max_attempts:
         delivery.state = DeliveryState.FAILED
     else:
-        wait = min(max_backoff, initial_backoff * 2 ** (delivery.attempts - 1))
+        wait = backoff_seconds(delivery.attempts, initial_backoff, max_backoff)
         delivery.next_attempt_at = now + dt.timedelta(seconds=wait)
-    session.commit()
-    return delivery.state == DeliveryState.FAILED
+    session.flush()
+    return delivery
 
 
 def retry_failed_deliveries(session: Session, now: dt.datetime) -> int:
     """Failed deliveries become pending with fresh attempts; returns how many."""
-    count = session.execute(
+    return session.execute(
         update(Delivery)
         .where(Delivery.state == DeliveryState.FAILED)
         .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now)
     ).rowcount
-    session.commit()
-    return count
+
+
+# --- retention and housekeeping -------------------------------------------------------
 
 
 def purge_candidates(session: Session, cutoff: dt.datetime) -> list[tuple[int, str, str, list[str]]]:
@@ -332,10 +446,21 @@ def purge_candidates(session: Session, cutoff: dt.datetime) -> list[tuple[int, s
 
 def record_purge(session: Session, study_id: int, now: dt.datetime) -> None:
     """The study's instances are gone from disk: drop their rows, keep the study's."""
-    session.query(Instance).filter(Instance.study_id == study_id).delete()
-    study = session.get(Study, study_id)
-    study.purged_at = now
-    session.commit()
+    session.execute(delete(Instance).where(Instance.study_id == study_id))
+    session.get(Study, study_id).purged_at = now
+    session.flush()
+
+
+def result_folders(session: Session) -> set[str]:
+    """Every result folder the database refers to (relative to storage.root): those of
+    deliveries, and each study's latest result (which has no delivery without destinations)."""
+    folders = set(session.scalars(select(Delivery.result_folder).distinct()))
+    latest = session.execute(select(Study.study_instance_uid, Study.result_series_uid)
+                             .where(Study.result_series_uid.is_not(None))).all()
+    return folders | {str(result_folder(study, series)) for study, series in latest}
+
+
+# --- what admins see ------------------------------------------------------------------
 
 
 def state_counts(session: Session) -> tuple[dict[str, int], dict[str, int]]:

@@ -1,17 +1,25 @@
 """The on-disk store: instances and result objects, each written atomically (see
-storage.atomic). Files are readable by the node's user only."""
+storage.atomic). Files are readable by the node's user only; paths are relative to the
+root, so hosts sharing the folder may mount it where they like.
+
+A result series is written into `<folder>.partial` and renamed into place only after the
+database has recorded it, so a crash in between leaves a folder that is easy to tell
+apart: recorded ones are published on the next start, unrecorded ones deleted.
+"""
 
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
-from node.errors import InvalidInstance, StorageError, StorageFull
-from storage.atomic import atomic_write
+from storage.errors import InvalidInstance, StorageError, StorageFull
+from storage.atomic import atomic_write, fsync_folder
 
-__all__ = ["InstanceStore", "check_uid"]
+__all__ = ["InstanceStore", "check_uid", "result_folder"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -22,6 +30,11 @@ def check_uid(keyword: str, value: object) -> str:
     if not text or len(text) > 64 or not _UID.match(text):
         raise InvalidInstance(f"{keyword} {text!r} is not a valid DICOM UID")
     return text
+
+
+def result_folder(study_uid: str, series_uid: str) -> Path:
+    """Relative folder of a result series; UIDs are checked so they cannot escape the root."""
+    return Path("results", check_uid("StudyInstanceUID", study_uid), check_uid("SeriesInstanceUID", series_uid))
 
 
 class InstanceStore:
@@ -43,10 +56,15 @@ class InstanceStore:
         )
 
     def result_folder(self, study_uid: str, series_uid: str) -> Path:
-        return Path("results", check_uid("StudyInstanceUID", study_uid), check_uid("SeriesInstanceUID", series_uid))
+        return result_folder(study_uid, series_uid)
 
     def absolute(self, relative: Path | str) -> Path:
         return self.root / relative
+
+    def holds_instances(self) -> bool:
+        """Whether any received instance is stored (a new database would lose track of it)."""
+        folder = self.root / "instances"
+        return folder.is_dir() and any(folder.iterdir())
 
     def free_mb(self) -> float:
         """Free space on the disk holding the store, in MiB."""
@@ -62,6 +80,38 @@ class InstanceStore:
             except OSError:  # not empty, or already gone
                 break
 
+    def write_result(self, folder: Path, files: dict[str, bytes]) -> None:
+        """Write a result series into `folder`.partial (see the module docstring); a write
+        that fails (a full disk) leaves nothing behind."""
+        staging = _partial(folder)
+        try:
+            for name, data in files.items():
+                self.write(staging / name, data)
+        except StorageError:
+            self.delete_unpublished(folder)
+            raise
+
+    def publish_result(self, folder: Path | str) -> None:
+        """Move a recorded result from `folder`.partial into place; nothing to do when it is there."""
+        target, staging = self.absolute(folder), self.absolute(_partial(Path(folder)))
+        if staging.is_dir() and not target.exists():
+            os.replace(staging, target)
+            fsync_folder(target.parent)
+
+    def unpublished_results(self, older_than_seconds: float) -> list[Path]:
+        """Result folders still `.partial` and untouched for this long (relative, without
+        the suffix): what a crash between writing and recording left behind."""
+        results = self.root / "results"
+        cutoff = time.time() - older_than_seconds
+        found = []
+        for staging in results.glob("*/*.partial") if results.is_dir() else ():
+            if staging.stat().st_mtime < cutoff:
+                found.append(_partial(staging.relative_to(self.root), undo=True))
+        return found
+
+    def delete_unpublished(self, folder: Path) -> None:
+        shutil.rmtree(self.absolute(_partial(folder)), ignore_errors=True)
+
     def write(self, relative: Path, data: bytes) -> int:
         """Write `data` atomically and durably; returns its size."""
         target = self.absolute(relative)
@@ -73,3 +123,9 @@ class InstanceStore:
                 raise StorageFull(f"no space left on the disk of {self.root} writing {relative}") from exc
             raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
         return len(data)
+
+
+def _partial(folder: Path, *, undo: bool = False) -> Path:
+    if undo:
+        return folder.with_name(folder.name.removesuffix(".partial"))
+    return folder.with_name(folder.name + ".partial")

@@ -24,7 +24,7 @@ class Case:
     name: str
     study_uid: str
     files: list[Path]
-    expect_analysed: bool = True
+    failure: str = ""  # words of the reason the study must fail with; empty: it must be analysed
     skipped: int = 0  # slices left out of the analysis
     passed_over: list[str] = field(default_factory=list)  # words in the passed-over reasons
     slice_order: str = "position along the slice normal"
@@ -51,7 +51,7 @@ def _rewrite(paths: list[Path], change) -> None:
 def build_corpus(root: Path) -> tuple[list[Case], dict[str, Path]]:
     """Studies for storescu (as cases) and raw files that only a byte-level sender sends."""
     source = root / "source"
-    write_studies(source, SyntheticOptions(studies=9, seed=31, positive_fraction=0.3, min_slices=16, max_slices=16))
+    write_studies(source, SyntheticOptions(studies=12, seed=31, positive_fraction=0.3, min_slices=16, max_slices=16))
     studies = sorted(p for p in source.iterdir() if p.is_dir())
     cases = []
 
@@ -120,7 +120,25 @@ def build_corpus(root: Path) -> tuple[list[Case], dict[str, Path]]:
         _rewrite(files, lambda ds, syntax=syntax: ds.compress(syntax))
         cases.append(Case(name, load_labels(study)["study_instance_uid"], files, storescu_args=[propose]))
 
-    # Raw files: cut short, and garbage after a valid preamble and file meta.
+    # 10-11. Pixels that cannot give true HU: a study must fail saying why, never come
+    #    back "not detected" (RescaleSlope 0 made a bleeding study look normal).
+    for name, study, change, failure in (
+            ("slope_zero", studies[9], lambda ds: setattr(ds, "RescaleSlope", 0), "RescaleSlope 0"),
+            ("bits_mismatch", studies[10], lambda ds: setattr(ds, "BitsAllocated", 8), "BitsAllocated 8")):
+        files = _copy_series(study, root / name)
+        _rewrite(files, change)
+        cases.append(Case(name, load_labels(study)["study_instance_uid"], files, failure=failure))
+
+    # 12. A study whose SOPInstanceUIDs repeat those of another (mono1_tilt): a modality
+    #    bug or a re-import. Both studies keep every instance and are analysed.
+    files = _copy_series(studies[11], root / "reused_uids")
+    reused = [pydicom.dcmread(f).SOPInstanceUID for f in sorted((root / "mono1_tilt").glob("*.dcm"))]
+    for path, sop in zip(files, reused):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.save_as(path, enforce_file_format=True)
+    cases.append(Case("reused_uids", load_labels(studies[11])["study_instance_uid"], files))
+
     # Raw files, in a study of their own: cut short, and garbage after a valid preamble
     # and file meta. Only a byte-level sender sends these (storescu refuses to read them).
     raw = root / "raw"

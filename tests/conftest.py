@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.peers import find_tool
 from training.synthetic import SyntheticOptions, write_studies
 
 
@@ -39,9 +40,7 @@ def negative_study(synthetic_root: Path) -> Path:
 
 def require_tool(name: str) -> str:
     """Path of a real peer program; its absence fails the test (`make test` installs it)."""
-    import shutil
-
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed; run the tests through `make test`, which installs it")
-    return path
+    try:
+        return find_tool(name)
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))

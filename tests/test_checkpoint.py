@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from node.errors import CheckpointError
-from training.checkpoint import (
+from training.model.checkpoint import (
     ModelConfig,
     Provenance,
     default_model_config,
+    initial_model,
     load_checkpoint,
     save_checkpoint,
 )
-from training.model import create_model
+from training.model.architectures import create_model
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -64,7 +65,7 @@ def test_default_provenance_says_untrained() -> None:
 
 
 def test_config_refuses_wrong_input_size() -> None:
-    from training.preprocess import PreprocessSpec
+    from training.model.preprocess import PreprocessSpec
 
     with pytest.raises(ValueError, match="takes 512² input, config says 224"):
         ModelConfig(architecture="effclass", preprocess=PreprocessSpec(input_size=224))
@@ -116,10 +117,10 @@ def test_init_from_checkpoint_or_state_dict(tmp_path: Path) -> None:
     checkpoint = save_checkpoint(tmp_path / "c.pt", source, default_model_config("resnet18"))
     bare = tmp_path / "bare.pt"
     torch.save(source.state_dict(), bare)
-    assert _same_weights(create_model("resnet18", init_from=checkpoint), source)
-    assert _same_weights(create_model("resnet18", init_from=bare), source)
+    assert _same_weights(initial_model("resnet18", init_from=checkpoint), source)
+    assert _same_weights(initial_model("resnet18", init_from=bare), source)
     with pytest.raises(CheckpointError, match="do not fit architecture 'resnet50'"):
-        create_model("resnet50", init_from=bare)
+        initial_model("resnet50", init_from=bare)
     torch.save({"epoch": 3}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="neither a checkpoint nor a state dict"):
-        create_model("resnet18", init_from=tmp_path / "other.pt")
+        initial_model("resnet18", init_from=tmp_path / "other.pt")

@@ -76,12 +76,12 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_retry_requeues_failed_deliveries(tmp_path: Path) -> None:
-    from storage.db import Delivery, DeliveryState, Study, StudyState, make_engine, make_sessionmaker, utcnow
+    from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utcnow
 
     config = tmp_path / "node.toml"
     config.write_text(f'[storage]\nroot = "{tmp_path}/store"\ndatabase_url = "sqlite:///{tmp_path}/n.db"\n')
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path}/n.db"))
-    with sessions.begin() as session:
+    database = Database(f"sqlite:///{tmp_path}/n.db", create=True)
+    with database.write() as session:
         study = Study(study_instance_uid="1.2.3", state=StudyState.DONE, first_received_at=utcnow(),
                       last_received_at=utcnow())
         session.add(study)
@@ -91,7 +91,7 @@ def test_retry_requeues_failed_deliveries(tmp_path: Path) -> None:
                              last_error="PACS could not be reached"))
     result = _run("retry", "--config", str(config))
     assert result.returncode == 0 and "re-queued 1 failed deliveries" in result.stdout
-    with sessions() as session:
+    with database.read() as session:
         delivery = session.query(Delivery).one()
         assert delivery.state == DeliveryState.PENDING and delivery.attempts == 0
     status = _run("status", "--config", str(config))

@@ -10,7 +10,10 @@ import pytest
 
 from node.config import ENV_VAR, Config, config_path, load_config, parse_config
 from node.errors import ConfigError
-from training.checkpoint import load_checkpoint
+from training.inference.settings import Backend, Device
+from training.model.checkpoint import load_checkpoint
+from training.model.layers import GradcamLayer
+from training.model.rule import TriageRule
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config.toml"
 
@@ -119,6 +122,14 @@ def test_integer_accepted_for_float_setting() -> None:
     [
         ({"node": {"port": 70000}}, "node.port"),
         ({"node": {"port": -1}}, "node.port"),
+        ({"node": {"port": 0}}, "node.port"),
+        ({"node": {"host": " "}}, "node.host"),
+        ({"node": {"acse_timeout_seconds": 0}}, "node.acse_timeout_seconds"),
+        ({"node": {"max_pending_per_address": 0}}, "node.max_pending_per_address"),
+        ({"model": {"backend": "tensorrt"}}, "model.backend"),
+        ({"worker": {"max_unusable_fraction": 1.0}}, "worker.max_unusable_fraction"),
+        ({"worker": {"retry_initial_seconds": 60, "retry_max_seconds": 30}}, "worker.retry_max_seconds"),
+        ({"destinations": [{**DESTINATION, "port": 0}]}, "destinations[0].port"),
         ({"node": {"ae_title": "A" * 17}}, "node.ae_title"),
         ({"node": {"ae_title": "   "}}, "node.ae_title"),
         ({"node": {"allowed_calling_aets": ["OK", "B" * 17]}}, "node.allowed_calling_aets[1]"),
@@ -142,6 +153,30 @@ def test_integer_accepted_for_float_setting() -> None:
 )
 def test_bad_value_is_named(data: dict[str, Any], named: str) -> None:
     assert named in _config_error(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"triage": {"slice_threshold": 1.0}}, "triage.slice_threshold must be in [0, 1), got 1.0"),
+        ({"model": {"backend": "tensorrt"}}, "model.backend must be one of auto, torch, onnxruntime, got 'tensorrt'"),
+        ({"model": {"device": "tpu"}}, "model.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ({"explain": {"gradcam_layer": "layer2"}},
+         "explain.gradcam_layer must be one of auto, bifpn_p3, layer4, layer3, got 'layer2'"),
+    ],
+)
+def test_value_types_check_themselves_once_and_read_well(data: dict[str, Any], message: str) -> None:
+    """Rule, backend, device and Grad-CAM layer are parsed into types that check themselves:
+    the message comes from there, with the key in front."""
+    assert _config_error(data).endswith(message)
+
+
+def test_parsed_values_have_their_types() -> None:
+    config = _parse({"model": {"backend": "torch", "device": "cuda:1"}, "explain": {"gradcam_layer": "layer3"}})
+    assert config.model.backend is Backend.TORCH
+    assert isinstance(config.model.device, Device) and config.model.device == "cuda:1"
+    assert config.explain.gradcam_layer is GradcamLayer.LAYER3
+    assert isinstance(config.triage, TriageRule)
 
 
 def test_duplicate_destination_names() -> None:

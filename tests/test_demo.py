@@ -12,8 +12,8 @@ import pydicom
 from PIL import Image
 
 from tests.conftest import require_tool
-from training.checkpoint import default_model_config, save_checkpoint
-from training.model import create_model
+from training.model.checkpoint import default_model_config, save_checkpoint
+from training.model.architectures import create_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from storage.db import Instance, Study, make_engine, make_sessionmaker
+from storage.db import Database, Instance, Study
 from tests.conftest import require_tool
 from tests.peers import NodeProcess, free_port, node_config
 
@@ -56,8 +56,7 @@ def test_eight_associations_store_every_instance_once(tmp_path: Path, negative_s
         node.stop()
     assert all(r.returncode == 0 for r in results), [r.stderr[-500:] for r in results if r.returncode]
     total = ASSOCIATIONS * PER_ASSOCIATION
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
-    with sessions() as session:
+    with Database(f"sqlite:///{tmp_path / 'node.db'}").read() as session:
         assert session.query(Instance).count() == total
         assert session.query(Study).count() == ASSOCIATIONS
         assert {s.instance_count for s in session.query(Study)} == {PER_ASSOCIATION}

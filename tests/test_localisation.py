@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.config import GRADCAM_LAYERS
 from node.errors import ConfigError
-from node.triage import key_slice_indices
-from training.checkpoint import default_model_config
+from training.model.checkpoint import default_model_config
 from training.datasets import load_eval_set
 from training.evaluate import localisation_metrics
 from training.localisation import dilate, mask_to_input, peak_inside
-from training.model import architecture_spec, available_models, create_model
-from training.predictor import Predictor
+from training.model.architectures import architecture_spec, available_models, create_model
+from training.inference.predictor import Predictor
+from training.model.layers import GradcamLayer
+from training.model.rule import key_slice_indices
 from training.synthetic import read_mask
 
 
@@ -58,14 +58,15 @@ def test_auto_layer_is_the_architectures_best() -> None:
 
 
 def test_a_layer_the_architecture_lacks_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"explain.gradcam_layer: .*'bifpn_p3'.*'resnet18'.*layer4, layer3"):
+    with pytest.raises(ConfigError, match=r"'bifpn_p3' \(explain.gradcam_layer\) does not exist in 'resnet18'; "
+                                          r"it has layer4, layer3"):
         Predictor(create_model("resnet18"), default_model_config("resnet18"), device="cpu",
                   gradcam_layer="bifpn_p3")
 
 
 def test_config_accepts_exactly_the_registrys_layers() -> None:
     registry = {layer for name in available_models() for layer in architecture_spec(name).gradcam_layers}
-    assert set(GRADCAM_LAYERS) == registry | {"auto"}
+    assert set(GradcamLayer) == registry | {GradcamLayer.AUTO}
 
 
 def test_peak_inside_uses_the_hottest_pixel() -> None:
@@ -90,6 +91,9 @@ class _FixedCams:
     def gradcam_cell_pixels(self) -> float:
         return 512 / 7
 
+    def prepare_slice(self, _ds: object) -> np.ndarray:
+        return np.zeros((3, 512, 512), dtype=np.float32)
+
     def gradcam(self, inputs: np.ndarray) -> np.ndarray:
         taken, self.cams = self.cams[: len(inputs)], self.cams[len(inputs):]
         return np.stack(taken)
@@ -113,10 +117,12 @@ def test_metric_counts_true_positive_key_slices(positive_study: Path) -> None:
     masks = read_mask(positive_study)
     inside = [np.argwhere(masks[i] != 0)[0] for i in chosen]
 
-    hits = localisation_metrics(_FixedCams([_peak_at(*rc) for rc in inside]), eval_set, probabilities)
+    hits = localisation_metrics(_FixedCams([_peak_at(*rc) for rc in inside]), eval_set, probabilities,
+                                slice_threshold=0.8)
     assert hits["true_positive_key_slices"] == len(chosen) > 0
     assert hits["peak_inside"] == len(chosen) and hits["positive_studies"] == 1
-    misses = localisation_metrics(_FixedCams([_peak_at(0, 0)] * len(chosen)), eval_set, probabilities)
+    misses = localisation_metrics(_FixedCams([_peak_at(0, 0)] * len(chosen)), eval_set, probabilities,
+                                  slice_threshold=0.8)
     assert misses["peak_inside"] == 0 and misses["fraction"]["estimate"] == 0.0
 
 
@@ -124,4 +130,4 @@ def test_metric_is_absent_without_masks(positive_study: Path) -> None:
     eval_set = load_eval_set(positive_study.parent, default_model_config("effclass").preprocess)
     no_masks = type(eval_set)(eval_set.description, True, eval_set.slice_level,
                               [type(s)(s.study_id, s.label, s.slices) for s in eval_set.studies])
-    assert localisation_metrics(_FixedCams([]), no_masks, {}) is None
+    assert localisation_metrics(_FixedCams([]), no_masks, {}, slice_threshold=0.8) is None

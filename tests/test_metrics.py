@@ -18,7 +18,6 @@ from training.metrics import (
     bootstrap_interval,
     clopper_pearson_interval,
     patient_level_metrics,
-    patient_rule,
     pr_auc_trapezoid,
     precision_recall_curve,
     roc_auc,
@@ -26,6 +25,9 @@ from training.metrics import (
     slice_level_metrics,
     wilson_interval,
 )
+from training.model.rule import TriageRule
+
+PAPER_RULE = TriageRule()
 
 
 def _tied_scores(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
@@ -291,39 +293,6 @@ def test_grouped_bootstrap_is_wider_for_correlated_slices() -> None:
     assert (by_patient.high - by_patient.low) > 1.5 * (by_slice.high - by_slice.low)
 
 
-# --- patient rule ----------------------------------------------------------------------------
-
-
-def test_patient_rule_by_hand() -> None:
-    three_of_thirty = np.array([0.9] * 3 + [0.1] * 27)
-    two_of_thirty = np.array([0.9] * 2 + [0.1] * 28)
-    np.testing.assert_array_equal(patient_rule([three_of_thirty, two_of_thirty], fraction=0.10), [True, False])
-    # The floating-point trap: 0.07 × 100 is 7.000000000000001, whose plain ceil asks for 8.
-    # (0.1 × 30 rounds to exactly 3.0 in IEEE doubles, so it cannot show the trap.)
-    assert 0.07 * 100 > 7 and math.ceil(0.07 * 100) == 8
-    seven_of_hundred = np.array([0.9] * 7 + [0.1] * 93)
-    np.testing.assert_array_equal(patient_rule([seven_of_hundred, seven_of_hundred[1:]], fraction=0.07),
-                                  [True, False])
-    at_threshold = np.array([0.8, 0.8, 0.1])  # p = 0.8 is not > 0.8
-    just_above = np.array([0.8000001, 0.1, 0.1])
-    np.testing.assert_array_equal(patient_rule([at_threshold, just_above], fraction=0.05), [False, True])
-    ten = np.array([0.9] + [0.1] * 9)  # ceil(0.025 × 10) = 1, but at least 2 are asked for
-    np.testing.assert_array_equal(patient_rule([ten], fraction=0.025), [True])
-    np.testing.assert_array_equal(patient_rule([ten], fraction=0.025, min_positive_slices=2), [False])
-    np.testing.assert_array_equal(patient_rule([ten], fraction=0.025, slice_threshold=0.95), [False])
-    hundred = np.array([0.9] * 3 + [0.1] * 97)  # ceil(2.5) = 3
-    np.testing.assert_array_equal(patient_rule([hundred, hundred[1:]], fraction=0.025), [True, False])
-
-
-def test_patient_rule_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match=r"positive_fraction must be in \(0, 1\], got 0"):
-        patient_rule([np.array([0.9])], fraction=0)
-    with pytest.raises(ValueError, match=r"slice_threshold must be in \[0, 1\), got 1.2"):
-        patient_rule([np.array([0.9])], fraction=0.05, slice_threshold=1.2)
-    with pytest.raises(ValueError, match=r"study 1: need a non-empty 1-D array .* got shape \(0,\)"):
-        patient_rule([np.array([0.9]), np.array([])], fraction=0.05)
-
-
 # --- tables ----------------------------------------------------------------------------------
 
 
@@ -363,7 +332,7 @@ def test_patient_level_metrics_by_hand() -> None:
         np.array([0.85] + [0.1] * 19),  # no ICH: 1 of 20 → positive at 2.5 % and 5 %, not 10 %
         np.full(10, 0.1),  # no ICH
     ]
-    metrics = patient_level_metrics(np.array([1, 1, 0, 0]), studies, resamples=100)
+    metrics = patient_level_metrics(np.array([1, 1, 0, 0]), studies, rule=PAPER_RULE, resamples=100)
     assert (metrics["n"], metrics["positives"], metrics["negatives"]) == (4, 2, 2)
     assert list(metrics["rules"]) == ["2.5%", "5%", "10%"]
     counts = {name: tuple(rule[k] for k in ("tp", "fp", "tn", "fn")) for name, rule in metrics["rules"].items()}
@@ -373,16 +342,18 @@ def test_patient_level_metrics_by_hand() -> None:
     assert metrics["study_score_roc_auc"]["estimate"] == 0.75
     top3 = [np.mean(np.sort(s)[-3:]) for s in studies]
     assert metrics["top3_mean_roc_auc"]["estimate"] == roc_auc(np.array([1, 1, 0, 0]), np.array(top3))
-    assert (metrics["slice_threshold"], metrics["min_positive_slices"]) == (0.8, 1)
+    assert (metrics["slice_threshold"], metrics["min_positive_slices"], metrics["positive_fraction"]) == (0.8, 1, 0.05)
     assert json.loads(json.dumps(metrics, allow_nan=False)) == metrics
 
 
 def test_patient_level_metrics_options_and_errors() -> None:
     studies = [np.array([0.95, 0.9, 0.1, 0.1]), np.array([0.95, 0.1, 0.1, 0.1])]
-    metrics = patient_level_metrics(np.array([1, 0]), studies, fractions=(0.5,), min_positive_slices=2,
-                                    resamples=20)
+    metrics = patient_level_metrics(np.array([1, 0]), studies, rule=TriageRule(min_positive_slices=2),
+                                    fractions=(0.5,), resamples=20)
     assert list(metrics["rules"]) == ["50%"]
     assert metrics["rules"]["50%"]["tp"] == 1 and metrics["rules"]["50%"]["tn"] == 1
-    assert patient_level_metrics(np.array([1, 1]), studies, resamples=20)["study_score_roc_auc"] is None
+    assert patient_level_metrics(np.array([1, 1]), studies, rule=PAPER_RULE, resamples=20)["study_score_roc_auc"] is None
     with pytest.raises(ValueError, match="3 study labels but 2 studies"):
-        patient_level_metrics(np.array([1, 0, 1]), studies)
+        patient_level_metrics(np.array([1, 0, 1]), studies, rule=PAPER_RULE)
+    with pytest.raises(ValueError, match=r"study 1: need a non-empty 1-D array .* got shape \(0,\)"):
+        patient_level_metrics(np.array([1, 0]), [np.array([0.9]), np.array([])], rule=PAPER_RULE)

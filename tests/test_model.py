@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.model import (
+from training.model.architectures import (
     EFFCLASS_DECONVS,
     available_models,
     count_parameters,

@@ -16,11 +16,11 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from node.triagelog import read_events
-from storage.db import Delivery, DeliveryState, Instance, Study, make_engine, make_sessionmaker
+from storage.db import Database, Delivery, DeliveryState, Instance, Study, StudyState
 from tests.conftest import load_labels, require_tool
 from tests.peers import NodeProcess, Orthanc, echoscu, free_port, node_config, storescu, wait_for
-from training.checkpoint import default_model_config, save_checkpoint
-from training.model import create_model
+from training.model.checkpoint import default_model_config, save_checkpoint
+from training.model.architectures import create_model
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +66,18 @@ def orthanc(tmp_path: Path):
     pacs.stop()
 
 
+def _enhanced_ct_object(study: Path, path: Path) -> Path:
+    """A two-frame Enhanced CT Image Storage object in the study, as some scanners also send."""
+    ds = pydicom.dcmread(_study_files(study)[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: Path,
                              checkpoints: dict[str, Path]) -> None:
     port = free_port()
@@ -80,18 +92,31 @@ def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: P
         labels = load_labels(positive_study)
         study_uid = labels["study_instance_uid"]
         wait_for(lambda: "delivered" in _events(tmp_path, study_uid), timeout=300, what="the delivered event")
+        # An Enhanced CT object (which this version stores but never analyses) arriving for
+        # the done study is recorded without re-opening it: no second result series.
+        enhanced = _enhanced_ct_object(positive_study, tmp_path / "enhanced.dcm")
+        assert storescu(port, [enhanced]).returncode == 0
+        database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+
+        def recorded() -> bool:
+            with database.read() as session:
+                return session.query(Instance).count() == len(files) + 1
+
+        wait_for(recorded, timeout=60, what="the Enhanced CT object in the database")
+        with database.read() as session:
+            assert session.query(Study).one().state == StudyState.DONE
         series = _result_series(orthanc, study_uid)
     finally:
         node.stop()
+    files.append(enhanced)
 
     # Every instance the scanner sent is stored once, on disk and in the database.
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
-    with sessions() as session:
+    with Database(f"sqlite:///{tmp_path / 'node.db'}").read() as session:
         instances = session.query(Instance).all()
         assert len(instances) == len(files)
         assert all((tmp_path / "store" / i.path).is_file() for i in instances)
         study = session.query(Study).one()
-        assert study.state.value == "done"
+        assert study.state == StudyState.DONE
 
     # The result: one SC series in the same study, verdict in SeriesDescription.
     assert len(series) == 1
@@ -147,7 +172,7 @@ def test_destination_down_at_first_gets_the_result_later_across_a_restart(
         # The node restarts while the PACS is still away: the pending delivery and its
         # attempts live in the database, not in memory.
         node.stop()
-        with make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))() as session:
+        with Database(f"sqlite:///{tmp_path / 'node.db'}").read() as session:
             delivery = session.query(Delivery).one()
             assert delivery.state == DeliveryState.PENDING and delivery.attempts >= 1
         node.start()
@@ -182,8 +207,7 @@ def test_without_checkpoint_the_node_stores_and_says_why_nothing_was_analysed(
         node.stop()
     failed = next(e for e in read_events(tmp_path / "triage.log") if e["event"] == "failed")
     assert failed["reason"] == "no model checkpoint configured (model.checkpoint)"
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
-    with sessions() as session:
+    with Database(f"sqlite:///{tmp_path / 'node.db'}").read() as session:
         assert session.query(Instance).count() == len(files)
     assert len(list((tmp_path / "store").rglob("*.dcm"))) == len(files)
     assert "received and stored but not analysed" in node.output()

@@ -12,15 +12,15 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from node.output import build_result_series, encode, result_texts
+from node.output import SourceImage, build_result_series, encode, result_texts
 from node.render import key_slice_image, summary_image
-from node.triage import Verdict, patient_verdict
 from tests.conftest import require_tool
-from training.checkpoint import Provenance
+from training.model.checkpoint import Provenance
+from training.model.rule import TriageRule, Verdict
 from training.synthetic import SyntheticOptions, write_studies
 
 SC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-RULE = {"slice_threshold": 0.8, "positive_fraction": 0.05, "min_positive_slices": 1}
+RULE = TriageRule()
 DEMO = "DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
 Result = tuple[str, list[Dataset], list[np.ndarray]]
 
@@ -40,12 +40,12 @@ def ct(study: Path) -> Dataset:
 
 @pytest.fixture(scope="module")
 def positive() -> Verdict:
-    return patient_verdict(np.array([0.1] * 27 + [0.85, 0.9, 0.97]), **RULE)
+    return RULE.apply(np.array([0.1] * 27 + [0.85, 0.9, 0.97]))
 
 
 @pytest.fixture(scope="module")
 def negative() -> Verdict:
-    return patient_verdict(np.array([0.1] * 29 + [0.5]), **RULE)
+    return RULE.apply(np.array([0.1] * 29 + [0.5]))
 
 
 # --- result_texts ------------------------------------------------------------------
@@ -191,7 +191,7 @@ def result(ct: Dataset, positive: Verdict) -> Result:
     images = images_for(positive)
     series_uid, objects = build_result_series(
         ct, images, texts=texts, series_number=9901, manufacturer="ichnode",
-        institution_name="Test Hospital", software_version="0.1.0", sources=[ct, None],
+        institution_name="Test Hospital", software_version="0.1.0", sources=[SourceImage(ct.SOPClassUID, ct.SOPInstanceUID), None],
     )
     return series_uid, objects, images
 
@@ -271,7 +271,7 @@ def test_mismatched_images_and_sources_raise(ct: Dataset, positive: Verdict) -> 
     with pytest.raises(ValueError, match="2 images but 1 source"):
         build_result_series(
             ct, images_for(positive), texts=texts, series_number=9900, manufacturer="ichnode",
-            institution_name="", software_version="0.1.0", sources=[ct],
+            institution_name="", software_version="0.1.0", sources=[SourceImage(ct.SOPClassUID, ct.SOPInstanceUID)],
         )
 
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from node.errors import ConfigError, InferenceError
-from training.checkpoint import default_model_config, save_checkpoint
-from training.model import create_model
-from training.predictor import Predictor, resolve_device
+from training.model.checkpoint import default_model_config, save_checkpoint
+from training.model.architectures import create_model
+from training.inference.device import resolve_device
+from training.inference.predictor import Predictor
+from training.inference.settings import Device
 from tests.conftest import load_labels
 
 
@@ -70,16 +72,16 @@ def test_baseline_predictor_at_224(slices: list) -> None:
 
 
 def test_device_names() -> None:
-    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(Device("cpu")) == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
-    with pytest.raises(ConfigError, match="model.device 'tpu'"):
-        resolve_device("tpu")
-    with pytest.raises(ConfigError, match="model.batch_size"):
-        Predictor(create_model("resnet18"), default_model_config("resnet18"), batch_size=0)
+    assert resolve_device(Device("auto")).type == expected
+    assert Device("cuda:1") == "cuda:1"
+    for bad in ("tpu", "cuda:", "CPU", "cuda:x"):
+        with pytest.raises(ValueError, match=f"must be auto, cpu, cuda or cuda:N, got '{bad}'"):
+            Device(bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cuda_without_gpu_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU is available"):
-        resolve_device("cuda")
+        resolve_device(Device("cuda"))

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from node.errors import InvalidInstance
-from training.preprocess import (
+from training.model.preprocess import (
     PAPER_WINDOWS,
     PreprocessSpec,
     Window,
@@ -133,15 +133,18 @@ def test_monochrome1_changes_display_not_hu() -> None:
 
 
 def test_multi_valued_window_and_rescale_attributes_are_accepted() -> None:
-    ds = _ct(np.zeros((64, 64), dtype=np.int16) + 40, RescaleSlope=1, RescaleIntercept=0,
-             WindowCenter=["40", "700"], WindowWidth=["80", "3000"])
+    pixels = np.zeros((64, 64), dtype=np.int16) + 40
+    pixels[0, 0] = -1000  # a corner of air: a constant image is refused
+    ds = _ct(pixels, RescaleSlope=1, RescaleIntercept=0, WindowCenter=["40", "700"], WindowWidth=["80", "3000"])
     x = dataset_to_input(ds, PreprocessSpec(input_size=224))
     assert x.shape == (3, 224, 224)
-    np.testing.assert_allclose(x[0], 0.0, atol=1e-6)  # 40 HU is the brain window's middle
+    np.testing.assert_allclose(x[0, 100:, 100:], 0.0, atol=1e-6)  # 40 HU is the brain window's middle
 
 
 def test_non_square_and_small_images_reach_input_size() -> None:
-    ds = _ct(np.full((60, 100), 80, dtype=np.int16))
+    pixels = np.full((60, 100), 80, dtype=np.int16)
+    pixels[0, 0] = -1000  # a corner of air: a constant image is refused
+    ds = _ct(pixels)
     x = dataset_to_input(ds, PreprocessSpec(input_size=512))
     assert x.shape == (3, 512, 512) and x.dtype == np.float32
     assert x[0, 256, 256] == pytest.approx(1.0)  # 80 HU: brain window top → +1
@@ -168,11 +171,21 @@ def test_jpeg2000_ct_decodes() -> None:
         (lambda ds: delattr(ds, "PixelData"), "no PixelData"),
         (lambda ds: setattr(ds, "SamplesPerPixel", 3), "SamplesPerPixel 3"),
         (lambda ds: setattr(ds, "NumberOfFrames", 4), "4 frames"),
-        (lambda ds: setattr(ds, "PixelData", b"\x00" * 10), "cannot be decoded"),
+        (lambda ds: setattr(ds, "PixelData", b"\x00" * 10), "PixelData holds 10 bytes, but Rows 8 × Columns 8 "
+                                                             "× BitsAllocated 16 / 8 = 128"),
+        (lambda ds: setattr(ds, "BitsAllocated", 8), "PixelData holds 128 bytes, .* BitsAllocated 8 / 8 = 64"),
+        (lambda ds: setattr(ds, "BitsAllocated", 12), "BitsAllocated 12 is not 8, 16 or 32"),
+        (lambda ds: setattr(ds, "RescaleSlope", 0), "RescaleSlope 0 cannot map pixels to HU"),
+        (lambda ds: setattr(ds, "RescaleSlope", "NaN"), "RescaleSlope nan cannot map pixels to HU"),
+        (lambda ds: setattr(ds, "RescaleIntercept", "inf"), "RescaleIntercept inf is not finite"),
+        (lambda ds: setattr(ds, "PixelData", np.full((8, 8), 7, dtype=np.int16).tobytes()),
+         r"every pixel holds the same value \(7\)"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # NaN and inf, on purpose
 def test_unusable_slices_raise_invalid_instance(change, message: str) -> None:
-    ds = _ct(np.zeros((8, 8), dtype=np.int16))
+    """Each attribute that would give wrong HU is named: nothing unreadable becomes a verdict."""
+    ds = _ct(np.arange(64, dtype=np.int16).reshape(8, 8))
     change(ds)
     with pytest.raises(InvalidInstance, match=message):
         hu_from_dataset(ds)

@@ -12,11 +12,11 @@ import torch
 from pynetdicom import AE
 
 from node.triagelog import read_events
-from storage.db import Instance, Study, StudyState, make_engine, make_sessionmaker
+from storage.db import Database, Instance, Study, StudyState
 from tests.conftest import load_labels
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
-from training.checkpoint import default_model_config, save_checkpoint
-from training.model import create_model
+from training.model.checkpoint import default_model_config, save_checkpoint
+from training.model.architectures import create_model
 
 
 def _send_until_refused(port: int, files: list[Path], acknowledged: list[str], lock: threading.Lock) -> None:
@@ -42,8 +42,8 @@ def _send_until_refused(port: int, files: list[Path], acknowledged: list[str], l
             assoc.release()
 
 
-def _sessions(folder: Path):
-    return make_sessionmaker(make_engine(f"sqlite:///{folder / 'node.db'}"))
+def _database(folder: Path) -> Database:
+    return Database(f"sqlite:///{folder / 'node.db'}")
 
 
 def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
@@ -73,7 +73,8 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
         assert len(acknowledged) < sum(map(len, files)), "the kill came too late to test anything"
 
         # Every instance answered Success is on disk, readable, and in the database.
-        with _sessions(tmp_path)() as session:
+        database = _database(tmp_path)
+        with database.read() as session:
             stored = {i.sop_instance_uid: i.path for i in session.query(Instance)}
         assert set(acknowledged) <= set(stored)
         for uid in acknowledged:
@@ -88,7 +89,7 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
         # 3. SIGKILL again while a study is being analysed; the restarted node re-queues
         #    it once its heartbeat is stale.
         def processing() -> bool:
-            with _sessions(tmp_path)() as session:
+            with database.read() as session:
                 return session.query(Study).filter(Study.state == StudyState.PROCESSING).count() > 0
 
         wait_for(processing, timeout=120, what="a study being analysed", every=0.05)
@@ -112,7 +113,7 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
     events = read_events(tmp_path / "triage.log")
     for uid in uids:
         assert sum(e["event"] == "delivered" and e["study_instance_uid"] == uid for e in events) == 1
-    with _sessions(tmp_path)() as session:
+    with database.read() as session:
         assert session.query(Instance).count() == sum(map(len, files))
         assert {s.state for s in session.query(Study)} == {StudyState.DONE}
         # The study killed mid-analysis was claimed again after its heartbeat went stale.

@@ -8,7 +8,7 @@ from pathlib import Path
 from node.config import parse_config
 from node.service import purge_delivered
 from node.triagelog import TriageLog, read_events
-from storage.db import Delivery, DeliveryState, Instance, Study, StudyState, make_engine, make_sessionmaker, utcnow
+from storage.db import Database, Delivery, DeliveryState, Instance, Study, StudyState, utcnow
 from storage.store import InstanceStore
 
 
@@ -38,22 +38,22 @@ def test_only_old_fully_delivered_studies_are_purged(tmp_path: Path) -> None:
     config = parse_config({"storage": {"retention_days": 1.0}}, tmp_path)
     store = InstanceStore(tmp_path / "store")
     store.ensure()
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
+    database = Database(f"sqlite:///{tmp_path / 'node.db'}", create=True)
     log = TriageLog(tmp_path / "triage.log")
-    with sessions() as session:
+    with database.session() as session:
         old = _study(session, store, "1.2.1", finished_days_ago=2, delivery=DeliveryState.SENT)
         recent = _study(session, store, "1.2.2", finished_days_ago=0.5, delivery=DeliveryState.SENT)
         pending = _study(session, store, "1.2.3", finished_days_ago=2, delivery=DeliveryState.PENDING)
         failed = _study(session, store, "1.2.4", finished_days_ago=2, delivery=DeliveryState.FAILED)
-    assert purge_delivered(config, sessions, store, log) == 1
+    assert purge_delivered(config, database, store, log) == 1
     assert not any(p.exists() for p in old)
     assert not (store.root / "instances" / "1.2.1").exists()  # empty folders go too
     assert all(p.exists() for p in recent + pending + failed)
-    with sessions() as session:
+    with database.read() as session:
         purged = session.query(Study).filter_by(study_instance_uid="1.2.1").one()
         assert purged.purged_at is not None and purged.state == StudyState.DONE
         assert session.query(Instance).filter_by(study_id=purged.id).count() == 0
         assert session.query(Instance).count() == 9
     events = read_events(tmp_path / "triage.log")
     assert [(e["event"], e["study_instance_uid"], e["instances"]) for e in events] == [("purged", "1.2.1", 3)]
-    assert purge_delivered(config, sessions, store, log) == 0  # nothing twice
+    assert purge_delivered(config, database, store, log) == 0  # nothing twice

@@ -14,7 +14,7 @@ from node.config import NodeSection
 from node.ingest import Ingest, Status
 from node.scp import start_scp
 from node.triagelog import TriageLog, read_events
-from storage.db import Instance, make_engine, make_sessionmaker
+from storage.db import Database, Instance
 from storage.store import InstanceStore
 from tests.peers import free_port
 
@@ -23,11 +23,11 @@ from tests.peers import free_port
 def scp(tmp_path: Path):
     store = InstanceStore(tmp_path / "store")
     store.ensure()
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
-    ingest = Ingest(store, sessions, TriageLog(tmp_path / "triage.log"))
+    database = Database(f"sqlite:///{tmp_path / 'node.db'}", create=True)
+    ingest = Ingest(store, database, TriageLog(tmp_path / "triage.log"))
     port = free_port()
     server = start_scp(NodeSection(host="127.0.0.1", port=port), ingest)
-    yield port, store, sessions, ingest, tmp_path
+    yield port, store, database, ingest, tmp_path
     server.shutdown()
 
 
@@ -43,10 +43,10 @@ def _send(port: int, ds: pydicom.Dataset) -> int:
 
 
 def test_compressed_instance_is_stored_as_received(scp) -> None:
-    port, store, sessions, _, _ = scp
+    port, store, database, _, _ = scp
     ds = pydicom.dcmread(get_testdata_file("693_J2KI.dcm"))
     assert _send(port, ds) == Status.SUCCESS
-    with sessions() as session:
+    with database.read() as session:
         row = session.query(Instance).one()
     stored = pydicom.dcmread(store.absolute(row.path))
     assert stored.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
@@ -56,31 +56,31 @@ def test_compressed_instance_is_stored_as_received(scp) -> None:
 
 
 def test_missing_identifier_is_refused_with_a900(scp) -> None:
-    port, _, sessions, _, tmp_path = scp
+    port, _, database, _, tmp_path = scp
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     del ds.StudyInstanceUID
     assert _send(port, ds) == Status.DATASET_MISMATCH
-    with sessions() as session:
+    with database.read() as session:
         assert session.query(Instance).count() == 0
     assert read_events(tmp_path / "triage.log") == []
 
 
 def test_storage_failure_answers_a700_and_records_nothing(scp) -> None:
-    port, store, sessions, ingest, _ = scp
+    port, store, database, ingest, _ = scp
     ingest.store = InstanceStore(store.root / "blocked")
     (store.root / "blocked").write_text("a file where the store's folder should be")
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     assert _send(port, ds) == Status.OUT_OF_RESOURCES
-    with sessions() as session:
+    with database.read() as session:
         assert session.query(Instance).count() == 0
 
 
 def test_resent_instance_is_recorded_once_and_new_study_logged_once(scp) -> None:
-    port, _, sessions, _, tmp_path = scp
+    port, _, database, _, tmp_path = scp
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     assert _send(port, ds) == Status.SUCCESS
     assert _send(port, ds) == Status.SUCCESS
-    with sessions() as session:
+    with database.read() as session:
         assert session.query(Instance).count() == 1
     events = read_events(tmp_path / "triage.log")
     assert [e["event"] for e in events] == ["received"]
@@ -88,11 +88,11 @@ def test_resent_instance_is_recorded_once_and_new_study_logged_once(scp) -> None
 
 
 def test_below_the_free_disk_floor_stores_are_refused(scp) -> None:
-    port, store, sessions, ingest, _ = scp
+    port, store, database, ingest, _ = scp
     ingest.min_free_mb = store.free_mb() + 10**9  # more than any disk has free
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     assert _send(port, ds) == Status.OUT_OF_RESOURCES
-    with sessions() as session:
+    with database.read() as session:
         assert session.query(Instance).count() == 0
     assert not list(store.root.rglob("*.dcm"))
     ingest.min_free_mb = 0

@@ -1,4 +1,4 @@
-"""node.series: choosing the head CT series of a study and ordering its slices."""
+"""training.model.series: choosing the head CT series of a study and ordering its slices."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from node.errors import NoAnalysableSeries
-from node.series import SliceHeader, choose_head_series, order_slices, read_header
+from training.model.series import SliceHeader, choose_head_series, order_slices, read_header
 from training.synthetic import SyntheticOptions, write_studies
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

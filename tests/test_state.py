@@ -1,4 +1,7 @@
-"""storage.state: study and delivery state transitions on a real SQLite file."""
+"""storage.state: study and delivery state transitions on a real SQLite file.
+
+The state functions never commit (the caller owns the transaction); these tests commit
+where another session must see the change, as the node's `Database.write()` does."""
 
 from __future__ import annotations
 
@@ -10,20 +13,14 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from storage.db import (
-    Delivery,
-    DeliveryState,
-    Instance,
-    Study,
-    StudyState,
-    make_engine,
-    make_sessionmaker,
-)
+from storage.db import Database, Delivery, DeliveryState, Instance, Study, StudyState
 from storage.state import (
+    ClaimedStudy,
     ReceivedInstance,
     claim_next_study,
+    defer_study,
     delivery_attempt_failed,
     delivery_sent,
     due_deliveries,
@@ -33,6 +30,7 @@ from storage.state import (
     mark_ready,
     record_instance,
     requeue_stale,
+    result_folders,
     retry_failed_deliveries,
     state_counts,
 )
@@ -47,10 +45,11 @@ def at(seconds: float) -> dt.datetime:
     return T0 + dt.timedelta(seconds=seconds)
 
 
-def instance(sop: str, *, study: str = STUDY, analysable: bool = True, accession: str = "ACC1") -> ReceivedInstance:
+def instance(sop: str, *, study: str = STUDY, analysable: bool = True, accession: str = "ACC1",
+             series: str | None = None) -> ReceivedInstance:
     return ReceivedInstance(
         study_instance_uid=study,
-        series_instance_uid=f"{study}.1",
+        series_instance_uid=series or f"{study}.1",
         sop_instance_uid=sop,
         sop_class_uid=CT if analysable else SR,
         modality="CT" if analysable else "SR",
@@ -64,15 +63,15 @@ def instance(sop: str, *, study: str = STUDY, analysable: bool = True, accession
 
 
 @pytest.fixture()
-def factory(tmp_path: Path) -> Iterator[sessionmaker]:
-    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
-    yield make_sessionmaker(engine)
-    engine.dispose()
+def database(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path}/t.db", create=True)
+    yield db
+    db.dispose()
 
 
 @pytest.fixture()
-def session(factory: sessionmaker) -> Iterator[Session]:
-    with factory() as s:
+def session(database: Database) -> Iterator[Session]:
+    with database.session() as s:
         yield s
 
 
@@ -86,12 +85,12 @@ def ready_study(session: Session, count: int = 3, study: str = STUDY) -> int:
     """A study with `count` instances received at T0, made ready at T0 + 60 s."""
     for i in range(count):
         study_id = receive(session, f"{study}.1.{i}", T0, study=study)
-    assert [s.id for s in mark_ready(session, 30, at(60))] == [study_id]
+    assert [s.study_instance_uid for s in mark_ready(session, 30, at(60))] == [study]
     session.commit()
     return study_id
 
 
-def processing_study(session: Session, worker: str = "w1", claimed_at: dt.datetime | None = None) -> Study:
+def processing_study(session: Session, worker: str = "w1", claimed_at: dt.datetime | None = None) -> ClaimedStudy:
     """A ready study claimed by `worker` (at T0 + 61 s unless `claimed_at` is given)."""
     ready_study(session)
     study = claim_next_study(session, worker, claimed_at or at(61))
@@ -99,14 +98,10 @@ def processing_study(session: Session, worker: str = "w1", claimed_at: dt.dateti
     return study
 
 
-def study_row(factory: sessionmaker, session: Session, study_id: int) -> Study:
-    """The row as committed, read through a fresh session.
-
-    `session` is committed first: with BEGIN IMMEDIATE every SQLite transaction holds the
-    write lock, and functions that re-read rows after their commit open a new one.
-    """
+def study_row(database: Database, session: Session, study_id: int) -> Study:
+    """The row as committed, read through a fresh session (`session` is committed first)."""
     session.commit()
-    with factory() as other:
+    with database.read() as other:
         return other.get(Study, study_id)
 
 
@@ -153,8 +148,8 @@ def test_mark_ready_only_after_stable_seconds(session: Session) -> None:
     assert session.get(Study, study_id).state == StudyState.RECEIVING
     ready = mark_ready(session, 30, at(40))
     session.commit()
-    assert [s.id for s in ready] == [study_id]
-    assert ready[0].state == StudyState.READY
+    assert [(s.study_instance_uid, s.instances, s.series) for s in ready] == [(STUDY, 2, 1)]
+    assert session.get(Study, study_id).state == StudyState.READY
     assert mark_ready(session, 30, at(100)) == []  # already ready: not reported again
 
 
@@ -166,43 +161,43 @@ def test_new_instance_puts_ready_study_back_to_receiving(session: Session) -> No
     study = session.get(Study, study_id)
     assert study.state == StudyState.RECEIVING
     assert mark_ready(session, 30, at(99)) == []
-    assert [s.id for s in mark_ready(session, 30, at(100))] == [study_id]
+    assert [s.study_instance_uid for s in mark_ready(session, 30, at(100))] == [STUDY]
 
 
 # --- claiming and liveness ---------------------------------------------------------
 
 
-def test_only_one_worker_claims_a_ready_study(factory: sessionmaker) -> None:
-    with factory() as setup:
+def test_only_one_worker_claims_a_ready_study(database: Database) -> None:
+    with database.session() as setup:
         study_id = ready_study(setup)
-    with factory() as first, factory() as second:
+    with database.write() as first:
         claimed = claim_next_study(first, "worker-a", at(61))
         assert claimed is not None and claimed.id == study_id
-        first.commit()  # release the write lock the re-read took, as the worker does
+        assert len(claimed.instance_paths) == 3
+    with database.write() as second:
         assert claim_next_study(second, "worker-b", at(61)) is None
-        row = study_row(factory, second, study_id)
+        row = study_row(database, second, study_id)
     assert row.state == StudyState.PROCESSING
     assert row.claimed_by == "worker-a"
     assert row.heartbeat_at == at(61)
     assert row.attempts == 1
 
 
-def test_racing_workers_claim_a_study_exactly_once(factory: sessionmaker) -> None:
-    with factory() as setup:
+def test_racing_workers_claim_a_study_exactly_once(database: Database) -> None:
+    with database.session() as setup:
         study_id = ready_study(setup)
     start = threading.Barrier(8)
 
     def claim(worker: str) -> int | None:
-        with factory() as own:
-            start.wait()
+        start.wait()
+        with database.write() as own:
             study = claim_next_study(own, worker, at(61))
-            own.commit()
             return None if study is None else study.id
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(claim, [f"worker-{i}" for i in range(8)]))
     assert sorted(results, key=lambda r: r is None) == [study_id] + [None] * 7
-    with factory() as check:
+    with database.read() as check:
         row = check.get(Study, study_id)
         assert row.attempts == 1
         assert row.claimed_by == f"worker-{results.index(study_id)}"
@@ -221,32 +216,32 @@ def test_claim_takes_the_oldest_ready_study(session: Session) -> None:
 
 def test_attempts_increment_with_each_claim(session: Session) -> None:
     study = processing_study(session)
-    fail_study(session, study.id, "w1", "boom", retry=True, max_attempts=3)
+    defer_study(session, study.id, "w1", "boom", retry_at=at(80), counts_as_attempt=True)
     again = claim_next_study(session, "w2", at(90))
     assert again is not None and again.id == study.id
     assert again.attempts == 2
-    assert again.claimed_by == "w2"
+    assert session.get(Study, study.id).claimed_by == "w2"
 
 
-def test_heartbeat_only_for_the_claiming_worker(factory: sessionmaker, session: Session) -> None:
+def test_heartbeat_only_for_the_claiming_worker(database: Database, session: Session) -> None:
     study = processing_study(session, "w1")
     assert heartbeat(session, study.id, "w1", at(70))
     assert not heartbeat(session, study.id, "w2", at(80))
-    assert study_row(factory, session, study.id).heartbeat_at == at(70)
+    assert study_row(database, session, study.id).heartbeat_at == at(70)
 
 
 def test_heartbeat_false_once_study_is_no_longer_processing(session: Session) -> None:
     study = processing_study(session, "w1")
-    fail_study(session, study.id, "w1", "boom", retry=False, max_attempts=3)
+    fail_study(session, study.id, "w1", "boom")
     assert not heartbeat(session, study.id, "w1", at(70))
 
 
-def test_requeue_stale_returns_silent_study_to_ready(factory: sessionmaker, session: Session) -> None:
+def test_requeue_stale_returns_silent_study_to_ready(database: Database, session: Session) -> None:
     study = processing_study(session, "w1", claimed_at=at(61))
     assert requeue_stale(session, 120, 3, at(61 + 120)) == []  # exactly at the limit: not stale
     requeued = requeue_stale(session, 120, 3, at(61 + 121))
-    assert [s.id for s in requeued] == [study.id]
-    row = study_row(factory, session, study.id)
+    assert [(s.study_instance_uid, s.failed) for s in requeued] == [(STUDY, False)]
+    row = study_row(database, session, study.id)
     assert row.state == StudyState.READY
     assert row.claimed_by is None
     assert "w1" in row.last_error
@@ -259,15 +254,15 @@ def test_requeue_stale_leaves_live_study_alone(session: Session) -> None:
     assert session.get(Study, study.id, populate_existing=True).state == StudyState.PROCESSING
 
 
-def test_requeue_stale_fails_study_after_max_attempts(factory: sessionmaker, session: Session) -> None:
+def test_requeue_stale_fails_study_after_max_attempts(database: Database, session: Session) -> None:
     study = processing_study(session, "w1", claimed_at=at(61))
     for claim in range(2, 4):
         requeue_stale(session, 120, 3, at(1000 * claim))
         again = claim_next_study(session, f"w{claim}", at(1000 * claim))
         assert again is not None and again.attempts == claim
     requeued = requeue_stale(session, 120, 3, at(5000))
-    assert [s.id for s in requeued] == [study.id]
-    row = study_row(factory, session, study.id)
+    assert [(s.study_instance_uid, s.failed) for s in requeued] == [(STUDY, True)]
+    row = study_row(database, session, study.id)
     assert row.state == StudyState.FAILED
     assert "attempt 3 of 3" in row.last_error
 
@@ -285,15 +280,15 @@ def finish(session: Session, study_id: int, *, started_at: dt.datetime, priority
     )
 
 
-def test_finish_study_queues_one_delivery_per_destination(factory: sessionmaker, session: Session) -> None:
+def test_finish_study_queues_one_delivery_per_destination(database: Database, session: Session) -> None:
     study = processing_study(session)
     finish(session, study.id, started_at=at(61))
-    row = study_row(factory, session, study.id)
+    row = study_row(database, session, study.id)
     assert row.state == StudyState.DONE
     assert (row.verdict, row.study_score, row.result_series_uid) == ("positive", 0.97, "1.2.3.4.99")
     assert row.analyses == 1
     assert row.claimed_by is None and row.heartbeat_at is None
-    with factory() as other:
+    with database.read() as other:
         deliveries = other.scalars(select(Delivery).order_by(Delivery.destination)).all()
     assert [d.destination for d in deliveries] == ["archive", "pacs"]
     for delivery in deliveries:
@@ -347,7 +342,7 @@ def test_non_analysable_instance_does_not_reopen_done_study(session: Session) ->
 
 def test_ct_instance_reopens_failed_study(session: Session) -> None:
     study = processing_study(session)
-    fail_study(session, study.id, "w1", "no series", retry=False, max_attempts=3)
+    fail_study(session, study.id, "w1", "no series")
     outcome = record_instance(session, instance("1.2.3.4.9.9"), at(200))
     session.commit()
     assert outcome.reopened
@@ -356,88 +351,117 @@ def test_ct_instance_reopens_failed_study(session: Session) -> None:
     assert row.last_error is None
 
 
-def test_fail_study_retries_while_attempts_remain(session: Session) -> None:
-    study = processing_study(session)  # attempts = 1
-    failed = fail_study(session, study.id, "w1", "CUDA out of memory", retry=True, max_attempts=2)
-    assert failed.state == StudyState.READY
-    assert failed.last_error == "CUDA out of memory"
-    assert failed.claimed_by is None
-    again = claim_next_study(session, "w1", at(70))  # attempts = 2
-    final = fail_study(session, again.id, "w1", "CUDA out of memory", retry=True, max_attempts=2)
-    assert final.state == StudyState.FAILED
-
-
-def test_fail_study_without_retry_fails_at_once(session: Session) -> None:
+def test_fail_study_fails_at_once(session: Session) -> None:
     study = processing_study(session)
-    assert fail_study(session, study.id, "w1", "no series", retry=False, max_attempts=5).state == StudyState.FAILED
+    failed = fail_study(session, study.id, "w1", "no series")
+    assert failed.state == StudyState.FAILED and failed.last_error == "no series"
+    assert failed.claimed_by is None
+
+
+def test_a_deferred_study_waits_for_its_time(session: Session) -> None:
+    study = processing_study(session)  # attempts = 1
+    deferred = defer_study(session, study.id, "w1", "no space left", retry_at=at(100), counts_as_attempt=False)
+    assert deferred.state == StudyState.READY and deferred.last_error == "no space left"
+    assert (deferred.attempts, deferred.retries) == (0, 1)  # a failure of the disk uses up no attempt
+    assert claim_next_study(session, "w1", at(99)) is None
+    again = claim_next_study(session, "w1", at(100))
+    assert again is not None and (again.attempts, again.retries) == (1, 1)
+
+
+def test_an_unexpected_failure_keeps_its_attempt(session: Session) -> None:
+    study = processing_study(session)
+    deferred = defer_study(session, study.id, "w1", "RuntimeError: x", retry_at=at(70), counts_as_attempt=True)
+    assert deferred.attempts == 1
+
+
+def test_finishing_clears_the_retry_state(session: Session) -> None:
+    study = processing_study(session)
+    defer_study(session, study.id, "w1", "no space left", retry_at=at(70), counts_as_attempt=False)
+    again = claim_next_study(session, "w1", at(70))
+    finished = finish(session, again.id, started_at=at(70))
+    assert (finished.retries, finished.retry_at, finished.last_error) == (0, None, None)
 
 
 # --- deliveries --------------------------------------------------------------------
 
 
-def one_delivery(session: Session) -> Delivery:
+def one_delivery(session: Session) -> int:
     study = processing_study(session)
     finish(session, study.id, started_at=at(61), destinations=("pacs",))
     (delivery,) = session.scalars(select(Delivery)).all()
-    return delivery
+    return delivery.id
 
 
-def test_delivery_back_off_doubles_up_to_the_cap(factory: sessionmaker, session: Session) -> None:
-    delivery = one_delivery(session)
+def test_delivery_back_off_doubles_up_to_the_cap(database: Database, session: Session) -> None:
+    delivery_id = one_delivery(session)
     now = at(1000)
     waits = []
     for _ in range(5):
-        failed = delivery_attempt_failed(session, delivery, "refused", max_attempts=8,
-                                         initial_backoff=10, max_backoff=60, now=now)
-        assert not failed
-        waits.append((delivery.next_attempt_at - now).total_seconds())
+        row = delivery_attempt_failed(session, delivery_id, "refused", max_attempts=8,
+                                      initial_backoff=10, max_backoff=60, now=now)
+        assert row.state == DeliveryState.PENDING
+        waits.append((row.next_attempt_at - now).total_seconds())
     assert waits == [10, 20, 40, 60, 60]
-    assert delivery.state == DeliveryState.PENDING
-    with factory() as other:
-        row = other.get(Delivery, delivery.id)
+    session.commit()
+    with database.read() as other:
+        row = other.get(Delivery, delivery_id)
         assert row.attempts == 5
         assert row.last_error == "refused"
         assert row.next_attempt_at == now + dt.timedelta(seconds=60)
 
 
 def test_delivery_fails_at_max_attempts(session: Session) -> None:
-    delivery = one_delivery(session)
-    results = [
-        delivery_attempt_failed(session, delivery, "timeout", max_attempts=3,
-                                initial_backoff=10, max_backoff=900, now=at(1000))
+    delivery_id = one_delivery(session)
+    states = [
+        delivery_attempt_failed(session, delivery_id, "timeout", max_attempts=3,
+                                initial_backoff=10, max_backoff=900, now=at(1000)).state
         for _ in range(3)
     ]
-    assert results == [False, False, True]
-    assert delivery.state == DeliveryState.FAILED
-    assert delivery.attempts == 3
+    assert states == [DeliveryState.PENDING, DeliveryState.PENDING, DeliveryState.FAILED]
+    assert session.get(Delivery, delivery_id).attempts == 3
     assert due_deliveries(session, at(10**6)) == []
 
 
-def test_due_deliveries_respects_next_attempt_and_priority(session: Session) -> None:
+def test_due_deliveries_respects_next_attempt_priority_and_destination(session: Session) -> None:
     study_a = processing_study(session)
     finish(session, study_a.id, started_at=at(61), priority=False, destinations=("pacs",))
     ready_study(session, study="5.6.7")
     study_b = claim_next_study(session, "w1", at(61))
-    finish(session, study_b.id, started_at=at(61), priority=True, destinations=("pacs",))
-    due = due_deliveries(session, at(120))
-    assert [d.study_id for d in due] == [study_b.id, study_a.id]
+    finish(session, study_b.id, started_at=at(61), priority=True, destinations=("pacs", "archive"))
+    due = due_deliveries(session, at(120), destination="pacs")
+    assert [(d.study_instance_uid, d.priority_high) for d in due] == [("5.6.7", True), (STUDY, False)]
+    assert [d.destination for d in due_deliveries(session, at(120), destination="archive")] == ["archive"]
+    assert len(due_deliveries(session, at(120))) == 3
     assert due_deliveries(session, at(119)) == []
-    delivery_sent(session, due[0], at(121))
-    assert due[0].state == DeliveryState.SENT and due[0].sent_at == at(121)
-    assert [d.study_id for d in due_deliveries(session, at(130))] == [study_a.id]
+    sent = delivery_sent(session, due[0].id, at(121))
+    assert sent.state == DeliveryState.SENT and sent.sent_at == at(121) and sent.attempts == 1
+    assert [d.study_instance_uid for d in due_deliveries(session, at(130), destination="pacs")] == [STUDY]
 
 
 def test_retry_failed_deliveries(session: Session) -> None:
-    delivery = one_delivery(session)
-    delivery_attempt_failed(session, delivery, "x", max_attempts=1,
-                            initial_backoff=10, max_backoff=900, now=at(1000))
-    assert delivery.state == DeliveryState.FAILED
+    delivery_id = one_delivery(session)
+    row = delivery_attempt_failed(session, delivery_id, "x", max_attempts=1,
+                                  initial_backoff=10, max_backoff=900, now=at(1000))
+    assert row.state == DeliveryState.FAILED
     assert retry_failed_deliveries(session, at(2000)) == 1
-    session.refresh(delivery)
-    assert delivery.state == DeliveryState.PENDING
-    assert delivery.attempts == 0
-    assert delivery.next_attempt_at == at(2000)
+    session.refresh(row)
+    assert row.state == DeliveryState.PENDING
+    assert row.attempts == 0
+    assert row.next_attempt_at == at(2000)
     assert retry_failed_deliveries(session, at(3000)) == 0
+
+
+def test_result_folders_are_those_deliveries_and_studies_refer_to(session: Session) -> None:
+    assert result_folders(session) == set()
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61), destinations=())
+    assert result_folders(session) == {"results/1.2.3.4/1.2.3.4.99"}  # no delivery: the study's own
+    ready_study(session, study="5.6.7")
+    other = claim_next_study(session, "w1", at(61))
+    finish_study(session, other.id, "w1", verdict="not detected", study_score=0.1, result_series_uid="5.6.7.99",
+                 result_folder="results/5.6.7/5.6.7.99", priority_high=False, destinations=["pacs"],
+                 started_at=at(61), now=at(120))
+    assert result_folders(session) == {"results/1.2.3.4/1.2.3.4.99", "results/5.6.7/5.6.7.99"}
 
 
 def test_state_counts_lists_every_state(session: Session) -> None:
@@ -452,16 +476,17 @@ def test_state_counts_lists_every_state(session: Session) -> None:
     assert deliveries == {"pending": 1, "sent": 0, "failed": 0}
 
 
-def test_a_worker_that_lost_its_study_records_nothing(factory: sessionmaker, session: Session) -> None:
+def test_a_worker_that_lost_its_study_records_nothing(database: Database, session: Session) -> None:
     study = processing_study(session, "w1", claimed_at=at(61))
     requeue_stale(session, 30, 3, at(200))  # w1 went silent; the study is ready again
     taken = claim_next_study(session, "w2", at(201))
     assert taken is not None and taken.id == study.id
     assert finish(session, study.id, started_at=at(61)) is None  # w1 finishes late
-    assert fail_study(session, study.id, "w1", "late", retry=False, max_attempts=3) is None
-    row = study_row(factory, session, study.id)
+    assert fail_study(session, study.id, "w1", "late") is None
+    assert defer_study(session, study.id, "w1", "late", retry_at=at(300), counts_as_attempt=False) is None
+    row = study_row(database, session, study.id)
     assert row.state == StudyState.PROCESSING and row.claimed_by == "w2"
-    with factory() as other:
+    with database.read() as other:
         assert other.scalars(select(Delivery)).all() == []
 
 
@@ -473,3 +498,23 @@ def test_a_resent_instance_does_not_reopen_a_done_study(session: Session) -> Non
     session.commit()
     assert outcome.duplicate and not outcome.reopened
     assert session.get(Study, study.id).state == StudyState.DONE
+
+
+def test_a_sop_instance_uid_reused_in_another_study_is_kept_in_both(session: Session) -> None:
+    """Modalities, re-imports and anonymisers reuse SOPInstanceUIDs: an instance is known by
+    its study, series and SOPInstanceUID, so the second study loses nothing."""
+    first = record_instance(session, instance("1.2.3.4.1.1"), T0)
+    second = record_instance(session, instance("1.2.3.4.1.1", study="5.6.7"), at(1))
+    session.commit()
+    assert second.new_study and not second.duplicate
+    assert (first.sop_uid_also_in, second.sop_uid_also_in) == (None, STUDY)
+    assert session.get(Study, second.study_id).instance_count == 1
+    assert len(session.scalars(select(Instance).where(Instance.sop_instance_uid == "1.2.3.4.1.1")).all()) == 2
+
+
+def test_the_same_sop_instance_uid_in_another_series_of_a_study_is_a_new_instance(session: Session) -> None:
+    record_instance(session, instance("1.2.3.4.1.1"), T0)
+    other = record_instance(session, instance("1.2.3.4.1.1", series="1.2.3.4.2"), at(1))
+    session.commit()
+    assert not other.duplicate and other.sop_uid_also_in is None
+    assert session.get(Study, other.study_id).instance_count == 2

@@ -12,7 +12,7 @@ import pytest
 
 from node.errors import SyntheticDataError
 from training.phantom import BLEED_HU_RANGE, SUBTYPE_BITS, SUBTYPES
-from training.preprocess import hu_from_dataset
+from training.model.preprocess import hu_from_dataset
 from training.synthetic import SyntheticOptions, read_mask, write_studies
 from tests.conftest import load_labels, require_tool
 

@@ -33,9 +33,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_storescu_over_tls_with_client_certificates(tmp_path: Path, pki: Path, negative_study: Path) -> None:
     port = free_port()
-    tls = (f'tls_certificate = "{pki / "server.crt"}"\ntls_private_key = "{pki / "server.key"}"\n'
-           f'tls_ca_certificates = "{pki / "ca.crt"}"')
-    node = NodeProcess(tmp_path, node_config(tmp_path, port=port, checkpoint=None, node_extra=tls), port)
+    tls = {"tls_certificate": pki / "server.crt", "tls_private_key": pki / "server.key",
+           "tls_ca_certificates": pki / "ca.crt"}
+    node = NodeProcess(tmp_path, node_config(tmp_path, port=port, checkpoint=None, overrides={"node": tls}), port)
     node.start()
     files = sorted((negative_study / "HEAD").glob("*.dcm"))[:3]
     try:

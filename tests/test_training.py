@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from training.checkpoint import load_checkpoint
+from training.model.checkpoint import load_checkpoint
 from training.prepare import cache_image, prepare, read_rsna_labels, read_split
 from training.synthetic import SyntheticOptions, write_studies
 from training.train import load_train_config, train
@@ -235,9 +235,9 @@ def test_evaluate_writes_both_tables(synthetic_prepared: Path, small_synthetic: 
 
 
 def test_evaluate_reads_the_cq500_layout(small_synthetic: Path, tmp_path: Path) -> None:
-    from training.checkpoint import default_model_config, save_checkpoint
+    from training.model.checkpoint import default_model_config, save_checkpoint
     from training.evaluate import evaluate
-    from training.model import create_model
+    from training.model.architectures import create_model
 
     root = tmp_path / "cq500"
     rows = []

@@ -16,12 +16,13 @@ import pydicom
 import torch
 from torch.utils.data import Dataset
 
-from node.errors import IchNodeError
+from training.errors import DataError, NoAnalysableSeries
+from training.inference.predictor import Predictor
 from training.prepare import SliceRecord, load_cached_image, read_split
-from training.preprocess import PreprocessSpec, dataset_to_input, normalise, resize_bilinear
+from training.model.preprocess import PreprocessSpec, windowed_to_input
+from training.model.series import choose_head_series, read_header
 
 __all__ = [
-    "DataError",
     "CachedSlices",
     "EvalSlice",
     "EvalStudy",
@@ -29,10 +30,6 @@ __all__ = [
     "check_cache_matches",
     "load_eval_set",
 ]
-
-
-class DataError(IchNodeError):
-    """A data folder that cannot be used for training or evaluation."""
 
 
 def check_cache_matches(prepared: Path, spec: PreprocessSpec) -> None:
@@ -44,10 +41,6 @@ def check_cache_matches(prepared: Path, spec: PreprocessSpec) -> None:
     wanted = [{"name": w.name, "low": w.low, "high": w.high} for w in spec.windows]
     if windows != wanted:
         raise DataError(f"{prepared} was cached with windows {windows}, the model needs {wanted}")
-
-
-def _input_from_cache(path: Path, spec: PreprocessSpec) -> np.ndarray:
-    return normalise(resize_bilinear(load_cached_image(path), spec.input_size), spec.mean, spec.std)
 
 
 class CachedSlices(Dataset):
@@ -73,7 +66,7 @@ class CachedSlices(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         record = self.records[index]
-        x = _input_from_cache(self.prepared / record.cache, self.spec)
+        x = windowed_to_input(load_cached_image(self.prepared / record.cache), self.spec)
         if self.flips:
             if self.generator.random() < 0.5:
                 x = x[:, :, ::-1]
@@ -112,11 +105,11 @@ class EvalSet:
     slice_level: list[EvalSlice]  # empty when slice labels do not exist (CQ500)
     studies: list[EvalStudy]
 
-    def load(self, item: EvalSlice, spec: PreprocessSpec) -> np.ndarray:
-        """Network input for one slice, with the checkpoint's preprocessing."""
+    def load(self, item: EvalSlice, predictor: Predictor) -> np.ndarray:
+        """Network input for one slice, prepared by the predictor that will run it."""
         if item.cache is not None:
-            return _input_from_cache(item.cache, spec)
-        return dataset_to_input(pydicom.dcmread(item.source), spec)
+            return predictor.prepare_windowed(load_cached_image(item.cache))
+        return predictor.prepare_slice(pydicom.dcmread(item.source))
 
 
 def _from_prepared(prepared: Path, spec: PreprocessSpec) -> EvalSet:
@@ -163,10 +156,7 @@ def _majority(row: dict[str, str]) -> int:
 
 
 def _from_cq500(root: Path, min_slices: int) -> EvalSet:
-    # Local import: node.series is the node's series choice, reused so evaluation picks
-    # the series the node would analyse.
-    from node.series import choose_head_series, read_header
-
+    """CQ500 patients with the series the node would analyse (its own series choice)."""
     with open(root / "reads.csv", newline="") as handle:
         labels = {row["name"].strip(): _majority(row) for row in csv.DictReader(handle)}
     by_patient: dict[str, list] = {}
@@ -185,7 +175,7 @@ def _from_cq500(root: Path, min_slices: int) -> EvalSet:
             continue
         try:
             choice = choose_head_series(headers, min_slices)
-        except IchNodeError:
+        except NoAnalysableSeries:
             skipped.append(name)
             continue
         studies.append(EvalStudy(name, label, [EvalSlice(h.sop_instance_uid, name, None, h.path, None)

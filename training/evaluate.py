@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from node.triage import key_slice_indices
 from training.datasets import EvalSet, EvalSlice, EvalStudy, load_eval_set
 from training.localisation import dilate, mask_to_input, peak_inside
 from training.metrics import patient_level_metrics, slice_level_metrics, wilson_interval
-from training.predictor import Predictor
+from training.inference.predictor import Predictor
+from training.inference.settings import Backend, Device
+from training.model.layers import GradcamLayer
+from training.model.rule import TriageRule, key_slice_indices
 from training.report import plot_pr, plot_roc, write_report
 
 __all__ = ["EvaluationResult", "evaluate"]
@@ -35,14 +37,13 @@ class EvaluationResult:
 def _predict_all(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice], *,
                  progress: bool) -> dict[str, float]:
     """P(ICH) for each distinct slice, loading the next batch while the model runs."""
-    spec = predictor.config.preprocess
     unique = list({s.image_id: s for s in slices}.values())
     batch = predictor.batch_size
     probabilities: dict[str, float] = {}
     bar = tqdm(total=len(unique), desc="evaluate", unit="slice", disable=not progress)
 
     def load(start: int) -> np.ndarray:
-        return np.stack([eval_set.load(s, spec) for s in unique[start:start + batch]])
+        return np.stack([eval_set.load(s, predictor) for s in unique[start:start + batch]])
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         starts = list(range(0, len(unique), batch))
@@ -58,25 +59,25 @@ def _predict_all(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice
 
 
 def _localised_key_slices(predictor: Predictor, eval_set: EvalSet, study: EvalStudy,
-                          probabilities: dict[str, float], *, key_slices: int, margin: float) -> list[bool]:
+                          probabilities: dict[str, float], *, slice_threshold: float, key_slices: int,
+                          margin: float) -> list[bool]:
     """For each true-positive key slice of `study` (one the node would show, truly bleeding
     and above the slice threshold): is its Grad-CAM peak inside the dilated bleed mask?"""
     from training.synthetic import read_mask
 
     p = np.array([probabilities[s.image_id] for s in study.slices])
-    threshold = predictor.config.triage.slice_threshold
-    chosen = [i for i in key_slice_indices(p, key_slices) if study.slices[i].label == 1 and p[i] > threshold]
+    chosen = [i for i in key_slice_indices(p, key_slices) if study.slices[i].label == 1 and p[i] > slice_threshold]
     if not chosen:
         return []
-    spec = predictor.config.preprocess
-    cams = predictor.gradcam(np.stack([eval_set.load(study.slices[i], spec) for i in chosen]))
+    cams = predictor.gradcam(np.stack([eval_set.load(study.slices[i], predictor) for i in chosen]))
     masks = read_mask(study.mask_folder)
-    return [peak_inside(cam, dilate(mask_to_input(masks[i], spec.input_size), margin))
+    size = predictor.config.preprocess.input_size
+    return [peak_inside(cam, dilate(mask_to_input(masks[i], size), margin))
             for i, cam in zip(chosen, cams)]
 
 
 def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities: dict[str, float], *,
-                         key_slices: int = 3, progress: bool = False) -> dict | None:
+                         slice_threshold: float, key_slices: int = 3, progress: bool = False) -> dict | None:
     """Share of true-positive key slices whose Grad-CAM peak lies in the bleed mask dilated
     by half a Grad-CAM cell; None when the data has no lesion masks (only synthetic studies
     have them)."""
@@ -86,21 +87,28 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
     cell = predictor.gradcam_cell_pixels()
     hits: list[bool] = []
     for study in tqdm(studies, desc="grad-cam", unit="study", disable=not progress):
-        hits += _localised_key_slices(predictor, eval_set, study, probabilities, key_slices=key_slices,
-                                      margin=cell / 2)
-    return {"key_slices_per_study": key_slices, "slice_threshold": predictor.config.triage.slice_threshold,
+        hits += _localised_key_slices(predictor, eval_set, study, probabilities, slice_threshold=slice_threshold,
+                                      key_slices=key_slices, margin=cell / 2)
+    return {"key_slices_per_study": key_slices, "slice_threshold": slice_threshold,
             "gradcam_layer": predictor.gradcam_layer, "gradcam_cell_pixels": round(cell, 2),
             "margin_pixels": round(cell / 2, 2), "input_size": predictor.config.preprocess.input_size,
             "positive_studies": len(studies), "true_positive_key_slices": len(hits),
             "peak_inside": int(sum(hits)), "fraction": wilson_interval(int(sum(hits)), len(hits)).as_dict()}
 
 
-def evaluate(checkpoint: Path, data: Path, out: Path, *, device: str = "auto", batch_size: int = 8,
-             resamples: int = 2000, progress: bool = True, backend: str = "auto",
-             key_slices: int = 3, gradcam_layer: str = "auto") -> EvaluationResult:
-    """Predict every slice of `data` with `checkpoint`, then write metrics, tables and plots."""
+def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device("auto"), batch_size: int = 8,
+             resamples: int = 2000, progress: bool = True, backend: Backend = Backend.AUTO,
+             key_slices: int = 3, gradcam_layer: GradcamLayer = GradcamLayer.AUTO,
+             rule: TriageRule | None = None, rule_source: str = "") -> EvaluationResult:
+    """Predict every slice of `data` with `checkpoint`, then write metrics, tables and plots.
+
+    The patient rule reported is `rule` (described by `rule_source`), or else the one the
+    checkpoint recommends; the report says which.
+    """
     predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend,
                                           gradcam_layer=gradcam_layer)
+    if rule is None:
+        rule, rule_source = predictor.config.triage, f"the rule recommended by the checkpoint {checkpoint}"
     eval_set = load_eval_set(Path(data), predictor.config.preprocess)
     wanted = eval_set.slice_level + [s for study in eval_set.studies for s in study.slices]
     probabilities = _predict_all(predictor, eval_set, wanted, progress=progress)
@@ -129,13 +137,14 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: str = "auto", b
     if studies:
         study_labels = np.array([s.label for s in studies])
         per_study = [np.array([probabilities[x.image_id] for x in s.slices]) for s in studies]
-        patient_metrics = patient_level_metrics(study_labels, per_study, resamples=resamples)
+        patient_metrics = patient_level_metrics(study_labels, per_study, rule=rule, resamples=resamples)
+        patient_metrics["rule_source"] = rule_source
         if len(set(study_labels.tolist())) == 2:
             curves["patient_roc"] = out / "patient_roc.png"
             plot_roc(study_labels, np.array([p.max() for p in per_study]), curves["patient_roc"],
                      f"Patient level (max P(ICH)): {eval_set.description}")
-    localisation = localisation_metrics(predictor, eval_set, probabilities, key_slices=key_slices,
-                                        progress=progress)
+    localisation = localisation_metrics(predictor, eval_set, probabilities, slice_threshold=rule.slice_threshold,
+                                        key_slices=key_slices, progress=progress)
     files = write_report(out, slice_metrics=slice_metrics, patient_metrics=patient_metrics,
                          localisation_metrics=localisation, data_description=data_description,
                          model_description=model_description, curves=curves)

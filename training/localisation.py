@@ -3,9 +3,10 @@
 Synthetic studies come with a lesion mask per slice, so the explanation the node shows can
 be checked, not just admired: a key slice counts as localised when the hottest pixel of
 its Grad-CAM map lies inside the bleed mask dilated by half a Grad-CAM cell. The map has
-one value per cell (EffClass: 7 × 7 over the 512-pixel input, 73 pixels or about 34 mm a
-cell) and is upsampled smoothly, so its peak sits near a cell centre; "the bleed reaches
-to within half a cell of the peak" is the finest claim such a map can support.
+one value per cell of the layer it explains at (EffClass's default `bifpn_p3`: 64 × 64
+over the 512-pixel input, 8 pixels a cell; `layer4`: 7 × 7, 73 pixels a cell), measured
+from the model, and is upsampled smoothly, so its peak sits near a cell centre; "the bleed
+reaches to within half a cell of the peak" is the finest claim such a map can support.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from training.preprocess import pad_to_square, resize_bilinear
+from training.model.preprocess import pad_to_square, resize_bilinear
 
 __all__ = ["mask_to_input", "dilate", "peak_inside"]
 

@@ -7,6 +7,7 @@ groups are given, because slices of one patient are not independent.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from training.rule import TriageRule, required_positive_slices
+from training.model.rule import TriageRule
 
 __all__ = [
     "ConfusionMatrix",
@@ -23,7 +24,6 @@ __all__ = [
     "bootstrap_interval",
     "clopper_pearson_interval",
     "patient_level_metrics",
-    "patient_rule",
     "pr_auc_trapezoid",
     "precision_recall_curve",
     "roc_auc",
@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 Statistic = Callable[[np.ndarray, np.ndarray], float]
-TOP_K = 3  # the "top3_mean" study score: mean of the three highest slice probabilities
 
 
 @dataclass(frozen=True)
@@ -322,22 +321,6 @@ def _as_studies(probabilities_per_study: list[np.ndarray]) -> list[np.ndarray]:
     return studies
 
 
-def patient_rule(
-    probabilities_per_study: list[np.ndarray],
-    *,
-    slice_threshold: float = 0.8,
-    fraction: float,
-    min_positive_slices: int = 1,
-) -> np.ndarray:
-    """The paper's rule per study: positive when count(p > slice_threshold) ≥
-    max(min_positive_slices, ceil(fraction × N)). A slice exactly at the threshold
-    does not count; the ceiling is taken after rounding (0.07 × 100 → 7, not 8)."""
-    TriageRule(slice_threshold, fraction, min_positive_slices)  # validates, naming a bad value
-    return np.array([int(np.sum(study > slice_threshold))
-                     >= required_positive_slices(len(study), fraction, min_positive_slices)
-                     for study in _as_studies(probabilities_per_study)], dtype=bool)
-
-
 def _auc_entry(labels: np.ndarray, scores: np.ndarray, statistic: Statistic, *, groups: np.ndarray | None,
                resamples: int, seed: int) -> dict[str, float | str | None] | None:
     """Bootstrap interval as a dict, or None where one class only makes the area undefined."""
@@ -377,31 +360,32 @@ def patient_level_metrics(
     study_labels: np.ndarray,
     probabilities_per_study: list[np.ndarray],
     *,
+    rule: TriageRule,
     fractions: tuple[float, ...] = (0.025, 0.05, 0.10),
-    slice_threshold: float = 0.8,
-    min_positive_slices: int = 1,
     resamples: int = 2000,
     seed: int = 0,
 ) -> dict:
-    """The paper's Table 2 (the n % rules, keys f"{100 × fraction:g}%" such as "2.5%")
-    with intervals, and the ROC-AUC of two study scores: the maximum slice probability
-    and the mean of the three highest. JSON-ready; areas are None with one class only."""
+    """The paper's Table 2 with intervals: `rule` with each of `fractions` (keys
+    f"{100 × fraction:g}%" such as "2.5%"), and the ROC-AUC of the rule's two study
+    scores (the maximum slice probability and the top-k mean). JSON-ready; areas are None
+    with one class only."""
     labels = _as_labels(study_labels)
     studies = _as_studies(probabilities_per_study)
     if len(labels) != len(studies):
         raise ValueError(f"{len(labels)} study labels but {len(studies)} studies")
-    rules = {
-        f"{fraction * 100:g}%": ConfusionMatrix.from_predictions(labels, patient_rule(
-            studies, slice_threshold=slice_threshold, fraction=fraction,
-            min_positive_slices=min_positive_slices)).as_dict()
-        for fraction in fractions
-    }
-    maximum = np.array([study.max() for study in studies])
-    top_mean = np.array([np.sort(study)[::-1][:TOP_K].mean() for study in studies])
+    rules = {}
+    for fraction in fractions:
+        variant = dataclasses.replace(rule, positive_fraction=fraction)
+        predicted = np.array([variant.apply(study).positive for study in studies])
+        rules[f"{fraction * 100:g}%"] = ConfusionMatrix.from_predictions(labels, predicted).as_dict()
+    verdicts = [rule.apply(study) for study in studies]
+    maximum = np.array([v.study_score for v in verdicts])
+    top_mean = np.array([v.top_k_score for v in verdicts])
     auc_args = {"groups": None, "resamples": resamples, "seed": seed}
     return {
         "n": len(labels), "positives": int(labels.sum()), "negatives": int((~labels).sum()),
-        "slice_threshold": slice_threshold, "min_positive_slices": min_positive_slices, "rules": rules,
+        "slice_threshold": rule.slice_threshold, "min_positive_slices": rule.min_positive_slices,
+        "positive_fraction": rule.positive_fraction, "rules": rules,
         "study_score_roc_auc": _auc_entry(labels, maximum, roc_auc, **auc_args),
         "top3_mean_roc_auc": _auc_entry(labels, top_mean, roc_auc, **auc_args),
     }

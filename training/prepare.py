@@ -37,8 +37,8 @@ import pydicom
 from PIL import Image
 from tqdm import tqdm
 
-from node.errors import IchNodeError
-from training.preprocess import PAPER_WINDOWS, hu_from_dataset, pad_to_square, resize_bilinear, window_channels
+from training.errors import DataError
+from training.model.preprocess import PAPER_WINDOWS, hu_from_dataset, pad_to_square, resize_bilinear, window_channels
 
 __all__ = [
     "CACHE_SIZE",
@@ -57,9 +57,6 @@ SPLIT_SEED = 42
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
 FIELDS = ["image_id", "patient_id", "study_uid", "series_uid", "position", "label", "cache", "source"]
 
-
-class PrepareError(IchNodeError):
-    """The input folder is not in a layout prepare-rsna reads."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,7 @@ def read_rsna_labels(csv_path: Path) -> tuple[dict[str, int], int]:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["ID", "Label"]:
-            raise PrepareError(f"{csv_path} does not start with the RSNA header 'ID,Label'")
+            raise DataError(f"{csv_path} does not start with the RSNA header 'ID,Label'")
         for row in reader:
             if len(row) < 2 or not row[0].endswith("_any"):
                 continue
@@ -193,7 +190,7 @@ def detect_layout(data: Path) -> str:
         return "rsna"
     if any(data.glob("study_*/labels.json")):
         return "synthetic"
-    raise PrepareError(
+    raise DataError(
         f"{data} holds neither stage_2_train.csv (RSNA layout) nor study_*/labels.json "
         "(synthetic studies from `ichnode synth`)"
     )
@@ -293,7 +290,7 @@ def prepare(data: Path, out: Path, *, workers: int | None = None,
         for image_id, h in headers.items() if image_id in labels
     ])
     if not records:
-        raise PrepareError(f"no usable slice in {data} ({len(skipped)} skipped)")
+        raise DataError(f"no usable slice in {data} ({len(skipped)} skipped)")
     groups = split_patients(sorted({r.patient_id for r in records}), fractions)
     rng = random.Random(SPLIT_SEED)
     lists: dict[str, list[SliceRecord]] = {}

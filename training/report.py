@@ -87,7 +87,8 @@ def _patient_section(metrics: dict, data: str) -> list[str]:
         f"### Table 2a. Patient classification by the n % rule — measured on: {data}", "",
         (f"{metrics['n']} studies: {metrics['positives']} with ICH, {metrics['negatives']} without. "
          "A study is called positive when at least n % of its slices, and at least "
-         f"{metrics['min_positive_slices']}, have P(ICH) > {metrics['slice_threshold']}."), "",
+         f"{metrics['min_positive_slices']}, have P(ICH) > {metrics['slice_threshold']} "
+         f"(slice threshold and minimum: {metrics.get('rule_source') or 'as given'})."), "",
         *_rate_table({name.replace("%", " %"): cells for name, cells in metrics["rules"].items()}, "rule"), "",
         f"### Table 2b. Study-score ROC-AUC — measured on: {data}", "",
         "| study score | ROC-AUC (95 % interval) |", "|---|---|",

@@ -26,7 +26,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from node.errors import SyntheticDataError
+from training.errors import SyntheticDataError
 from training.phantom import (
     SUBTYPE_BITS,
     SUBTYPES,

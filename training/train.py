@@ -23,13 +23,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from node.config import anchor_paths, read_toml, section_from_table
-from node.errors import ConfigError
-from training.checkpoint import Provenance, default_model_config, save_checkpoint
-from training.datasets import CachedSlices, DataError
+from training.configfile import anchor_paths, read_toml, section_from_table
+from training.datasets import CachedSlices
+from training.errors import ConfigError, DataError
+from training.inference.device import resolve_device
+from training.inference.settings import Device
 from training.metrics import roc_auc
-from training.model import architecture_spec, create_model
-from training.predictor import resolve_device
+from training.model.architectures import architecture_spec
+from training.model.checkpoint import Provenance, default_model_config, initial_model, save_checkpoint
 
 __all__ = ["TrainConfig", "load_train_config", "train", "TrainResult"]
 
@@ -65,7 +66,7 @@ class LoopSection:
     epochs: int = 3
     batch_size: int = 4
     workers: int = 2
-    device: str = "auto"
+    device: Device = Device("auto")
     amp: bool = True  # mixed precision, CUDA only
     seed: int = 42
     flips: bool = True  # the paper's only augmentation
@@ -150,7 +151,7 @@ class _Distributed:
         return self.rank == 0
 
 
-def _init_distributed(device_name: str) -> tuple[_Distributed, torch.device]:
+def _init_distributed(device_name: Device) -> tuple[_Distributed, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return _Distributed(), resolve_device(device_name)
@@ -249,17 +250,56 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *, resume: bool,
-           progress: bool) -> TrainResult:
-    loop = config.training
-    torch.manual_seed(loop.seed + dist_info.rank)
-    prepared = config.data.prepared
+@dataclass
+class _Data:
+    """The prepared data of a run and its loaders."""
+
+    summary: dict
+    train_set: CachedSlices
+    val_set: CachedSlices
+    sampler: DistributedSampler | None
+    train_loader: DataLoader
+    val_loader: DataLoader
+    note: str  # what the data is, for provenance and plots
+
+
+@dataclass
+class _Run:
+    """What changes while training: the model, its optimiser state and the best so far."""
+
+    model: nn.Module
+    net: nn.Module  # the model, wrapped for DDP when there are several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    best_auc: float | None = None
+    best_epoch: int = -1
+    best_score: float = -math.inf
+
+    def state(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                "history": self.history, "best_epoch": self.best_epoch, "best_score": self.best_score,
+                "best_auc": self.best_auc}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history, self.start_epoch = state["history"], state["epoch"] + 1
+        self.best_epoch, self.best_score, self.best_auc = state["best_epoch"], state["best_score"], state["best_auc"]
+
+
+def _data(config: TrainConfig, dist_info: _Distributed, device: torch.device) -> _Data:
+    loop, prepared = config.training, config.data.prepared
     summary_path = prepared / "prepare.json"
     if not summary_path.is_file():
         raise DataError(f"{prepared} is not a prepared folder (no prepare.json); run `ichnode prepare-rsna`")
     summary = json.loads(summary_path.read_text())
-    model_config = default_model_config(config.model.architecture)
-    spec = model_config.preprocess
+    spec = default_model_config(config.model.architecture).preprocess
     train_set = CachedSlices(prepared, "train", spec, flips=loop.flips, seed=loop.seed + dist_info.rank)
     val_set = CachedSlices(prepared, "val", spec)
     if len(train_set) == 0:
@@ -271,95 +311,112 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
                               num_workers=loop.workers, generator=generator, drop_last=False,
                               pin_memory=device.type == "cuda", persistent_workers=loop.workers > 0)
     val_loader = DataLoader(val_set, batch_size=loop.batch_size * 2, num_workers=loop.workers)
+    note = (f"{summary['layout']} data prepared in {prepared} ({len(train_set)} balanced training "
+            f"slices, {len(val_set)} validation slices)")
+    return _Data(summary, train_set, val_set, sampler, train_loader, val_loader, note)
 
+
+def _start(config: TrainConfig, dist_info: _Distributed, device: torch.device, *, resume: bool) -> _Run:
     # Channels-last runs EffClass's convolutions faster on a CPU (forward 0.31 against 0.42 s
     # per slice on 2 cores) and suits tensor cores on a GPU; the weights saved are the same.
-    model = create_model(config.model.architecture, init_from=config.model.init_from).to(
+    model = initial_model(config.model.architecture, init_from=config.model.init_from).to(
         device, memory_format=torch.channels_last)
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if dist_info.world > 1 else model
     optimizer = _optimizer(config, model)
-    scheduler = _scheduler(config, optimizer)
-    use_amp = loop.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loss_fn = nn.CrossEntropyLoss()
-
-    folder = config.folder
-    last_path, best_path = folder / "last.pt", folder / "model.pt"
-    history: list[dict] = []
-    start_epoch, best_auc, best_epoch, best_score = 0, None, -1, -math.inf
+    run = _Run(model, net, optimizer, _scheduler(config, optimizer),
+               torch.amp.GradScaler("cuda", enabled=config.training.amp and device.type == "cuda"))
+    last_path = config.folder / "last.pt"
     if resume and last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        history, start_epoch = state["history"], state["epoch"] + 1
-        best_epoch, best_score = state["best_epoch"], state["best_score"]
-        best_auc = state["best_auc"]
-    if dist_info.main:
-        folder.mkdir(parents=True, exist_ok=True)
-        resolved = json.dumps(asdict(config), indent=1, default=str)
-        (folder / "config.json").write_text(resolved + "\n")
+        run.restore(torch.load(last_path, map_location="cpu", weights_only=True))
+    return run
 
-    data_note = (f"{summary['layout']} data prepared in {prepared} ({len(train_set)} balanced training "
-                 f"slices, {len(val_set)} validation slices)")
-    for epoch in range(start_epoch, loop.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        net.train()
-        started, seen, total_loss = time.perf_counter(), 0, 0.0
-        steps = len(train_loader) if not loop.max_steps_per_epoch else min(len(train_loader), loop.max_steps_per_epoch)
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{loop.epochs}", unit="batch", disable=not progress)
-        for step, (x, y) in enumerate(train_loader):
-            if step >= steps:
-                break
-            x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(net(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += float(loss.detach()) * len(y)
-            seen += len(y)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-        bar.close()
-        scheduler.step()
+
+def _train_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, device: torch.device,
+                 progress: bool) -> tuple[float, int]:
+    """One pass over the training list (or max_steps_per_epoch batches): (loss sum, slices)."""
+    loop = config.training
+    use_amp = run.scaler.is_enabled()
+    loss_fn = nn.CrossEntropyLoss()
+    run.net.train()
+    seen, total_loss = 0, 0.0
+    loader = data.train_loader
+    steps = len(loader) if not loop.max_steps_per_epoch else min(len(loader), loop.max_steps_per_epoch)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{loop.epochs}", unit="batch", disable=not progress)
+    for step, (x, y) in enumerate(loader):
+        if step >= steps:
+            break
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            loss = loss_fn(run.net(x), y)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        total_loss += float(loss.detach()) * len(y)
+        seen += len(y)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    bar.close()
+    run.scheduler.step()
+    return total_loss, seen
+
+
+def _end_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, trained: dict, device: torch.device,
+               progress: bool) -> None:
+    """Validate, keep the checkpoint if it is the best so far, and write last.pt, the
+    metrics and the curves (the main process only). `trained` holds the epoch's training
+    loss, slices seen and start time."""
+    folder, loop = config.folder, config.training
+    _recompute_batchnorm(run.model, data.train_loader, device, loop.batchnorm_batches)
+    val_loss, val_auc, _ = _validate(run.model, data.val_loader, device)
+    record = {"epoch": epoch + 1, "train_loss": trained["train_loss"], "val_loss": val_loss,
+              "val_roc_auc": val_auc, "lr": run.optimizer.param_groups[0]["lr"],
+              "seconds": round(time.perf_counter() - trained["started"], 1),
+              "train_slices_seen": trained["train_slices_seen"]}
+    run.history.append(record)
+    # Best by validation ROC-AUC; by lower loss when validation has one class only;
+    # the latest epoch when the validation list is empty.
+    score = val_auc if val_auc is not None else (-val_loss if math.isfinite(val_loss) else epoch)
+    if score > run.best_score:
+        run.best_score, run.best_epoch, run.best_auc = score, epoch + 1, val_auc
+        provenance = Provenance(
+            training_data=data.summary["training_data"],
+            description=f"{config.model.architecture} trained on {data.note}; best epoch {epoch + 1} "
+                        f"of {loop.epochs}",
+            metrics={"val_roc_auc": val_auc, "val_loss": val_loss, "epoch": epoch + 1,
+                     "measured_on": f"validation split of {data.note}"},
+        )
+        save_checkpoint(folder / "model.pt", run.model, default_model_config(config.model.architecture, provenance),
+                        half=config.experiment.half_precision)
+    torch.save(run.state(epoch), folder / "last.pt")
+    metrics = {"data": data.note, "history": run.history, "best_epoch": run.best_epoch,
+               "best_val_roc_auc": run.best_auc, "checkpoint": str(folder / "model.pt")}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    _plot_curves(run.history, folder / "curves.png", f"{config.experiment.name}: {data.note}")
+    if progress:
+        auc_text = f"{val_auc:.4f}" if val_auc is not None else "n/a (one class)"
+        print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
+              f"val ROC-AUC {auc_text}")
+
+
+def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *, resume: bool,
+           progress: bool) -> TrainResult:
+    torch.manual_seed(config.training.seed + dist_info.rank)
+    data = _data(config, dist_info, device)
+    run = _start(config, dist_info, device, resume=resume)
+    if dist_info.main:
+        config.folder.mkdir(parents=True, exist_ok=True)
+        (config.folder / "config.json").write_text(json.dumps(asdict(config), indent=1, default=str) + "\n")
+    for epoch in range(run.start_epoch, config.training.epochs):
+        if data.sampler is not None:
+            data.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        total_loss, seen = _train_epoch(config, run, data, epoch, device, progress)
         if dist_info.main:
-            _recompute_batchnorm(model, train_loader, device, loop.batchnorm_batches)
-            val_loss, val_auc, _ = _validate(model, val_loader, device)
-            record = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
-                      "val_roc_auc": val_auc, "lr": optimizer.param_groups[0]["lr"],
-                      "seconds": round(time.perf_counter() - started, 1), "train_slices_seen": seen * dist_info.world}
-            history.append(record)
-            # Best by validation ROC-AUC; by lower loss when validation has one class only;
-            # the latest epoch when the validation list is empty.
-            score = val_auc if val_auc is not None else (-val_loss if math.isfinite(val_loss) else epoch)
-            if score > best_score:
-                best_score, best_epoch, best_auc = score, epoch + 1, val_auc
-                provenance = Provenance(
-                    training_data=summary["training_data"],
-                    description=f"{config.model.architecture} trained on {data_note}; best epoch {epoch + 1} "
-                                f"of {loop.epochs}",
-                    metrics={"val_roc_auc": val_auc, "val_loss": val_loss, "epoch": epoch + 1,
-                             "measured_on": f"validation split of {data_note}"},
-                )
-                save_checkpoint(best_path, model, default_model_config(config.model.architecture, provenance),
-                                half=config.experiment.half_precision)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                        "history": history, "best_epoch": best_epoch, "best_score": best_score,
-                        "best_auc": best_auc}, last_path)
-            metrics = {"data": data_note, "history": history, "best_epoch": best_epoch,
-                       "best_val_roc_auc": best_auc, "checkpoint": str(best_path)}
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-            _plot_curves(history, folder / "curves.png", f"{config.experiment.name}: {data_note}")
-            if progress:
-                auc_text = f"{val_auc:.4f}" if val_auc is not None else "n/a (one class)"
-                print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
-                      f"val ROC-AUC {auc_text}")
+            trained = {"train_loss": total_loss / max(seen, 1), "train_slices_seen": seen * dist_info.world,
+                       "started": started}
+            _end_epoch(config, run, data, epoch, trained, device, progress)
         if dist_info.world > 1:
             dist.barrier()
-    return TrainResult(best_path, best_epoch, best_auc, history)
+    return TrainResult(config.folder / "model.pt", run.best_epoch, run.best_auc, run.history)

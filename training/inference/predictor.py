@@ -1,7 +1,10 @@
-"""The one way to run a model: preprocessing → forward → softmax, and Grad-CAM.
+"""The one way to run a model: preprocessing → forward → P(ICH), and Grad-CAM.
 
-The node and evaluation both use `Predictor`; tests may replace it with any object that
-has the same methods.
+The node and evaluation both use `Predictor`, so a slice is prepared for the network the
+same way wherever it comes from (a DICOM file, or the training cache); tests may replace
+it with any object that has the same methods. Its settings arrive already checked
+(`Device`, `Backend`, `GradcamLayer` check themselves when parsed); only what depends on
+the checkpoint or the machine is checked here.
 """
 
 from __future__ import annotations
@@ -17,38 +20,18 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy.special import expit
 from torch import nn
 
-from node.errors import ConfigError, InferenceError
-from training.checkpoint import ModelConfig, load_checkpoint
-from training.model import architecture_spec, gradcam_module
-from training.preprocess import dataset_to_input
-from training.runtime import make_forward
+from training.errors import InferenceError
+from training.inference.device import resolve_device
+from training.inference.runtime import make_forward
+from training.inference.settings import Backend, Device
+from training.model.architectures import gradcam_module, resolve_gradcam_layer
+from training.model.checkpoint import ModelConfig, load_checkpoint
+from training.model.layers import GradcamLayer
+from training.model.preprocess import dataset_to_input, windowed_to_input
 
-__all__ = ["ICH_CLASS", "resolve_device", "Predictor"]
+__all__ = ["ICH_CLASS", "Predictor"]
 
 ICH_CLASS = 1  # logits are [no ICH, ICH]; P(ICH) = softmax(logits)[:, 1]
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → the first CUDA GPU when there is one, else the CPU; 'cpu', 'cuda', 'cuda:N'."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(
-            f"model.device {name!r} is not one of auto, cpu, cuda, cuda:N"
-        ) from exc
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise ConfigError(f"model.device {name!r} is not one of auto, cpu, cuda, cuda:N")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"model.device is {name!r} but no CUDA GPU is available here")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(
-            f"model.device is {name!r} but only {torch.cuda.device_count()} GPU(s) exist"
-        )
-    return device
 
 
 class Predictor:
@@ -59,21 +42,14 @@ class Predictor:
         model: nn.Module,
         config: ModelConfig,
         *,
-        device: str = "auto",
+        device: Device = Device("auto"),
         batch_size: int = 8,
-        backend: str = "torch",
+        backend: Backend = Backend.TORCH,
         mixed_precision: bool = True,
-        gradcam_layer: str = "auto",
+        gradcam_layer: GradcamLayer = GradcamLayer.AUTO,
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"model.batch_size must be ≥ 1, got {batch_size}")
-        if gradcam_layer == "auto":
-            gradcam_layer = architecture_spec(config.architecture).gradcam_layers[0]
-        try:
-            self._cam_layer = gradcam_module(model, config.architecture, gradcam_layer)
-        except ValueError as exc:
-            raise ConfigError(f"explain.gradcam_layer: {exc}") from None
-        self.gradcam_layer = gradcam_layer
+        self.gradcam_layer = resolve_gradcam_layer(config.architecture, gradcam_layer)
+        self._cam_layer = gradcam_module(model, self.gradcam_layer)
         self.config = config
         self.device = resolve_device(device)
         self.batch_size = batch_size
@@ -84,8 +60,9 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, *, device: str = "auto", batch_size: int = 8, backend: str = "torch",
-        mixed_precision: bool = True, gradcam_layer: str = "auto",
+        cls, path: str | Path, *, device: Device = Device("auto"), batch_size: int = 8,
+        backend: Backend = Backend.TORCH, mixed_precision: bool = True,
+        gradcam_layer: GradcamLayer = GradcamLayer.AUTO,
     ) -> "Predictor":
         model, config = load_checkpoint(path)
         return cls(model, config, device=device, batch_size=batch_size, backend=backend,
@@ -96,11 +73,19 @@ class Predictor:
         size = self.config.preprocess.input_size
         return (3, size, size)
 
+    def prepare_slice(self, ds: Dataset) -> np.ndarray:
+        """One DICOM slice → network input [3, S, S]; InvalidInstance names what is wrong."""
+        return dataset_to_input(ds, self.config.preprocess)
+
+    def prepare_windowed(self, channels: np.ndarray) -> np.ndarray:
+        """One windowed square image [3, H, W] in [0, 1] (the training cache) → network input."""
+        return windowed_to_input(channels, self.config.preprocess)
+
     def prepare(self, slices: Sequence[Dataset]) -> np.ndarray:
         """DICOM slices → network inputs [N, 3, S, S] with the checkpoint's preprocessing."""
         if not slices:
             return np.zeros((0, *self.input_shape), dtype=np.float32)
-        return np.stack([dataset_to_input(ds, self.config.preprocess) for ds in slices])
+        return np.stack([self.prepare_slice(ds) for ds in slices])
 
     def _check(self, inputs: np.ndarray) -> None:
         if inputs.ndim != 4 or tuple(inputs.shape[1:]) != self.input_shape:

@@ -1,7 +1,7 @@
 """Forward passes for prediction: eager PyTorch, or the same weights in ONNX Runtime.
 
 ONNX Runtime runs EffClass about twice as fast as eager PyTorch on a CPU with the same
-answers (checked by tests/test_runtime.py, measured by bench/inference.py); on a GPU the
+answers (checked by tests/test_runtime.py, measured by `make bench`); on a GPU the
 eager model runs, in fp16 autocast when mixed precision is on. Grad-CAM always uses the
 PyTorch model, which it needs gradients from.
 """
@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from node.errors import ConfigError
+from training.errors import ConfigError
+from training.inference.settings import Backend
 
-__all__ = ["BACKENDS", "Forward", "TorchForward", "OnnxForward", "make_forward"]
-
-BACKENDS = ("auto", "torch", "onnxruntime")
+__all__ = ["Forward", "TorchForward", "OnnxForward", "make_forward"]
 
 
 class Forward(Protocol):
@@ -73,14 +72,12 @@ class OnnxForward:
         return self.session.run(["logits"], {"input": np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
-def make_forward(backend: str, model: nn.Module, device: torch.device, input_shape: tuple[int, int, int],
+def make_forward(backend: Backend, model: nn.Module, device: torch.device, input_shape: tuple[int, int, int],
                  *, mixed_precision: bool = True) -> Forward:
-    """'auto': ONNX Runtime on a CPU, eager PyTorch on a GPU."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        backend = "onnxruntime" if device.type == "cpu" else "torch"
-    if backend == "onnxruntime":
+    """The forward pass `backend` gives on `device`."""
+    if backend == Backend.AUTO:
+        backend = Backend.ONNXRUNTIME if device.type == "cpu" else Backend.TORCH
+    if backend == Backend.ONNXRUNTIME:
         if device.type != "cpu":
             raise ConfigError(f"model.backend onnxruntime runs on the CPU; model.device is {device}")
         return OnnxForward(model, input_shape)

@@ -7,20 +7,21 @@ Every network here starts from random weights or from a local file; nothing is f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from node.errors import CheckpointError
+from training.errors import ConfigError
+from training.model.layers import GradcamLayer
 
 __all__ = [
     "ArchitectureSpec",
     "EffClass",
     "available_models",
     "architecture_spec",
+    "resolve_gradcam_layer",
     "gradcam_module",
     "create_model",
     "count_parameters",
@@ -36,9 +37,10 @@ EFFCLASS_DECONVS: tuple[tuple[int, int, int, int, int], ...] = (
     (2, 30, 8, 2, 7),
 )
 BIFPN_CHANNELS = 64
-# Blocks of a ResNet (EffClass's head or a baseline) Grad-CAM can explain at: layer4 is the
-# paper's choice (7 × 7 values); layer3 has twice the resolution.
-RESNET_LAYERS = ("layer4", "layer3")
+
+
+# Blocks of a ResNet (EffClass's head or a baseline) Grad-CAM can explain at.
+RESNET_LAYERS = (GradcamLayer.LAYER4, GradcamLayer.LAYER3)
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class ArchitectureSpec:
     input_size: int
     build: Callable[[], nn.Module]
     description: str
-    gradcam_layers: tuple[str, ...]
+    gradcam_layers: tuple[GradcamLayer, ...]
 
 
 def _resnet_classifier(depth: int) -> nn.Module:
@@ -137,7 +139,7 @@ _REGISTRY: dict[str, ArchitectureSpec] = {}
 
 
 def _register(name: str, input_size: int, description: str,
-              gradcam_layers: tuple[str, ...] = RESNET_LAYERS):
+              gradcam_layers: tuple[GradcamLayer, ...] = RESNET_LAYERS):
     def decorator(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         _REGISTRY[name] = ArchitectureSpec(name, input_size, build, description, gradcam_layers)
         return build
@@ -147,7 +149,7 @@ def _register(name: str, input_size: int, description: str,
 
 # EffClass explains best at its BiFPN's P3 output: see EffClass.bifpn_output.
 @_register("effclass", 512, "EffClass: EfficientDet-D0 + BiFPN + deconvolutions + ResNet18",
-           ("bifpn_p3", *RESNET_LAYERS))
+           (GradcamLayer.BIFPN_P3, *RESNET_LAYERS))
 def _effclass() -> nn.Module:
     return EffClass()
 
@@ -182,35 +184,29 @@ def architecture_spec(name: str) -> ArchitectureSpec:
         ) from None
 
 
-def gradcam_module(model: nn.Module, architecture: str, layer: str) -> nn.Module:
-    """The module whose output Grad-CAM weighs for `layer` of `architecture`; a ValueError
-    names the layers the architecture has."""
+def resolve_gradcam_layer(architecture: str, layer: GradcamLayer) -> GradcamLayer:
+    """`auto` → the architecture's best layer; a layer it lacks is a ConfigError naming
+    the ones it has."""
     layers = architecture_spec(architecture).gradcam_layers
+    if layer == GradcamLayer.AUTO:
+        return layers[0]
     if layer not in layers:
-        raise ValueError(f"Grad-CAM layer {layer!r} does not exist in {architecture!r}; "
-                         f"it has {', '.join(layers)}")
-    if layer == "bifpn_p3":
+        raise ConfigError(f"Grad-CAM layer {str(layer)!r} (explain.gradcam_layer) does not exist in "
+                          f"{architecture!r}; it has {', '.join(layers)}")
+    return layer
+
+
+def gradcam_module(model: nn.Module, layer: GradcamLayer) -> nn.Module:
+    """The module whose output Grad-CAM weighs for a resolved `layer` of `model`."""
+    if layer == GradcamLayer.BIFPN_P3:
         return model.bifpn_output(3)
-    return getattr(model.resnet, layer)[-1]
+    return getattr(model.resnet, str(layer))[-1]
 
 
-def create_model(name: str, *, init_from: str | Path | None = None) -> nn.Module:
-    """Build architecture `name` with random weights, or with the weights of `init_from`
-    (a checkpoint of this project or a bare state dict saved with `torch.save`)."""
-    model = architecture_spec(name).build()
-    if init_from is not None:
-        # Local import: checkpoint.py imports this module.
-        from training.checkpoint import read_state_dict
-
-        path = Path(init_from)
-        try:
-            model.load_state_dict(read_state_dict(path))
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"initial weights {path} do not fit architecture {name!r}: "
-                f"{str(exc).splitlines()[0]}"
-            ) from exc
-    return model
+def create_model(name: str) -> nn.Module:
+    """Build architecture `name` with random weights (initial weights from a file:
+    training.model.checkpoint.initial_model)."""
+    return architecture_spec(name).build()
 
 
 def count_parameters(model: nn.Module) -> int:

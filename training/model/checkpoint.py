@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.errors import CheckpointError
+from training.errors import CheckpointError
 from storage.atomic import atomic_write
-from training.model import architecture_spec, create_model
-from training.preprocess import PreprocessSpec, Window
-from training.rule import TriageRule
+from training.model.architectures import architecture_spec, create_model
+from training.model.preprocess import PreprocessSpec, Window
+from training.model.rule import TriageRule
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -33,6 +33,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_state_dict",
+    "initial_model",
 ]
 
 CHECKPOINT_FORMAT = "ichnode-checkpoint"
@@ -182,7 +183,7 @@ def load_checkpoint(
     if not _is_checkpoint(payload):
         raise CheckpointError(
             f"{path} is not an ichnode checkpoint (no '{CHECKPOINT_FORMAT}' header); "
-            "write checkpoints with `ichnode train` or training.checkpoint.save_checkpoint"
+            "write checkpoints with `ichnode train` or training.model.checkpoint.save_checkpoint"
         )
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -206,3 +207,20 @@ def load_checkpoint(
             f"{str(exc).splitlines()[0]}"
         ) from exc
     return model.eval(), config
+
+
+def initial_model(architecture: str, *, init_from: str | Path | None = None) -> nn.Module:
+    """Architecture `architecture` with random weights, or with the weights of `init_from`
+    (a checkpoint of this project or a bare state dict saved with `torch.save`)."""
+    model = create_model(architecture)
+    if init_from is None:
+        return model
+    path = Path(init_from)
+    try:
+        model.load_state_dict(read_state_dict(path))
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"initial weights {path} do not fit architecture {architecture!r}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+    return model

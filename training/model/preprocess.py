@@ -1,17 +1,21 @@
 """CT slice → network input, as in the paper's code, in pure numpy.
 
-Training, evaluation and the node all call `dataset_to_input`, with the `PreprocessSpec`
-stored in the checkpoint, so preprocessing cannot drift between training and serving.
+The `Predictor` (the node and evaluation) and the training data sets use these functions
+with the `PreprocessSpec` stored in the checkpoint, so preprocessing cannot drift between
+training and serving. Input that cannot give true HU (a zero or non-finite slope, pixel
+data that does not fit BitsAllocated, a constant image) is refused with InvalidInstance
+naming the attribute: a triage node must never turn unreadable input into "not detected".
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.errors import InvalidInstance
+from storage.errors import InvalidInstance
 
 __all__ = [
     "Window",
@@ -26,6 +30,7 @@ __all__ = [
     "normalise",
     "hu_from_dataset",
     "hu_to_input",
+    "windowed_to_input",
     "dataset_to_input",
 ]
 
@@ -45,7 +50,7 @@ class Window:
             )
 
 
-# The paper's channel order: brain, subdural, soft tissue (DESIGN.md, "Preprocessing").
+# The paper's channel order: brain, subdural, soft tissue.
 PAPER_WINDOWS: tuple[Window, ...] = (
     Window("brain", 0.0, 80.0),
     Window("subdural", -20.0, 180.0),
@@ -147,6 +152,40 @@ def _number(ds: Dataset, keyword: str, default: float) -> float:
     return float(value)
 
 
+def _rescale(ds: Dataset, uid: str) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept), missing meaning 1 and 0; a slope of 0 would make
+    every pixel the same HU, and NaN or infinity no HU at all."""
+    try:
+        slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise InvalidInstance(f"instance {uid}: RescaleSlope/RescaleIntercept are not numbers: {exc}") from exc
+    if not math.isfinite(slope) or slope == 0:
+        raise InvalidInstance(f"instance {uid}: RescaleSlope {slope:g} cannot map pixels to HU "
+                              "(it must be finite and non-zero)")
+    if not math.isfinite(intercept):
+        raise InvalidInstance(f"instance {uid}: RescaleIntercept {intercept:g} is not finite")
+    return slope, intercept
+
+
+def _check_native_length(ds: Dataset, uid: str) -> None:
+    """Uncompressed pixel data must hold Rows × Columns × BitsAllocated / 8 bytes (plus
+    one pad byte): otherwise the image would be decoded from the wrong bytes."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_encapsulated:
+        return  # compressed: the decoder checks the frame
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits not in (8, 16, 32):
+        raise InvalidInstance(f"instance {uid}: BitsAllocated {bits} is not 8, 16 or 32")
+    expected = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * bits // 8
+    actual = len(ds.PixelData)
+    if actual not in (expected, expected + 1):
+        raise InvalidInstance(
+            f"instance {uid}: PixelData holds {actual} bytes, but Rows {ds.get('Rows')} × Columns "
+            f"{ds.get('Columns')} × BitsAllocated {bits} / 8 = {expected}"
+        )
+
+
 def hu_from_dataset(ds: Dataset) -> np.ndarray:
     """The slice in HU as float32 (H, W).
 
@@ -164,26 +203,35 @@ def hu_from_dataset(ds: Dataset) -> np.ndarray:
         raise InvalidInstance(
             f"instance {uid} has {ds.NumberOfFrames} frames; pass one slice at a time"
         )
+    slope, intercept = _rescale(ds, uid)
+    _check_native_length(ds, uid)
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises several types for bad pixel data
         raise InvalidInstance(f"instance {uid}: pixel data cannot be decoded: {exc}") from exc
     if pixels.ndim != 2:
         raise InvalidInstance(f"instance {uid}: expected a 2-D slice, got shape {pixels.shape}")
+    if pixels.min() == pixels.max():
+        raise InvalidInstance(f"instance {uid}: every pixel holds the same value ({pixels.flat[0]}): "
+                              "a constant image shows no anatomy")
     pixels, intercept = rsna_fix(
         pixels,
         bits_stored=int(ds.get("BitsStored", 16)),
         pixel_representation=int(ds.get("PixelRepresentation", 0)),
-        intercept=_number(ds, "RescaleIntercept", 0.0),
+        intercept=intercept,
     )
-    return to_hu(pixels, _number(ds, "RescaleSlope", 1.0), intercept)
+    return to_hu(pixels, slope, intercept)
+
+
+def windowed_to_input(channels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """A square windowed image (C, H, W) in [0, 1] → normalised network input (C, size, size).
+    The training cache holds such images; DICOM slices reach them through `hu_to_input`."""
+    return normalise(resize_bilinear(channels, spec.input_size), spec.mean, spec.std)
 
 
 def hu_to_input(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """HU slice (H, W) → normalised network input (3, size, size), float32."""
-    channels = window_channels(hu, spec.windows)
-    channels = resize_bilinear(pad_to_square(channels), spec.input_size)
-    return normalise(channels, spec.mean, spec.std)
+    return windowed_to_input(pad_to_square(window_channels(hu, spec.windows)), spec)
 
 
 def dataset_to_input(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:

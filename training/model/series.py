@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from node.errors import NoAnalysableSeries
+from training.errors import NoAnalysableSeries
 
-__all__ = ["SliceHeader", "SeriesChoice", "read_header", "choose_head_series", "order_slices"]
+__all__ = ["SliceHeader", "SeriesChoice", "read_header", "could_be_analysed", "choose_head_series", "order_slices"]
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -74,6 +74,14 @@ def read_header(path: Path) -> SliceHeader:
         instance_number=int(instance_number) if instance_number not in (None, "") else None,
         frames=int(ds.get("NumberOfFrames", 1) or 1),
     )
+
+
+def could_be_analysed(sop_class_uid: str, image_type: tuple[str, ...]) -> bool:
+    """Whether an instance could be one of the slices `choose_head_series` analyses: a CT
+    Image Storage object that is not a localizer. Only such an instance can change a
+    finished study's result; anything else (an Enhanced CT object, a scout, our own result
+    series sent back) would re-analyse the same slices and send a duplicate result."""
+    return sop_class_uid == CT_IMAGE_STORAGE and "LOCALIZER" not in image_type
 
 
 @dataclass(frozen=True)
