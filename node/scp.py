@@ -12,11 +12,11 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import Verification
 
 from node.config import NodeSection
 from node.errors import ConfigError
+from node.guard import GuardedAssociationServer, start_guarded_server
 from node.ingest import Ingest, Status
 
 __all__ = ["build_ae", "handle_store", "handle_echo", "tls_context", "start_scp"]
@@ -31,6 +31,10 @@ def build_ae(node: NodeSection) -> AE:
     ae.maximum_associations = node.max_associations
     ae.maximum_pdu_size = node.maximum_pdu_size
     ae.require_called_aet = True
+    # Also enforced by the guard's socket deadlines; pynetdicom's own timers only run while
+    # its reactor is not blocked reading.
+    ae.acse_timeout = node.acse_timeout_seconds
+    ae.network_timeout = node.network_timeout_seconds
     if node.allowed_calling_aets:
         ae.require_calling_aet = list(node.allowed_calling_aets)
     for context in AllStoragePresentationContexts:
@@ -66,20 +70,36 @@ def tls_context(node: NodeSection) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(node.tls_certificate, node.tls_private_key)
-        if node.tls_ca_certificates is not None:
-            context.load_verify_locations(node.tls_ca_certificates)
-            context.verify_mode = ssl.CERT_REQUIRED
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"node.tls_*: cannot load {node.tls_certificate} / {node.tls_private_key}: {exc}") from exc
+        raise ConfigError(
+            f"node.tls_certificate {node.tls_certificate} and node.tls_private_key {node.tls_private_key} "
+            f"cannot be used: they must be a PEM certificate and the PEM private key that belongs to it "
+            f"({_reason(exc)})") from exc
+    if node.tls_ca_certificates is not None:
+        try:
+            context.load_verify_locations(node.tls_ca_certificates)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"node.tls_ca_certificates {node.tls_ca_certificates} is not a PEM bundle of CA "
+                              f"certificates ({_reason(exc)})") from exc
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
-def start_scp(node: NodeSection, ingest: Ingest) -> ThreadedAssociationServer:
-    """Listen on node.host:node.port in background threads; returns the server."""
+def _reason(exc: Exception) -> str:
+    """OpenSSL's reason in words; its bare '[SSL] PEM lib (_ssl.c:N)' says only that a
+    file is not the PEM it should be."""
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason.replace("_", " ").lower() if exc.reason else "not readable as PEM"
+    return exc.strerror or str(exc)
+
+
+def start_scp(node: NodeSection, ingest: Ingest) -> GuardedAssociationServer:
+    """Listen on node.host:node.port in background threads, behind the guard against
+    unauthenticated and stalled peers (node.guard); returns the server."""
     ae = build_ae(node)
     handlers = [(evt.EVT_C_STORE, handle_store, [ingest]), (evt.EVT_C_ECHO, handle_echo)]
     context = tls_context(node)
-    server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers, ssl_context=context)
+    server = start_guarded_server(ae, node, handlers, context)
     log.info("listening as %s on %s:%d%s", node.ae_title, node.host, node.port,
              " (DICOM TLS)" if context else "")
     return server
