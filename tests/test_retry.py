@@ -1,0 +1,105 @@
+"""Retryable against permanent failures, with a real full disk: the storage root is a small
+tmpfs that fills up while the result series is written; once space comes back the study
+completes and its result reaches the PACS (Orthanc) exactly once."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.config import parse_config
+from node.delivery import Deliveries, DicomSender
+from node.ingest import Ingest, Status
+from node.triagelog import TriageLog, read_events
+from node.worker import Worker
+from storage.db import Database, Study, StudyState
+from storage.store import InstanceStore
+from tests.peers import Orthanc, wait_for
+from training.inference.predictor import Predictor
+from training.inference.settings import Device
+from training.model.architectures import create_model
+from training.model.checkpoint import default_model_config
+
+import pydicom
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs: room for a study, and for a result series only when it is not full."""
+    mount = tmp_path / "store"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _fill(folder: Path, leave_bytes: int) -> Path:
+    """A ballast file that leaves about `leave_bytes` free on the disk of `folder`."""
+    import shutil
+
+    ballast = folder / "ballast"
+    free = shutil.disk_usage(folder).free
+    with open(ballast, "wb") as handle:
+        handle.write(b"\0" * max(free - leave_bytes, 0))
+    return ballast
+
+
+def test_a_full_disk_defers_the_study_until_space_comes_back(small_disk: Path, tmp_path: Path,
+                                                             negative_study: Path) -> None:
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        config = parse_config({
+            "storage": {"root": str(small_disk), "database_url": f"sqlite:///{tmp_path / 'node.db'}",
+                        "min_free_mb": 0},
+            "worker": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "min_slices": 10},
+            "model": {"device": "cpu"},
+            "explain": {"key_slices": 2},
+            "log": {"path": str(tmp_path / "triage.log")},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
+        }, tmp_path)
+        store = InstanceStore(config.storage.root)
+        database = Database(config.storage.database_url, create=True)
+        log = TriageLog(config.log.path)
+        ingest = Ingest(store, database, log)
+        for path in sorted((negative_study / "HEAD").glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            assert ingest.receive(ds, path.read_bytes(), calling_aet="SCANNER",
+                                  transfer_syntax_uid=ds.file_meta.TransferSyntaxUID) == Status.SUCCESS
+        with database.write() as session:
+            session.query(Study).update({Study.state: StudyState.READY})
+        predictor = Predictor(create_model("resnet18"), default_model_config("resnet18"), device=Device("cpu"))
+        worker = Worker(config, database, store, predictor, log)
+
+        ballast = _fill(small_disk, leave_bytes=64 * 1024)  # far less than the result series
+        assert worker.run_once()
+        with database.read() as session:
+            study = session.query(Study).one()
+            assert study.state == StudyState.READY and study.attempts == 0 and study.retries == 1
+            assert "no space left" in study.last_error
+        deferred = [e for e in read_events(config.log.path) if e["event"] == "deferred"]
+        assert len(deferred) == 1 and "no space left" in deferred[0]["reason"]
+        assert not any(e["event"] == "failed" for e in read_events(config.log.path))
+
+        ballast.unlink()  # space comes back
+        wait_for(worker.run_once, timeout=30, what="the deferred study to be claimed again", every=0.1)
+        with database.read() as session:
+            study = session.query(Study).one()
+            assert study.state == StudyState.DONE and study.retries == 0
+        deliveries = Deliveries(config, database, store, DicomSender("ICHNODE", 10), log)
+        assert deliveries.send_due(config.destinations[0]) == 1
+        assert deliveries.send_due(config.destinations[0]) == 0
+        results = [s for s in pacs.get("/series?expand")
+                   if s["MainDicomTags"].get("SeriesDescription", "").startswith("AI ICH TRIAGE")]
+        assert len(results) == 1
+        assert [e["event"] for e in read_events(config.log.path)].count("delivered") == 1
+        assert not list(small_disk.glob("results/*/*.partial"))
+    finally:
+        pacs.stop()
