@@ -149,20 +149,15 @@ def _get_or_create_study(session: Session, item: ReceivedInstance, now: dt.datet
     return study, True
 
 
-def _other_study_with(session: Session, sop_instance_uid: str, study_id: int) -> str | None:
-    return session.scalar(
-        select(Study.study_instance_uid).join(Instance)
-        .where(Instance.sop_instance_uid == sop_instance_uid, Instance.study_id != study_id).limit(1)
-    )
-
-
 def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime) -> RecordOutcome:
     """Record a stored instance (idempotent per study, series and SOPInstanceUID) and
     update its study."""
     study, new_study = _get_or_create_study(session, item, now)
-    existing = session.scalar(select(Instance).where(
-        Instance.study_id == study.id, Instance.series_instance_uid == item.series_instance_uid,
-        Instance.sop_instance_uid == item.sop_instance_uid))
+    # One query finds the instance itself and any namesake in another study.
+    same_uid = session.scalars(select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid)).all()
+    existing = next((i for i in same_uid if i.study_id == study.id
+                     and i.series_instance_uid == item.series_instance_uid), None)
+    elsewhere = next((i.study_id for i in same_uid if i.study_id != study.id), None)
     reopened = False
     if study.state in (StudyState.DONE, StudyState.FAILED) and item.analysable and existing is None:
         # Only an analysable image not seen before re-opens a finished study; a re-send does not.
@@ -194,8 +189,8 @@ def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime) 
         study.accession_number = item.accession_number
     study.last_received_at = now
     session.flush()
-    elsewhere = _other_study_with(session, item.sop_instance_uid, study.id) if existing is None else None
-    return RecordOutcome(study.id, new_study, reopened, existing is not None, elsewhere)
+    other = None if existing is not None or elsewhere is None else session.get(Study, elsewhere).study_instance_uid
+    return RecordOutcome(study.id, new_study, reopened, existing is not None, other)
 
 
 def mark_ready(session: Session, stable_seconds: float, now: dt.datetime) -> list[ReadyStudy]:
