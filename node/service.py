@@ -163,12 +163,30 @@ def _wait_for_signal(stop: threading.Event) -> None:
         pass
 
 
+class _DatabaseWatch:
+    """Says once, even when nothing arrives, that the database file vanished under the
+    node: from then on stores are refused and no study is claimed (Database.check)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.reported = False
+
+    def __call__(self) -> None:
+        try:
+            self.database.check()
+        except DatabaseMissing as exc:
+            if not self.reported:
+                log.error("%s; stores are answered 0xA700 and no study is analysed", exc)
+            self.reported = True
+
+
 def _scheduler(node: Node, deliveries: Deliveries) -> BackgroundScheduler:
     config = node.config
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(complete_quiet_studies, "interval", args=[config, node.database, node.triage_log],
                       seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True)
     scheduler.add_job(deliveries.fail_orphans, "interval", seconds=10, max_instances=1, coalesce=True)
+    scheduler.add_job(_DatabaseWatch(node.database), "interval", seconds=5, max_instances=1, coalesce=True)
     if config.storage.retention_days > 0:
         scheduler.add_job(purge_delivered, "interval", args=[config, node.database, node.store, node.triage_log],
                           minutes=10, max_instances=1, coalesce=True,

@@ -96,6 +96,48 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
             "peak_inside": int(sum(hits)), "fraction": wilson_interval(int(sum(hits)), len(hits)).as_dict()}
 
 
+def _slice_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path, resamples: int,
+                 curves: dict[str, Path]) -> dict | None:
+    """Table 1 on the slice-level list, and its ROC and PR plots when both classes are there."""
+    if not eval_set.slice_level:
+        return None
+    labels = np.array([s.label for s in eval_set.slice_level])
+    scores = np.array([probabilities[s.image_id] for s in eval_set.slice_level])
+    groups = np.array([s.group for s in eval_set.slice_level])
+    metrics = slice_level_metrics(labels, scores, groups=groups, resamples=resamples)
+    if len(set(labels.tolist())) == 2:
+        curves["slice_roc"], curves["slice_pr"] = out / "slice_roc.png", out / "slice_pr.png"
+        plot_roc(labels, scores, curves["slice_roc"], f"Slice level: {eval_set.description}")
+        plot_pr(labels, scores, curves["slice_pr"], f"Slice level: {eval_set.description}")
+    return metrics
+
+
+def _patient_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path, resamples: int,
+                   rule: TriageRule, rule_source: str, curves: dict[str, Path]) -> dict | None:
+    """Table 2 under `rule`, and the study-score ROC plot when both classes are there."""
+    studies = [s for s in eval_set.studies if s.slices]
+    if not studies:
+        return None
+    labels = np.array([s.label for s in studies])
+    per_study = [np.array([probabilities[x.image_id] for x in s.slices]) for s in studies]
+    metrics = patient_level_metrics(labels, per_study, rule=rule, resamples=resamples)
+    metrics["rule_source"] = rule_source
+    if len(set(labels.tolist())) == 2:
+        curves["patient_roc"] = out / "patient_roc.png"
+        plot_roc(labels, np.array([p.max() for p in per_study]), curves["patient_roc"],
+                 f"Patient level (max P(ICH)): {eval_set.description}")
+    return metrics
+
+
+def _write_predictions(path: Path, slices: list[EvalSlice], probabilities: dict[str, float]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "group", "label", "probability"])
+        for item in {s.image_id: s for s in slices}.values():
+            writer.writerow([item.image_id, item.group, "" if item.label is None else item.label,
+                             f"{probabilities[item.image_id]:.6f}"])
+
+
 def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device("auto"), batch_size: int = 8,
              resamples: int = 2000, progress: bool = True, backend: Backend = Backend.AUTO,
              key_slices: int = 3, gradcam_layer: GradcamLayer = GradcamLayer.AUTO,
@@ -112,47 +154,19 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device
     eval_set = load_eval_set(Path(data), predictor.config.preprocess)
     wanted = eval_set.slice_level + [s for study in eval_set.studies for s in study.slices]
     probabilities = _predict_all(predictor, eval_set, wanted, progress=progress)
-
-    model = predictor.config
-    provenance = model.provenance
-    model_description = (f"{model.architecture} from {checkpoint} (trained on: {provenance.training_data}; "
-                         f"{provenance.description})")
-    data_description = eval_set.description + (f" ({SYNTHETIC_NOTE})" if eval_set.synthetic else "")
     out.mkdir(parents=True, exist_ok=True)
-
-    slice_metrics = None
     curves: dict[str, Path] = {}
-    if eval_set.slice_level:
-        labels = np.array([s.label for s in eval_set.slice_level])
-        scores = np.array([probabilities[s.image_id] for s in eval_set.slice_level])
-        groups = np.array([s.group for s in eval_set.slice_level])
-        slice_metrics = slice_level_metrics(labels, scores, groups=groups, resamples=resamples)
-        if len(set(labels.tolist())) == 2:
-            curves["slice_roc"] = out / "slice_roc.png"
-            curves["slice_pr"] = out / "slice_pr.png"
-            plot_roc(labels, scores, curves["slice_roc"], f"Slice level: {eval_set.description}")
-            plot_pr(labels, scores, curves["slice_pr"], f"Slice level: {eval_set.description}")
-    patient_metrics = None
-    studies = [s for s in eval_set.studies if s.slices]
-    if studies:
-        study_labels = np.array([s.label for s in studies])
-        per_study = [np.array([probabilities[x.image_id] for x in s.slices]) for s in studies]
-        patient_metrics = patient_level_metrics(study_labels, per_study, rule=rule, resamples=resamples)
-        patient_metrics["rule_source"] = rule_source
-        if len(set(study_labels.tolist())) == 2:
-            curves["patient_roc"] = out / "patient_roc.png"
-            plot_roc(study_labels, np.array([p.max() for p in per_study]), curves["patient_roc"],
-                     f"Patient level (max P(ICH)): {eval_set.description}")
+    slice_metrics = _slice_table(eval_set, probabilities, out, resamples, curves)
+    patient_metrics = _patient_table(eval_set, probabilities, out, resamples, rule, rule_source, curves)
     localisation = localisation_metrics(predictor, eval_set, probabilities, slice_threshold=rule.slice_threshold,
                                         key_slices=key_slices, progress=progress)
+    model = predictor.config
+    model_description = (f"{model.architecture} from {checkpoint} (trained on: {model.provenance.training_data}; "
+                         f"{model.provenance.description})")
+    data_description = eval_set.description + (f" ({SYNTHETIC_NOTE})" if eval_set.synthetic else "")
     files = write_report(out, slice_metrics=slice_metrics, patient_metrics=patient_metrics,
                          localisation_metrics=localisation, data_description=data_description,
                          model_description=model_description, curves=curves)
     files["predictions"] = out / "predictions.csv"
-    with open(files["predictions"], "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image_id", "group", "label", "probability"])
-        for item in {s.image_id: s for s in wanted}.values():
-            writer.writerow([item.image_id, item.group, "" if item.label is None else item.label,
-                             f"{probabilities[item.image_id]:.6f}"])
+    _write_predictions(files["predictions"], wanted, probabilities)
     return EvaluationResult(out, files, slice_metrics, patient_metrics, localisation)
