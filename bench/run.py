@@ -3,6 +3,8 @@
 - ingest: the same synthetic 512² slices sent by DCMTK storescu (1 and 4 associations)
   into the node (durable: fsync + database row before Success), DCMTK storescp and Orthanc;
 - inference: slices/s of the node's inference path against eager PyTorch fp32;
+- Grad-CAM of 3 key slices: the node's split path (from the inference pass's features)
+  against pytorch-grad-cam differentiating the whole network, as before;
 - end to end: last instance of a 32-slice study in → Secondary Capture stored in Orthanc,
   split by stage;
 - peak memory (VmHWM) of the node process in each run.
@@ -24,12 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 
 from demo.peers import NodeProcess, Orthanc, free_port, node_config, port_open, wait_for
 from training.model.checkpoint import default_model_config, save_checkpoint
-from training.model.architectures import create_model
+from training.model.architectures import create_model, gradcam_module
 from training.inference.predictor import Predictor
+from training.inference.settings import Backend, Device
 from training.synthetic import SyntheticOptions, write_studies
 
 
@@ -86,12 +90,22 @@ def bench_ingest(work: Path, files: list[Path]) -> dict:
     return results
 
 
+def _best_seconds(run, repeats: int) -> float:
+    """The best of several runs: the one least disturbed by other load."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def bench_inference(slices: list, batches: tuple[int, ...], repeats: int) -> dict:
     torch.manual_seed(0)
     model = create_model("effclass").eval()
     config = default_model_config("effclass")
-    eager = Predictor(model, config, device="cpu", backend="torch")
-    node_path = Predictor(model, config, device="cpu", backend="auto")
+    eager = Predictor(model, config, device=Device("cpu"), backend=Backend.TORCH)
+    node_path = Predictor(model, config, device=Device("cpu"), backend=Backend.AUTO)
     inputs = eager.prepare(slices)
     results = {"node_backend": node_path.forward.name, "slices": len(inputs), "batches": {}}
     for batch in batches:
@@ -99,17 +113,37 @@ def bench_inference(slices: list, batches: tuple[int, ...], repeats: int) -> dic
         for name, predictor in (("eager_fp32", eager), ("node", node_path)):
             predictor.batch_size = batch
             predictor.predict(inputs[:batch])  # warm-up
-            best = float("inf")
-            for _ in range(repeats):  # the best of several runs: least disturbed by other load
-                start = time.perf_counter()
-                probabilities = predictor.predict(inputs)
-                best = min(best, time.perf_counter() - start)
-            timings[name] = len(inputs) / best
-            timings[f"{name}_probabilities"] = probabilities
+            timings[name] = len(inputs) / _best_seconds(lambda p=predictor: p.predict(inputs), repeats)
+            timings[f"{name}_probabilities"] = predictor.predict(inputs)
         difference = float(np.abs(timings.pop("eager_fp32_probabilities") - timings.pop("node_probabilities")).max())
         results["batches"][batch] = {**timings, "ratio": timings["node"] / timings["eager_fp32"],
                                      "max_probability_difference": difference}
     return results
+
+
+def bench_gradcam(slices: list, repeats: int) -> dict:
+    """Seconds for Grad-CAM of 3 key slices at EffClass's default layer, both ways."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = create_model("effclass").eval()
+    predictor = Predictor(model, default_model_config("effclass"), device=Device("cpu"), backend=Backend.AUTO)
+    inputs = predictor.prepare(slices[:3])
+    _, features = predictor.predict_with_features(inputs)
+    layer = gradcam_module(model, predictor.gradcam_layer)
+
+    def full_network() -> np.ndarray:
+        with GradCAM(model=model, target_layers=[layer]) as cam:
+            return cam(input_tensor=torch.from_numpy(inputs), targets=[ClassifierOutputTarget(1)] * len(inputs))
+
+    old = _best_seconds(full_network, repeats)
+    new = _best_seconds(lambda: predictor.gradcam_from_features(features), repeats)
+    from_inputs = _best_seconds(lambda: predictor.gradcam(inputs), repeats)
+    difference = float(np.abs(full_network() - predictor.gradcam(inputs)).max())
+    return {"layer": str(predictor.gradcam_layer), "key_slices": len(inputs), "full_network_s": old,
+            "split_from_features_s": new, "split_from_inputs_s": from_inputs, "ratio": old / new,
+            "max_map_difference": difference}
 
 
 def bench_end_to_end(work: Path, study: Path) -> dict:
@@ -168,6 +202,18 @@ def _print(results: dict) -> None:
         for batch, row in inference["batches"].items():
             print(f"| {batch} | {row['eager_fp32']:.2f} | {row['node']:.2f} | {row['ratio']:.2f} | "
                   f"{row['max_probability_difference']:.1e} |")
+    gradcam = results.get("gradcam")
+    if gradcam:
+        print(f"\n## Grad-CAM ({gradcam['key_slices']} key slices, EffClass at {gradcam['layer']}, CPU)\n")
+        print("| path | seconds | vs full network |")
+        print("|---|---|---|")
+        print(f"| full network (pytorch-grad-cam, the previous path) | {gradcam['full_network_s']:.2f} | 1.00 |")
+        print(f"| split, from the inference pass's features (the node) | {gradcam['split_from_features_s']:.2f} | "
+              f"{gradcam['ratio']:.1f}× |")
+        print(f"| split, from the inputs (evaluation; aug_smooth) | {gradcam['split_from_inputs_s']:.2f} | "
+              f"{gradcam['full_network_s'] / gradcam['split_from_inputs_s']:.1f}× |")
+        print(f"\nlargest difference of the maps (split from inputs vs full network): "
+              f"{gradcam['max_map_difference']:.1e}")
     e2e = results.get("end_to_end")
     if e2e:
         print(f"\n## End to end ({e2e['slices']} slices, last instance in → SC stored in Orthanc)\n")
@@ -183,10 +229,10 @@ def _print(results: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=500, help="slices for the ingest run")
-    parser.add_argument("--only", choices=["ingest", "inference", "end_to_end"], action="append")
+    parser.add_argument("--only", choices=["ingest", "inference", "gradcam", "end_to_end"], action="append")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
-    wanted = set(args.only or ["ingest", "inference", "end_to_end"])
+    wanted = set(args.only or ["ingest", "inference", "gradcam", "end_to_end"])
     results: dict = {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
                                 f"{platform.python_implementation()} {platform.python_version()}, torch "
                                 f"{torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"}
@@ -198,11 +244,11 @@ def main() -> int:
         files = sorted(data.glob("study_*/HEAD/*.dcm"))[: args.slices]
         if "ingest" in wanted:
             results["ingest"] = bench_ingest(work, files)
+        slices = [pydicom.dcmread(f) for f in files[:16]]
         if "inference" in wanted:
-            import pydicom
-
-            slices = [pydicom.dcmread(f) for f in files[:16]]
             results["inference"] = bench_inference(slices, (1, 4, 8, 16), repeats=3)
+        if "gradcam" in wanted:
+            results["gradcam"] = bench_gradcam(slices, repeats=3)
         if "end_to_end" in wanted:
             e2e_data = work / "e2e-data"
             write_studies(e2e_data, SyntheticOptions(studies=1, seed=8, min_slices=32, max_slices=32))

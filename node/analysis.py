@@ -3,8 +3,10 @@
 `analyse` reads slices only through the `read` function it is given (the worker's reads
 the store; a test's may read memory) and writes nothing: the worker loads the headers,
 calls it, writes the result files and records the outcome. Slices stream through the
-model one batch at a time and only the inputs of the most suspicious slices are kept for
-Grad-CAM, so memory does not grow with the length of the series.
+model one batch at a time; for the most suspicious slices so far it keeps only what the
+pictures and Grad-CAM need (the network input and the features the inference pass
+returned), so memory does not grow with the length of the series and Grad-CAM
+differentiates only the network above its layer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydicom.dataset import Dataset
 from node.output import ResultTexts, SourceImage, build_result_series, result_texts
 from node.render import key_slice_image, summary_image
 from storage.errors import InvalidInstance
+from training.inference.gradcam import Features
 from training.inference.predictor import Predictor
 from training.model.rule import TriageRule, Verdict, key_slice_indices
 from training.model.series import SeriesChoice, SliceHeader, choose_head_series
@@ -78,17 +81,20 @@ class _Scan:
     headers: list[SliceHeader] = field(default_factory=list)  # of the usable slices
     skipped: dict[str, str] = field(default_factory=dict)
     reference: Dataset | None = None  # first usable slice without its pixels: study context
-    # The inputs of the most suspicious slices so far: (P(ICH), -index) → input.
+    # The most suspicious slices so far, (P(ICH), -index), and what each needs later: its
+    # network input (for its picture) and the features Grad-CAM starts from.
     best: list[tuple[float, int]] = field(default_factory=list)
     inputs: dict[int, np.ndarray] = field(default_factory=dict)
+    features: dict[int, Features] = field(default_factory=dict)
 
-    def keep(self, index: int, probability: float, network_input: np.ndarray, count: int) -> None:
-        """Keep `count` inputs, ranked as key_slice_indices ranks (ties: lower index)."""
+    def keep(self, index: int, probability: float, network_input: np.ndarray, features: Features,
+             count: int) -> None:
+        """Keep `count` slices, ranked as key_slice_indices ranks (ties: lower index)."""
         heapq.heappush(self.best, (probability, -index))
-        self.inputs[index] = network_input
+        self.inputs[index], self.features[index] = network_input, features
         if len(self.best) > count:
             _, dropped = heapq.heappop(self.best)
-            del self.inputs[-dropped]
+            del self.inputs[-dropped], self.features[-dropped]
 
 
 def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_slices: int,
@@ -98,10 +104,10 @@ def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_sli
 
     def run_batch() -> None:
         started = time.perf_counter()
-        probabilities = predictor.predict(np.stack([x for _, x in batch]))
+        probabilities, features = predictor.predict_with_features(np.stack([x for _, x in batch]))
         clock.since("inference", started)
-        for (header, network_input), probability in zip(batch, probabilities):
-            scan.keep(len(scan.probabilities), float(probability), network_input, key_slices)
+        for (header, network_input), probability, slice_features in zip(batch, probabilities, features):
+            scan.keep(len(scan.probabilities), float(probability), network_input, slice_features, key_slices)
             scan.probabilities.append(float(probability))
             scan.headers.append(header)
         batch.clear()
@@ -174,6 +180,14 @@ def _images(scan: _Scan, keys: list[int], cams: np.ndarray, verdict: Verdict, te
     return images
 
 
+def _gradcam(scan: _Scan, keys: list[int], predictor: Predictor, aug_smooth: bool) -> np.ndarray:
+    """Maps of the key slices from the features the inference pass kept; smoothing runs
+    flipped and scaled copies of the inputs, so it starts from the inputs instead."""
+    if aug_smooth:
+        return predictor.gradcam(np.stack([scan.inputs[i] for i in keys]), aug_smooth=True)
+    return predictor.gradcam_from_features([scan.features[i] for i in keys])
+
+
 def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predictor,
             settings: AnalysisSettings, *, series_number: int) -> AnalysisResult:
     """Choose the head series, run the model on it slice by slice, apply the rule, explain
@@ -190,7 +204,7 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
     verdict = settings.rule.apply(probabilities)
     keys = key_slice_indices(probabilities, settings.key_slices)
     started = time.perf_counter()
-    cams = predictor.gradcam(np.stack([scan.inputs[i] for i in keys]), aug_smooth=settings.aug_smooth)
+    cams = _gradcam(scan, keys, predictor, settings.aug_smooth)
     started = clock.since("gradcam", started)
     model = predictor.config
     texts = result_texts(verdict, model.provenance, model.architecture, unusable_slices=len(scan.skipped))

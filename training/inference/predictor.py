@@ -1,4 +1,6 @@
-"""The one way to run a model: preprocessing → forward → P(ICH), and Grad-CAM.
+"""The one way to run a model: preprocessing → forward → P(ICH), and Grad-CAM (the split
+path of training/inference/gradcam.py: the inference pass already gives what Grad-CAM
+starts from).
 
 The node and evaluation both use `Predictor`, so a slice is prepared for the network the
 same way wherever it comes from (a DICOM file, or the training cache); tests may replace
@@ -13,25 +15,21 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from pydicom.dataset import Dataset
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy.special import expit
 from torch import nn
 
 from training.errors import InferenceError
 from training.inference.device import resolve_device
+from training.inference.gradcam import ICH_CLASS, Features, SplitGradCam
 from training.inference.runtime import make_forward
 from training.inference.settings import Backend, Device
-from training.model.architectures import gradcam_module, resolve_gradcam_layer
+from training.model.architectures import gradcam_split, resolve_gradcam_layer
 from training.model.checkpoint import ModelConfig, load_checkpoint
 from training.model.layers import GradcamLayer
 from training.model.preprocess import dataset_to_input, windowed_to_input
 
-__all__ = ["ICH_CLASS", "Predictor"]
-
-ICH_CLASS = 1  # logits are [no ICH, ICH]; P(ICH) = softmax(logits)[:, 1]
+__all__ = ["Predictor"]
 
 
 class Predictor:
@@ -49,14 +47,15 @@ class Predictor:
         gradcam_layer: GradcamLayer = GradcamLayer.AUTO,
     ) -> None:
         self.gradcam_layer = resolve_gradcam_layer(config.architecture, gradcam_layer)
-        self._cam_layer = gradcam_module(model, self.gradcam_layer)
         self.config = config
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.model = model.to(self.device).eval()
-        self.forward = make_forward(backend, self.model, self.device, self.input_shape,
+        split = gradcam_split(self.model, self.gradcam_layer)
+        self.forward = make_forward(backend, self.model, split, self.device, self.input_shape,
                                     mixed_precision=mixed_precision)
         self.model.to(self.device)  # an ONNX export leaves the model on the CPU
+        self._cam = SplitGradCam(self.model, split, self.device)
 
     @classmethod
     def from_checkpoint(
@@ -94,17 +93,24 @@ class Predictor:
                 f"got {list(inputs.shape)}"
             )
 
-    def predict(self, inputs: np.ndarray) -> np.ndarray:
-        """P(ICH) per slice, float32 [N], in batches of `batch_size`."""
+    def predict_with_features(self, inputs: np.ndarray) -> tuple[np.ndarray, list[Features]]:
+        """P(ICH) per slice, float32 [N], in batches of `batch_size`, and each slice's
+        features for `gradcam_from_features`."""
         self._check(inputs)
         if len(inputs) == 0:
-            return np.zeros(0, dtype=np.float32)
-        logits = np.concatenate([
-            self.forward(inputs[start : start + self.batch_size])
-            for start in range(0, len(inputs), self.batch_size)
-        ]).astype(np.float64)
+            return np.zeros(0, dtype=np.float32), []
+        logits, features = [], []
+        for start in range(0, len(inputs), self.batch_size):
+            batch_logits, batch_features = self.forward(inputs[start : start + self.batch_size])
+            logits.append(batch_logits)
+            features += [[f[i] for f in batch_features] for i in range(len(batch_logits))]
+        both = np.concatenate(logits).astype(np.float64)
         # Softmax of two logits is the logistic function of their difference.
-        return expit(logits[:, ICH_CLASS] - logits[:, 1 - ICH_CLASS]).astype(np.float32)
+        return expit(both[:, ICH_CLASS] - both[:, 1 - ICH_CLASS]).astype(np.float32), features
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """P(ICH) per slice, float32 [N], in batches of `batch_size`."""
+        return self.predict_with_features(inputs)[0]
 
     def predict_slices(self, slices: Sequence[Dataset]) -> np.ndarray:
         """P(ICH) per DICOM slice, in the order given."""
@@ -112,33 +118,20 @@ class Predictor:
 
     def gradcam_cell_pixels(self) -> float:
         """Input pixels per Grad-CAM value: how coarse the map is before it is upsampled."""
-        sizes: list[int] = []
-        handle = self._cam_layer.register_forward_hook(
-            lambda _module, _inputs, output: sizes.append(output.shape[-1]))
-        try:
-            with torch.inference_mode():
-                self.model(torch.zeros(1, *self.input_shape, device=self.device))
-        finally:
-            handle.remove()
-        return self.input_shape[-1] / sizes[0]
+        (features,) = self._cam.features(np.zeros((1, *self.input_shape), dtype=np.float32))
+        return self.input_shape[-1] / features[-1].shape[-1]
 
     def gradcam(self, inputs: np.ndarray, *, aug_smooth: bool = False) -> np.ndarray:
         """Grad-CAM of the ICH class at `gradcam_layer`: float32 [N, S, S] in [0, 1].
-
-        The hooks live only for the call, so `predict` runs without them. `aug_smooth`
-        averages six flipped/scaled passes: smoother maps, six times the cost.
-        """
+        `aug_smooth` averages six flipped/scaled passes: smoother maps, six times the cost."""
         self._check(inputs)
         if len(inputs) == 0:
             return np.zeros((0, *self.input_shape[1:]), dtype=np.float32)
-        maps = []
-        with GradCAM(model=self.model, target_layers=[self._cam_layer]) as cam:
-            for start in range(0, len(inputs), self.batch_size):
-                batch = torch.from_numpy(inputs[start : start + self.batch_size]).to(self.device)
-                targets = [ClassifierOutputTarget(ICH_CLASS)] * len(batch)
-                maps.append(cam(input_tensor=batch, targets=targets, aug_smooth=aug_smooth))
-        self.model.zero_grad(set_to_none=True)
-        result = np.concatenate(maps).astype(np.float32)
-        if not np.isfinite(result).all():
-            raise InferenceError("Grad-CAM produced non-finite values")
-        return result
+        return self._cam.maps_for(inputs, aug_smooth=aug_smooth)
+
+    def gradcam_from_features(self, features: list[Features]) -> np.ndarray:
+        """Grad-CAM maps from the features `predict_with_features` returned: only the
+        network above the Grad-CAM layer runs again."""
+        if not features:
+            return np.zeros((0, *self.input_shape[1:]), dtype=np.float32)
+        return self._cam.maps(features, self.input_shape[1:])

@@ -6,8 +6,8 @@ Every network here starts from random weights or from a local file; nothing is f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -22,6 +22,8 @@ __all__ = [
     "available_models",
     "architecture_spec",
     "resolve_gradcam_layer",
+    "GradcamSplit",
+    "gradcam_split",
     "gradcam_module",
     "create_model",
     "count_parameters",
@@ -93,6 +95,16 @@ class EffClass(nn.Module):
         self.conv1 = nn.Conv2d(16, 3, 3, padding=1)
         self.resnet = _resnet_classifier(18)
 
+    def _bifpn_node(self, level: int) -> int:
+        """Index, in the last BiFPN cell, of the node whose output is pyramid level `level`."""
+        from effdet.efficientdet import get_fpn_config
+
+        # The node list BiFpn itself was built from; the last node of a level is its output.
+        config = self.effdet.config
+        fpn = config.fpn_config or get_fpn_config(config.fpn_name, min_level=config.min_level,
+                                                  max_level=config.max_level)
+        return max(i for i, node in enumerate(fpn["nodes"]) if node["feat_level"] == level)
+
     def bifpn_output(self, level: int) -> nn.Module:
         """The BiFPN node whose output is pyramid level `level` (3 = 64², 8 input pixels a value).
 
@@ -101,25 +113,49 @@ class EffClass(nn.Module):
         86 %. A Grad-CAM map of a ResNet block is therefore pulled towards the centre of
         the head, while a BiFPN level still lies on the input's own grid.
         """
-        from effdet.efficientdet import get_fpn_config
+        return self.effdet.fpn.cell[-1].fnode[self._bifpn_node(level)]
 
-        # The node list BiFpn itself was built from; the last node of a level is its output.
-        config = self.effdet.config
-        fpn = config.fpn_config or get_fpn_config(config.fpn_name, min_level=config.min_level,
-                                                  max_level=config.max_level)
-        index = max(i for i, node in enumerate(fpn["nodes"]) if node["feat_level"] == level)
-        return self.effdet.fpn.cell[-1].fnode[index]
+    def bifpn_until(self, x: torch.Tensor, level: int) -> list[torch.Tensor]:
+        """The last BiFPN cell's node list up to, and ending with, the output of `level`:
+        everything the rest of the network needs from below that node."""
+        fpn = self.effdet.fpn
+        features = self.effdet.backbone(x)
+        for resample in fpn.resample.values():
+            features.append(resample(features[-1]))
+        *cells, last = fpn.cell
+        for cell in cells:
+            features = cell(features)
+        nodes = list(features)
+        for fnode in last.fnode[: self._bifpn_node(level) + 1]:
+            nodes.append(fnode(nodes))
+        return nodes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def bifpn_after(self, nodes: list[torch.Tensor], level: int) -> torch.Tensor:
+        """Logits from what `bifpn_until` returned: the last cell's remaining nodes, then the head."""
+        last = self.effdet.fpn.cell[-1]
+        nodes = list(nodes)
+        for fnode in last.fnode[self._bifpn_node(level) + 1:]:
+            nodes.append(fnode(nodes))
+        return self.resnet(self.merge(nodes[-last.num_levels:]))
+
+    def merge(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """The five pyramid levels drawn onto one 3 × 224² image for the ResNet."""
+        upsampled = [deconv(level) for deconv, level in zip(self.deconvs, levels)]
+        return self.conv1(self.conv0(torch.cat(upsampled, dim=1)))
+
+    def resnet_input(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return self.merge(self.effdet.fpn(self.effdet.backbone(x)))
+
+    def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.input_size, self.input_size):
             raise ValueError(
                 f"EffClass needs input of shape [batch, 3, {self.input_size}, "
                 f"{self.input_size}], got {list(x.shape)}"
             )
-        levels = self.effdet.fpn(self.effdet.backbone(x))
-        upsampled = [deconv(level) for deconv, level in zip(self.deconvs, levels)]
-        merged = self.conv1(self.conv0(torch.cat(upsampled, dim=1)))
-        return self.resnet(merged)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnet(self.resnet_input(x))
 
 
 class ResNetBaseline(nn.Module):
@@ -130,6 +166,9 @@ class ResNetBaseline(nn.Module):
     def __init__(self, depth: int) -> None:
         super().__init__()
         self.resnet = _resnet_classifier(depth)
+
+    def resnet_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resnet(x)
@@ -196,8 +235,47 @@ def resolve_gradcam_layer(architecture: str, layer: GradcamLayer) -> GradcamLaye
     return layer
 
 
+@dataclass(frozen=True)
+class GradcamSplit:
+    """A network cut at a Grad-CAM layer. `below(x)` gives what the rest of the network
+    needs, its last tensor being the layer's output (the activation Grad-CAM weighs);
+    `above(features)` gives the logits from it. Grad-CAM then needs gradients only above
+    the cut, and `below` can run once, without them, in the inference pass."""
+
+    below: Callable[[torch.Tensor], list[torch.Tensor]]
+    above: Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def _resnet_stages(resnet: nn.Module) -> list[nn.Module]:
+    stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+    return [stem, resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
+
+
+def gradcam_split(model: nn.Module, layer: GradcamLayer) -> GradcamSplit:
+    """`model` cut at the output of a resolved `layer` (see GradcamSplit)."""
+    if layer == GradcamLayer.BIFPN_P3:
+        return GradcamSplit(lambda x: model.bifpn_until(x, 3), lambda nodes: model.bifpn_after(nodes, 3))
+    stages = _resnet_stages(model.resnet)
+    cut = [GradcamLayer.LAYER3, GradcamLayer.LAYER4].index(layer) + 4  # stages[3] is layer3
+
+    def below(x: torch.Tensor) -> list[torch.Tensor]:
+        h = model.resnet_input(x)
+        for stage in stages[:cut]:
+            h = stage(h)
+        return [h]
+
+    def above(features: list[torch.Tensor]) -> torch.Tensor:
+        h = features[-1]
+        for stage in stages[cut:]:
+            h = stage(h)
+        return model.resnet.fc(torch.flatten(model.resnet.avgpool(h), 1))
+
+    return GradcamSplit(below, above)
+
+
 def gradcam_module(model: nn.Module, layer: GradcamLayer) -> nn.Module:
-    """The module whose output Grad-CAM weighs for a resolved `layer` of `model`."""
+    """The module whose output is a resolved `layer` of `model`: where pytorch-grad-cam's
+    hooks would weigh it (the reference the split path is tested against)."""
     if layer == GradcamLayer.BIFPN_P3:
         return model.bifpn_output(3)
     return getattr(model.resnet, str(layer))[-1]
