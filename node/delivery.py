@@ -119,6 +119,13 @@ class Deliveries:
         self.store = store
         self.sender = sender
         self.triage_log = triage_log
+        self._due = {d.name: threading.Event() for d in config.destinations}
+
+    def wake(self) -> None:
+        """Something new may be due (a result recorded in this process): look now, not at
+        the next poll."""
+        for event in self._due.values():
+            event.set()
 
     def start(self, stop: threading.Event) -> list[threading.Thread]:
         """One sending thread per destination, running until `stop` is set."""
@@ -130,14 +137,16 @@ class Deliveries:
         return threads
 
     def _run(self, destination: Destination, stop: threading.Event) -> None:
+        due = self._due[destination.name]
         while not stop.is_set():
+            due.clear()
             try:
                 sent = self.send_due(destination)
             except Exception:  # the database may be briefly unavailable: keep the thread alive
                 log.exception("delivery to %s", destination.name)
                 sent = 0
-            if not sent:
-                stop.wait(1.0)
+            if not sent:  # idle: poll each second for results other processes recorded
+                due.wait(1.0)
 
     def send_due(self, destination: Destination) -> int:
         """Attempt every delivery to `destination` that is due; returns how many."""

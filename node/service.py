@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -46,9 +47,11 @@ def load_predictor(config: Config) -> Predictor | None:
     if config.model.checkpoint is None:
         return None
     model = config.model
-    return Predictor.from_checkpoint(model.checkpoint, device=model.device, batch_size=model.batch_size,
-                                     backend=model.backend, mixed_precision=model.mixed_precision,
-                                     gradcam_layer=config.explain.gradcam_layer)
+    predictor = Predictor.from_checkpoint(model.checkpoint, device=model.device, batch_size=model.batch_size,
+                                          backend=model.backend, mixed_precision=model.mixed_precision,
+                                          gradcam_layer=config.explain.gradcam_layer)
+    predictor.warm_up()
+    return predictor
 
 
 def open_database(config: Config, store: InstanceStore | None = None) -> Database:
@@ -137,8 +140,8 @@ class Node:
         _announce_model(predictor)
         return cls(config, database, store, triage_log, predictor)
 
-    def worker(self) -> Worker:
-        return Worker(self.config, self.database, self.store, self.predictor, self.triage_log)
+    def worker(self, recorded: Callable[[], None] = lambda: None) -> Worker:
+        return Worker(self.config, self.database, self.store, self.predictor, self.triage_log, recorded=recorded)
 
 
 def _announce_model(predictor: Predictor | None) -> None:
@@ -208,7 +211,8 @@ def serve(config: Config) -> None:
     scheduler.start()
     threads = deliveries.start(stop)
     if config.worker.enabled_in_serve:
-        threads.append(threading.Thread(target=node.worker().run_forever, args=[stop], name="worker"))
+        worker = node.worker(recorded=deliveries.wake)
+        threads.append(threading.Thread(target=worker.run_forever, args=[stop], name="worker"))
         threads[-1].start()
     destinations = ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"
     log.info("ready: AE %s on %s:%d; storage %s; destinations: %s", config.node.ae_title,

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -111,7 +112,8 @@ class Worker:
     """Claims ready studies one at a time and records what came of each."""
 
     def __init__(self, config: Config, database: Database, store: InstanceStore, predictor: Predictor | None,
-                 triage_log: TriageLog, owner: str | None = None) -> None:
+                 triage_log: TriageLog, owner: str | None = None,
+                 recorded: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.database = database
         self.store = store
@@ -119,6 +121,7 @@ class Worker:
         self.triage_log = triage_log
         self.settings = analysis_settings(config)
         self.owner = owner or worker_id()
+        self.recorded = recorded  # called once a result is recorded: deliveries may start
 
     def run_once(self) -> bool:
         """Process at most one study; True when one was claimed."""
@@ -222,6 +225,7 @@ class Worker:
         self.store.publish_result(folder)
         self.triage_log.write("analysed", study.study_instance_uid, study.accession_number,
                               **_analysed_fields(result, self.predictor))
+        self.recorded()
 
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and process until `stop` is set; idle polls every worker.poll_seconds.

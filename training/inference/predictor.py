@@ -116,6 +116,13 @@ class Predictor:
         """P(ICH) per DICOM slice, in the order given."""
         return self.predict(self.prepare(slices))
 
+    def warm_up(self) -> None:
+        """One pass of a blank slice through inference and Grad-CAM, so that first-run
+        costs (kernel set-up, memory) are paid at start-up, not by the first study, and a
+        model that cannot run fails there."""
+        _, features = self.predict_with_features(np.zeros((1, *self.input_shape), dtype=np.float32))
+        self.gradcam_from_features(features)
+
     def gradcam_cell_pixels(self) -> float:
         """Input pixels per Grad-CAM value: how coarse the map is before it is upsampled."""
         (features,) = self._cam.features(np.zeros((1, *self.input_shape), dtype=np.float32))
