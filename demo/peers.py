@@ -6,12 +6,14 @@ free ports, a folder of their own, every wait a poll with a deadline.
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -19,7 +21,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["NodeProcess", "Orthanc", "find_tool", "free_port", "node_config", "port_open", "wait_for"]
+__all__ = ["NodeProcess", "Orthanc", "WebhookReceiver", "find_tool", "free_port", "node_config", "port_open",
+           "wait_for"]
 
 T = TypeVar("T")
 
@@ -55,6 +58,43 @@ def port_open(port: int) -> bool:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+class WebhookReceiver:
+    """An HTTP server on loopback that records the JSON bodies posted to it, as a chat
+    tool's incoming webhook would; `failing` makes it answer 500 meanwhile."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []  # bodies answered 200
+        self.refused = 0  # posts answered 500
+        self.failing = threading.Event()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if receiver.failing.is_set():
+                    receiver.refused += 1
+                    self.send_response(500)
+                else:
+                    receiver.received.append(json.loads(body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="webhook")
+
+    def start(self) -> "WebhookReceiver":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class Orthanc:
@@ -190,6 +230,7 @@ def node_config(
     port: int,
     checkpoint: Path | None,
     destinations: list[tuple[str, str, int]] = (),
+    notify: list[tuple[str, str]] = (),
     allowed_calling_aets: tuple[str, ...] = (),
     stable_seconds: float = 2.0,
     heartbeat_seconds: float = 10.0,
@@ -218,4 +259,6 @@ def node_config(
                    for section, values in sections.items())
     for name, ae_title, dest_port in destinations:
         text += f'\n[[destinations]]\nname = "{name}"\nae_title = "{ae_title}"\nhost = "127.0.0.1"\nport = {dest_port}\n'
+    for url, on in notify:
+        text += f'\n[[notify]]\nurl = "{url}"\non = "{on}"\n'
     return text

@@ -19,17 +19,22 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.output import ResultTexts, SourceImage, build_result_series, result_texts
+from node.output import ResultKind, ResultTexts, SourceImage, build_result_series, result_texts
 from node.render import key_slice_image, summary_image
+from node.structured import ResultContext, build_kos, build_sr
 from storage.errors import InvalidInstance
 from training.inference.gradcam import Features
 from training.inference.predictor import Predictor
 from training.model.rule import TriageRule, Verdict, key_slice_indices
 from training.model.series import SeriesChoice, SliceHeader, choose_head_series
 
-__all__ = ["AnalysisSettings", "AnalysisResult", "SliceReader", "analyse"]
+__all__ = ["SERIES_PER_ANALYSIS", "AnalysisSettings", "AnalysisResult", "SliceReader", "analyse"]
 
 SliceReader = Callable[[SliceHeader], Dataset]
+# An analysis's series numbers: SC, SR and KOS follow each other; the next analysis of the
+# study starts SERIES_PER_ANALYSIS higher, so the newest result has the highest numbers.
+SERIES_OFFSETS = {ResultKind.SC: 0, ResultKind.SR: 1, ResultKind.KOS: 2}
+SERIES_PER_ANALYSIS = len(SERIES_OFFSETS)
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,11 @@ class AnalysisSettings:
     max_unusable_fraction: float  # more unreadable slices than this fails the study
     key_slices: int
     aug_smooth: bool
+    objects: tuple[ResultKind, ...]  # which object sets to build, in this order
     manufacturer: str
     institution_name: str
+    device_uid: str  # the node as the SR's device observer
+    device_name: str
 
 
 @dataclass(frozen=True)
@@ -53,9 +61,17 @@ class AnalysisResult:
     key_slices: list[int]  # indices into `probabilities`, most suspicious first
     skipped_slices: dict[str, str]  # SOPInstanceUID → why it was left out
     texts: ResultTexts
-    series_instance_uid: str  # of the result series
-    datasets: list[Dataset]  # the result series
+    objects: dict[ResultKind, list[Dataset]]  # each object set (its own series) in settings' order
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def series_instance_uid(self) -> str:
+        """The first object set's series: it names the result (its folder, the study's record)."""
+        return next(iter(self.objects.values()))[0].SeriesInstanceUID
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        return [ds for datasets in self.objects.values() for ds in datasets]
 
 
 class _Stopwatch:
@@ -191,7 +207,8 @@ def _gradcam(scan: _Scan, keys: list[int], predictor: Predictor, aug_smooth: boo
 def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predictor,
             settings: AnalysisSettings, *, series_number: int) -> AnalysisResult:
     """Choose the head series, run the model on it slice by slice, apply the rule, explain
-    the key slices and build the result series (SeriesNumber `series_number`).
+    the key slices and build the object sets `settings.objects` asks for, each a series
+    of its own numbered from `series_number` (SC, then SR, then KOS).
 
     Raises NoAnalysableSeries when no series qualifies and InvalidInstance when too few
     of its slices can be used; both are final for the study.
@@ -203,18 +220,30 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
     probabilities = np.array(scan.probabilities, dtype=np.float32)
     verdict = settings.rule.apply(probabilities)
     keys = key_slice_indices(probabilities, settings.key_slices)
-    started = time.perf_counter()
-    cams = _gradcam(scan, keys, predictor, settings.aug_smooth)
-    started = clock.since("gradcam", started)
     model = predictor.config
     texts = result_texts(verdict, model.provenance, model.architecture, unusable_slices=len(scan.skipped))
     sources = [SourceImage(scan.headers[i].sop_class_uid, scan.headers[i].sop_instance_uid) for i in keys]
-    series_uid, datasets = build_result_series(
-        scan.reference, _images(scan, keys, cams, verdict, texts, predictor), texts=texts,
-        series_number=series_number, manufacturer=settings.manufacturer,
-        institution_name=settings.institution_name, software_version=model.provenance.code_version,
-        sources=[*sources, None],
-    )
+    objects: dict[ResultKind, list[Dataset]] = {}
+    started = time.perf_counter()
+    if ResultKind.SC in settings.objects:  # the only set with pictures, so the only one that needs Grad-CAM
+        cams = _gradcam(scan, keys, predictor, settings.aug_smooth)
+        started = clock.since("gradcam", started)
+        _, objects[ResultKind.SC] = build_result_series(
+            scan.reference, _images(scan, keys, cams, verdict, texts, predictor), texts=texts,
+            series_number=series_number + SERIES_OFFSETS[ResultKind.SC], manufacturer=settings.manufacturer,
+            institution_name=settings.institution_name, software_version=model.provenance.code_version,
+            sources=[*sources, None],
+        )
+    context = ResultContext(settings.manufacturer, settings.institution_name, settings.device_uid,
+                            settings.device_name, model.architecture, model.provenance.code_version, texts.warnings)
+    if ResultKind.SR in settings.objects:
+        objects[ResultKind.SR] = [build_sr(scan.reference, sources, verdict, context,
+                                           series_number=series_number + SERIES_OFFSETS[ResultKind.SR],
+                                           series_description=texts.descriptions[ResultKind.SR])]
+    if ResultKind.KOS in settings.objects:
+        objects[ResultKind.KOS] = [build_kos(scan.reference, sources, context,
+                                             series_number=series_number + SERIES_OFFSETS[ResultKind.KOS],
+                                             description=texts.descriptions[ResultKind.KOS])]
     clock.since("encode", started)
-    return AnalysisResult(choice, verdict, probabilities, keys, scan.skipped, texts, series_uid,
-                          list(datasets), clock.timings)
+    return AnalysisResult(choice, verdict, probabilities, keys, scan.skipped, texts,
+                          {kind: objects[kind] for kind in settings.objects}, clock.timings)

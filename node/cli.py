@@ -149,8 +149,9 @@ def _add_status_arguments(parser: argparse.ArgumentParser) -> None:
 def _retry(args: argparse.Namespace) -> int:
     from node.status import retry_deliveries
 
-    count = retry_deliveries(load_config(args.config))
-    print(f"re-queued {count} failed deliveries; a running node sends them within seconds")
+    deliveries, notifications = retry_deliveries(load_config(args.config))
+    print(f"re-queued {deliveries} failed deliveries and {notifications} failed notifications; "
+          "a running node sends them within seconds")
     return 0
 
 
@@ -245,7 +246,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
     "worker": ("analyse ready studies (extra worker processes or hosts)", _add_config_argument, _worker),
     "log": ("print the triage log (--follow to keep watching)", _add_log_arguments, _log),
     "status": ("show the queue by state and the latest studies", _add_status_arguments, _status),
-    "retry": ("re-queue failed deliveries", _add_config_argument, _retry),
+    "retry": ("re-queue failed deliveries and notifications", _add_config_argument, _retry),
     "synth": ("write synthetic head-CT studies with labels", _add_synth_arguments, _synth),
     "prepare-rsna": ("split and cache an RSNA-layout (or synthetic) data set for training",
                      _add_prepare_arguments, _prepare),

@@ -9,13 +9,17 @@ scripts and docs rely on: add keys freely, rename none.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
+import re
+import urllib.parse
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
+from node.output import ResultKind
 from storage.db import anchor_sqlite_url
 from training.configfile import anchor_paths, read_toml, section_from_table
 from training.inference.settings import Backend, Device
@@ -34,6 +38,8 @@ __all__ = [
     "DeliverySection",
     "LogSection",
     "Destination",
+    "NotifyOn",
+    "NotifyTarget",
     "Config",
     "load_config",
     "parse_config",
@@ -41,6 +47,7 @@ __all__ = [
 ]
 
 ENV_VAR = "ICHNODE_CONFIG"
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 DEFAULT_PATH = Path("config.toml")
 
 
@@ -202,15 +209,26 @@ class ExplainSection:
 
 @dataclass(frozen=True)
 class OutputSection:
-    """The Secondary Capture series written back into the study."""
+    """What goes back into the study: which object sets, numbered and signed how."""
 
+    objects: tuple[ResultKind, ...] = (ResultKind.SC, ResultKind.SR, ResultKind.KOS)
+    # The first analysis's series are numbered from here (SC, SR, KOS), later ones count up.
     series_number: int = 9900
     manufacturer: str = "ichnode"
     institution_name: str = ""
+    # The node as the SR's device observer; empty: a UID derived from node.ae_title and the host.
+    device_uid: str = ""
 
     def validate(self) -> None:
+        if not self.objects:
+            raise ConfigError("output.objects must name at least one of sc, sr, kos")
+        if len(set(self.objects)) != len(self.objects):
+            raise ConfigError(f"output.objects names an object set twice: {[str(o) for o in self.objects]}")
         if not 1 <= self.series_number <= 99000:
             raise ConfigError(f"output.series_number must be 1-99000, got {self.series_number}")
+        if self.device_uid and not (_UID.fullmatch(self.device_uid) and len(self.device_uid) <= 64):
+            raise ConfigError(f"output.device_uid must be a DICOM UID (digits and dots, at most 64), "
+                              f"got {self.device_uid!r}")
 
 
 @dataclass(frozen=True)
@@ -257,6 +275,27 @@ class Destination:
             raise ConfigError(f"{key}.host must not be empty")
 
 
+class NotifyOn(enum.StrEnum):
+    """Which outcomes a [[notify]] webhook hears about."""
+
+    POSITIVE = "positive"  # studies flagged SUSPECTED - PRIORITY
+    ALL = "all"  # every analysed study
+    FAILED = "failed"  # studies that could not be analysed
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    """A webhook that gets a JSON message (with a `text` line chat tools display)."""
+
+    url: str
+    on: NotifyOn = NotifyOn.POSITIVE
+
+    def validate(self, key: str) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{key}.url must be an http:// or https:// URL with a host, got {self.url!r}")
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
@@ -270,6 +309,7 @@ class Config:
     delivery: DeliverySection = field(default_factory=DeliverySection)
     log: LogSection = field(default_factory=LogSection)
     destinations: tuple[Destination, ...] = ()
+    notify: tuple[NotifyTarget, ...] = ()
     source: Path | None = None  # the file it came from
 
     def validate(self) -> None:
@@ -282,6 +322,8 @@ class Config:
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
             raise ConfigError(f"destinations: names must be unique, repeated: {sorted(duplicates)}")
+        for i, target in enumerate(self.notify):
+            target.validate(f"notify[{i}]")
 
     @property
     def calling_ae_title(self) -> str:
@@ -290,23 +332,23 @@ class Config:
 
 def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Build and validate a Config from parsed TOML; paths relative to `base`."""
-    sections = {f.name for f in dataclasses.fields(Config)} - {"destinations", "source"}
-    unknown = sorted(set(data) - sections - {"destinations"})
+    arrays = {"destinations": Destination, "notify": NotifyTarget}  # [[name]] tables
+    sections = {f.name for f in dataclasses.fields(Config)} - set(arrays) - {"source"}
+    unknown = sorted(set(data) - sections - set(arrays))
     if unknown:
         raise ConfigError(
-            f"unknown section [{unknown[0]}]; known: {', '.join(sorted(sections | {'destinations'}))}"
+            f"unknown section [{unknown[0]}]; known: {', '.join(sorted(sections | set(arrays)))}"
         )
     hints = typing.get_type_hints(Config)
     values: dict[str, Any] = {
         name: anchor_paths(section_from_table(hints[name], name, data.get(name, {})), base)
         for name in sections
     }
-    destinations = data.get("destinations", [])
-    if not isinstance(destinations, list):
-        raise ConfigError("destinations must be written as [[destinations]] tables")
-    values["destinations"] = tuple(
-        section_from_table(Destination, f"destinations[{i}]", d) for i, d in enumerate(destinations)
-    )
+    for name, kind in arrays.items():
+        tables = data.get(name, [])
+        if not isinstance(tables, list):
+            raise ConfigError(f"{name} must be written as [[{name}]] tables")
+        values[name] = tuple(section_from_table(kind, f"{name}[{i}]", t) for i, t in enumerate(tables))
     values["storage"] = dataclasses.replace(
         values["storage"], database_url=_anchor_sqlite(values["storage"].database_url, base)
     )

@@ -21,7 +21,11 @@ import pydicom
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
-from pynetdicom.sop_class import SecondaryCaptureImageStorage
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+)
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -67,7 +71,8 @@ class DicomSender:
     def send(self, destination: Destination, files: list[Path], *, priority_high: bool) -> None:
         ae = AE(ae_title=self.calling_ae_title)
         ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_seconds
-        ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for sop_class in (SecondaryCaptureImageStorage, Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage):
+            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
         heard: list[object] = []  # the peer's last association-control message
 
@@ -167,12 +172,12 @@ class Deliveries:
         return len(orphans)
 
     def _attempt(self, delivery: DueDelivery, destination: Destination | None) -> None:
-        files = sorted(self.store.absolute(delivery.result_folder).glob("*.dcm"))
+        files = sorted(self.store.absolute(delivery.result_folder).glob(f"{delivery.kind}-*.dcm"))
         try:
             if destination is None:
                 raise DeliveryError(f"destination {delivery.destination!r} is no longer in the config")
             if not files:
-                raise DeliveryError(f"result folder {delivery.result_folder} holds no objects")
+                raise DeliveryError(f"result folder {delivery.result_folder} holds no {delivery.kind} objects")
             self.sender.send(destination, files, priority_high=delivery.priority_high)
         except DeliveryError as exc:
             self._failed(delivery, str(exc))
@@ -181,7 +186,7 @@ class Deliveries:
             row = delivery_sent(session, delivery.id, utcnow())
         self.triage_log.write(
             "delivered", delivery.study_instance_uid, delivery.accession_number,
-            destination=delivery.destination, objects=len(files),
+            destination=delivery.destination, kind=delivery.kind, objects=len(files),
             priority="HIGH" if delivery.priority_high else "MEDIUM", attempts=row.attempts,
             result_series_uid=delivery.result_series_uid,
         )
@@ -198,6 +203,6 @@ class Deliveries:
         log.warning("delivery %d: %s (attempt %d)", delivery.id, reason, attempts)
         self.triage_log.write(
             "delivery_failed", delivery.study_instance_uid, delivery.accession_number,
-            destination=delivery.destination, reason=reason, attempts=attempts, final=final,
+            destination=delivery.destination, kind=delivery.kind, reason=reason, attempts=attempts, final=final,
             next_attempt_at=None if final else next_at.isoformat(timespec="seconds") + "Z",
         )

@@ -7,6 +7,7 @@ the priority flag, so the flag is visible in any PACS worklist or viewer.
 
 from __future__ import annotations
 
+import enum
 import io
 from dataclasses import dataclass
 
@@ -18,22 +19,39 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from training.model.checkpoint import Provenance
 from training.model.rule import Verdict
 
-__all__ = ["ResultTexts", "SourceImage", "model_warnings", "result_texts", "build_result_series", "encode"]
+__all__ = ["ResultKind", "ResultTexts", "SourceImage", "model_warnings", "result_texts", "build_result_series",
+           "encode"]
 
 DESCRIPTION_PREFIX = "AI ICH TRIAGE"
+# Each series of a result has a SeriesDescription of its own, all with the same length of
+# prefix, so that a demonstration model's whole warning fits each (64 characters).
+PREFIXES = {"sc": DESCRIPTION_PREFIX, "sr": "AI ICH REPORT", "kos": "AI ICH SLICES"}
 DEMO_WARNING = "DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
 UNTRAINED_WARNING = "UNTRAINED MODEL (RANDOM WEIGHTS) - RESULTS ARE MEANINGLESS"
 
 
+class ResultKind(enum.StrEnum):
+    """The object sets a result can send (output.objects)."""
+
+    SC = "sc"  # Secondary Capture: key-slice pictures with Grad-CAM, and the summary
+    SR = "sr"  # Comprehensive 3D SR, TID 1500 (IHE AI Results)
+    KOS = "kos"  # Key Object Selection of the key slices
+
+
 @dataclass(frozen=True)
 class ResultTexts:
-    """The words that go with a verdict: description, comments and burned-in warnings."""
+    """The words that go with a verdict: descriptions, comments and burned-in warnings."""
 
-    series_description: str
+    descriptions: dict[ResultKind, str]  # SeriesDescription of each object set
     verdict_line: str
     rule_line: str
     image_comments: str
     warnings: list[str]
+
+    @property
+    def series_description(self) -> str:
+        """The Secondary Capture series' description."""
+        return self.descriptions[ResultKind.SC]
 
 
 @dataclass(frozen=True)
@@ -61,11 +79,14 @@ def result_texts(verdict: Verdict, provenance: Provenance, architecture: str, *,
     left out as unreadable are counted, so a reader knows the verdict did not see them."""
     warnings = model_warnings(provenance)
     verdict_line = f"{DESCRIPTION_PREFIX}: {verdict.label}"
-    description = verdict_line
-    if provenance.synthetic:
-        description = f"{DESCRIPTION_PREFIX} {DEMO_WARNING}"
-    elif provenance.untrained:
-        description = f"{verdict_line} [UNTRAINED MODEL]"
+    descriptions = {}
+    for kind in ResultKind:
+        description = f"{PREFIXES[kind]}: {verdict.label}"
+        if provenance.synthetic:
+            description = f"{PREFIXES[kind]} {DEMO_WARNING}"
+        elif provenance.untrained:
+            description = f"{description} [UNTRAINED MODEL]"
+        descriptions[kind] = description[:64]
     rule_line = (
         f"{verdict.positive_slices} of {verdict.total_slices} slices with P(ICH) > "
         f"{verdict.rule.slice_threshold:g} (positive when >= {verdict.required_slices}); "
@@ -77,7 +98,7 @@ def result_texts(verdict: Verdict, provenance: Provenance, architecture: str, *,
         [f"{verdict_line}.", f"{rule_line}.", *left_out, f"Model {architecture}, trained on: "
          f"{provenance.training_data} ({provenance.description}).", "NOT FOR DIAGNOSTIC USE.", *warnings]
     )
-    return ResultTexts(description[:64], verdict_line, rule_line, comments, warnings)
+    return ResultTexts(descriptions, verdict_line, rule_line, comments, warnings)
 
 
 def build_result_series(

@@ -1,7 +1,7 @@
 """Assembling and running the node: `ichnode serve` and `ichnode worker`.
 
-`serve` = Storage SCP + completion job + one sending thread per destination (+ a worker
-thread unless worker.enabled_in_serve is false). `worker` = only the analysis loop, for
+`serve` = Storage SCP + completion job + one sending thread per destination + a thread
+for notifications (+ a worker thread unless worker.enabled_in_serve is false). `worker` = only the analysis loop, for
 more processes or GPU hosts sharing the database and the storage folder.
 
 Start-up checks what is cheap before what is slow: the listening address, TLS files, the
@@ -26,6 +26,7 @@ from node.config import Config, NodeSection
 from node.delivery import DicomSender, Deliveries
 from node.errors import ConfigError, DatabaseMissing
 from node.ingest import Ingest
+from node.notify import Notifier
 from node.output import model_warnings
 from node.scp import start_scp, tls_context
 from node.triagelog import TriageLog
@@ -205,13 +206,18 @@ def serve(config: Config) -> None:
     stop = threading.Event()
     deliveries = Deliveries(config, node.database, node.store,
                             DicomSender(config.calling_ae_title, config.delivery.timeout_seconds), node.triage_log)
+    notifier = Notifier(config, node.database, node.triage_log)
     ingest = Ingest(node.store, node.database, node.triage_log, min_free_mb=config.storage.min_free_mb)
     server = start_scp(config.node, ingest)
     scheduler = _scheduler(node, deliveries)
     scheduler.start()
-    threads = deliveries.start(stop)
+    threads = [*deliveries.start(stop), notifier.start(stop)]
     if config.worker.enabled_in_serve:
-        worker = node.worker(recorded=deliveries.wake)
+        def recorded() -> None:
+            deliveries.wake()
+            notifier.wake()
+
+        worker = node.worker(recorded=recorded)
         threads.append(threading.Thread(target=worker.run_forever, args=[stop], name="worker"))
         threads[-1].start()
     destinations = ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"

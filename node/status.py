@@ -9,7 +9,7 @@ from typing import TextIO
 
 from node.config import Config
 from storage.db import Database, StudyState, utcnow
-from storage.state import latest_studies, retry_failed_deliveries, state_counts
+from storage.state import latest_studies, retry_failed, state_counts
 
 __all__ = ["print_status", "retry_deliveries"]
 
@@ -17,10 +17,11 @@ __all__ = ["print_status", "retry_deliveries"]
 def print_status(config: Config, out: TextIO, *, limit: int = 10) -> None:
     database = Database(config.storage.database_url)
     with database.read() as session:
-        studies, deliveries = state_counts(session)
+        studies, deliveries, notifications = state_counts(session)
         recent = latest_studies(session, limit)
-    out.write("studies:    " + "  ".join(f"{k} {v}" for k, v in studies.items()) + "\n")
-    out.write("deliveries: " + "  ".join(f"{k} {v}" for k, v in deliveries.items()) + "\n")
+    out.write("studies:       " + "  ".join(f"{k} {v}" for k, v in studies.items()) + "\n")
+    out.write("deliveries:    " + "  ".join(f"{k} {v}" for k, v in deliveries.items()) + "\n")
+    out.write("notifications: " + "  ".join(f"{k} {v}" for k, v in notifications.items()) + "\n")
     if not recent:
         out.write("no studies received yet\n")
         return
@@ -38,6 +39,7 @@ def print_status(config: Config, out: TextIO, *, limit: int = 10) -> None:
             out.write(f"{'':<20} {label}: {study.last_error}\n")
 
 
-def retry_deliveries(config: Config) -> int:
+def retry_deliveries(config: Config) -> tuple[int, int]:
+    """Failed deliveries and notifications pending again: (deliveries, notifications)."""
     with Database(config.storage.database_url).write() as session:
-        return retry_failed_deliveries(session, utcnow())
+        return retry_failed(session, utcnow())

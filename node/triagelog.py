@@ -1,7 +1,7 @@
 """The triage log: one JSON line per event, for admins and their tools.
 
 Events: received, ready, analysed, deferred (an analysis to be tried again later),
-delivered, delivery_failed, failed, purged. Each line is keyed
+delivered, delivery_failed, notified, notify_failed, failed, purged. Each line is keyed
 by StudyInstanceUID and AccessionNumber and carries no patient name, ID or birth date
 unless `log.include_patient_identifiers` is set. Lines are appended with one write each,
 so several processes can share the file. A line torn by a crash or a full disk costs only
@@ -24,7 +24,8 @@ from typing import Any, TextIO
 
 __all__ = ["EVENTS", "TriageLog", "LogReader", "read_events", "follow_events", "format_event", "print_events"]
 
-EVENTS = ("received", "ready", "analysed", "deferred", "delivered", "delivery_failed", "failed", "purged")
+EVENTS = ("received", "ready", "analysed", "deferred", "delivered", "delivery_failed", "notified", "notify_failed",
+          "failed", "purged")
 PATIENT_KEYS = ("patient_name", "patient_id", "patient_birth_date")
 
 
@@ -204,7 +205,7 @@ def format_event(record: dict, *, color: bool = False) -> str:
         return text
     if event == "analysed" and record.get("positive"):
         return f"{_BOLD}{_RED}{text}{_RESET}"
-    if event in ("failed", "delivery_failed", "deferred"):
+    if event in ("failed", "delivery_failed", "deferred", "notify_failed"):
         return f"{_YELLOW}{text}{_RESET}"
     if event == "analysed":
         return f"{_GREEN}{text}{_RESET}"
@@ -225,7 +226,11 @@ def _details(record: dict) -> str:
     if event == "ready":
         return f"{record.get('instances')} instances in {record.get('series')} series"
     if event == "delivered":
-        return f"to {record.get('destination')} ({record.get('objects')} objects)"
+        return f"to {record.get('destination')} ({record.get('objects')} {record.get('kind', '')} objects)"
+    if event == "notified":
+        return f"to {record.get('url')}"
+    if event == "notify_failed":
+        return f"to {record.get('url')}: {record.get('reason', '')}"
     if event == "purged":
         return f"{record.get('instances')} received instances deleted (storage.retention_days)"
     if event in ("failed", "delivery_failed"):

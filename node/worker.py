@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
-from node.analysis import AnalysisResult, AnalysisSettings, analyse
+from node.analysis import SERIES_PER_ANALYSIS, AnalysisResult, AnalysisSettings, analyse
 from node.config import Config
+from node.notify import analysed_message, failed_message, messages_for, patient_fields
 from node.output import encode
 from node.triagelog import TriageLog
 from storage.db import Database, utcnow
@@ -37,6 +39,7 @@ from storage.state import (
     fail_study,
     finish_study,
     heartbeat,
+    queue_notifications,
     requeue_stale,
     result_folders,
 )
@@ -56,12 +59,20 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+def device_uid(config: Config) -> str:
+    """output.device_uid, or one derived from the AE title and the host: the same node
+    keeps the same UID across restarts."""
+    return config.output.device_uid or generate_uid(entropy_srcs=["ichnode", config.node.ae_title,
+                                                                   socket.gethostname()])
+
+
 def analysis_settings(config: Config) -> AnalysisSettings:
     return AnalysisSettings(
         rule=config.triage, min_slices=config.worker.min_slices,
         max_unusable_fraction=config.worker.max_unusable_fraction, key_slices=config.explain.key_slices,
-        aug_smooth=config.explain.aug_smooth, manufacturer=config.output.manufacturer,
-        institution_name=config.output.institution_name,
+        aug_smooth=config.explain.aug_smooth, objects=config.output.objects,
+        manufacturer=config.output.manufacturer, institution_name=config.output.institution_name,
+        device_uid=device_uid(config), device_name=config.node.ae_title,
     )
 
 
@@ -121,7 +132,7 @@ class Worker:
         self.triage_log = triage_log
         self.settings = analysis_settings(config)
         self.owner = owner or worker_id()
-        self.recorded = recorded  # called once a result is recorded: deliveries may start
+        self.recorded = recorded  # called once an outcome is recorded: deliveries and notifications may start
 
     def run_once(self) -> bool:
         """Process at most one study; True when one was claimed."""
@@ -134,7 +145,8 @@ class Worker:
         with _Heartbeat(self.database, study.id, self.owner, self.config.worker.heartbeat_seconds):
             try:
                 result = analyse(self._headers(study), read_slice, self.predictor, self.settings,
-                                 series_number=self.config.output.series_number + study.analyses)
+                                 series_number=self.config.output.series_number
+                                 + SERIES_PER_ANALYSIS * study.analyses)
                 folder = self._write(study, result)
             except Exception as exc:
                 self._failed(study, exc)
@@ -146,6 +158,10 @@ class Worker:
         settings = self.config.worker
         with self.database.write() as session:
             stale = requeue_stale(session, settings.stale_after_seconds, settings.max_attempts, utcnow())
+            for gone in stale:
+                if gone.failed:
+                    queue_notifications(session, gone.id, messages_for(self.config.notify, failed_message(
+                        gone.study_instance_uid, gone.accession_number, gone.reason)), utcnow())
             study = claim_next_study(session, self.owner, utcnow())
         for gone in stale:
             log.warning("study %s: %s", gone.study_instance_uid, gone.reason)
@@ -165,7 +181,8 @@ class Worker:
     def _write(self, study: ClaimedStudy, result: AnalysisResult) -> Path:
         started = time.perf_counter()
         folder = self.store.result_folder(study.study_instance_uid, result.series_instance_uid)
-        self.store.write_result(folder, {f"{ds.InstanceNumber:04d}.dcm": encode(ds) for ds in result.datasets})
+        self.store.write_result(folder, {f"{kind}-{ds.InstanceNumber:04d}.dcm": encode(ds)
+                                         for kind, datasets in result.objects.items() for ds in datasets})
         result.timings["encode"] = round(result.timings.get("encode", 0.0) + time.perf_counter() - started, 3)
         return folder
 
@@ -201,31 +218,45 @@ class Worker:
     def _fail(self, study: ClaimedStudy, reason: str) -> None:
         with self.database.write() as session:
             failed = fail_study(session, study.id, self.owner, reason)
+            if failed is not None:
+                queue_notifications(session, study.id, messages_for(self.config.notify, failed_message(
+                    study.study_instance_uid, study.accession_number, reason)), utcnow())
         if failed is None:
             log.warning("study %s was taken from this worker meanwhile; its failure is not recorded",
                         study.study_instance_uid)
             return
         self.triage_log.write("failed", study.study_instance_uid, study.accession_number, reason=reason)
         log.warning("study %s: %s", study.study_instance_uid, reason)
+        self.recorded()
 
     def _finish(self, study: ClaimedStudy, result: AnalysisResult, folder: Path) -> None:
         verdict = result.verdict
+        fields = _analysed_fields(result, self.predictor)
         with self.database.write() as session:
             recorded = finish_study(
                 session, study.id, self.owner, verdict=verdict.label, study_score=verdict.study_score,
                 result_series_uid=result.series_instance_uid, result_folder=str(folder),
                 priority_high=verdict.positive, destinations=[d.name for d in self.config.destinations],
-                started_at=study.claimed_at, now=utcnow(),
+                kinds=[str(kind) for kind in result.objects], started_at=study.claimed_at, now=utcnow(),
             )
+            if recorded is not None:
+                queue_notifications(session, study.id, messages_for(self.config.notify, analysed_message(
+                    study.study_instance_uid, study.accession_number, fields,
+                    patient=self._patient(result))), utcnow())
         if recorded is None:
             self.store.delete_unpublished(folder)
             log.warning("study %s was re-queued while this worker analysed it; result %s discarded",
                         study.study_instance_uid, result.series_instance_uid)
             return
         self.store.publish_result(folder)
-        self.triage_log.write("analysed", study.study_instance_uid, study.accession_number,
-                              **_analysed_fields(result, self.predictor))
+        self.triage_log.write("analysed", study.study_instance_uid, study.accession_number, **fields)
         self.recorded()
+
+    def _patient(self, result: AnalysisResult) -> dict[str, str] | None:
+        """Patient identifiers for notifications, only where log.include_patient_identifiers allows."""
+        ds = result.datasets[0]
+        return patient_fields(self.config.log.include_patient_identifiers, str(ds.get("PatientName", "")),
+                              str(ds.get("PatientID", "")), str(ds.get("PatientBirthDate", "")))
 
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and process until `stop` is set; idle polls every worker.poll_seconds.
@@ -257,6 +288,7 @@ def _analysed_fields(result: AnalysisResult, predictor: Predictor) -> dict:
         series_instance_uid=choice.series_instance_uid, series_reason=choice.reason,
         slice_order=choice.ordering, skipped_slices=result.skipped_slices, passed_over=choice.passed_over,
         result_series_uid=result.series_instance_uid, result_objects=len(result.datasets),
+        result_sets={str(kind): len(datasets) for kind, datasets in result.objects.items()},
         model=model.architecture, model_training_data=model.provenance.training_data,
         warnings=result.texts.warnings, timings_s=result.timings,
     )

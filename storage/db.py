@@ -50,13 +50,14 @@ __all__ = [
     "Study",
     "Instance",
     "Delivery",
+    "Notification",
     "utcnow",
     "anchor_sqlite_url",
     "Database",
 ]
 
 # Bumped whenever a table changes; a database of another version is refused with a message.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> dt.datetime:
@@ -137,16 +138,9 @@ class Instance(Base):
     study: Mapped[Study] = relationship(back_populates="instances")
 
 
-class Delivery(Base):
-    """One result object set for one destination."""
+class _Outgoing:
+    """What every row of an outgoing queue keeps: its state and its attempts so far."""
 
-    __tablename__ = "deliveries"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    destination: Mapped[str] = mapped_column(String(64))
-    result_folder: Mapped[str] = mapped_column(Text)  # relative to storage.root
-    priority_high: Mapped[bool] = mapped_column(default=False)
     state: Mapped[DeliveryState] = mapped_column(
         Enum(DeliveryState, native_enum=False, length=16), index=True
     )
@@ -156,7 +150,33 @@ class Delivery(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
 
+
+class Delivery(_Outgoing, Base):
+    """One result object set (Secondary Capture, SR or KOS) for one destination."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(8))  # which object set: its files are <kind>-*.dcm
+    result_folder: Mapped[str] = mapped_column(Text)  # relative to storage.root
+    priority_high: Mapped[bool] = mapped_column(default=False)
+
     study: Mapped[Study] = relationship(back_populates="deliveries")
+
+
+class Notification(_Outgoing, Base):
+    """One message for one webhook, retried like a delivery."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)  # the JSON body, fixed when the outcome was recorded
+
+    study: Mapped[Study] = relationship()
 
 
 class SchemaVersion(Base):

@@ -1,7 +1,8 @@
 """Study and delivery state transitions, and every query the rest of the project needs.
 
-Study:    receiving → ready → processing → done | failed   (a new CT instance re-opens)
-Delivery: pending → sent | failed                          (`retry` makes failed pending)
+Study:        receiving → ready → processing → done | failed   (a new CT image re-opens)
+Delivery:     pending → sent | failed                      (`retry` makes failed pending)
+Notification: pending → sent | failed                      (the same back-off and retry)
 
 The caller owns the transaction (`Database.write()` or `Database.read()`): these
 functions read, change and flush, never commit, so several of them can form one
@@ -19,7 +20,7 @@ from sqlalchemy import delete, distinct, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.db import Delivery, DeliveryState, Instance, Study, StudyState
+from storage.db import Delivery, DeliveryState, Instance, Notification, Study, StudyState
 from storage.store import result_folder
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "StaleStudy",
     "ClaimedStudy",
     "DueDelivery",
+    "DueNotification",
     "record_instance",
     "mark_ready",
     "claim_next_study",
@@ -37,10 +39,14 @@ __all__ = [
     "finish_study",
     "fail_study",
     "defer_study",
+    "queue_notifications",
     "due_deliveries",
     "delivery_sent",
     "delivery_attempt_failed",
-    "retry_failed_deliveries",
+    "due_notifications",
+    "notification_sent",
+    "notification_attempt_failed",
+    "retry_failed",
     "purge_candidates",
     "record_purge",
     "result_folders",
@@ -87,6 +93,7 @@ class ReadyStudy:
 
 @dataclass(frozen=True)
 class StaleStudy:
+    id: int
     study_instance_uid: str
     accession_number: str
     failed: bool  # no attempts left: failed for good
@@ -114,8 +121,19 @@ class DueDelivery:
     accession_number: str
     result_series_uid: str | None
     destination: str
+    kind: str  # the object set: sc, sr or kos
     result_folder: str
     priority_high: bool
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DueNotification:
+    id: int
+    study_instance_uid: str
+    accession_number: str
+    url: str
+    payload: str
     attempts: int
 
 
@@ -271,7 +289,7 @@ def requeue_stale(session: Session, stale_seconds: float, max_attempts: int, now
                     last_error=reason)
         ).rowcount
         if count:
-            changed.append(StaleStudy(study.study_instance_uid, study.accession_number, exhausted, reason))
+            changed.append(StaleStudy(study.id, study.study_instance_uid, study.accession_number, exhausted, reason))
     session.flush()
     return changed
 
@@ -295,11 +313,13 @@ def finish_study(
     result_folder: str,
     priority_high: bool,
     destinations: list[str],
+    kinds: list[str],
     started_at: dt.datetime,
     now: dt.datetime,
 ) -> Study | None:
-    """Record the result and queue one delivery per destination; None (nothing recorded)
-    when the study is no longer `worker_id`'s, e.g. re-queued as stale meanwhile.
+    """Record the result and queue one delivery per destination and object set (`kinds`);
+    None (nothing recorded) when the study is no longer `worker_id`'s, e.g. re-queued as
+    stale meanwhile.
 
     A study that received new CT instances while it was analysed goes back to receiving,
     so it is analysed again once quiet; this result is still delivered.
@@ -315,15 +335,20 @@ def finish_study(
     newer = study.last_received_at > started_at
     study.state = StudyState.RECEIVING if newer else StudyState.DONE
     for name in destinations:
-        session.add(
-            Delivery(
-                study_id=study_id, destination=name, result_folder=result_folder,
-                priority_high=priority_high, state=DeliveryState.PENDING,
-                next_attempt_at=now,
-            )
-        )
+        for kind in kinds:
+            session.add(Delivery(study_id=study_id, destination=name, kind=kind, result_folder=result_folder,
+                                 priority_high=priority_high, state=DeliveryState.PENDING, next_attempt_at=now))
     session.flush()
     return study
+
+
+def queue_notifications(session: Session, study_id: int, messages: list[tuple[str, str]], now: dt.datetime) -> None:
+    """One pending notification per (webhook URL, JSON body), in the caller's transaction,
+    so an outcome and its notifications are recorded together or not at all."""
+    for url, payload in messages:
+        session.add(Notification(study_id=study_id, url=url, payload=payload, state=DeliveryState.PENDING,
+                                 next_attempt_at=now))
+    session.flush()
 
 
 def fail_study(session: Session, study_id: int, worker_id: str, error: str) -> Study | None:
@@ -371,52 +396,83 @@ def due_deliveries(session: Session, now: dt.datetime, *, destination: str | Non
     if destination is not None:
         query = query.where(Delivery.destination == destination)
     return [
-        DueDelivery(d.id, s.study_instance_uid, s.accession_number, s.result_series_uid, d.destination,
+        DueDelivery(d.id, s.study_instance_uid, s.accession_number, s.result_series_uid, d.destination, d.kind,
                     d.result_folder, d.priority_high, d.attempts)
         for d, s in session.execute(query).all()
     ]
 
 
-def delivery_sent(session: Session, delivery_id: int, now: dt.datetime) -> Delivery:
-    delivery = session.get(Delivery, delivery_id, populate_existing=True)
-    delivery.state, delivery.sent_at = DeliveryState.SENT, now
-    delivery.attempts += 1
-    delivery.last_error = None
-    session.flush()
-    return delivery
+def due_notifications(session: Session, now: dt.datetime, *, limit: int = 16) -> list[DueNotification]:
+    """Pending notifications whose time has come, oldest first."""
+    rows = session.execute(
+        select(Notification, Study).join(Study)
+        .where(Notification.state == DeliveryState.PENDING, Notification.next_attempt_at <= now)
+        .order_by(Notification.next_attempt_at, Notification.id).limit(limit)
+    ).all()
+    return [DueNotification(n.id, s.study_instance_uid, s.accession_number, n.url, n.payload, n.attempts)
+            for n, s in rows]
 
 
-def delivery_attempt_failed(
-    session: Session,
-    delivery_id: int,
-    error: str,
-    *,
-    max_attempts: int,
-    initial_backoff: float,
-    max_backoff: float,
-    now: dt.datetime,
-) -> Delivery:
-    """Schedule the next attempt with exponential back-off, or fail the delivery after
-    `max_attempts`; returns the row."""
-    delivery = session.get(Delivery, delivery_id, populate_existing=True)
-    delivery.attempts += 1
-    delivery.last_error = error
-    if delivery.attempts >= max_attempts:
-        delivery.state = DeliveryState.FAILED
+def _sent(row: Delivery | Notification, now: dt.datetime) -> Delivery | Notification:
+    row.state, row.sent_at = DeliveryState.SENT, now
+    row.attempts += 1
+    row.last_error = None
+    return row
+
+
+def _attempt_failed(row: Delivery | Notification, error: str, *, max_attempts: int, initial_backoff: float,
+                    max_backoff: float, now: dt.datetime) -> Delivery | Notification:
+    """The next attempt after an exponential back-off, or failed after `max_attempts`."""
+    row.attempts += 1
+    row.last_error = error
+    if row.attempts >= max_attempts:
+        row.state = DeliveryState.FAILED
     else:
-        wait = backoff_seconds(delivery.attempts, initial_backoff, max_backoff)
-        delivery.next_attempt_at = now + dt.timedelta(seconds=wait)
+        row.next_attempt_at = now + dt.timedelta(seconds=backoff_seconds(row.attempts, initial_backoff, max_backoff))
+    return row
+
+
+def delivery_sent(session: Session, delivery_id: int, now: dt.datetime) -> Delivery:
+    row = _sent(session.get(Delivery, delivery_id, populate_existing=True), now)
     session.flush()
-    return delivery
+    return row
 
 
-def retry_failed_deliveries(session: Session, now: dt.datetime) -> int:
-    """Failed deliveries become pending with fresh attempts; returns how many."""
-    return session.execute(
-        update(Delivery)
-        .where(Delivery.state == DeliveryState.FAILED)
-        .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now)
-    ).rowcount
+def delivery_attempt_failed(session: Session, delivery_id: int, error: str, *, max_attempts: int,
+                            initial_backoff: float, max_backoff: float, now: dt.datetime) -> Delivery:
+    """Schedule the delivery's next attempt with exponential back-off, or fail it after
+    `max_attempts`; returns the row."""
+    row = _attempt_failed(session.get(Delivery, delivery_id, populate_existing=True), error,
+                          max_attempts=max_attempts, initial_backoff=initial_backoff, max_backoff=max_backoff, now=now)
+    session.flush()
+    return row
+
+
+def notification_sent(session: Session, notification_id: int, now: dt.datetime) -> Notification:
+    row = _sent(session.get(Notification, notification_id, populate_existing=True), now)
+    session.flush()
+    return row
+
+
+def notification_attempt_failed(session: Session, notification_id: int, error: str, *, max_attempts: int,
+                                initial_backoff: float, max_backoff: float, now: dt.datetime) -> Notification:
+    """As delivery_attempt_failed, for a notification."""
+    row = _attempt_failed(session.get(Notification, notification_id, populate_existing=True), error,
+                          max_attempts=max_attempts, initial_backoff=initial_backoff, max_backoff=max_backoff, now=now)
+    session.flush()
+    return row
+
+
+def retry_failed(session: Session, now: dt.datetime) -> tuple[int, int]:
+    """Failed deliveries and notifications become pending with fresh attempts; returns
+    how many of each."""
+    counts = []
+    for model in (Delivery, Notification):
+        counts.append(session.execute(
+            update(model).where(model.state == DeliveryState.FAILED)
+            .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now)
+        ).rowcount)
+    return counts[0], counts[1]
 
 
 # --- retention and housekeeping -------------------------------------------------------
@@ -458,15 +514,16 @@ def result_folders(session: Session) -> set[str]:
 # --- what admins see ------------------------------------------------------------------
 
 
-def state_counts(session: Session) -> tuple[dict[str, int], dict[str, int]]:
-    """(studies by state, deliveries by state), every state listed."""
-    studies = dict(session.execute(select(Study.state, func.count()).group_by(Study.state)).all())
-    deliveries = dict(
-        session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
-    )
+def state_counts(session: Session) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(studies, deliveries, notifications) by state, every state listed."""
+    def count(model: type) -> dict:
+        return dict(session.execute(select(model.state, func.count()).group_by(model.state)).all())
+
+    studies, deliveries, notifications = count(Study), count(Delivery), count(Notification)
     return (
         {s.value: studies.get(s, 0) for s in StudyState},
         {s.value: deliveries.get(s, 0) for s in DeliveryState},
+        {s.value: notifications.get(s, 0) for s in DeliveryState},
     )
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from demo.peers import NodeProcess, Orthanc, free_port, node_config, port_open, wait_for
+from demo.peers import NodeProcess, Orthanc, WebhookReceiver, free_port, node_config, port_open, wait_for
 from tests.conftest import require_tool
 
-__all__ = ["NodeProcess", "Orthanc", "free_port", "port_open", "wait_for", "node_config", "storescu", "echoscu"]
+__all__ = ["NodeProcess", "Orthanc", "WebhookReceiver", "free_port", "port_open", "wait_for", "node_config", "storescu",
+           "echoscu"]
 
 
 def storescu(port: int, files: list[Path], *, calling: str = "SCANNER", called: str = "ICHNODE",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from node.analysis import AnalysisSettings, analyse
+from node.output import ResultKind
 from node.errors import InvalidInstance
 from training.inference.predictor import Predictor
 from training.inference.settings import Device
@@ -20,7 +22,8 @@ from training.model.rule import TriageRule, key_slice_indices
 from training.model.series import SliceHeader, read_header
 
 SETTINGS = AnalysisSettings(rule=TriageRule(), min_slices=10, max_unusable_fraction=0.1, key_slices=2,
-                            aug_smooth=False, manufacturer="ichnode", institution_name="")
+                            aug_smooth=False, objects=tuple(ResultKind), manufacturer="ichnode",
+                            institution_name="", device_uid="1.2.826.0.1.3680043.8.498.7", device_name="ICHNODE")
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +72,30 @@ def test_analysis_reads_each_slice_once_and_writes_nothing(predictor: Predictor,
     assert result.choice.passed_over  # scout and bone series were passed over, with reasons
     assert len(result.probabilities) == _head_count(positive_study) == result.verdict.total_slices
     assert result.key_slices == key_slice_indices(result.probabilities, 2)
-    assert len(result.datasets) == 2 + 1  # key slices and the summary
-    assert {ds.SeriesInstanceUID for ds in result.datasets} == {result.series_instance_uid}
-    assert result.datasets[0].SeriesNumber == 9900
+    counts = {kind: len(datasets) for kind, datasets in result.objects.items()}
+    assert counts == {ResultKind.SC: 2 + 1, ResultKind.SR: 1, ResultKind.KOS: 1}  # SC: key slices and summary
+    assert {ds.SeriesInstanceUID for ds in result.objects[ResultKind.SC]} == {result.series_instance_uid}
+    assert len({datasets[0].SeriesInstanceUID for datasets in result.objects.values()}) == 3
+    assert [datasets[0].SeriesNumber for datasets in result.objects.values()] == [9900, 9901, 9902]
     assert set(result.timings) == {"load", "preprocess", "inference", "gradcam", "encode"}
+
+
+def test_without_pictures_no_grad_cam_runs(predictor: Predictor, positive_study: Path) -> None:
+    headers, reader = _study(positive_study)
+    result = analyse(headers, reader, predictor, dataclasses.replace(SETTINGS, objects=(ResultKind.SR,)),
+                     series_number=9900)
+    assert list(result.objects) == [ResultKind.SR] and "gradcam" not in result.timings
+    assert result.series_instance_uid == result.objects[ResultKind.SR][0].SeriesInstanceUID
 
 
 def test_key_slices_reference_the_original_slices(predictor: Predictor, positive_study: Path) -> None:
     headers, reader = _study(positive_study)
     result = analyse(headers, reader, predictor, SETTINGS, series_number=9900)
     ordered = [h.sop_instance_uid for h in result.choice.slices]
-    referenced = [ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in result.datasets[:-1]]
+    pictures = result.objects[ResultKind.SC]
+    referenced = [ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in pictures[:-1]]
     assert referenced == [ordered[i] for i in result.key_slices]
-    assert "SourceImageSequence" not in result.datasets[-1]
+    assert "SourceImageSequence" not in pictures[-1]
 
 
 def test_unusable_slices_are_left_out_and_reported(predictor: Predictor, negative_study: Path) -> None:
@@ -94,7 +108,7 @@ def test_unusable_slices_are_left_out_and_reported(predictor: Predictor, negativ
     assert len(result.skipped_slices) == 2
     assert all("PixelData holds" in why for why in result.skipped_slices.values())
     assert result.verdict.total_slices == _head_count(negative_study) - 2
-    assert "2 unreadable slices of the series were left out" in result.datasets[0].ImageComments
+    assert "2 unreadable slices of the series were left out" in result.objects[ResultKind.SC][0].ImageComments
 
 
 def test_too_many_unusable_slices_fail_with_the_reason(predictor: Predictor, negative_study: Path) -> None:

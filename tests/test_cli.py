@@ -86,11 +86,11 @@ def test_retry_requeues_failed_deliveries(tmp_path: Path) -> None:
                       last_received_at=utcnow())
         session.add(study)
         session.flush()
-        session.add(Delivery(study_id=study.id, destination="pacs", result_folder="r",
+        session.add(Delivery(study_id=study.id, destination="pacs", kind="sc", result_folder="r",
                              state=DeliveryState.FAILED, attempts=8, next_attempt_at=utcnow(),
                              last_error="PACS could not be reached"))
     result = _run("retry", "--config", str(config))
-    assert result.returncode == 0 and "re-queued 1 failed deliveries" in result.stdout
+    assert result.returncode == 0 and "re-queued 1 failed deliveries and 0 failed notifications" in result.stdout
     with database.read() as session:
         delivery = session.query(Delivery).one()
         assert delivery.state == DeliveryState.PENDING and delivery.attempts == 0

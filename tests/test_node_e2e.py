@@ -91,7 +91,8 @@ def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: P
         assert sent.returncode == 0, sent.stderr
         labels = load_labels(positive_study)
         study_uid = labels["study_instance_uid"]
-        wait_for(lambda: "delivered" in _events(tmp_path, study_uid), timeout=300, what="the delivered event")
+        wait_for(lambda: _events(tmp_path, study_uid).count("delivered") == 3, timeout=300,
+                 what="the delivered events of SC, SR and KOS")
         # An Enhanced CT object (which this version stores but never analyses) arriving for
         # the done study is recorded without re-opening it: no second result series.
         enhanced = _enhanced_ct_object(positive_study, tmp_path / "enhanced.dcm")
@@ -106,9 +107,15 @@ def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: P
         with database.read() as session:
             assert session.query(Study).one().state == StudyState.DONE
         series = _result_series(orthanc, study_uid)
+        (pacs_study,) = orthanc.get("/studies?expand")
+        in_pacs = [orthanc.get(f"/series/{uid}") for uid in pacs_study["Series"]]
     finally:
         node.stop()
     files.append(enhanced)
+
+    # The PACS holds the study with the three result series and nothing more: SC, SR, KOS.
+    assert pacs_study["MainDicomTags"]["StudyInstanceUID"] == study_uid
+    assert sorted(s["MainDicomTags"]["Modality"] for s in in_pacs) == ["KO", "OT", "SR"]
 
     # Every instance the scanner sent is stored once, on disk and in the database.
     with Database(f"sqlite:///{tmp_path / 'node.db'}").read() as session:
@@ -133,25 +140,26 @@ def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: P
 
     # What arrived at the PACS validates.
     dciodvfy = require_tool("dciodvfy")
-    for instance_id in series[0]["Instances"]:
+    for instance_id in [i for s in in_pacs for i in s["Instances"]]:
         path = tmp_path / f"{instance_id}.dcm"
         path.write_bytes(orthanc.get_bytes(f"/instances/{instance_id}/file"))
         ds = pydicom.dcmread(path)
         assert ds.StudyInstanceUID == study_uid and ds.PatientID == labels["patient_id"]
-        assert "NOT FOR DIAGNOSTIC USE" in ds.ImageComments
+        if ds.Modality == "OT":
+            assert "NOT FOR DIAGNOSTIC USE" in ds.ImageComments
         report = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True)
         errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
         assert not errors, errors
 
     # The triage log tells the story in order, without patient identifiers.
-    assert _events(tmp_path, study_uid) == ["received", "ready", "analysed", "delivered"]
+    assert _events(tmp_path, study_uid) == ["received", "ready", "analysed", "delivered", "delivered", "delivered"]
     text = (tmp_path / "triage.log").read_text()
     assert labels["patient_id"] not in text and "PHANTOM" not in text
 
     # The admin views.
     cli = [sys.executable, "-m", "node.cli"]
     status = subprocess.run([*cli, "status", "--config", str(node.config_path)], capture_output=True, text=True)
-    assert status.returncode == 0 and "done 1" in status.stdout and "sent 1" in status.stdout
+    assert status.returncode == 0 and "done 1" in status.stdout and "sent 3" in status.stdout
     log = subprocess.run([*cli, "log", "--config", str(node.config_path)], capture_output=True, text=True)
     assert log.returncode == 0 and "ANALYSED" in log.stdout and "DELIVERED" in log.stdout
 
@@ -161,8 +169,10 @@ def test_destination_down_at_first_gets_the_result_later_across_a_restart(
 ) -> None:
     pacs = Orthanc(tmp_path / "orthanc")  # its port is chosen, nothing listens yet
     port = free_port()
+    # One object set, so one delivery row tells the story.
     node = NodeProcess(tmp_path, node_config(tmp_path, port=port, checkpoint=checkpoints["resnet18"],
-                                             destinations=[("pacs", "PACS", pacs.dicom_port)]), port)
+                                             destinations=[("pacs", "PACS", pacs.dicom_port)],
+                                             overrides={"output": {"objects": ["sc"]}}), port)
     node.start()
     study_uid = load_labels(negative_study)["study_instance_uid"]
     try:

@@ -97,8 +97,8 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
         node.start()
 
         def delivered(uid: str) -> bool:
-            return any(e["event"] == "delivered" and e["study_instance_uid"] == uid
-                       for e in read_events(tmp_path / "triage.log"))
+            return {e["kind"] for e in read_events(tmp_path / "triage.log")
+                    if e["event"] == "delivered" and e["study_instance_uid"] == uid} == {"sc", "sr", "kos"}
 
         for uid in uids:
             wait_for(lambda uid=uid: delivered(uid), timeout=300, what=f"delivery of study {uid}")
@@ -108,11 +108,13 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
                    if s["MainDicomTags"].get("SeriesDescription", "").startswith("AI ICH TRIAGE")]
         pacs.stop()
 
-    # Exactly once: one result series per study at the PACS, one delivery each.
+    # Exactly once: one Secondary Capture series per study at the PACS, one delivery of
+    # each object set (SC, SR, KOS).
     assert len(results) == len(studies)
     events = read_events(tmp_path / "triage.log")
     for uid in uids:
-        assert sum(e["event"] == "delivered" and e["study_instance_uid"] == uid for e in events) == 1
+        kinds = [e["kind"] for e in events if e["event"] == "delivered" and e["study_instance_uid"] == uid]
+        assert sorted(kinds) == ["kos", "sc", "sr"]
     with database.read() as session:
         assert session.query(Instance).count() == sum(map(len, files))
         assert {s.state for s in session.query(Study)} == {StudyState.DONE}

@@ -28,7 +28,7 @@ def _study(session, store: InstanceStore, uid: str, *, finished_days_ago: float,
                              sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
                              path=str(relative), size=40, received_at=when))
     if delivery is not None:
-        session.add(Delivery(study_id=study.id, destination="pacs", result_folder="results/x", state=delivery,
+        session.add(Delivery(study_id=study.id, destination="pacs", kind="sc", result_folder="results/x", state=delivery,
                              next_attempt_at=when, sent_at=when if delivery == DeliveryState.SENT else None))
     session.commit()
     return paths

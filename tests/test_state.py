@@ -31,7 +31,11 @@ from storage.state import (
     record_instance,
     requeue_stale,
     result_folders,
-    retry_failed_deliveries,
+    due_notifications,
+    notification_attempt_failed,
+    notification_sent,
+    queue_notifications,
+    retry_failed,
     state_counts,
 )
 
@@ -271,12 +275,12 @@ def test_requeue_stale_fails_study_after_max_attempts(database: Database, sessio
 
 
 def finish(session: Session, study_id: int, *, started_at: dt.datetime, priority: bool = True,
-           destinations: tuple[str, ...] = ("pacs", "archive")) -> Study:
+           destinations: tuple[str, ...] = ("pacs", "archive"), kinds: tuple[str, ...] = ("sc",)) -> Study:
     return finish_study(
         session, study_id, "w1",
         verdict="positive", study_score=0.97, result_series_uid="1.2.3.4.99",
         result_folder="results/1.2.3.4/1.2.3.4.99", priority_high=priority,
-        destinations=list(destinations), started_at=started_at, now=at(120),
+        destinations=list(destinations), kinds=list(kinds), started_at=started_at, now=at(120),
     )
 
 
@@ -438,17 +442,46 @@ def test_due_deliveries_respects_next_attempt_priority_and_destination(session: 
     assert [d.study_instance_uid for d in due_deliveries(session, at(130), destination="pacs")] == [STUDY]
 
 
-def test_retry_failed_deliveries(session: Session) -> None:
+def test_retry_failed_deliveries_and_notifications(session: Session) -> None:
     delivery_id = one_delivery(session)
     row = delivery_attempt_failed(session, delivery_id, "x", max_attempts=1,
                                   initial_backoff=10, max_backoff=900, now=at(1000))
+    study_id = session.get(Delivery, delivery_id).study_id
+    queue_notifications(session, study_id, [("http://hook/a", "{}")], at(1000))
+    (due,) = due_notifications(session, at(1000))
+    notification_attempt_failed(session, due.id, "HTTP 500", max_attempts=1, initial_backoff=10, max_backoff=900,
+                                now=at(1000))
     assert row.state == DeliveryState.FAILED
-    assert retry_failed_deliveries(session, at(2000)) == 1
+    assert retry_failed(session, at(2000)) == (1, 1)
     session.refresh(row)
     assert row.state == DeliveryState.PENDING
     assert row.attempts == 0
     assert row.next_attempt_at == at(2000)
-    assert retry_failed_deliveries(session, at(3000)) == 0
+    assert [n.url for n in due_notifications(session, at(2000))] == ["http://hook/a"]
+    assert retry_failed(session, at(3000)) == (0, 0)
+
+
+def test_one_delivery_per_destination_and_object_set(session: Session) -> None:
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61), destinations=("pacs", "archive"), kinds=("sc", "sr", "kos"))
+    due = due_deliveries(session, at(120))
+    assert sorted((d.destination, d.kind) for d in due) == sorted(
+        (name, kind) for name in ("pacs", "archive") for kind in ("sc", "sr", "kos"))
+    assert {d.result_folder for d in due} == {"results/1.2.3.4/1.2.3.4.99"}
+
+
+def test_notifications_are_queued_sent_and_backed_off(session: Session) -> None:
+    study = processing_study(session)
+    queue_notifications(session, study.id, [("http://hook/a", '{"text": "x"}'), ("http://hook/b", "{}")], at(70))
+    due = due_notifications(session, at(70))
+    assert [(n.url, n.payload, n.study_instance_uid) for n in due] == [
+        ("http://hook/a", '{"text": "x"}', STUDY), ("http://hook/b", "{}", STUDY)]
+    assert notification_sent(session, due[0].id, at(71)).state == DeliveryState.SENT
+    failed = notification_attempt_failed(session, due[1].id, "HTTP 500", max_attempts=3, initial_backoff=10,
+                                         max_backoff=60, now=at(71))
+    assert failed.state == DeliveryState.PENDING and failed.next_attempt_at == at(81)
+    assert due_notifications(session, at(80)) == []
+    assert [n.url for n in due_notifications(session, at(81))] == ["http://hook/b"]
 
 
 def test_result_folders_are_those_deliveries_and_studies_refer_to(session: Session) -> None:
@@ -460,7 +493,7 @@ def test_result_folders_are_those_deliveries_and_studies_refer_to(session: Sessi
     other = claim_next_study(session, "w1", at(61))
     finish_study(session, other.id, "w1", verdict="not detected", study_score=0.1, result_series_uid="5.6.7.99",
                  result_folder="results/5.6.7/5.6.7.99", priority_high=False, destinations=["pacs"],
-                 started_at=at(61), now=at(120))
+                 kinds=["sc"], started_at=at(61), now=at(120))
     assert result_folders(session) == {"results/1.2.3.4/1.2.3.4.99", "results/5.6.7/5.6.7.99"}
 
 
@@ -468,12 +501,15 @@ def test_state_counts_lists_every_state(session: Session) -> None:
     assert state_counts(session) == (
         {"receiving": 0, "ready": 0, "processing": 0, "done": 0, "failed": 0},
         {"pending": 0, "sent": 0, "failed": 0},
+        {"pending": 0, "sent": 0, "failed": 0},
     )
-    one_delivery(session)  # study 1.2.3.4 done, one pending delivery
+    delivery_id = one_delivery(session)  # study 1.2.3.4 done, one pending delivery
+    queue_notifications(session, session.get(Delivery, delivery_id).study_id, [("http://hook", "{}")], at(500))
     receive(session, "7.1", at(500), study="7")
-    studies, deliveries = state_counts(session)
+    studies, deliveries, notifications = state_counts(session)
     assert studies == {"receiving": 1, "ready": 0, "processing": 0, "done": 1, "failed": 0}
     assert deliveries == {"pending": 1, "sent": 0, "failed": 0}
+    assert notifications == {"pending": 1, "sent": 0, "failed": 0}
 
 
 def test_a_worker_that_lost_its_study_records_nothing(database: Database, session: Session) -> None:

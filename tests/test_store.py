@@ -49,7 +49,7 @@ def test_recovery_publishes_recorded_results_and_deletes_the_rest(tmp_path: Path
         study = Study(study_instance_uid=STUDY, state=StudyState.DONE, first_received_at=now, last_received_at=now)
         session.add(study)
         session.flush()
-        session.add(Delivery(study_id=study.id, destination="pacs", result_folder=str(recorded),
+        session.add(Delivery(study_id=study.id, destination="pacs", kind="sc", result_folder=str(recorded),
                              state=DeliveryState.PENDING, next_attempt_at=now))
     recover_results(database, store, stale_after_seconds=0)
     assert (store.absolute(recorded) / "0001.dcm").read_bytes() == b"a"

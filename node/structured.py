@@ -1,0 +1,144 @@
+"""Machine-readable results: a TID 1500 Comprehensive 3D SR, as the IHE AI Results profile
+asks, and a Key Object Selection document of the key slices (highdicom).
+
+Both reference the key slices of the **original** CT series, so a viewer can jump to them
+and a worklist can sort by the coded finding. Where no standard code exists the node uses
+its own coding scheme `99ICHNODE` (the `99` prefix marks a private scheme); every code
+and its source is listed in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from node.output import SourceImage
+from training.model.rule import Verdict
+
+__all__ = ["ResultContext", "NOT_DETECTED", "PROCESSING_ALGORITHM", "evidence_for", "build_sr", "build_kos"]
+
+# SNOMED CT 260415000 "Not detected (qualifier value)"; pydicom's dictionary lacks it.
+NOT_DETECTED = Code("260415000", "SCT", "Not detected")
+# IHE AI Results: Contributing Equipment purpose "Processing Algorithm" (trial code).
+PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
+SCORE_MAX = Code("score-max", "99ICHNODE", "Maximum slice probability of ICH")
+SCORE_TOP = Code("score-top3", "99ICHNODE", "Mean of the three highest slice probabilities of ICH")
+POSITIVE_SLICES = Code("positive-slices", "99ICHNODE", "Slices above the slice threshold")
+ANALYSED_SLICES = Code("analysed-slices", "99ICHNODE", "Slices analysed")
+PROBABILITY = codes.UCUM.NoUnits
+SLICES = Code("{slices}", "UCUM", "slices")
+
+
+@dataclass(frozen=True)
+class ResultContext:
+    """Who made the result and with what: the SR's observer, algorithm and equipment."""
+
+    manufacturer: str
+    institution_name: str
+    device_uid: str  # the node as a device observer
+    device_name: str  # its AE title
+    architecture: str
+    software_version: str
+    warnings: list[str]  # what the model's provenance requires every output to say
+
+
+def evidence_for(reference: Dataset, key_slices: list[SourceImage]) -> list[Dataset]:
+    """The key slices as datasets highdicom can cite: the analysed series' patient, study
+    and series context (from `reference`) with each slice's SOP class and instance UID."""
+    evidence = []
+    for source in key_slices:
+        ds = copy.deepcopy(reference)
+        ds.SOPClassUID, ds.SOPInstanceUID = source.sop_class_uid, source.sop_instance_uid
+        evidence.append(ds)
+    return evidence
+
+
+def _algorithm(verdict: Verdict, context: ResultContext) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: the algorithm, its version, and the rule's thresholds as parameters; a
+    demonstration or untrained model says so in its name."""
+    name = " ".join(["ichnode", context.architecture, *(f"[{w}]" for w in context.warnings)])
+    rule = verdict.rule
+    parameters = [f"slice_threshold={rule.slice_threshold:g}", f"positive_fraction={rule.positive_fraction:g}",
+                  f"min_positive_slices={rule.min_positive_slices}", f"required_slices={verdict.required_slices}"]
+    return hd.sr.AlgorithmIdentification(name=name, version=context.software_version, parameters=parameters,
+                                         manufacturer=context.manufacturer)
+
+
+def _measurements(verdict: Verdict) -> list[hd.sr.Measurement]:
+    values = [(SCORE_MAX, verdict.study_score, PROBABILITY), (SCORE_TOP, verdict.top_k_score, PROBABILITY),
+              (POSITIVE_SLICES, verdict.positive_slices, SLICES), (ANALYSED_SLICES, verdict.total_slices, SLICES)]
+    return [hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit) for name, value, unit in values]
+
+
+def _equipment(context: ResultContext) -> hd.ContributingEquipment:
+    """Contributing Equipment naming the node, with the IHE AI Results purpose "Processing
+    Algorithm" (highdicom accepts only the purposes of DICOM CID 7005, so it is set after)."""
+    equipment = hd.ContributingEquipment(
+        manufacturer=context.manufacturer, purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=f"ichnode {context.architecture}"[:64], software_versions=context.software_version,
+        institution_name=context.institution_name or None,
+    )
+    equipment.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(PROCESSING_ALGORITHM)]
+    return equipment
+
+
+def _observer(context: ResultContext) -> hd.sr.ObserverContext:
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=context.device_uid, name=context.device_name, manufacturer_name=context.manufacturer,
+            model_name=f"ichnode {context.architecture}"[:64]),
+    )
+
+
+def build_sr(reference: Dataset, key_slices: list[SourceImage], verdict: Verdict, context: ResultContext, *,
+             series_number: int, series_description: str) -> hd.sr.Comprehensive3DSR:
+    """The IHE AI Results SR: TID 1500 with one measurement group for the study."""
+    evidence = evidence_for(reference, key_slices)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="ICH triage of the study"),
+        finding_type=codes.SCT.IntracranialHemorrhage,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
+        algorithm_id=_algorithm(verdict, context),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=codes.SCT.IntracranialHemorrhage,
+            value=codes.SCT.Suspected if verdict.positive else NOT_DETECTED)],
+        measurements=_measurements(verdict),
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in evidence],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=_observer(context)),
+        procedure_reported=codes.SCT.ComputedTomographyOfHead,
+        imaging_measurements=[group],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report[0], series_instance_uid=generate_uid(), series_number=series_number,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=context.manufacturer,
+        institution_name=context.institution_name or None, is_complete=True, is_final=False, is_verified=False,
+        contributing_equipment=[_equipment(context)],
+    )
+    sr.SeriesDescription = series_description[:64]
+    return sr
+
+
+def build_kos(reference: Dataset, key_slices: list[SourceImage], context: ResultContext, *, series_number: int,
+              description: str) -> hd.ko.KeyObjectSelectionDocument:
+    """A Key Object Selection document (TID 2010, "Of Interest") of the key slices."""
+    evidence = evidence_for(reference, key_slices)
+    content = hd.ko.KeyObjectSelection(
+        document_title=codes.DCM.OfInterest, referenced_objects=evidence,
+        observer_device_context=_observer(context), description=description[:1024],
+    )
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=evidence, content=content, series_instance_uid=generate_uid(), series_number=series_number,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=context.manufacturer,
+        institution_name=context.institution_name or None, contributing_equipment=[_equipment(context)],
+    )
+    kos.SeriesDescription = description[:64]
+    return kos
