@@ -1,9 +1,11 @@
 """`make demo`: the whole loop on loopback, with real peers.
 
 Synthetic studies (with scout and bone series) go from DCMTK `storescu`, as the scanner,
-to the node; the node's results go to an Orthanc PACS; the demo then prints the triage
-log, compares each verdict with the phantom's truth, writes PNG renderings of the
-Secondary Captures the PACS received, and stops everything it started.
+to the node; the node's results (pictures, SR, key slices) go to an Orthanc PACS and its
+notifications to a webhook on loopback; the demo then prints the triage log, each SR as
+DCMTK `dsrdump` shows it, the notifications' text, compares each verdict with the
+phantom's truth, writes PNG renderings of the Secondary Captures the PACS received, and
+stops everything it started.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from demo.peers import NodeProcess, Orthanc, find_tool, free_port, wait_for
+from demo.peers import NodeProcess, Orthanc, WebhookReceiver, find_tool, free_port, wait_for
 from node.config import load_config
 from node.errors import IchNodeError
 from node.triagelog import read_events
@@ -34,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Not the demo model's training (1) or held-out (2) seed: these studies are new to it.
 DEMO_SEED = 3
 RESULT_PREFIX = "AI ICH TRIAGE"
+OBJECT_SETS = {"sc", "sr", "kos"}  # what the node sends each study's PACS (output.objects)
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,9 @@ def _toml(value: object) -> str:
     return json.dumps(str(value))  # a TOML basic string: JSON escapes are valid TOML
 
 
-def node_config_text(work: Path, port: int, checkpoint: Path, pacs: Orthanc) -> str:
-    """A node on loopback that analyses with `checkpoint` and sends its results to `pacs`."""
+def node_config_text(work: Path, port: int, checkpoint: Path, pacs: Orthanc, webhook: str) -> str:
+    """A node on loopback that analyses with `checkpoint`, sends its results to `pacs` and
+    tells `webhook` about every study."""
     return f"""# Written by `make demo`.
 [node]
 ae_title = "ICHNODE"
@@ -79,6 +83,9 @@ name = "pacs"
 ae_title = {_toml(pacs.ae_title)}
 host = "127.0.0.1"
 port = {pacs.dicom_port}
+[[notify]]
+url = {_toml(webhook)}
+on = "all"
 """
 
 
@@ -100,15 +107,18 @@ def _send(port: int, study: Path) -> None:
         raise RuntimeError(f"storescu could not send {study.name}: {result.stderr.strip()[-1000:]}")
 
 
-def _settled(event: dict) -> bool:
-    """Whether the event ends a study's story: delivered, failed, or delivery given up."""
-    return event["event"] in ("delivered", "failed") or (event["event"] == "delivery_failed"
-                                                         and bool(event.get("final")))
-
-
 def _unsettled(log_path: Path, uids: set[str]) -> set[str]:
-    """The studies whose result has neither arrived nor finally failed yet."""
-    return uids - {e["study_instance_uid"] for e in read_events(log_path) if _settled(e)}
+    """The studies whose story has not ended: not every object set delivered, and no failure
+    or delivery given up."""
+    delivered: dict[str, set[str]] = {}
+    ended = set()
+    for event in read_events(log_path):
+        uid = event["study_instance_uid"]
+        if event["event"] == "delivered":
+            delivered.setdefault(uid, set()).add(event.get("kind", ""))
+        if event["event"] == "failed" or (event["event"] == "delivery_failed" and event.get("final")):
+            ended.add(uid)
+    return uids - ended - {uid for uid, kinds in delivered.items() if kinds >= OBJECT_SETS}
 
 
 def _analysed(log_path: Path) -> dict[str, dict]:
@@ -146,6 +156,18 @@ def _save_pictures(pacs: Orthanc, study_uid: str, name: str, out: Path) -> list[
     return sorted(paths)
 
 
+def _print_reports(pacs: Orthanc, out: Path) -> None:
+    """Each SR the PACS holds, as DCMTK's dsrdump shows it."""
+    for series in pacs.get("/series?expand"):
+        if series["MainDicomTags"].get("Modality") != "SR":
+            continue
+        for instance_id in series["Instances"]:
+            path = out / f"report_{instance_id[:8]}.dcm"
+            path.write_bytes(pacs.get_bytes(f"/instances/{instance_id}/file"))
+            dump = subprocess.run([find_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
+            print(f"\nSR in the PACS (`dsrdump`):\n{dump.stdout.strip()}", flush=True)
+
+
 def _summary(outcomes: list[Outcome]) -> str:
     lines = ["", "study        truth                                   node verdict"]
     for o in outcomes:
@@ -172,12 +194,14 @@ def run(checkpoint: Path, studies: int, out: Path, timeout: float) -> list[Outco
                                                               bone_series=True))
     uids = {s.folder.name: json.loads((s.folder / "labels.json").read_text())["study_instance_uid"] for s in labels}
     pacs = Orthanc(work / "pacs")
+    webhook = WebhookReceiver()
     node: NodeProcess | None = None
     try:
-        print("starting an Orthanc PACS and the node on loopback ...", flush=True)
+        print("starting an Orthanc PACS, a webhook receiver and the node on loopback ...", flush=True)
         pacs.start()
+        webhook.start()
         port = free_port()
-        node = NodeProcess(work, node_config_text(work, port, checkpoint, pacs), port)
+        node = NodeProcess(work, node_config_text(work, port, checkpoint, pacs, webhook.url), port)
         node.start(wait=False)  # assigned first, so the finally stops a node that never listens
         (work / "pids.json").write_text(json.dumps({"node": node.process.pid, "orthanc": pacs.process.pid}))
         node.wait_listening()
@@ -187,15 +211,21 @@ def run(checkpoint: Path, studies: int, out: Path, timeout: float) -> list[Outco
         print(f"waiting up to {timeout:.0f} s for the node to analyse and deliver every study ...", flush=True)
         _wait_for_results(node, work / "triage.log", uids, timeout)
         analysed = _analysed(work / "triage.log")
+        wait_for(lambda: len(webhook.received) >= len(analysed), timeout=60, what="a notification per study")
         print("\ntriage log (`ichnode log`):", flush=True)
         subprocess.run([sys.executable, "-m", "node.cli", "log", "--config", str(node.config_path)],
                        check=False, timeout=60)
+        _print_reports(pacs, work)
+        print("\nnotifications the webhook received (their `text` line):", flush=True)
+        for message in webhook.received:
+            print(f"  {message['text']}", flush=True)
         return [Outcome(s.folder.name, s, uids[s.folder.name], analysed.get(uids[s.folder.name]),
                         _save_pictures(pacs, uids[s.folder.name], s.folder.name, out)) for s in labels]
     finally:
         if node is not None:
             node.stop()
         pacs.stop()
+        webhook.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ def _result_images(work: Path) -> dict[str, tuple[int, int]]:
     names = {json.loads(labels.read_text())["study_instance_uid"]: labels.parent.name
              for labels in (work / "studies").glob("*/labels.json")}
     images = {}
-    for path in (work / "store" / "results").glob("*/*/*.dcm"):
+    for path in (work / "store" / "results").glob("*/*/sc-*.dcm"):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         images[f"{names[ds.StudyInstanceUID]}_{int(ds.InstanceNumber):02d}.png"] = (ds.Columns, ds.Rows)
     return images
@@ -51,6 +51,8 @@ def test_demo_runs_the_whole_loop_and_stops_its_peers(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "study_0000" in result.stdout and "study_0001" in result.stdout
     assert "UNTRAINED MODEL" in result.stdout  # the triage log was printed, with the model's warning
+    assert result.stdout.count('CODE:(,,"Intracranial hemorrhage (disorder)")') == 2  # each SR, by dsrdump
+    assert result.stdout.count("  ICH triage: ") == 2  # each study's notification
     sent = _result_images(out / "work")
     assert sorted(sent) == [f"study_000{s}_0{i}.png" for s in (0, 1) for i in (1, 2, 3, 4)]  # 3 key slices, summary
     assert sorted(p.name for p in out.glob("*.png")) == sorted(sent)
