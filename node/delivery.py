@@ -164,9 +164,9 @@ class Deliveries:
     def fail_orphans(self) -> int:
         """Deliveries to a destination no longer in the config get the usual retries and
         then fail, so `ichnode retry` can send them once it is back."""
-        known = {d.name for d in self.config.destinations}
+        known = [d.name for d in self.config.destinations]
         with self.database.read() as session:
-            orphans = [d for d in due_deliveries(session, utcnow(), limit=64) if d.destination not in known]
+            orphans = due_deliveries(session, utcnow(), other_than=known)
         for delivery in orphans:
             self._attempt(delivery, None)
         return len(orphans)

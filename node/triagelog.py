@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["EVENTS", "TriageLog", "LogReader", "read_events", "follow_events", "format_event", "print_events"]
+__all__ = ["EVENTS", "TriageLog", "LogReader", "read_events", "format_event", "print_events"]
 
 EVENTS = ("received", "ready", "analysed", "deferred", "delivered", "delivery_failed", "notified", "notify_failed",
           "failed", "purged")
@@ -181,13 +181,6 @@ class LogReader:
 def read_events(path: Path) -> list[dict]:
     """Every readable event in the log, oldest first (`LogReader.read` also counts the rest)."""
     return LogReader(path).read()
-
-
-def follow_events(
-    path: Path, *, poll_seconds: float = 0.5, on_wait: Callable[[], None] | None = None
-) -> Iterator[dict]:
-    """Events as they are appended (`LogReader.follow` also counts unreadable lines)."""
-    return LogReader(path).follow(poll_seconds=poll_seconds, on_wait=on_wait)
 
 
 _RED, _GREEN, _YELLOW, _BOLD, _RESET = "\033[31m", "\033[32m", "\033[33m", "\033[1m", "\033[0m"

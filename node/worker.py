@@ -29,7 +29,7 @@ from node.config import Config
 from node.notify import analysed_message, failed_message, messages_for, patient_fields
 from node.output import encode
 from node.triagelog import TriageLog
-from storage.db import Database, utcnow
+from storage.db import Database, Session, utcnow
 from storage.errors import DatabaseMissing, IchNodeError
 from storage.state import (
     ClaimedStudy,
@@ -160,14 +160,19 @@ class Worker:
             stale = requeue_stale(session, settings.stale_after_seconds, settings.max_attempts, utcnow())
             for gone in stale:
                 if gone.failed:
-                    queue_notifications(session, gone.id, messages_for(self.config.notify, failed_message(
-                        gone.study_instance_uid, gone.accession_number, gone.reason)), utcnow())
+                    self._notify_failed(session, gone.id, gone.study_instance_uid, gone.accession_number,
+                                        gone.reason)
             study = claim_next_study(session, self.owner, utcnow())
         for gone in stale:
             log.warning("study %s: %s", gone.study_instance_uid, gone.reason)
             if gone.failed:
                 self.triage_log.write("failed", gone.study_instance_uid, gone.accession_number, reason=gone.reason)
         return study
+
+    def _notify_failed(self, session: Session, study_id: int, uid: str, accession: str, reason: str) -> None:
+        """Queue the webhooks' messages for a failed study, in the transaction that records it."""
+        queue_notifications(session, study_id, messages_for(self.config.notify, failed_message(
+            uid, accession, reason)), utcnow())
 
     def _headers(self, study: ClaimedStudy) -> list[SliceHeader]:
         headers = []
@@ -188,18 +193,18 @@ class Worker:
 
     def _failed(self, study: ClaimedStudy, exc: Exception) -> None:
         """Retry later, or fail for good, by what the error says about itself."""
-        if isinstance(exc, IchNodeError) and not exc.retryable:
-            self._fail(study, str(exc))
+        if isinstance(exc, IchNodeError):
+            if exc.retryable:  # the environment failed (disk, database): no attempt is used up
+                self._defer(study, str(exc), counts_as_attempt=False)
+            else:
+                self._fail(study, str(exc))
             return
-        environment = isinstance(exc, IchNodeError)  # retryable, by the check above
-        if not environment:
-            log.exception("study %s: analysis failed unexpectedly", study.study_instance_uid)
-            if study.attempts >= self.config.worker.max_attempts:
-                self._fail(study, f"{type(exc).__name__}: {exc} (attempt {study.attempts} of "
-                                  f"{self.config.worker.max_attempts})")
-                return
-        self._defer(study, f"{type(exc).__name__}: {exc}" if not environment else str(exc),
-                    counts_as_attempt=not environment)
+        log.exception("study %s: analysis failed unexpectedly", study.study_instance_uid)
+        reason = f"{type(exc).__name__}: {exc}"
+        if study.attempts >= self.config.worker.max_attempts:
+            self._fail(study, f"{reason} (attempt {study.attempts} of {self.config.worker.max_attempts})")
+        else:
+            self._defer(study, reason, counts_as_attempt=True)
 
     def _defer(self, study: ClaimedStudy, reason: str, *, counts_as_attempt: bool) -> None:
         settings = self.config.worker
@@ -219,8 +224,7 @@ class Worker:
         with self.database.write() as session:
             failed = fail_study(session, study.id, self.owner, reason)
             if failed is not None:
-                queue_notifications(session, study.id, messages_for(self.config.notify, failed_message(
-                    study.study_instance_uid, study.accession_number, reason)), utcnow())
+                self._notify_failed(session, study.id, study.study_instance_uid, study.accession_number, reason)
         if failed is None:
             log.warning("study %s was taken from this worker meanwhile; its failure is not recorded",
                         study.study_instance_uid)

@@ -54,6 +54,7 @@ __all__ = [
     "utcnow",
     "anchor_sqlite_url",
     "Database",
+    "Session",  # what Database.write()/read() hand out, for callers' type hints
 ]
 
 # Bumped whenever a table changes; a database of another version is refused with a message.

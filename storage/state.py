@@ -14,6 +14,7 @@ never take the same study.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sqlalchemy import delete, distinct, func, or_, select, update
@@ -384,8 +385,9 @@ def defer_study(session: Session, study_id: int, worker_id: str, error: str, *, 
 
 
 def due_deliveries(session: Session, now: dt.datetime, *, destination: str | None = None,
-                   limit: int = 16) -> list[DueDelivery]:
-    """Pending deliveries whose time has come, positive studies first."""
+                   other_than: Collection[str] = (), limit: int = 16) -> list[DueDelivery]:
+    """Pending deliveries whose time has come, positive studies first; for `destination`
+    only, or for any destination but those `other_than` names."""
     query = (
         select(Delivery, Study)
         .join(Study)
@@ -395,6 +397,8 @@ def due_deliveries(session: Session, now: dt.datetime, *, destination: str | Non
     )
     if destination is not None:
         query = query.where(Delivery.destination == destination)
+    if other_than:
+        query = query.where(Delivery.destination.not_in(list(other_than)))
     return [
         DueDelivery(d.id, s.study_instance_uid, s.accession_number, s.result_series_uid, d.destination, d.kind,
                     d.result_folder, d.priority_high, d.attempts)

@@ -435,6 +435,7 @@ def test_due_deliveries_respects_next_attempt_priority_and_destination(session: 
     due = due_deliveries(session, at(120), destination="pacs")
     assert [(d.study_instance_uid, d.priority_high) for d in due] == [("5.6.7", True), (STUDY, False)]
     assert [d.destination for d in due_deliveries(session, at(120), destination="archive")] == ["archive"]
+    assert [d.destination for d in due_deliveries(session, at(120), other_than=["pacs"])] == ["archive"]
     assert len(due_deliveries(session, at(120))) == 3
     assert due_deliveries(session, at(119)) == []
     sent = delivery_sent(session, due[0].id, at(121))

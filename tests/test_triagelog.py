@@ -12,7 +12,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from node.triagelog import (
-    EVENTS, LogReader, TriageLog, follow_events, format_event, print_events, read_events,
+    EVENTS, LogReader, TriageLog, format_event, print_events, read_events,
 )
+from tests.peers import wait_for
 
 PATIENT = {"patient_name": "DOE^JANE", "patient_id": "P123", "patient_birth_date": "19500101"}
 RED = "\033[31m"
@@ -51,14 +51,6 @@ def append(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 class Follower:
     """`LogReader.follow` in a thread, its events on a queue; `stop` ends it with one more line."""
 
@@ -85,7 +77,8 @@ class Follower:
 
     def caught_up(self) -> None:
         """Wait until the follower has read every byte now in the file."""
-        wait_until(lambda: self.reader.offset == self.path.stat().st_size, "the follower to reach the end")
+        wait_for(lambda: self.reader.offset == self.path.stat().st_size, timeout=10, every=0.005,
+                 what="the follower to reach the end")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -337,17 +330,17 @@ def test_a_torn_utf8_character_costs_only_its_line(tmp_path: Path, follow: Follo
 def test_follow_says_once_that_it_waits_for_a_missing_file(tmp_path: Path, follow: Follow) -> None:
     path = tmp_path / "logs" / "t.log"
     follower = follow(path)
-    wait_until(lambda: follower.waits > 0, "the waiting notice")
+    wait_for(lambda: follower.waits > 0, timeout=10, every=0.005, what="the waiting notice")
     record = TriageLog(path).write("received", "1.2.3")
     assert follower.next_event() == record
     assert follower.waits == 1
 
 
-def test_follow_events_yields_the_events_already_there(tmp_path: Path) -> None:
+def test_follow_yields_the_events_already_there(tmp_path: Path) -> None:
     path = tmp_path / "t.log"
     log = TriageLog(path)
     records = [log.write("received", "1.2.3"), log.write("ready", "1.2.3")]
-    events = follow_events(path, poll_seconds=0.01)
+    events = LogReader(path).follow(poll_seconds=0.01)
     assert [next(events), next(events)] == records
     events.close()
 
