@@ -252,6 +252,8 @@ def node_config(
         "delivery": {"initial_backoff_seconds": 1, "max_backoff_seconds": 2, "max_attempts": 30,
                      "timeout_seconds": 10},
         "log": {"path": str(folder / "triage.log")},
+        # The web pages have their own tests; others would all want port 8080.
+        "web": {"enabled": False},
     }
     for section, values in (overrides or {}).items():
         sections.setdefault(section, {}).update(values)

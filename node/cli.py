@@ -137,13 +137,21 @@ def _add_log_arguments(parser: argparse.ArgumentParser) -> None:
 def _status(args: argparse.Namespace) -> int:
     from node.status import print_status
 
-    print_status(load_config(args.config), sys.stdout, limit=args.latest)
+    print_status(load_config(args.config), sys.stdout, limit=args.latest, as_json_text=args.json)
     return 0
 
 
 def _add_status_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config_argument(parser)
-    parser.add_argument("--latest", type=int, default=10, help="how many recent studies to list")
+    parser.add_argument("--latest", type=_study_count, default=10, help="how many recent studies to list (1-1000)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the queue as JSON (what the web page's /api/queue gives)")
+
+
+def _study_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a whole number 1-1000, got {text!r}")
+    return int(text)
 
 
 def _retry(args: argparse.Namespace) -> int:

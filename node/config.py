@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import os
 import re
 import urllib.parse
@@ -37,6 +38,7 @@ __all__ = [
     "OutputSection",
     "DeliverySection",
     "LogSection",
+    "WebSection",
     "Destination",
     "NotifyOn",
     "NotifyTarget",
@@ -260,6 +262,52 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class WebSection:
+    """The admin pages, /metrics, /healthz and /readyz that `ichnode serve` serves over HTTP."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Needed for every state-changing request (retry) and, when host is not a loopback
+    # address, for every page and /metrics too (bearer token or the login form).
+    token: str = ""
+    # HTTPS with node.tls_certificate and node.tls_private_key (or put a TLS proxy in front).
+    tls: bool = False
+    refresh_seconds: int = 15  # pages reload themselves this often; 0: never
+    history_days: int = 30  # the model page's window (studies per day, positive rate, scores)
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the pages."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/"
+
+    def validate(self) -> None:
+        _port("web.port", self.port)
+        if not self.host.strip():
+            raise ConfigError("web.host must not be empty (127.0.0.1 keeps the pages on this machine)")
+        if self.token and (len(self.token) < 16 or not self.token.isascii() or not self.token.isprintable()):
+            raise ConfigError("web.token must be at least 16 printable ASCII characters "
+                              "(for example from `openssl rand -hex 24`)")
+        if self.enabled and not self.loopback and not self.token:
+            raise ConfigError(f"web.host {self.host} lets other machines reach the node's pages: set web.token "
+                              "(at least 16 characters), or bind web.host to 127.0.0.1")
+        if self.refresh_seconds < 0:
+            raise ConfigError(f"web.refresh_seconds must be ≥ 0, got {self.refresh_seconds}")
+        if not 1 <= self.history_days <= 366:
+            raise ConfigError(f"web.history_days must be 1-366, got {self.history_days}")
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -308,14 +356,20 @@ class Config:
     output: OutputSection = field(default_factory=OutputSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
     log: LogSection = field(default_factory=LogSection)
+    web: WebSection = field(default_factory=WebSection)
     destinations: tuple[Destination, ...] = ()
     notify: tuple[NotifyTarget, ...] = ()
     source: Path | None = None  # the file it came from
 
     def validate(self) -> None:
         for section in (self.node, self.storage, self.completion, self.worker, self.model,
-                        self.explain, self.output, self.delivery, self.log):
+                        self.explain, self.output, self.delivery, self.log, self.web):
             section.validate()
+        if self.web.enabled and self.web.tls and self.node.tls_certificate is None:
+            raise ConfigError("web.tls uses node.tls_certificate and node.tls_private_key: set them, or put a "
+                              "TLS proxy in front of the pages and leave web.tls false")
+        if self.web.enabled and self.web.port == self.node.port:
+            raise ConfigError(f"web.port and node.port are both {self.node.port}: the pages need a port of their own")
         names = [d.name for d in self.destinations]
         for i, destination in enumerate(self.destinations):
             destination.validate(f"destinations[{i}]")

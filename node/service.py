@@ -22,14 +22,18 @@ from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.config import Config, NodeSection
+from node.config import Config
+from node.dashboard import Dashboard, ModelInfo
 from node.delivery import DicomSender, Deliveries
 from node.errors import ConfigError, DatabaseMissing
+from node.health import Readiness
+from node.history import TriageHistory
 from node.ingest import Ingest
 from node.notify import Notifier
 from node.output import model_warnings
 from node.scp import start_scp, tls_context
 from node.triagelog import TriageLog
+from node.web import WebServer, create_app
 from node.worker import NO_CHECKPOINT, Worker, recover_results
 from storage.db import Database, utcnow
 from storage.state import mark_ready, purge_candidates, record_purge
@@ -99,19 +103,20 @@ def purge_delivered(config: Config, database: Database, store: InstanceStore, tr
     return len(studies)
 
 
-def check_listen_address(node: NodeSection) -> None:
-    """ConfigError when node.host does not resolve or node.port cannot be bound."""
+def check_listen_address(host: str, port: int, section: str, *, service: str = "DICOM") -> None:
+    """ConfigError when `host` does not resolve or `port` cannot be bound (keys named
+    as `<section>.host` and `<section>.port`)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(node.host, node.port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise ConfigError(f"node.host {node.host!r} cannot be resolved: {exc.strerror}") from exc
+        raise ConfigError(f"{section}.host {host!r} cannot be resolved: {exc.strerror}") from exc
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
-            raise ConfigError(f"cannot listen on node.host {node.host} node.port {node.port}: {exc.strerror}"
-                              " (is another node or DICOM service using it?)") from exc
+            raise ConfigError(f"cannot listen on {section}.host {host} {section}.port {port}: {exc.strerror}"
+                              f" (is another node or {service} service using it?)") from exc
 
 
 @dataclass
@@ -198,9 +203,26 @@ def _scheduler(node: Node, deliveries: Deliveries) -> BackgroundScheduler:
     return scheduler
 
 
+def _web(node: Node, scheduler: BackgroundScheduler, worker: Worker | None) -> WebServer:
+    """The pages, /metrics and health checks, reading what every process of the node shares."""
+    config = node.config
+    dashboard = Dashboard(config, node.database, node.store,
+                          TriageHistory(config.log.path, days=config.web.history_days),
+                          ModelInfo.of(config, node.predictor))
+    readiness = Readiness(node.database, node.store, config.storage.min_free_mb,
+                          model_loaded=node.predictor is not None,
+                          model_configured=config.model.checkpoint is not None,
+                          scheduler_running=lambda: scheduler.running,
+                          worker=worker.liveness if worker is not None else None,
+                          worker_stale_seconds=config.worker.stale_after_seconds)
+    return WebServer(config, create_app(config, dashboard, readiness))
+
+
 def serve(config: Config) -> None:
     """Run the node until SIGTERM/SIGINT."""
-    check_listen_address(config.node)
+    check_listen_address(config.node.host, config.node.port, "node")
+    if config.web.enabled:
+        check_listen_address(config.web.host, config.web.port, "web", service="web")
     tls_context(config.node)  # unreadable TLS files stop start-up here, before the model loads
     node = Node.build(config)
     stop = threading.Event()
@@ -212,6 +234,7 @@ def serve(config: Config) -> None:
     scheduler = _scheduler(node, deliveries)
     scheduler.start()
     threads = [*deliveries.start(stop), notifier.start(stop)]
+    worker = None
     if config.worker.enabled_in_serve:
         def recorded() -> None:
             deliveries.wake()
@@ -220,13 +243,19 @@ def serve(config: Config) -> None:
         worker = node.worker(recorded=recorded)
         threads.append(threading.Thread(target=worker.run_forever, args=[stop], name="worker"))
         threads[-1].start()
-    destinations = ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"
-    log.info("ready: AE %s on %s:%d; storage %s; destinations: %s", config.node.ae_title,
-             config.node.host, config.node.port, config.storage.root, destinations)
+    web = _web(node, scheduler, worker) if config.web.enabled else None
     try:
+        if web is not None:
+            web.start()
+        destinations = ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"
+        log.info("ready: AE %s on %s:%d; storage %s; destinations: %s; dashboard: %s", config.node.ae_title,
+                 config.node.host, config.node.port, config.storage.root, destinations,
+                 config.web.url if web is not None else "off (web.enabled = false)")
         _wait_for_signal(stop)
     finally:
         stop.set()
+        if web is not None:
+            web.stop()
         server.shutdown()
         scheduler.shutdown(wait=True)
         for thread in threads:

@@ -1,41 +1,52 @@
 """`ichnode status` and `ichnode retry`: the queue as an admin needs to see and steer it.
 
 Both open the existing database and never create one: a missing database is an error
-naming it, not a new empty queue."""
+naming it, not a new empty queue. `status` reads through the same Dashboard query as
+the web pages, so `--json` gives a script exactly what the queue page shows."""
 
 from __future__ import annotations
 
+import json
 from typing import TextIO
 
 from node.config import Config
-from storage.db import Database, StudyState, utcnow
-from storage.state import latest_studies, retry_failed, state_counts
+from node.dashboard import Dashboard, ModelInfo, QueueFilter, QueueView, as_json
+from node.history import TriageHistory
+from storage.db import Database, utcnow
+from storage.state import retry_failed
+from storage.store import InstanceStore
 
-__all__ = ["print_status", "retry_deliveries"]
+__all__ = ["queue_view", "print_status", "retry_deliveries"]
 
 
-def print_status(config: Config, out: TextIO, *, limit: int = 10) -> None:
-    database = Database(config.storage.database_url)
-    with database.read() as session:
-        studies, deliveries, notifications = state_counts(session)
-        recent = latest_studies(session, limit)
-    out.write("studies:       " + "  ".join(f"{k} {v}" for k, v in studies.items()) + "\n")
-    out.write("deliveries:    " + "  ".join(f"{k} {v}" for k, v in deliveries.items()) + "\n")
-    out.write("notifications: " + "  ".join(f"{k} {v}" for k, v in notifications.items()) + "\n")
-    if not recent:
+def queue_view(config: Config, *, limit: int = 10) -> QueueView:
+    dashboard = Dashboard(config, Database(config.storage.database_url), InstanceStore(config.storage.root),
+                          TriageHistory(config.log.path, days=config.web.history_days), ModelInfo.of(config, None))
+    return dashboard.queue(QueueFilter(limit=limit))
+
+
+def print_status(config: Config, out: TextIO, *, limit: int = 10, as_json_text: bool = False) -> None:
+    view = queue_view(config, limit=limit)
+    if as_json_text:
+        out.write(json.dumps(as_json(view), indent=2) + "\n")
+        return
+    out.write("studies:       " + "  ".join(f"{k} {v}" for k, v in view.studies_by_state.items()) + "\n")
+    out.write("deliveries:    " + "  ".join(f"{k} {v}" for k, v in view.deliveries_by_state.items()) + "\n")
+    out.write("notifications: " + "  ".join(f"{k} {v}" for k, v in view.notifications_by_state.items()) + "\n")
+    if not view.studies:
         out.write("no studies received yet\n")
         return
-    out.write(f"\nlatest {len(recent)} studies (UTC):\n")
-    out.write(f"{'updated':<20} {'state':<11} {'accession':<16} {'verdict':<22} {'score':>6}  study\n")
-    for study in recent:
+    out.write(f"\nlatest {len(view.studies)} studies by time received (UTC):\n")
+    out.write(f"{'received':<20} {'state':<11} {'accession':<16} {'verdict':<22} {'score':>6}  study\n")
+    for study in view.studies:
         score = f"{study.study_score:.3f}" if study.study_score is not None else "-"
         out.write(
-            f"{study.updated_at:%Y-%m-%d %H:%M:%S} {study.state.value:<11} "
+            f"{study.last_received_at:%Y-%m-%d %H:%M:%S} {study.state:<11} "
             f"{study.accession_number or '-':<16} {study.verdict or '-':<22} {score:>6}  "
             f"{study.study_instance_uid}\n"
         )
-        if study.last_error and study.state in (StudyState.FAILED, StudyState.READY):
-            label = "reason" if study.state == StudyState.FAILED else "waiting"
+        if study.last_error and study.state in ("failed", "ready"):
+            label = "reason" if study.state == "failed" else "waiting"
             out.write(f"{'':<20} {label}: {study.last_error}\n")
 
 

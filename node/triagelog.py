@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["EVENTS", "TriageLog", "LogReader", "read_events", "format_event", "print_events"]
+__all__ = ["EVENTS", "PATIENT_KEYS", "TriageLog", "LogReader", "read_events", "format_event", "describe",
+           "print_events"]
 
 EVENTS = ("received", "ready", "analysed", "deferred", "delivered", "delivery_failed", "notified", "notify_failed",
           "failed", "purged")
@@ -132,6 +133,37 @@ class LogReader:
                     events.append(event)
         return events
 
+    def read_new(self) -> list[dict]:
+        """The events appended since the last call (the whole log the first time). Only
+        whole lines are taken: a line still being written is read next time."""
+        try:
+            handle = open(self.path, "rb")
+        except FileNotFoundError:
+            return []
+        events = []
+        with handle:
+            handle.seek(self.offset)
+            for line in handle:
+                if not line.endswith(b"\n"):
+                    break
+                self.offset += len(line)
+                event = self._parse(line)
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def read_study(self, study_instance_uid: str) -> list[dict]:
+        """Every event of one study, oldest first, from the whole log. Lines that cannot
+        mention the study are passed over unparsed, so this stays fast on a long log."""
+        needle = json.dumps(study_instance_uid).encode()
+        try:
+            handle = open(self.path, "rb")
+        except FileNotFoundError:
+            return []
+        with handle:
+            found = [self._parse(line) for line in handle if needle in line]
+        return [e for e in found if e is not None and e.get("study_instance_uid") == study_instance_uid]
+
     def follow(
         self, *, poll_seconds: float = 0.5, on_wait: Callable[[], None] | None = None
     ) -> Iterator[dict]:
@@ -192,7 +224,7 @@ def format_event(record: dict, *, color: bool = False) -> str:
     event = str(record.get("event", "?"))
     study = record.get("study_instance_uid", "")
     accession = record.get("accession_number") or "-"
-    details = _details(record)
+    details = describe(record)
     text = f"{when}  {event.upper():<15} acc {accession:<16} {details}  study {study}"
     if not color:
         return text
@@ -205,7 +237,8 @@ def format_event(record: dict, *, color: bool = False) -> str:
     return text
 
 
-def _details(record: dict) -> str:
+def describe(record: dict) -> str:
+    """What an event says, in a few words (without its time, kind and study)."""
     event = record.get("event")
     if event == "analysed":
         flag = "SUSPECTED ICH - PRIORITY" if record.get("positive") else "ICH not detected"

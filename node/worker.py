@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 
 from node.analysis import SERIES_PER_ANALYSIS, AnalysisResult, AnalysisSettings, analyse
 from node.config import Config
+from node.health import Liveness
 from node.notify import analysed_message, failed_message, messages_for, patient_fields
 from node.output import encode
 from node.triagelog import TriageLog
@@ -133,6 +134,7 @@ class Worker:
         self.settings = analysis_settings(config)
         self.owner = owner or worker_id()
         self.recorded = recorded  # called once an outcome is recorded: deliveries and notifications may start
+        self.liveness = Liveness()  # beaten each time round the loop, for /readyz
 
     def run_once(self) -> bool:
         """Process at most one study; True when one was claimed."""
@@ -267,6 +269,7 @@ class Worker:
         Without its database the worker claims nothing and says so once."""
         missing = False
         while not stop.is_set():
+            self.liveness.beat()
             try:
                 busy = self.run_once()
                 missing = False

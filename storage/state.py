@@ -14,6 +14,7 @@ never take the same study.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -52,7 +53,13 @@ __all__ = [
     "record_purge",
     "result_folders",
     "state_counts",
-    "latest_studies",
+    "QueueFigures",
+    "queue_figures",
+    "find_studies",
+    "study_by_uid",
+    "outgoing_of",
+    "failed_studies",
+    "failed_outgoing",
     "backoff_seconds",
 ]
 
@@ -531,5 +538,77 @@ def state_counts(session: Session) -> tuple[dict[str, int], dict[str, int], dict
     )
 
 
-def latest_studies(session: Session, limit: int = 10) -> list[Study]:
-    return list(session.scalars(select(Study).order_by(Study.updated_at.desc()).limit(limit)))
+# --- what the admin pages and /metrics read -------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueFigures:
+    """The queue in numbers, node-wide (every process shares the database)."""
+
+    instances_stored: int  # distinct instances ever stored; a re-sent copy is not counted again
+    waiting: int  # ready studies not yet claimed
+    processing: int
+    oldest_waiting_seconds: float  # how long the longest-waiting ready study has been quiet; 0 when none
+    deliveries_pending: int
+    notifications_pending: int
+
+
+def queue_figures(session: Session, now: dt.datetime) -> QueueFigures:
+    oldest = session.scalar(select(func.min(Study.last_received_at)).where(Study.state == StudyState.READY))
+
+    def count(model: type, state: enum.Enum) -> int:
+        return session.scalar(select(func.count()).select_from(model).where(model.state == state)) or 0
+
+    return QueueFigures(
+        instances_stored=session.scalar(select(func.coalesce(func.sum(Study.instance_count), 0))) or 0,
+        waiting=count(Study, StudyState.READY),
+        processing=count(Study, StudyState.PROCESSING),
+        oldest_waiting_seconds=max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0,
+        deliveries_pending=count(Delivery, DeliveryState.PENDING),
+        notifications_pending=count(Notification, DeliveryState.PENDING),
+    )
+
+
+def find_studies(session: Session, *, limit: int, state: StudyState | None = None,
+                 verdict: str | None = None, unanalysed: bool = False) -> list[Study]:
+    """The most recently received studies, optionally of one state and one verdict label
+    (or, with `unanalysed`, those without a verdict)."""
+    query = select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(Study.state == state)
+    if unanalysed:
+        query = query.where(Study.verdict.is_(None))
+    elif verdict is not None:
+        query = query.where(Study.verdict == verdict)
+    return list(session.scalars(query))
+
+
+def study_by_uid(session: Session, study_instance_uid: str) -> Study | None:
+    return session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+
+
+def outgoing_of(session: Session, study_ids: Collection[int]) -> tuple[dict[int, list[Delivery]],
+                                                                         dict[int, list[Notification]]]:
+    """The deliveries and notifications of these studies, oldest first, by study id."""
+    deliveries: dict[int, list[Delivery]] = {i: [] for i in study_ids}
+    notifications: dict[int, list[Notification]] = {i: [] for i in study_ids}
+    for model, found in ((Delivery, deliveries), (Notification, notifications)):
+        for row in session.scalars(select(model).where(model.study_id.in_(list(study_ids))).order_by(model.id)):
+            found[row.study_id].append(row)
+    return deliveries, notifications
+
+
+def failed_studies(session: Session, limit: int) -> list[Study]:
+    return list(session.scalars(select(Study).where(Study.state == StudyState.FAILED)
+                                .order_by(Study.updated_at.desc()).limit(limit)))
+
+
+def failed_outgoing(session: Session, limit: int) -> tuple[list[tuple[Delivery, Study]],
+                                                          list[tuple[Notification, Study]]]:
+    """Failed deliveries and notifications, newest first, each with its study."""
+    def failed(model: type) -> list:
+        return [tuple(row) for row in session.execute(
+            select(model, Study).join(Study, model.study_id == Study.id)
+            .where(model.state == DeliveryState.FAILED).order_by(model.id.desc()).limit(limit))]
+
+    return failed(Delivery), failed(Notification)

@@ -15,9 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TOP_K", "TriageRule", "Verdict", "required_positive_slices", "key_slice_indices"]
+__all__ = ["TOP_K", "POSITIVE_LABEL", "NEGATIVE_LABEL", "TriageRule", "Verdict", "required_positive_slices",
+           "key_slice_indices"]
 
 TOP_K = 3  # the top-k study score: mean of the three highest slice probabilities
+# A study's verdict as the database, the triage log and the node's pages name it.
+POSITIVE_LABEL = "SUSPECTED - PRIORITY"
+NEGATIVE_LABEL = "not detected"
 
 
 def required_positive_slices(total: int, fraction: float, min_positive_slices: int) -> int:
@@ -40,7 +44,7 @@ class Verdict:
 
     @property
     def label(self) -> str:
-        return "SUSPECTED - PRIORITY" if self.positive else "not detected"
+        return POSITIVE_LABEL if self.positive else NEGATIVE_LABEL
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,352 @@
+"""What an admin sees: the queue, one study, the failures, the model over time.
+
+The web pages, /metrics and `ichnode status --json` all read through here, so a figure
+on a page, in Prometheus and in a script is the same query. Views are plain frozen
+dataclasses (`as_json` turns one into JSON-ready data). Nothing here shows a patient's
+name, ID or birth date unless `log.include_patient_identifiers` is set, and a webhook URL
+(whose path is often its secret) is shown as its scheme and host only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import io
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image
+
+from node.config import Config
+from node.errors import InvalidInstance
+from node.history import Analysis, Day, HistorySnapshot, TriageHistory
+from node.output import model_warnings
+from node.triagelog import PATIENT_KEYS, LogReader, describe
+from storage.db import Database, Delivery, Notification, Study, StudyState, utcnow
+from storage.state import (
+    QueueFigures,
+    failed_outgoing,
+    failed_studies,
+    find_studies,
+    outgoing_of,
+    queue_figures,
+    retry_failed,
+    state_counts,
+    study_by_uid,
+)
+from storage.store import InstanceStore
+from training.inference.predictor import Predictor
+from training.model.rule import NEGATIVE_LABEL, POSITIVE_LABEL
+
+__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "redact_url"]
+
+_IMAGE_NAME = re.compile(r"sc-[0-9]{4}")
+
+
+class VerdictFilter(enum.StrEnum):
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+    NONE = "none"  # not analysed (yet)
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    """Which studies the queue lists; built from a page's query string, checked here."""
+
+    state: StudyState | None = None
+    verdict: VerdictFilter | None = None
+    limit: int = 50
+
+    @classmethod
+    def parse(cls, state: str | None, verdict: str | None, limit: str | int | None = None) -> "QueueFilter":
+        """ValueError naming the parameter and the values it takes."""
+        try:
+            chosen_state = StudyState(state) if state else None
+        except ValueError:
+            raise ValueError(f"state must be one of {', '.join(s.value for s in StudyState)}, "
+                             f"got {state!r}") from None
+        try:
+            chosen_verdict = VerdictFilter(verdict) if verdict else None
+        except ValueError:
+            raise ValueError(f"verdict must be one of {', '.join(VerdictFilter)}, got {verdict!r}") from None
+        try:
+            count = int(limit) if limit not in (None, "") else 50
+        except ValueError:
+            raise ValueError(f"limit must be a whole number, got {limit!r}") from None
+        if not 1 <= count <= 1000:
+            raise ValueError(f"limit must be 1-1000, got {count}")
+        return cls(chosen_state, chosen_verdict, count)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The checkpoint in force and what it says about itself."""
+
+    checkpoint: str | None
+    loaded: bool
+    architecture: str | None = None
+    training_data: str | None = None
+    description: str | None = None
+    created: str | None = None
+    code_version: str | None = None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    device: str | None = None
+    backend: str | None = None
+    warnings: tuple[str, ...] = ()
+    rule: str = ""
+
+    @classmethod
+    def of(cls, config: Config, predictor: Predictor | None) -> "ModelInfo":
+        checkpoint = str(config.model.checkpoint) if config.model.checkpoint else None
+        rule = (f"slice P(ICH) > {config.triage.slice_threshold:g}; positive when at least "
+                f"max({config.triage.min_positive_slices}, ceil({config.triage.positive_fraction:g} × slices)) are")
+        if predictor is None:
+            return cls(checkpoint, False, rule=rule)
+        model = predictor.config
+        provenance = model.provenance
+        return cls(checkpoint, True, model.architecture, provenance.training_data, provenance.description,
+                   provenance.created, provenance.code_version, dict(provenance.metrics), str(predictor.device),
+                   predictor.forward.name, tuple(model_warnings(provenance)), rule)
+
+
+@dataclass(frozen=True)
+class OutgoingRow:
+    """One delivery or notification, as a page lists it."""
+
+    target: str  # destination name, or the webhook's scheme and host
+    kind: str  # sc / sr / kos, or "webhook"
+    state: str
+    attempts: int
+    last_error: str | None
+    created_at: dt.datetime
+    sent_at: dt.datetime | None
+    next_attempt_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, row: Delivery | Notification) -> "OutgoingRow":
+        if isinstance(row, Delivery):
+            target, kind = row.destination, row.kind
+        else:
+            target, kind = redact_url(row.url), "webhook"
+        waiting = row.state.value == "pending"
+        return cls(target, kind, row.state.value, row.attempts, row.last_error, row.created_at, row.sent_at,
+                   row.next_attempt_at if waiting else None)
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_instance_uid: str
+    accession_number: str
+    state: str
+    received_at: dt.datetime
+    last_received_at: dt.datetime
+    updated_at: dt.datetime
+    instances: int
+    verdict: str | None
+    positive: bool
+    study_score: float | None
+    analyses: int
+    attempts: int
+    last_error: str | None
+    timings_s: dict[str, float]  # of the latest analysis, from the triage log (last history days)
+    deliveries: tuple[OutgoingRow, ...]
+    notifications: tuple[OutgoingRow, ...]
+
+    @classmethod
+    def of(cls, study: Study, latest: Analysis | None, deliveries: list[Delivery],
+           notifications: list[Notification]) -> "StudyRow":
+        return cls(study.study_instance_uid, study.accession_number, study.state.value, study.first_received_at,
+                   study.last_received_at, study.updated_at, study.instance_count, study.verdict,
+                   study.verdict == POSITIVE_LABEL, study.study_score, study.analyses, study.attempts,
+                   study.last_error, dict(latest.timings) if latest else {},
+                   tuple(OutgoingRow.of(d) for d in deliveries), tuple(OutgoingRow.of(n) for n in notifications))
+
+
+@dataclass(frozen=True)
+class QueueView:
+    generated_at: dt.datetime
+    studies_by_state: dict[str, int]
+    deliveries_by_state: dict[str, int]
+    notifications_by_state: dict[str, int]
+    figures: QueueFigures
+    filter: QueueFilter
+    studies: tuple[StudyRow, ...]
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    time: str
+    event: str
+    text: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StudyView:
+    study: StudyRow
+    purged_at: dt.datetime | None
+    result_series_uid: str | None
+    analysis: dict[str, Any] | None  # the latest `analysed` event: series chosen, passed over, slices left out
+    timeline: tuple[TimelineEvent, ...]
+    images: tuple[str, ...]  # names of the Secondary Capture pictures the node sent (sc-0001, …)
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    study_instance_uid: str
+    accession_number: str
+    outgoing: OutgoingRow
+
+
+@dataclass(frozen=True)
+class FailuresView:
+    studies: tuple[StudyRow, ...]
+    deliveries: tuple[FailureRow, ...]
+    notifications: tuple[FailureRow, ...]
+
+
+@dataclass(frozen=True)
+class ModelView:
+    model: ModelInfo
+    days: tuple[Day, ...]
+    scores: tuple[float, ...]  # study scores of the window's analyses
+    history_days: int
+
+
+class Dashboard:
+    """The node's state as the pages and /metrics show it: one database, one triage log."""
+
+    def __init__(self, config: Config, database: Database, store: InstanceStore, history: TriageHistory,
+                 model: ModelInfo) -> None:
+        self.config = config
+        self.database = database
+        self.store = store
+        self.history = history
+        self.model_info = model
+
+    def _snapshot(self) -> HistorySnapshot:
+        return self.history.refresh()
+
+    def queue(self, chosen: QueueFilter = QueueFilter()) -> QueueView:
+        latest = self._snapshot().latest()
+        with self.database.read() as session:
+            studies, deliveries, notifications = state_counts(session)
+            figures = queue_figures(session, utcnow())
+            found = find_studies(session, limit=chosen.limit, state=chosen.state,
+                                 verdict={VerdictFilter.POSITIVE: POSITIVE_LABEL,
+                                          VerdictFilter.NEGATIVE: NEGATIVE_LABEL}.get(chosen.verdict),
+                                 unanalysed=chosen.verdict == VerdictFilter.NONE)
+            outgoing, notified = outgoing_of(session, [s.id for s in found])
+            rows = tuple(StudyRow.of(s, latest.get(s.study_instance_uid), outgoing[s.id], notified[s.id])
+                         for s in found)
+        return QueueView(utcnow(), studies, deliveries, notifications, figures, chosen, rows)
+
+    def study(self, study_instance_uid: str) -> StudyView | None:
+        latest = self._snapshot().latest()
+        with self.database.read() as session:
+            study = study_by_uid(session, study_instance_uid)
+            if study is None:
+                return None
+            outgoing, notified = outgoing_of(session, [study.id])
+            row = StudyRow.of(study, latest.get(study_instance_uid), outgoing[study.id], notified[study.id])
+            purged_at, result_series = study.purged_at, study.result_series_uid
+        events = LogReader(self.config.log.path).read_study(study_instance_uid)
+        analysed = [e for e in events if e.get("event") == "analysed"]
+        timeline = tuple(TimelineEvent(str(e.get("time", "")), str(e.get("event", "")), describe(e), self._shown(e))
+                         for e in events)
+        return StudyView(row, purged_at, result_series, self._shown(analysed[-1]) if analysed else None,
+                         timeline, self._images(study_instance_uid, result_series))
+
+    def _shown(self, event: dict) -> dict[str, Any]:
+        """An event's fields as a page may show them."""
+        shown = {k: v for k, v in event.items() if k not in ("time", "event", "study_instance_uid")}
+        if not self.config.log.include_patient_identifiers:
+            for key in PATIENT_KEYS:
+                shown.pop(key, None)
+        if "url" in shown:
+            shown["url"] = redact_url(str(shown["url"]))
+        return shown
+
+    def _result_folder(self, study_instance_uid: str, result_series_uid: str | None) -> Path | None:
+        if not result_series_uid:
+            return None
+        try:
+            return self.store.absolute(self.store.result_folder(study_instance_uid, result_series_uid))
+        except InvalidInstance:  # a UID that is not one names no folder
+            return None
+
+    def _images(self, study_instance_uid: str, result_series_uid: str | None) -> tuple[str, ...]:
+        folder = self._result_folder(study_instance_uid, result_series_uid)
+        if folder is None or not folder.is_dir():
+            return ()
+        return tuple(sorted(p.stem for p in folder.glob("sc-*.dcm") if _IMAGE_NAME.fullmatch(p.stem)))
+
+    def image_png(self, study_instance_uid: str, name: str) -> bytes | None:
+        """A Secondary Capture picture of the study's latest result as PNG, or None."""
+        if not _IMAGE_NAME.fullmatch(name):
+            return None
+        with self.database.read() as session:
+            study = study_by_uid(session, study_instance_uid)
+            result_series = study.result_series_uid if study is not None else None
+        folder = self._result_folder(study_instance_uid, result_series)
+        if folder is None or not (folder / f"{name}.dcm").is_file():
+            return None
+        pixels = pydicom.dcmread(folder / f"{name}.dcm").pixel_array
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def failures(self, limit: int = 100) -> FailuresView:
+        with self.database.read() as session:
+            studies = failed_studies(session, limit)
+            deliveries, notifications = failed_outgoing(session, limit)
+            return FailuresView(
+                tuple(StudyRow.of(s, None, [], []) for s in studies),
+                tuple(FailureRow(s.study_instance_uid, s.accession_number, OutgoingRow.of(d)) for d, s in deliveries),
+                tuple(FailureRow(s.study_instance_uid, s.accession_number, OutgoingRow.of(n))
+                      for n, s in notifications),
+            )
+
+    def retry(self) -> tuple[int, int]:
+        """What `ichnode retry` does: failed deliveries and notifications pending again."""
+        with self.database.write() as session:
+            return retry_failed(session, utcnow())
+
+    def model(self) -> ModelView:
+        snapshot = self._snapshot()
+        days = self.config.web.history_days
+        return ModelView(self.model_info, tuple(snapshot.days(utcnow().date(), days)),
+                         tuple(a.study_score for a in snapshot.recent), days)
+
+
+def redact_url(url: str) -> str:
+    """scheme://host/… : a webhook's path and query often are its secret."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}{':' + str(parts.port) if parts.port else ''}/…"
+
+
+def as_json(view: Any) -> Any:
+    """A view as JSON-ready data: dataclasses as objects, times as ISO text (UTC, 'Z')."""
+    if dataclasses.is_dataclass(view) and not isinstance(view, type):
+        data = {f.name: as_json(getattr(view, f.name)) for f in dataclasses.fields(view)}
+        for name in ("positive_rate",):  # properties the pages and scripts use too
+            if hasattr(view, name):
+                data[name] = getattr(view, name)
+        return data
+    if isinstance(view, dt.datetime):
+        return view.isoformat(timespec="seconds") + "Z"
+    if isinstance(view, dt.date):
+        return view.isoformat()
+    if isinstance(view, enum.Enum):
+        return view.value
+    if isinstance(view, dict):
+        return {str(k): as_json(v) for k, v in view.items()}
+    if isinstance(view, (list, tuple)):
+        return [as_json(v) for v in view]
+    return view

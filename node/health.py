@@ -1,0 +1,106 @@
+"""Readiness: can this node take a study and give back a result right now?
+
+Each check answers for one part and names what is wrong, so that the HTTP 503 of
+/readyz tells an admin (or a load balancer's log) where to look. Checks are cheap: one
+read transaction, one small file written and removed, and a few attribute reads.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from node.errors import IchNodeError
+from storage.db import Database
+from storage.state import state_counts
+from storage.store import InstanceStore
+
+__all__ = ["Check", "Liveness", "Readiness"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+class Liveness:
+    """When a loop last went round; a loop stuck in one study or dead goes stale."""
+
+    def __init__(self) -> None:
+        self._at = time.monotonic()
+
+    def beat(self) -> None:
+        self._at = time.monotonic()
+
+    @property
+    def age_seconds(self) -> float:
+        return time.monotonic() - self._at
+
+
+@dataclass
+class Readiness:
+    """The checks of one `serve` process. `worker` is None when analysis runs elsewhere
+    (worker.enabled_in_serve = false); `scheduler_running` reports the housekeeping jobs."""
+
+    database: Database
+    store: InstanceStore
+    min_free_mb: int
+    model_loaded: bool
+    model_configured: bool
+    scheduler_running: Callable[[], bool]
+    worker: Liveness | None
+    worker_stale_seconds: float
+
+    def checks(self) -> list[Check]:
+        return [self._database(), self._storage(), self._model(), self._scheduler(), self._worker()]
+
+    def _database(self) -> Check:
+        try:
+            with self.database.read() as session:
+                state_counts(session)
+        except IchNodeError as exc:
+            return Check("database", False, str(exc))
+        return Check("database", True, self.database.shown)
+
+    def _storage(self) -> Check:
+        root = self.store.root
+        probe = root / f".ready-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ready")
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        except OSError as exc:
+            return Check("storage", False, f"storage.root {root} cannot be written: {exc.strerror or exc}")
+        free = self.store.free_mb()
+        if free < self.min_free_mb:
+            return Check("storage", False, f"{free:.0f} MiB free on the disk of {root}, below storage.min_free_mb "
+                                           f"= {self.min_free_mb}: stores are refused")
+        return Check("storage", True, f"{free:.0f} MiB free")
+
+    def _model(self) -> Check:
+        if self.model_loaded:
+            return Check("model", True, "loaded")
+        if not self.model_configured:
+            return Check("model", True, "none configured (model.checkpoint): studies are stored, not analysed")
+        return Check("model", False, "configured but not loaded")
+
+    def _scheduler(self) -> Check:
+        running = self.scheduler_running()
+        return Check("scheduler", running, "running" if running else "stopped: studies are never marked ready")
+
+    def _worker(self) -> Check:
+        if self.worker is None:
+            return Check("worker", True, "not in this process (worker.enabled_in_serve = false)")
+        age = self.worker.age_seconds
+        if age > self.worker_stale_seconds:
+            return Check("worker", False, f"the analysis loop last went round {age:.0f} s ago "
+                                          f"(more than worker.stale_after_seconds = {self.worker_stale_seconds:g})")
+        return Check("worker", True, f"last went round {age:.1f} s ago")
