@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 CONFIG ?= config.toml
-# Real peers the tests use: DCMTK (storescu, echoscu, dcmdump), Orthanc, dicom3tools (dciodvfy).
-APT_COMMANDS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools
+# Real peers the tests use: DCMTK (storescu, echoscu, dcmdump), Orthanc, dicom3tools (dciodvfy),
+# and Chromium as the browser that reads the node's web pages.
+APT_COMMANDS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools chromium:chromium
 
 # The demonstration model: trained on synthetic phantoms only (models/README.md).
 DEMO_MODEL := models/effclass-synthetic-demo.pt

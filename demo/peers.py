@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import signal
 import socket
@@ -21,8 +22,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["NodeProcess", "Orthanc", "WebhookReceiver", "find_tool", "free_port", "node_config", "port_open",
-           "wait_for"]
+__all__ = ["Browser", "NodeProcess", "Orthanc", "WebhookReceiver", "find_tool", "free_port", "node_config",
+           "port_open", "wait_for"]
 
 T = TypeVar("T")
 
@@ -95,6 +96,27 @@ class WebhookReceiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class Browser:
+    """Debian's Chromium, headless, driven by Playwright: nothing is downloaded (Playwright's
+    own browsers are not used). As root Chromium needs --no-sandbox."""
+
+    def __init__(self, width: int = 1280, height: int = 900) -> None:
+        self.size = {"width": width, "height": height}
+
+    def __enter__(self):
+        from playwright.sync_api import sync_playwright  # test and demo dependency only
+
+        self._playwright = sync_playwright().start()
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        self._browser = self._playwright.chromium.launch(executable_path=find_tool("chromium"), args=args)
+        self.page = self._browser.new_page(viewport=self.size)
+        return self.page
+
+    def __exit__(self, *exc: object) -> None:
+        self._browser.close()
+        self._playwright.stop()
 
 
 class Orthanc:

@@ -4,8 +4,9 @@ Synthetic studies (with scout and bone series) go from DCMTK `storescu`, as the 
 to the node; the node's results (pictures, SR, key slices) go to an Orthanc PACS and its
 notifications to a webhook on loopback; the demo then prints the triage log, each SR as
 DCMTK `dsrdump` shows it, the notifications' text, compares each verdict with the
-phantom's truth, writes PNG renderings of the Secondary Captures the PACS received, and
-stops everything it started.
+phantom's truth, writes PNG renderings of the Secondary Captures the PACS received and
+screenshots of the node's web pages (taken by headless Chromium), leaves the pages up
+until Enter is pressed when run from a terminal, and stops everything it started.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import secrets
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from demo.peers import NodeProcess, Orthanc, WebhookReceiver, find_tool, free_port, wait_for
+from demo.peers import Browser, NodeProcess, Orthanc, WebhookReceiver, find_tool, free_port, wait_for
 from node.config import load_config
 from node.errors import IchNodeError
 from node.triagelog import read_events
@@ -54,9 +56,21 @@ def _toml(value: object) -> str:
     return json.dumps(str(value))  # a TOML basic string: JSON escapes are valid TOML
 
 
-def node_config_text(work: Path, port: int, checkpoint: Path, pacs: Orthanc, webhook: str) -> str:
-    """A node on loopback that analyses with `checkpoint`, sends its results to `pacs` and
-    tells `webhook` about every study."""
+@dataclass(frozen=True)
+class Web:
+    """Where the demo node serves its pages, and the token its retry button needs."""
+
+    port: int
+    token: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+
+def node_config_text(work: Path, port: int, checkpoint: Path, pacs: Orthanc, webhook: str, web: Web) -> str:
+    """A node on loopback that analyses with `checkpoint`, sends its results to `pacs`,
+    tells `webhook` about every study and serves its pages at `web`."""
     return f"""# Written by `make demo`.
 [node]
 ae_title = "ICHNODE"
@@ -78,6 +92,11 @@ initial_backoff_seconds = 2
 max_backoff_seconds = 10
 [log]
 path = {_toml(work / "triage.log")}
+[web]
+host = "127.0.0.1"
+port = {web.port}
+token = {_toml(web.token)}
+refresh_seconds = 5
 [[destinations]]
 name = "pacs"
 ae_title = {_toml(pacs.ae_title)}
@@ -182,7 +201,30 @@ def _summary(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def run(checkpoint: Path, studies: int, out: Path, timeout: float) -> list[Outcome]:
+PAGES = ("queue", "study", "failures", "model")
+
+
+def _screenshots(web: Web, study_uid: str, out: Path) -> list[Path]:
+    """Each web page as a browser shows it (the study page of `study_uid`)."""
+    paths = []
+    with Browser() as page:
+        for name, path in zip(PAGES, ("", f"studies/{study_uid}", "failures", "model")):
+            page.goto(web.url + path)
+            paths.append(out / f"page-{name}.png")
+            page.screenshot(path=paths[-1], full_page=True)
+    return paths
+
+
+def _show_pages(web: Web, keep_open: bool) -> None:
+    print(f"\nthe node's web pages: {web.url} (admin token for the retry button: {web.token})", flush=True)
+    if keep_open:
+        try:
+            input("the node, the PACS and the pages stay up until you press Enter ... ")
+        except EOFError:  # stdin closed: nobody is there to press it
+            pass
+
+
+def run(checkpoint: Path, studies: int, out: Path, timeout: float, keep_open: bool = False) -> list[Outcome]:
     """The demo itself; peers are stopped whatever happens."""
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
@@ -201,7 +243,8 @@ def run(checkpoint: Path, studies: int, out: Path, timeout: float) -> list[Outco
         pacs.start()
         webhook.start()
         port = free_port()
-        node = NodeProcess(work, node_config_text(work, port, checkpoint, pacs, webhook.url), port)
+        web = Web(free_port(), secrets.token_hex(16))
+        node = NodeProcess(work, node_config_text(work, port, checkpoint, pacs, webhook.url, web), port)
         node.start(wait=False)  # assigned first, so the finally stops a node that never listens
         (work / "pids.json").write_text(json.dumps({"node": node.process.pid, "orthanc": pacs.process.pid}))
         node.wait_listening()
@@ -219,8 +262,13 @@ def run(checkpoint: Path, studies: int, out: Path, timeout: float) -> list[Outco
         print("\nnotifications the webhook received (their `text` line):", flush=True)
         for message in webhook.received:
             print(f"  {message['text']}", flush=True)
-        return [Outcome(s.folder.name, s, uids[s.folder.name], analysed.get(uids[s.folder.name]),
-                        _save_pictures(pacs, uids[s.folder.name], s.folder.name, out)) for s in labels]
+        outcomes = [Outcome(s.folder.name, s, uids[s.folder.name], analysed.get(uids[s.folder.name]),
+                            _save_pictures(pacs, uids[s.folder.name], s.folder.name, out)) for s in labels]
+        flagged = [o.study_uid for o in outcomes if o.analysed and o.analysed["positive"]]
+        pages = _screenshots(web, (flagged or [outcomes[0].study_uid])[0], out)
+        print("\nscreenshots of the web pages (headless Chromium):", *(f"  {p}" for p in pages), sep="\n", flush=True)
+        _show_pages(web, keep_open)
+        return outcomes
     finally:
         if node is not None:
             node.stop()
@@ -235,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=4, help="synthetic studies to send, half with bleeds")
     parser.add_argument("--out", type=Path, default=REPO / "var" / "demo", help="folder for the PNGs")
     parser.add_argument("--timeout", type=float, default=480, help="seconds to wait for the results")
+    parser.add_argument("--keep-open", action=argparse.BooleanOptionalAction, default=sys.stdin.isatty(),
+                        help="leave the node and its web pages up until Enter is pressed "
+                             "(default: when run from a terminal)")
     args = parser.parse_args(argv)
     # `kill` or a CI timeout sends SIGTERM: leave through the finally that stops the peers.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -244,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
               "or pass --checkpoint", file=sys.stderr)
         return 2
     try:
-        outcomes = run(checkpoint.resolve(), args.studies, args.out.resolve(), args.timeout)
+        outcomes = run(checkpoint.resolve(), args.studies, args.out.resolve(), args.timeout, args.keep_open)
     except (IchNodeError, OSError, RuntimeError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -25,18 +26,19 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _day_axis(days: Sequence[Day]) -> tuple[Figure, object, list[str]]:
+def _day_axis(days: Sequence[Day]) -> tuple[Figure, Axes]:
     figure = Figure(figsize=(7.5, 2.6))
     axes = figure.add_subplot()
     labels = [d.date.strftime("%m-%d") for d in days]
     step = max(len(labels) // 10, 1)
     axes.set_xticks(range(0, len(labels), step), labels[::step], fontsize=8)
+    axes.set_xlim(-0.5, len(labels) - 0.5)
     axes.grid(axis="y", alpha=0.3)
-    return figure, axes, labels
+    return figure, axes
 
 
 def studies_per_day(days: Sequence[Day]) -> bytes:
-    figure, axes, labels = _day_axis(days)
+    figure, axes = _day_axis(days)
     axes.bar(range(len(days)), [d.analyses for d in days], color="#4a78b0")
     axes.set_ylabel("analyses")
     axes.set_title("Studies analysed per day (UTC)", fontsize=10)
@@ -44,7 +46,7 @@ def studies_per_day(days: Sequence[Day]) -> bytes:
 
 
 def positive_rate_per_day(days: Sequence[Day]) -> bytes:
-    figure, axes, labels = _day_axis(days)
+    figure, axes = _day_axis(days)
     rates = [d.positive_rate for d in days]
     axes.plot([i for i, r in enumerate(rates) if r is not None], [r for r in rates if r is not None],
               marker="o", color="#b03a2e")

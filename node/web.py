@@ -197,7 +197,8 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
     @guarded
     async def failures(request: Request) -> Response:
         view = await run_in_threadpool(dashboard.failures)
-        retried = request.query_params.get("retried")
+        counts = request.query_params.get("retried", "").split(",")
+        retried = tuple(map(int, counts)) if len(counts) == 2 and all(c.isdigit() for c in counts) else None
         return page(request, "failures.html", view=view, retried=retried)
 
     async def retry(request: Request) -> Response:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from demo.peers import NodeProcess, Orthanc, WebhookReceiver, free_port, node_config, port_open, wait_for
+from demo.peers import Browser, NodeProcess, Orthanc, WebhookReceiver, free_port, node_config, port_open, wait_for
 from tests.conftest import require_tool
 
-__all__ = ["NodeProcess", "Orthanc", "WebhookReceiver", "free_port", "port_open", "wait_for", "node_config", "storescu",
+__all__ = ["Browser", "NodeProcess", "Orthanc", "WebhookReceiver", "free_port", "port_open", "wait_for", "node_config", "storescu",
            "echoscu"]
 
 

@@ -46,16 +46,19 @@ def test_demo_runs_the_whole_loop_and_stops_its_peers(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "demo.run", "--checkpoint", str(checkpoint), "--studies", "2", "--out", str(out),
          "--timeout", "400"],
-        check=False, capture_output=True, text=True, timeout=600, cwd=REPO,
+        check=False, capture_output=True, text=True, timeout=600, cwd=REPO, stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "the node's web pages: http://127.0.0.1:" in result.stdout
     assert "study_0000" in result.stdout and "study_0001" in result.stdout
     assert "UNTRAINED MODEL" in result.stdout  # the triage log was printed, with the model's warning
     assert result.stdout.count('CODE:(,,"Intracranial hemorrhage (disorder)")') == 2  # each SR, by dsrdump
     assert result.stdout.count("  ICH triage: ") == 2  # each study's notification
     sent = _result_images(out / "work")
     assert sorted(sent) == [f"study_000{s}_0{i}.png" for s in (0, 1) for i in (1, 2, 3, 4)]  # 3 key slices, summary
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(sent)
+    assert sorted(p.name for p in out.glob("study_*.png")) == sorted(sent)
+    pages = sorted(p.name for p in out.glob("page-*.png"))
+    assert pages == ["page-failures.png", "page-model.png", "page-queue.png", "page-study.png"]
     for name, size in sent.items():
         with Image.open(out / name) as image:
             assert (image.format, image.mode, image.size) == ("PNG", "RGB", size)
