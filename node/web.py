@@ -4,7 +4,8 @@ thread of `ichnode serve`).
 Pages are rendered on the server and reload themselves, so they work without JavaScript.
 Handlers are thin: they parse the request, ask the Dashboard, and render.
 
-Security: by default the pages listen on 127.0.0.1 only. Bound to any other address the
+Security: by default the pages listen on 127.0.0.1 only, and answer only requests that
+name this machine (Host 127.0.0.1 or localhost). Bound to any other address the
 config must carry `web.token`, and every page, /metrics and the JSON API then need it (as
 `Authorization: Bearer …`, or through the login form's session cookie). Every request that
 changes something (the retry button) needs the token wherever the pages listen, with a
@@ -26,6 +27,7 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -290,6 +292,10 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
         return PlainTextResponse(text, status_code=503 if isinstance(exc, IchNodeError) else 500)
 
     app = Starlette(routes=routes, exception_handlers={Exception: failed})
+    if settings.loopback:
+        # Pages open to this machine answer only to this machine's names, so a web page
+        # elsewhere cannot read them through a DNS name that resolves to 127.0.0.1.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted({"127.0.0.1", "localhost", settings.host}))
     app.add_middleware(SecurityHeaders, tls=settings.tls)
     return app
 

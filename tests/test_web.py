@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ from node.web import create_app
 from node.worker import Worker
 from storage.db import Database
 from storage.store import InstanceStore
-from tests.peers import wait_for
+from tests.peers import free_port, wait_for
 from training.inference.predictor import Predictor
 from training.inference.settings import Backend, Device
 
@@ -218,6 +219,28 @@ def test_retry_needs_the_token(analysed: Analysed) -> None:
     refused = without.post("/failures/retry")
     assert refused.status_code == 403 and "web.token is not set" in refused.text
     assert without.get("/failures", headers=HTML).status_code == 200  # reads stay open on loopback
+
+
+def test_on_loopback_only_this_machine_s_names_are_answered(analysed: Analysed) -> None:
+    client = analysed.app()
+    assert client.get("/", headers={"host": "localhost:8080"}).status_code == 200
+    # A page elsewhere that points its own DNS name at 127.0.0.1 reads nothing.
+    assert client.get("/api/queue", headers={"host": "rebound.example.org"}).status_code == 400
+
+
+def test_a_web_port_in_use_stops_start_up_before_the_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "node.toml"
+        config.write_text(f'[web]\nport = {port}\n[node]\nport = {free_port()}\n[storage]\nroot = "{tmp_path / "store"}"\n'
+                          f'[model]\ncheckpoint = "{DEMO_MODEL}"\n')
+        done = subprocess.run([sys.executable, "-m", "node.cli", "serve", "--config", str(config)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"cannot listen on web.host 127.0.0.1 web.port {port}" in done.stderr
+    assert "model effclass" not in done.stderr  # refused before the model was loaded
 
 
 def test_off_loopback_every_page_needs_the_token(analysed: Analysed) -> None:
