@@ -7,7 +7,10 @@
   against pytorch-grad-cam differentiating the whole network, as before;
 - end to end: last instance of a 32-slice study in → Secondary Capture stored in Orthanc,
   split by stage;
-- peak memory (VmHWM) of the node process in each run.
+- peak memory (VmHWM) of the node process in each run;
+- monitoring: the web pages' and /metrics' reading of a year's triage log (the first read
+  after start, a scrape after 100 new events, one study's timeline) against parsing every
+  line with json.loads.
 
 Loopback only; every wait is bounded. Results go to stdout and bench/results.json.
 """
@@ -183,6 +186,63 @@ def bench_end_to_end(work: Path, study: Path) -> dict:
             "stages_s": stages, "peak_memory_mb": memory}
 
 
+def _year_of_log(path: Path, studies: int) -> str:
+    """A triage log as a busy site writes it in a year: 8 events per study, the analysed
+    event as the node writes it. Returns one study's UID."""
+    analysed = {"verdict": "AI ICH TRIAGE: not detected", "positive": False, "study_score": 0.12,
+                "top_k_score": 0.08, "positive_slices": 0, "total_slices": 32, "required_slices": 2,
+                "slice_threshold": 0.8, "series_reason": "axial CT, 32 slices, soft-tissue kernel, 5.0 mm",
+                "slice_order": "position along the slice normal", "skipped_slices": {},
+                "passed_over": {"1.2.3.4.5.6.7.8.9": "a localizer (scout)"}, "result_objects": 6,
+                "result_sets": {"sc": 4, "sr": 1, "kos": 1}, "model": "effclass", "model_training_data": "rsna",
+                "warnings": [], "timings_s": {"load": 0.02, "preprocess": 0.05, "inference": 3.9, "gradcam": 0.4,
+                                              "encode": 0.1}}
+    start = time.time() - 365 * 86400
+    with open(path, "w") as handle:
+        for i in range(studies):
+            uid = f"1.2.826.0.1.3680043.8.498.{i}"
+            when = time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime(start + i * 365 * 86400 / studies))
+            events = [("received", {"calling_aet": "SCANNER", "note": "new study"}),
+                      ("ready", {"instances": 97, "series": 3}),
+                      ("analysed", {**analysed, "positive": i % 10 == 0, "study_score": (i % 100) / 100}),
+                      *(("delivered", {"destination": "pacs", "kind": k, "objects": 1}) for k in ("sc", "sr", "kos")),
+                      ("notified", {"url": "https://chat.example.org/…"}), ("purged", {"instances": 97})]
+            for event, fields in events:
+                handle.write(json.dumps({"time": when, "event": event, "study_instance_uid": uid,
+                                         "accession_number": f"A{i:08d}", **fields}) + "\n")
+    return f"1.2.826.0.1.3680043.8.498.{studies // 2}"
+
+
+def bench_monitoring(work: Path, studies: int = 36500) -> dict:
+    """What the web pages and /metrics pay to read the triage log (100 studies a day for a year)."""
+    from node.history import TriageHistory
+    from node.triagelog import LogReader, TriageLog
+
+    path = work / "year.log"
+    uid = _year_of_log(path, studies)
+
+    def parse_every_line() -> None:
+        with open(path, "rb") as handle:
+            for line in handle:
+                json.loads(line)
+
+    reference = _best_seconds(parse_every_line, 3)
+    first = _best_seconds(lambda: TriageHistory(path, days=30).refresh(), 3)
+    history = TriageHistory(path, days=30)
+    history.refresh()
+    log = TriageLog(path)
+    for i in range(100):
+        log.write("ready", f"9.9.{i}", instances=1, series=1)
+    start = time.perf_counter()
+    snapshot = history.refresh()
+    scrape = time.perf_counter() - start
+    timeline = _best_seconds(lambda: LogReader(path).read_study(uid), 3)
+    return {"studies": studies, "lines": sum(snapshot.events.values()), "megabytes": path.stat().st_size / 2**20,
+            "parse_every_line_s": reference, "first_read_s": first, "after_100_new_events_s": scrape,
+            "one_study_timeline_s": timeline, "first_read_ratio": first / reference,
+            "timeline_ratio": timeline / reference}
+
+
 def _print(results: dict) -> None:
     print(f"\n# ichnode benchmark — {results['machine']}\n")
     ingest = results.get("ingest")
@@ -224,15 +284,29 @@ def _print(results: dict) -> None:
         print(f"| **total** | **{e2e['total_s']:.2f}** |")
         print(f"| total excluding the wait | {e2e['excluding_wait_s']:.2f} |")
         print(f"\nnode peak memory: {e2e['peak_memory_mb']} MB")
+    monitoring = results.get("monitoring")
+    if monitoring:
+        print(f"\n## Monitoring: reading a year's triage log ({monitoring['studies']} studies, "
+              f"{monitoring['lines']} lines, {monitoring['megabytes']:.0f} MB)\n")
+        print("| read | seconds | vs json.loads of every line |")
+        print("|---|---|---|")
+        print(f"| json.loads of every line (reference) | {monitoring['parse_every_line_s']:.2f} | 1.00 |")
+        print(f"| first read after start (TriageHistory) | {monitoring['first_read_s']:.2f} | "
+              f"{monitoring['first_read_ratio']:.2f} |")
+        print(f"| a scrape after 100 new events | {monitoring['after_100_new_events_s']:.4f} | "
+              f"{monitoring['after_100_new_events_s'] / monitoring['parse_every_line_s']:.4f} |")
+        print(f"| one study's timeline (study page) | {monitoring['one_study_timeline_s']:.2f} | "
+              f"{monitoring['timeline_ratio']:.2f} |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=500, help="slices for the ingest run")
-    parser.add_argument("--only", choices=["ingest", "inference", "gradcam", "end_to_end"], action="append")
+    parser.add_argument("--only", choices=["ingest", "inference", "gradcam", "end_to_end", "monitoring"],
+                        action="append")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
-    wanted = set(args.only or ["ingest", "inference", "gradcam", "end_to_end"])
+    wanted = set(args.only or ["ingest", "inference", "gradcam", "end_to_end", "monitoring"])
     results: dict = {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
                                 f"{platform.python_implementation()} {platform.python_version()}, torch "
                                 f"{torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"}
@@ -253,6 +327,8 @@ def main() -> int:
             e2e_data = work / "e2e-data"
             write_studies(e2e_data, SyntheticOptions(studies=1, seed=8, min_slices=32, max_slices=32))
             results["end_to_end"] = bench_end_to_end(work, e2e_data / "study_0000")
+        if "monitoring" in wanted:
+            results["monitoring"] = bench_monitoring(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _print(results)

@@ -120,22 +120,15 @@ class LogReader:
 
         A last line without its newline is read too: it is either whole or torn.
         """
-        try:
-            handle = open(self.path, "rb")
-        except FileNotFoundError:
-            return []
-        events = []
-        with handle:
-            for line in handle:
-                self.offset += len(line)
-                event = self._parse(line)
-                if event is not None:
-                    events.append(event)
-        return events
+        self.offset = 0
+        return self._read_from_offset(whole_lines_only=False)
 
     def read_new(self) -> list[dict]:
         """The events appended since the last call (the whole log the first time). Only
         whole lines are taken: a line still being written is read next time."""
+        return self._read_from_offset(whole_lines_only=True)
+
+    def _read_from_offset(self, *, whole_lines_only: bool) -> list[dict]:
         try:
             handle = open(self.path, "rb")
         except FileNotFoundError:
@@ -144,7 +137,7 @@ class LogReader:
         with handle:
             handle.seek(self.offset)
             for line in handle:
-                if not line.endswith(b"\n"):
+                if whole_lines_only and not line.endswith(b"\n"):
                     break
                 self.offset += len(line)
                 event = self._parse(line)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -38,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node import plots
 from node.config import Config
-from node.dashboard import Dashboard, QueueFilter, as_json
+from node.dashboard import Dashboard, QueueFilter, VerdictFilter, as_json
 from node.errors import ConfigError, IchNodeError
 from node.health import Readiness
 from node.metrics import registry
@@ -48,6 +49,7 @@ __all__ = ["create_app", "WebServer"]
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SESSION_COOKIE = "ichnode_session"
+_LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9._~/%-]*")
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
                                  b"frame-ancestors 'none'; base-uri 'none'"),
@@ -154,22 +156,25 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
             return RedirectResponse("/login?" + urllib.parse.urlencode({"next": request.url.path}), status_code=303)
         return endpoint
 
+    def queue_filter(request: Request) -> QueueFilter:
+        """The query string's filter; ValueError naming a bad parameter."""
+        params = request.query_params
+        return QueueFilter.parse(params.get("state"), params.get("verdict"), params.get("limit"))
+
     @guarded
     async def queue(request: Request) -> Response:
-        params = request.query_params
         try:
-            chosen = QueueFilter.parse(params.get("state"), params.get("verdict"), params.get("limit"))
+            chosen = queue_filter(request)
         except ValueError as exc:
             return page(request, "error.html", refresh=False, status_code=400, message=str(exc))
         view = await run_in_threadpool(dashboard.queue, chosen)
-        return page(request, "queue.html", view=view, states=[s for s in view.studies_by_state],
-                    verdicts=["positive", "negative", "none"])
+        return page(request, "queue.html", view=view, states=list(view.studies_by_state),
+                    verdicts=[str(v) for v in VerdictFilter])
 
     @guarded
     async def queue_json(request: Request) -> Response:
-        params = request.query_params
         try:
-            chosen = QueueFilter.parse(params.get("state"), params.get("verdict"), params.get("limit"))
+            chosen = queue_filter(request)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse(as_json(await run_in_threadpool(dashboard.queue, chosen)))
@@ -248,7 +253,7 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
 
     async def login(request: Request) -> Response:
         target = request.query_params.get("next", "/")
-        target = target if target.startswith("/") and not target.startswith("//") else "/"
+        target = target if _LOCAL_PATH.fullmatch(target) else "/"  # never a redirect to another site
         if request.method == "GET":
             return page(request, "login.html", refresh=False, next=target, message="")
         form = await request.form()

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
+from node.config import parse_config
+from node.dashboard import Dashboard, ModelInfo
+from node.health import Readiness
+from node.history import TriageHistory
+from node.web import WebServer, create_app
+from storage.db import Database
+from storage.store import InstanceStore
 from tests.conftest import require_tool
 from tests.peers import NodeProcess, free_port, node_config, storescu
 
@@ -61,3 +70,27 @@ def test_tls_settings_are_checked_at_start_up(tmp_path: Path, pki: Path) -> None
     with pytest.raises(ConfigError, match="is not a file"):
         parse_config({"node": {"tls_certificate": str(tmp_path / "no.crt"),
                                "tls_private_key": str(pki / "server.key")}}, tmp_path)
+
+
+def test_the_web_pages_serve_https_with_the_dicom_certificate(tmp_path: Path, pki: Path) -> None:
+    config = parse_config({
+        "node": {"tls_certificate": str(pki / "server.crt"), "tls_private_key": str(pki / "server.key")},
+        "storage": {"root": str(tmp_path / "store"), "database_url": f"sqlite:///{tmp_path / 'node.db'}"},
+        "log": {"path": str(tmp_path / "triage.log")},
+        "web": {"tls": True, "port": free_port()},
+    }, tmp_path)
+    store = InstanceStore(config.storage.root)
+    store.ensure()
+    database = Database(config.storage.database_url, create=True)
+    dashboard = Dashboard(config, database, store, TriageHistory(config.log.path), ModelInfo.of(config, None))
+    readiness = Readiness(database, store, 0, model_loaded=False, model_configured=False,
+                          scheduler_running=lambda: True, worker=None, worker_stale_seconds=60)
+    server = WebServer(config, create_app(config, dashboard, readiness))
+    server.start()
+    try:
+        assert config.web.url.startswith("https://127.0.0.1:")
+        ready = httpx.get(config.web.url + "readyz", verify=ssl.create_default_context(cafile=str(pki / "ca.crt")))
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert ready.headers["strict-transport-security"] == "max-age=31536000"
+    finally:
+        server.stop()

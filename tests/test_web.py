@@ -255,6 +255,9 @@ def test_off_loopback_every_page_needs_the_token(analysed: Analysed) -> None:
     assert client.post("/login", data={"token": "not-the-token-at-all"}).status_code == 403
     signed_in = client.post("/login?next=/failures", data={"token": TOKEN}, follow_redirects=False)
     assert signed_in.status_code == 303 and signed_in.headers["location"] == "/failures"
+    for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/"):  # never sent off-site
+        away = client.post("/login", params={"next": elsewhere}, data={"token": TOKEN}, follow_redirects=False)
+        assert away.headers["location"] == "/"
     cookie = signed_in.cookies["ichnode_session"]
     assert TOKEN not in cookie and "httponly" in signed_in.headers["set-cookie"].lower()
     assert "samesite=strict" in signed_in.headers["set-cookie"].lower()
