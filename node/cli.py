@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from collections.abc import Callable, Sequence
 
-from node.config import ENV_VAR, load_config
-from node.errors import IchNodeError
+from node.config import ENV_VAR, RuleSource, load_config
+from node.errors import ConfigError, IchNodeError
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
 
@@ -202,17 +202,50 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.history:
+        return _evaluate_history(args)
+    if args.checkpoint is None or args.data is None:
+        raise ConfigError("ichnode evaluate needs --checkpoint and --data (or --history and --labels to score "
+                          "the node's own analyses)")
     from training.evaluate import evaluate
 
     rule, source = None, ""
     if args.triage_config:
-        rule, source = load_config(args.triage_config).triage, f"[triage] of {args.triage_config}"
+        triage = load_config(args.triage_config).triage
+        if triage.source == RuleSource.CONFIG:
+            rule, source = triage.configured_rule, f"[triage] of {args.triage_config}"
     out = args.out or Path("experiments") / f"eval-{args.checkpoint.stem}-{args.data.resolve().name}"
     result = evaluate(args.checkpoint, args.data, out, device=args.device, batch_size=args.batch_size,
                       resamples=args.resamples, backend=args.backend, gradcam_layer=args.gradcam_layer,
                       rule=rule, rule_source=source)
     print((result.files["report"]).read_text())
     print(f"written to {out}: " + ", ".join(sorted(p.name for p in result.files.values())))
+    return 0
+
+
+def _evaluate_history(args: argparse.Namespace) -> int:
+    from node.validation import site_evaluation
+
+    if args.labels is None:
+        raise ConfigError("ichnode evaluate --history needs --labels CSV (study_instance_uid or accession_number, "
+                          "and ich yes/no)")
+    config = load_config(args.config)
+    out = args.out or Path("experiments") / f"site-{args.labels.stem}"
+    joined, paths = site_evaluation(config.log.path, args.labels, out, resamples=args.resamples)
+    print(paths["report"].read_text())
+    print(f"{len(joined.matched)} studies matched; {len(joined.unlabelled)} analysed studies have no label; "
+          f"{len(joined.not_analysed)} labels match no analysis; {joined.without_probabilities} analyses were "
+          "logged before slice probabilities were recorded")
+    positives = sum(m.label for m in joined.matched)
+    if min(positives, len(joined.matched) - positives) < 50:
+        print(f"warning: only {positives} studies with ICH and {len(joined.matched) - positives} without were "
+              "matched; with fewer than 50 of either, the sensitivity or specificity interval is too wide to "
+              "decide on (docs/validation.md)")
+    for uid, accession in joined.unlabelled[:10]:
+        print(f"  no label: study {uid} (accession {accession or '-'})")
+    for key in joined.not_analysed[:10]:
+        print(f"  not analysed: {key}")
+    print(f"written to {out}: " + ", ".join(sorted(p.name for p in paths.values())))
     return 0
 
 
@@ -231,9 +264,16 @@ def _device(text: str) -> Device:
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True,
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--data", type=Path, default=None,
                         help="a prepare-rsna folder (test split), `ichnode synth` studies, or a CQ500 folder")
+    parser.add_argument("--history", action="store_true",
+                        help="score the node's own analyses (its triage log, from --config) against --labels "
+                             "instead of a checkpoint on a data set (docs/validation.md)")
+    parser.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                        help="with --history: the site's reference labels (study_instance_uid or "
+                             "accession_number, and ich yes/no)")
+    _add_config_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="report folder (default experiments/eval-…)")
     parser.add_argument("--device", type=_device, default=Device("auto"), help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=_positive_int, default=8)
@@ -242,8 +282,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", type=Backend, default=Backend.AUTO, choices=list(Backend),
                         help="auto (ONNX Runtime on a CPU, PyTorch on a GPU) | torch | onnxruntime")
     parser.add_argument("--triage-config", type=Path, default=None, metavar="PATH",
-                        help="report the patient rule of this node config's [triage] "
-                             "(default: the rule the checkpoint recommends)")
+                        help="report the patient rule this node config puts in force: its [triage] keys "
+                             "with source = \"config\" (default, and with source = \"checkpoint\": the rule "
+                             "the checkpoint recommends)")
     parser.add_argument("--resamples", type=_positive_int, default=2000, help="bootstrap resamples for AUC intervals")
 
 

@@ -34,8 +34,11 @@ __all__ = [
     "CompletionSection",
     "WorkerSection",
     "ModelSection",
+    "RuleSource",
+    "TriageSection",
     "ExplainSection",
     "OutputSection",
+    "DeliveryMode",
     "DeliverySection",
     "LogSection",
     "WebSection",
@@ -198,6 +201,50 @@ class ModelSection:
         _positive("model.batch_size", self.batch_size)
 
 
+class RuleSource(enum.StrEnum):
+    """Where the patient rule in force comes from."""
+
+    CHECKPOINT = "checkpoint"  # the operating point the checkpoint recommends
+    CONFIG = "config"  # the [triage] keys
+
+
+@dataclass(frozen=True)
+class TriageSection:
+    """The patient rule: the checkpoint's recommended operating point, or these keys."""
+
+    source: RuleSource = RuleSource.CHECKPOINT
+    # Used when source = "config"; the paper's rule by default.
+    slice_threshold: float = 0.8
+    positive_fraction: float = 0.05
+    min_positive_slices: int = 1
+
+    def __post_init__(self) -> None:
+        self.configured_rule  # a bad value raises ValueError naming its key
+
+    @property
+    def configured_rule(self) -> TriageRule:
+        return TriageRule(self.slice_threshold, self.positive_fraction, self.min_positive_slices)
+
+    def validate(self) -> None:
+        if self.source == RuleSource.CHECKPOINT and self.configured_rule != TriageRule():
+            raise ConfigError("the [triage] rule keys are set but triage.source is \"checkpoint\", which would "
+                              "ignore them: set source = \"config\" to use them, or remove them")
+
+    def rule_for(self, checkpoint_rule: TriageRule) -> TriageRule:
+        """The rule in force with a checkpoint that recommends `checkpoint_rule`."""
+        return checkpoint_rule if self.source == RuleSource.CHECKPOINT else self.configured_rule
+
+    def describe(self, checkpoint_rule: TriageRule | None) -> str:
+        """The rule in force in words, and where it comes from."""
+        if self.source == RuleSource.CHECKPOINT and checkpoint_rule is None:
+            return "the checkpoint's recommended rule (no checkpoint loaded)"
+        rule = self.rule_for(checkpoint_rule) if checkpoint_rule is not None else self.configured_rule
+        where = "the checkpoint's recommended operating point" if self.source == RuleSource.CHECKPOINT \
+            else "the [triage] keys of the node's config"
+        return (f"slice P(ICH) > {rule.slice_threshold:g}; study positive when at least max("
+                f"{rule.min_positive_slices}, ceil({rule.positive_fraction:g} × slices)) slices are (from {where})")
+
+
 @dataclass(frozen=True)
 class ExplainSection:
     key_slices: int = 3
@@ -233,8 +280,19 @@ class OutputSection:
                               f"got {self.device_uid!r}")
 
 
+class DeliveryMode(enum.StrEnum):
+    """Whether results leave the node."""
+
+    SEND = "send"  # to every [[destinations]] PACS and [[notify]] webhook
+    # A silent trial: every study is analysed, its result series written and every event
+    # logged, but nothing is sent to a PACS or a webhook, so that a site can compare the
+    # node with its radiologists for weeks before anyone sees a flag.
+    SILENT = "silent"
+
+
 @dataclass(frozen=True)
 class DeliverySection:
+    mode: DeliveryMode = DeliveryMode.SEND
     max_attempts: int = 8
     initial_backoff_seconds: float = 10.0
     max_backoff_seconds: float = 900.0
@@ -351,7 +409,7 @@ class Config:
     completion: CompletionSection = field(default_factory=CompletionSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
     model: ModelSection = field(default_factory=ModelSection)
-    triage: TriageRule = field(default_factory=TriageRule)  # the paper's patient-level rule
+    triage: TriageSection = field(default_factory=TriageSection)  # the patient-level rule and its source
     explain: ExplainSection = field(default_factory=ExplainSection)
     output: OutputSection = field(default_factory=OutputSection)
     delivery: DeliverySection = field(default_factory=DeliverySection)
@@ -362,7 +420,7 @@ class Config:
     source: Path | None = None  # the file it came from
 
     def validate(self) -> None:
-        for section in (self.node, self.storage, self.completion, self.worker, self.model,
+        for section in (self.node, self.storage, self.completion, self.worker, self.model, self.triage,
                         self.explain, self.output, self.delivery, self.log, self.web):
             section.validate()
         if self.web.enabled and self.web.tls and self.node.tls_certificate is None:
@@ -382,6 +440,20 @@ class Config:
     @property
     def calling_ae_title(self) -> str:
         return self.delivery.calling_ae_title or self.node.ae_title
+
+    @property
+    def silent(self) -> bool:
+        return self.delivery.mode == DeliveryMode.SILENT
+
+    @property
+    def sending_to(self) -> tuple[Destination, ...]:
+        """The destinations new results are queued for: none in a silent trial."""
+        return () if self.silent else self.destinations
+
+    @property
+    def notifying(self) -> tuple[NotifyTarget, ...]:
+        """The webhooks told of new outcomes: none in a silent trial."""
+        return () if self.silent else self.notify
 
 
 def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:

@@ -104,8 +104,7 @@ class ModelInfo:
     @classmethod
     def of(cls, config: Config, predictor: Predictor | None) -> "ModelInfo":
         checkpoint = str(config.model.checkpoint) if config.model.checkpoint else None
-        rule = (f"slice P(ICH) > {config.triage.slice_threshold:g}; positive when at least "
-                f"max({config.triage.min_positive_slices}, ceil({config.triage.positive_fraction:g} × slices)) are")
+        rule = config.triage.describe(predictor.config.triage if predictor is not None else None)
         if predictor is None:
             return cls(checkpoint, False, rule=rule)
         model = predictor.config

@@ -143,20 +143,24 @@ class Node:
         database = open_database(config, store)
         recover_results(database, store, config.worker.stale_after_seconds)
         predictor = load_predictor(config)
-        _announce_model(predictor)
+        _announce_model(config, predictor)
         return cls(config, database, store, triage_log, predictor)
 
     def worker(self, recorded: Callable[[], None] = lambda: None) -> Worker:
         return Worker(self.config, self.database, self.store, self.predictor, self.triage_log, recorded=recorded)
 
 
-def _announce_model(predictor: Predictor | None) -> None:
+def _announce_model(config: Config, predictor: Predictor | None) -> None:
+    if config.silent:
+        log.warning("delivery.mode = \"silent\": a silent trial; studies are analysed and logged, but nothing is "
+                    "sent to a PACS or a webhook")
     if predictor is None:
         log.warning("%s: studies are received and stored but not analysed", NO_CHECKPOINT)
         return
     provenance = predictor.config.provenance
     log.info("model %s on %s with %s (trained on: %s)", predictor.config.architecture, predictor.device,
              predictor.forward.name, provenance.training_data)
+    log.info("triage rule in force: %s", config.triage.describe(predictor.config.triage))
     for warning in model_warnings(provenance):
         log.warning("%s: every result of this model says so", warning)
 

@@ -141,7 +141,8 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
     def page(request: Request, name: str, refresh: bool = True, status_code: int = 200, **context) -> Response:
         context |= dict(model=dashboard.model_info, refresh=settings.refresh_seconds if refresh else 0,
                         signed_in=access.signed_in(request), csrf=access.csrf if access.signed_in(request) else "",
-                        token_set=bool(settings.token), reads_need_token=access.reads_need_token)
+                        token_set=bool(settings.token), reads_need_token=access.reads_need_token,
+                        silent=config.silent)
         return templates.TemplateResponse(request, name, context, status_code=status_code)
 
     def guarded(handler):

@@ -67,9 +67,11 @@ def device_uid(config: Config) -> str:
                                                                    socket.gethostname()])
 
 
-def analysis_settings(config: Config) -> AnalysisSettings:
+def analysis_settings(config: Config, predictor: Predictor | None) -> AnalysisSettings:
+    """What `analyse` needs; the rule in force depends on triage.source and the checkpoint."""
+    rule = config.triage.rule_for(predictor.config.triage) if predictor is not None else config.triage.configured_rule
     return AnalysisSettings(
-        rule=config.triage, min_slices=config.worker.min_slices,
+        rule=rule, min_slices=config.worker.min_slices,
         max_unusable_fraction=config.worker.max_unusable_fraction, key_slices=config.explain.key_slices,
         aug_smooth=config.explain.aug_smooth, objects=config.output.objects,
         manufacturer=config.output.manufacturer, institution_name=config.output.institution_name,
@@ -131,7 +133,7 @@ class Worker:
         self.store = store
         self.predictor = predictor
         self.triage_log = triage_log
-        self.settings = analysis_settings(config)
+        self.settings = analysis_settings(config, predictor)
         self.owner = owner or worker_id()
         self.recorded = recorded  # called once an outcome is recorded: deliveries and notifications may start
         self.liveness = Liveness()  # beaten each time round the loop, for /readyz
@@ -173,7 +175,7 @@ class Worker:
 
     def _notify_failed(self, session: Session, study_id: int, uid: str, accession: str, reason: str) -> None:
         """Queue the webhooks' messages for a failed study, in the transaction that records it."""
-        queue_notifications(session, study_id, messages_for(self.config.notify, failed_message(
+        queue_notifications(session, study_id, messages_for(self.config.notifying, failed_message(
             uid, accession, reason)), utcnow())
 
     def _headers(self, study: ClaimedStudy) -> list[SliceHeader]:
@@ -237,16 +239,17 @@ class Worker:
 
     def _finish(self, study: ClaimedStudy, result: AnalysisResult, folder: Path) -> None:
         verdict = result.verdict
-        fields = _analysed_fields(result, self.predictor)
+        fields = _analysed_fields(result, self.predictor) | {"rule_source": str(self.config.triage.source),
+                                                             "delivery_mode": str(self.config.delivery.mode)}
         with self.database.write() as session:
             recorded = finish_study(
                 session, study.id, self.owner, verdict=verdict.label, study_score=verdict.study_score,
                 result_series_uid=result.series_instance_uid, result_folder=str(folder),
-                priority_high=verdict.positive, destinations=[d.name for d in self.config.destinations],
+                priority_high=verdict.positive, destinations=[d.name for d in self.config.sending_to],
                 kinds=[str(kind) for kind in result.objects], started_at=study.claimed_at, now=utcnow(),
             )
             if recorded is not None:
-                queue_notifications(session, study.id, messages_for(self.config.notify, analysed_message(
+                queue_notifications(session, study.id, messages_for(self.config.notifying, analysed_message(
                     study.study_instance_uid, study.accession_number, fields,
                     patient=self._patient(result))), utcnow())
         if recorded is None:
@@ -292,8 +295,10 @@ def _analysed_fields(result: AnalysisResult, predictor: Predictor) -> dict:
         study_score=round(verdict.study_score, 4), top_k_score=round(verdict.top_k_score, 4),
         positive_slices=verdict.positive_slices, total_slices=verdict.total_slices,
         required_slices=verdict.required_slices, slice_threshold=verdict.rule.slice_threshold,
+        positive_fraction=verdict.rule.positive_fraction, min_positive_slices=verdict.rule.min_positive_slices,
         series_instance_uid=choice.series_instance_uid, series_reason=choice.reason,
         slice_order=choice.ordering, skipped_slices=result.skipped_slices, passed_over=choice.passed_over,
+        slice_probabilities=[round(float(p), 5) for p in result.probabilities],
         result_series_uid=result.series_instance_uid, result_objects=len(result.datasets),
         result_sets={str(kind): len(datasets) for kind, datasets in result.objects.items()},
         model=model.architecture, model_training_data=model.provenance.training_data,

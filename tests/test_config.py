@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from node.config import ENV_VAR, Config, config_path, load_config, parse_config
+from node.config import ENV_VAR, Config, DeliveryMode, RuleSource, config_path, load_config, parse_config
 from node.errors import ConfigError
 from training.inference.settings import Backend, Device
 from training.model.checkpoint import load_checkpoint
@@ -183,7 +183,20 @@ def test_parsed_values_have_their_types() -> None:
     assert config.model.backend is Backend.TORCH
     assert isinstance(config.model.device, Device) and config.model.device == "cuda:1"
     assert config.explain.gradcam_layer is GradcamLayer.LAYER3
-    assert isinstance(config.triage, TriageRule)
+    assert config.triage.source is RuleSource.CHECKPOINT and config.delivery.mode is DeliveryMode.SEND
+    assert isinstance(config.triage.configured_rule, TriageRule)
+
+
+def test_the_rule_in_force_comes_from_where_triage_source_says() -> None:
+    recommended = TriageRule(slice_threshold=0.35, positive_fraction=0.02)
+    assert _parse({}).triage.rule_for(recommended) == recommended
+    own = _parse({"triage": {"source": "config", "slice_threshold": 0.6}}).triage
+    assert own.rule_for(recommended) == TriageRule(slice_threshold=0.6)
+    assert "from the [triage] keys" in own.describe(recommended)
+    # Keys that would be ignored are refused, not silently dropped.
+    message = _config_error({"triage": {"slice_threshold": 0.6}})
+    assert 'triage.source is "checkpoint", which would ignore them: set source = "config"' in message
+    assert "triage.source must be one of checkpoint, config" in _config_error({"triage": {"source": "both"}})
 
 
 def test_duplicate_destination_names() -> None:

@@ -50,7 +50,7 @@ def test_a_webhook_that_fails_gets_the_message_once_it_is_back_even_across_a_res
     port = free_port()
     # Every slice above a threshold of 0: the study is flagged, whatever the random model says.
     config = node_config(tmp_path, port=port, checkpoint=checkpoint, stable_seconds=1,
-                         notify=[(receiver.url, "positive")], overrides={"triage": {"slice_threshold": 0.0}})
+                         notify=[(receiver.url, "positive")], overrides={"triage": {"source": "config", "slice_threshold": 0.0}})
     node = NodeProcess(tmp_path, config, port).start()
     study_uid = load_labels(positive_study)["study_instance_uid"]
 
