@@ -249,6 +249,54 @@ def _evaluate_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from training.calibrate import calibrate
+    from training.report import format_interval
+
+    point = calibrate(args.checkpoint, args.data, args.out, target=args.target_sensitivity,
+                      positive_fraction=args.positive_fraction, min_positive_slices=args.min_positive_slices,
+                      device=args.device, batch_size=args.batch_size, backend=args.backend,
+                      resamples=args.resamples)
+    rule = point.rule
+    print(f"operating point for study sensitivity ≥ {point.target_sensitivity:g}, measured on {point.data}:")
+    print(f"  rule: positive when at least max({rule.min_positive_slices}, ceil({rule.positive_fraction:g} × "
+          f"slices)) slices have P(ICH) > {rule.slice_threshold:.4f}")
+    for name in ("sensitivity", "specificity"):
+        wilson, boot = getattr(point, name), getattr(point, f"{name}_bootstrap")
+        print(f"  {name}: {format_interval(wilson.as_dict())} Wilson; {format_interval(boot.as_dict())} "
+              f"{boot.method}")
+    print(f"  threshold chosen again on each resample: {format_interval(point.threshold_bootstrap.as_dict())}")
+    print(f"  {point.studies} studies: {point.positives} with ICH, {point.negatives} without")
+    for warning in point.warnings:
+        print(f"warning: {warning}")
+    print(f"written to {args.out}: the same weights, recommending this rule (use it with [triage] source = "
+          "\"checkpoint\")")
+    return 0
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="labelled studies not used for training: a prepare-rsna folder (its validation "
+                             "split), `ichnode synth` studies, or a CQ500 folder")
+    parser.add_argument("--out", type=Path, required=True, help="the calibrated checkpoint to write")
+    parser.add_argument("--target-sensitivity", type=_probability, default=0.95)
+    parser.add_argument("--positive-fraction", type=_probability, default=0.0,
+                        help="the rule's fraction of slices (default 0: a threshold on the study score)")
+    parser.add_argument("--min-positive-slices", type=_positive_int, default=1)
+    parser.add_argument("--device", type=_device, default=Device("auto"), help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--backend", type=Backend, default=Backend.AUTO, choices=list(Backend))
+    parser.add_argument("--resamples", type=_positive_int, default=2000, help="bootstrap resamples")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -300,6 +348,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
     "prepare-rsna": ("split and cache an RSNA-layout (or synthetic) data set for training",
                      _add_prepare_arguments, _prepare),
     "train": ("train a model and write a checkpoint", _add_train_arguments, _train),
+    "calibrate": ("choose a checkpoint's operating point for a target study sensitivity and write it into "
+                  "a new checkpoint", _add_calibrate_arguments, _calibrate),
     "evaluate": ("evaluate a checkpoint (slice and patient level, with 95 percent intervals)",
                  _add_evaluate_arguments, _evaluate),
 }

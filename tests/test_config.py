@@ -140,7 +140,7 @@ def test_integer_accepted_for_float_setting() -> None:
         ({"node": {"ae_title": "A" * 17}}, "node.ae_title"),
         ({"node": {"ae_title": "   "}}, "node.ae_title"),
         ({"node": {"allowed_calling_aets": ["OK", "B" * 17]}}, "node.allowed_calling_aets[1]"),
-        ({"triage": {"positive_fraction": 0}}, "triage.positive_fraction"),
+        ({"triage": {"positive_fraction": -0.5}}, "triage.positive_fraction"),
         ({"triage": {"positive_fraction": 1.5}}, "triage.positive_fraction"),
         ({"triage": {"slice_threshold": 1.0}}, "triage.slice_threshold"),
         ({"triage": {"min_positive_slices": 0}}, "triage.min_positive_slices"),

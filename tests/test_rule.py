@@ -116,7 +116,7 @@ def test_a_higher_threshold_or_minimum_makes_the_study_negative() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"positive_fraction": 0.0}, r"positive_fraction must be in \(0, 1\], got 0"),
+        ({"positive_fraction": -0.1}, r"positive_fraction must be in \[0, 1\], got -0.1"),
         ({"slice_threshold": 1.2}, r"slice_threshold must be in \[0, 1\), got 1.2"),
         ({"min_positive_slices": 0}, r"min_positive_slices must be ≥ 1, got 0"),
     ],

@@ -20,7 +20,7 @@ from training.model.layers import GradcamLayer
 from training.model.rule import TriageRule, key_slice_indices
 from training.report import plot_pr, plot_roc, write_report
 
-__all__ = ["EvaluationResult", "evaluate"]
+__all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "predict_slices", "evaluate"]
 
 SYNTHETIC_NOTE = "numbers on synthetic phantoms say nothing about clinical performance"
 
@@ -34,7 +34,7 @@ class EvaluationResult:
     localisation_metrics: dict | None
 
 
-def _predict_all(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice], *,
+def predict_slices(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice], *,
                  progress: bool) -> dict[str, float]:
     """P(ICH) for each distinct slice, loading the next batch while the model runs."""
     unique = list({s.image_id: s for s in slices}.values())
@@ -153,7 +153,7 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device
         rule, rule_source = predictor.config.triage, f"the rule recommended by the checkpoint {checkpoint}"
     eval_set = load_eval_set(Path(data), predictor.config.preprocess)
     wanted = eval_set.slice_level + [s for study in eval_set.studies for s in study.slices]
-    probabilities = _predict_all(predictor, eval_set, wanted, progress=progress)
+    probabilities = predict_slices(predictor, eval_set, wanted, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     curves: dict[str, Path] = {}
     slice_metrics = _slice_table(eval_set, probabilities, out, resamples, curves)

@@ -365,8 +365,8 @@ def patient_level_metrics(
     resamples: int = 2000,
     seed: int = 0,
 ) -> dict:
-    """The paper's Table 2 with intervals: `rule` with each of `fractions` (keys
-    f"{100 × fraction:g}%" such as "2.5%"), and the ROC-AUC of the rule's two study
+    """The paper's Table 2 with intervals: `rule` with each of `fractions` and with its own
+    fraction (keys f"{100 × fraction:g}%" such as "2.5%"), and the ROC-AUC of the rule's two study
     scores (the maximum slice probability and the top-k mean). JSON-ready; areas are None
     with one class only."""
     labels = _as_labels(study_labels)
@@ -374,7 +374,7 @@ def patient_level_metrics(
     if len(labels) != len(studies):
         raise ValueError(f"{len(labels)} study labels but {len(studies)} studies")
     rules = {}
-    for fraction in fractions:
+    for fraction in sorted(set(fractions) | {rule.positive_fraction}):  # the rule's own fraction too
         variant = dataclasses.replace(rule, positive_fraction=fraction)
         predicted = np.array([variant.apply(study).positive for study in studies])
         rules[f"{fraction * 100:g}%"] = ConfusionMatrix.from_predictions(labels, predicted).as_dict()

@@ -62,8 +62,8 @@ class TriageRule:
     def __post_init__(self) -> None:
         if not 0.0 <= self.slice_threshold < 1.0:
             raise ValueError(f"slice_threshold must be in [0, 1), got {self.slice_threshold}")
-        if not 0.0 < self.positive_fraction <= 1.0:
-            raise ValueError(f"positive_fraction must be in (0, 1], got {self.positive_fraction}")
+        if not 0.0 <= self.positive_fraction <= 1.0:  # 0: min_positive_slices alone decides
+            raise ValueError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
         if self.min_positive_slices < 1:
             raise ValueError(f"min_positive_slices must be ≥ 1, got {self.min_positive_slices}")
 
