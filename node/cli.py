@@ -250,13 +250,26 @@ def _evaluate_history(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from training.calibrate import calibrate
+    from training.calibrate import calibrate, write_calibrated
     from training.report import format_interval
 
-    point = calibrate(args.checkpoint, args.data, args.out, target=args.target_sensitivity,
-                      positive_fraction=args.positive_fraction, min_positive_slices=args.min_positive_slices,
-                      device=args.device, batch_size=args.batch_size, backend=args.backend,
-                      resamples=args.resamples)
+    rule_family = dict(target=args.target_sensitivity, positive_fraction=args.positive_fraction,
+                       min_positive_slices=args.min_positive_slices, resamples=args.resamples)
+    if args.history:
+        from node.validation import site_operating_point
+
+        if args.labels is None or args.data is not None:
+            raise ConfigError("ichnode calibrate --history takes --labels CSV (and --config), not --data")
+        joined, point = site_operating_point(load_config(args.config).log.path, args.labels, args.checkpoint,
+                                             **rule_family)
+        print(f"{len(joined.matched)} of the site's analyses by this checkpoint matched a label "
+              f"({len(joined.unlabelled)} without a label, {len(joined.not_analysed)} labels without one)")
+        write_calibrated(args.checkpoint, args.out, point)
+    elif args.data is None:
+        raise ConfigError("ichnode calibrate needs --data (or --history and --labels: the site's own analyses)")
+    else:
+        point = calibrate(args.checkpoint, args.data, args.out, device=args.device, batch_size=args.batch_size,
+                          backend=args.backend, **rule_family)
     rule = point.rule
     print(f"operating point for study sensitivity ≥ {point.target_sensitivity:g}, measured on {point.data}:")
     print(f"  rule: positive when at least max({rule.min_positive_slices}, ceil({rule.positive_fraction:g} × "
@@ -283,9 +296,15 @@ def _probability(text: str) -> float:
 
 def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", type=Path, required=True,
+    parser.add_argument("--data", type=Path, default=None,
                         help="labelled studies not used for training: a prepare-rsna folder (its validation "
                              "split), `ichnode synth` studies, or a CQ500 folder")
+    parser.add_argument("--history", action="store_true",
+                        help="calibrate on the site's own analyses by this checkpoint (the triage log named "
+                             "by --config) against --labels, instead of --data")
+    parser.add_argument("--labels", type=Path, default=None, metavar="CSV",
+                        help="with --history: the site's reference labels (docs/validation.md)")
+    _add_config_argument(parser)
     parser.add_argument("--out", type=Path, required=True, help="the calibrated checkpoint to write")
     parser.add_argument("--target-sensitivity", type=_probability, default=0.95)
     parser.add_argument("--positive-fraction", type=_probability, default=0.0,

@@ -19,11 +19,13 @@ import numpy as np
 
 from node.errors import DataError
 from node.triagelog import LogReader
+from training.calibrate import OperatingPoint, operating_point
 from training.metrics import ConfusionMatrix, patient_level_metrics
+from training.model.checkpoint import checkpoint_digest
 from training.model.rule import TriageRule
 from training.report import write_report
 
-__all__ = ["ReferenceLabels", "Matched", "SiteJoin", "join_history", "site_evaluation"]
+__all__ = ["ReferenceLabels", "Matched", "SiteJoin", "join_history", "site_evaluation", "site_operating_point"]
 
 _YES = {"yes", "y", "true", "1", "positive", "ich"}
 _NO = {"no", "n", "false", "0", "negative", "none"}
@@ -92,10 +94,11 @@ class SiteJoin:
     without_probabilities: int  # analyses logged before slice probabilities were recorded
 
 
-def join_history(events: list[dict], labels: ReferenceLabels) -> SiteJoin:
+def join_history(events: list[dict], labels: ReferenceLabels, *, model_sha256: str | None = None) -> SiteJoin:
     """The latest analysis of each study joined with its label, by UID first, else by
-    accession number."""
-    latest = {e.get("study_instance_uid", ""): e for e in events if e.get("event") == "analysed"}
+    accession number; with `model_sha256`, only analyses made by that checkpoint file."""
+    latest = {e.get("study_instance_uid", ""): e for e in events if e.get("event") == "analysed"
+              and (model_sha256 is None or e.get("model_sha256") == model_sha256)}
     matched, unlabelled, used, without = [], [], set(), 0
     for uid, event in latest.items():
         accession = str(event.get("accession_number") or "")
@@ -148,3 +151,25 @@ def site_evaluation(log_path: Path, labels_path: Path, out: Path, *, resamples: 
     paths = write_report(out, slice_metrics=None, patient_metrics=metrics, data_description=data,
                          model_description="the node's recorded analyses (the model and rule in force at the time)")
     return joined, paths
+
+
+def site_operating_point(log_path: Path, labels_path: Path, checkpoint: Path, *, target: float,
+                         positive_fraction: float, min_positive_slices: int,
+                         resamples: int) -> tuple[SiteJoin, OperatingPoint]:
+    """The operating point chosen on the site's own analyses by `checkpoint` (the same file,
+    by SHA-256) and its reference labels."""
+    joined = join_history(LogReader(log_path).read(), ReferenceLabels.read(labels_path),
+                          model_sha256=checkpoint_digest(checkpoint))
+    if not joined.matched:
+        raise DataError(f"no analysis in {log_path} made by {checkpoint} (the same file) matches a label in "
+                        f"{labels_path}")
+    data = (f"this site's studies as the node analysed them with {checkpoint.name} ({log_path.name}), against "
+            f"the reference labels in {labels_path.name}")
+    try:
+        point = operating_point(np.array([m.label for m in joined.matched]),
+                                [np.array(m.probabilities) for m in joined.matched], target=target, data=data,
+                                positive_fraction=positive_fraction, min_positive_slices=min_positive_slices,
+                                resamples=resamples)
+    except ValueError as exc:
+        raise DataError(f"cannot calibrate on the site's history: {exc}") from exc
+    return joined, point

@@ -46,6 +46,7 @@ from storage.state import (
 )
 from storage.store import InstanceStore
 from training.inference.predictor import Predictor
+from training.model.checkpoint import checkpoint_digest
 from training.model.series import SliceHeader, read_header
 
 __all__ = ["NO_CHECKPOINT", "Worker", "worker_id", "analysis_settings", "recover_results"]
@@ -137,6 +138,9 @@ class Worker:
         self.owner = owner or worker_id()
         self.recorded = recorded  # called once an outcome is recorded: deliveries and notifications may start
         self.liveness = Liveness()  # beaten each time round the loop, for /readyz
+        # Which checkpoint file made each analysis: `ichnode calibrate --history` joins on it.
+        checkpoint = config.model.checkpoint
+        self.model_sha256 = checkpoint_digest(checkpoint) if predictor is not None and checkpoint else None
 
     def run_once(self) -> bool:
         """Process at most one study; True when one was claimed."""
@@ -239,8 +243,9 @@ class Worker:
 
     def _finish(self, study: ClaimedStudy, result: AnalysisResult, folder: Path) -> None:
         verdict = result.verdict
-        fields = _analysed_fields(result, self.predictor) | {"rule_source": str(self.config.triage.source),
-                                                             "delivery_mode": str(self.config.delivery.mode)}
+        fields = _analysed_fields(result, self.predictor) | {
+            "model_sha256": self.model_sha256, "rule_source": str(self.config.triage.source),
+            "delivery_mode": str(self.config.delivery.mode)}
         with self.database.write() as session:
             recorded = finish_study(
                 session, study.id, self.owner, verdict=verdict.label, study_score=verdict.study_score,

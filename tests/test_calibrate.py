@@ -28,18 +28,22 @@ def test_the_threshold_keeps_the_target_share_of_bleeding_studies() -> None:
     negative_scores = [0.05, 0.1, 0.2, 0.3, 0.45]
     labels = np.array([1] * 20 + [0] * 5)
     studies = _studies(positive_scores + negative_scores)
-    # 0.95 of 20 is 19 studies: everything down to the second lowest (0.525) stays positive,
-    # and the threshold sits halfway to the next study down (0.500).
+    # 0.95 of 20 is 19 studies: anything below 0.525 keeps them. Every threshold from the
+    # highest normal study (0.45) up is as specific, so it sits halfway from there to the
+    # lowest bleeding study (0.5) and keeps all 20.
     point = operating_point(labels, studies, target=0.95, data="constructed", resamples=200)
-    assert point.rule.slice_threshold == pytest.approx(0.5125)
+    assert point.rule.slice_threshold == pytest.approx(0.475)
     assert (point.rule.positive_fraction, point.rule.min_positive_slices) == (0.0, 1)
-    assert (point.sensitivity.estimate, point.specificity.estimate) == (0.95, 1.0)
-    assert point.sensitivity == wilson_interval(19, 20) and point.specificity == wilson_interval(5, 5)
-    assert point.sensitivity_bootstrap.low < 0.95 <= point.sensitivity_bootstrap.high
-    assert point.threshold_bootstrap.low <= 0.5125 <= point.threshold_bootstrap.high
+    assert (point.sensitivity.estimate, point.specificity.estimate) == (1.0, 1.0)
+    assert point.sensitivity == wilson_interval(20, 20) and point.specificity == wilson_interval(5, 5)
+    assert point.threshold_bootstrap.low <= 0.475 <= point.threshold_bootstrap.high
     assert point.warnings and "20 studies with ICH and 5 without" in point.warnings[0]
-    # Every bleeding study kept: the threshold falls below the lowest, halfway to the highest normal one.
-    assert choose_threshold(labels, np.array(positive_scores + negative_scores), 1.0) == pytest.approx(0.475)
+    # A normal study at 0.51 among the bleeding ones: 0.95 can still be had without calling it
+    # positive, by letting the lowest bleeding study (0.5) go.
+    statistics = np.array(positive_scores + negative_scores + [0.51])
+    with_normal = np.append(labels, 0)
+    assert choose_threshold(with_normal, statistics, 0.95) == pytest.approx(0.5175)  # halfway 0.51 → 0.525
+    assert choose_threshold(with_normal, statistics, 1.0) == pytest.approx(0.475)  # all 20: 0.51 called too
 
 
 def test_a_normal_study_inside_the_bleeding_ones_costs_specificity_not_sensitivity() -> None:

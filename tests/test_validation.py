@@ -17,7 +17,7 @@ from storage.db import Database, Delivery, Notification
 from tests.conftest import load_labels
 from tests.peers import NodeProcess, Orthanc, WebhookReceiver, free_port, node_config, storescu, wait_for
 from training.model.architectures import create_model
-from training.model.checkpoint import default_model_config, save_checkpoint
+from training.model.checkpoint import checkpoint_digest, default_model_config, load_checkpoint, save_checkpoint
 
 
 def _labels(tmp_path: Path, text: str) -> Path:
@@ -90,6 +90,8 @@ def test_a_silent_trial_sends_nothing_and_its_history_is_scored(tmp_path: Path, 
     try:
         # Everything was recorded, nothing was queued: the outcome and its queue rows are one transaction.
         assert {e["delivery_mode"] for e in analysed} == {"silent"}
+        assert {e["rule_source"] for e in analysed} == {"checkpoint"}  # where the rule in force came from
+        assert "triage rule in force: slice P(ICH) > 0.8" in node.output()
         assert all(len(e["slice_probabilities"]) == e["total_slices"] for e in analysed)
         with Database(f"sqlite:///{tmp_path / 'node.db'}").read() as session:
             assert session.query(Delivery).count() == 0 and session.query(Notification).count() == 0
@@ -111,3 +113,15 @@ def test_a_silent_trial_sends_nothing_and_its_history_is_scored(tmp_path: Path, 
     assert "| as the node said |" in done.stdout and "Table 2" in done.stdout
     report = (tmp_path / "site" / "metrics.json").read_text()
     assert '"by_study_instance_uid": 1' in report and '"by_accession_number": 1' in report
+
+    # The same trial chooses an operating point for this checkpoint (the analyses name its SHA-256).
+    assert {e["model_sha256"] for e in analysed} == {checkpoint_digest(checkpoint)}
+    calibrated = tmp_path / "calibrated.pt"
+    done = subprocess.run([sys.executable, "-m", "node.cli", "calibrate", "--history", "--labels", str(labels),
+                           "--config", str(node.config_path), "--checkpoint", str(checkpoint), "--out",
+                           str(calibrated), "--target-sensitivity", "1", "--resamples", "50"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 of the site's analyses by this checkpoint matched a label" in done.stdout
+    point = load_checkpoint(calibrated)[1].provenance.metrics["operating_point"]
+    assert point["studies"] == 2 and "this site's studies" in point["measured_on"]

@@ -9,13 +9,14 @@ The family kept is the paper's own: a study is positive when at least
 max(min_positive_slices, ceil(positive_fraction × N)) slices have P(ICH) > t. For a fixed
 fraction and minimum, each study then has one statistic (the k-th highest slice
 probability, k being the slices the rule requires) and the rule is a threshold on it, so
-sensitivity falls and specificity rises monotonically with t and the choice is exact: the
-highest t that still calls the target share of bleeding studies positive. The default is
+sensitivity falls and specificity rises monotonically with t and the choice is exact:
+specificity is best at the highest t that still calls the target share of bleeding
+studies positive, and stays the same down to the highest normal study below it, so t is
+put halfway between that normal study and the lowest bleeding study above it, which
+keeps every bleeding study the best specificity allows. The default is
 positive_fraction 0 with one slice — a threshold on the study score (the highest slice
 P(ICH)) — because it has one parameter to fit on a validation set of modest size and it
-does not penalise small bleeds that show on few slices. Within the gap below the last
-bleeding study kept, t is put halfway to the next study down, the largest margin the data
-allow.
+does not penalise small bleeds that show on few slices.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from training.metrics import Interval, bootstrap_interval, wilson_interval
 from training.model.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
 from training.model.rule import TriageRule, required_positive_slices
 
-__all__ = ["SMALL_CLASS", "OperatingPoint", "study_statistics", "choose_threshold", "operating_point", "calibrate"]
+__all__ = ["SMALL_CLASS", "OperatingPoint", "study_statistics", "choose_threshold", "operating_point", "calibrate",
+           "write_calibrated"]
 
 # Fewer studies than this in either class leave the intervals too wide to decide on.
 SMALL_CLASS = 50
@@ -86,9 +88,12 @@ def study_statistics(per_study: list[np.ndarray], positive_fraction: float, min_
 
 
 def choose_threshold(labels: np.ndarray, statistics: np.ndarray, target: float) -> float:
-    """The highest slice threshold calling at least `target` of the positive studies
-    positive (positive when statistic > threshold), halfway down the gap to the next study."""
+    """The slice threshold (positive when statistic > threshold) that calls at least
+    `target` of the bleeding studies positive with the best specificity, and, among the
+    thresholds as specific, the one with the widest margin: halfway between the highest
+    normal study it lets pass and the lowest bleeding study above that."""
     labels = np.asarray(labels, dtype=bool)
+    statistics = np.asarray(statistics, dtype=np.float64)
     positives = np.sort(statistics[labels])[::-1]
     if positives.size == 0:
         raise ValueError("calibration needs at least one study with ICH")
@@ -96,8 +101,12 @@ def choose_threshold(labels: np.ndarray, statistics: np.ndarray, target: float) 
     kept = positives[needed - 1]  # the lowest statistic that must stay above the threshold
     if not kept > 0:
         raise ValueError(f"the target sensitivity {target} needs a study whose slices all have P(ICH) 0")
-    below = statistics[statistics < kept]
-    threshold = (kept + below.max()) / 2 if below.size else kept / 2
+    # Any threshold from the highest normal study below `kept` up to `kept` is as specific;
+    # the lower it is, the more bleeding studies it keeps.
+    normal_below = statistics[~labels & (statistics < kept)]
+    floor = normal_below.max() if normal_below.size else 0.0
+    lowest_above = positives[positives > floor].min()
+    threshold = (floor + lowest_above) / 2
     return float(min(max(threshold, 0.0), np.nextafter(1.0, 0.0)))
 
 
@@ -146,14 +155,14 @@ def calibrate(checkpoint: Path, data: Path, out: Path, *, target: float = 0.95, 
     """Predict every study of `data`, choose the operating point, and write a new checkpoint
     `out` whose recommended rule it is; its provenance records the data, the target and
     what the rule did there."""
-    if Path(out).resolve() == Path(checkpoint).resolve():
-        raise DataError(f"calibrate writes a new checkpoint: --out must differ from {checkpoint}")
+    _check_new(checkpoint, out)  # before minutes of inference, not after
     predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend)
     eval_set = load_eval_set(Path(data), predictor.config.preprocess)
     studies = [s for s in eval_set.studies if s.slices]
     if not studies:
         raise DataError(f"{data} holds no labelled studies to calibrate on")
-    probabilities = predict_slices(predictor, eval_set, [x for s in studies for x in s.slices], progress=progress)
+    probabilities = predict_slices(predictor, eval_set, [x for s in studies for x in s.slices], progress=progress,
+                                   desc="calibrate")
     per_study = [np.array([probabilities[x.image_id] for x in s.slices]) for s in studies]
     description = eval_set.description + (f" ({SYNTHETIC_NOTE})" if eval_set.synthetic else "")
     try:
@@ -162,9 +171,21 @@ def calibrate(checkpoint: Path, data: Path, out: Path, *, target: float = 0.95, 
                                 resamples=resamples)
     except ValueError as exc:
         raise DataError(f"cannot calibrate on {data}: {exc}") from exc
+    write_calibrated(checkpoint, out, point)
+    return point
+
+
+def write_calibrated(checkpoint: Path, out: Path, point: OperatingPoint) -> None:
+    """A new checkpoint: the same weights (stored as they were), recommending `point`'s
+    rule, with the operating point in its provenance."""
+    _check_new(checkpoint, out)
     model, config = load_checkpoint(checkpoint)
     half = any(t.dtype.is_floating_point and t.dtype.itemsize == 2 for t in read_state_dict(checkpoint).values())
     provenance = dataclasses.replace(config.provenance,
                                      metrics={**config.provenance.metrics, "operating_point": point.as_dict()})
     save_checkpoint(out, model, dataclasses.replace(config, triage=point.rule, provenance=provenance), half=half)
-    return point
+
+
+def _check_new(checkpoint: Path, out: Path) -> None:
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise DataError(f"calibrate writes a new checkpoint: --out must differ from {checkpoint}")

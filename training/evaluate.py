@@ -35,12 +35,12 @@ class EvaluationResult:
 
 
 def predict_slices(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice], *,
-                 progress: bool) -> dict[str, float]:
+                   progress: bool, desc: str = "evaluate") -> dict[str, float]:
     """P(ICH) for each distinct slice, loading the next batch while the model runs."""
     unique = list({s.image_id: s for s in slices}.values())
     batch = predictor.batch_size
     probabilities: dict[str, float] = {}
-    bar = tqdm(total=len(unique), desc="evaluate", unit="slice", disable=not progress)
+    bar = tqdm(total=len(unique), desc=desc, unit="slice", disable=not progress)
 
     def load(start: int) -> np.ndarray:
         return np.stack([eval_set.load(s, predictor) for s in unique[start:start + batch]])

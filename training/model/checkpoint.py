@@ -9,6 +9,7 @@ says so in its provenance, and everything built from it carries that warning.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_state_dict",
+    "checkpoint_digest",
     "initial_model",
 ]
 
@@ -139,6 +141,16 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, *, 
     }
     atomic_write(path, lambda handle: torch.save(payload, handle))
     return path
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """SHA-256 of the checkpoint file: which weights and rule an analysis used, for joining
+    a node's history with the checkpoint it is calibrated into."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_payload(path: Path) -> Any:
