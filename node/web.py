@@ -43,6 +43,7 @@ from node.dashboard import Dashboard, QueueFilter, VerdictFilter, as_json
 from node.errors import ConfigError, IchNodeError
 from node.health import Readiness
 from node.metrics import registry
+from training.report import format_interval
 
 __all__ = ["create_app", "WebServer"]
 
@@ -136,6 +137,7 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["when"] = lambda value: value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
     templates.env.filters["score"] = lambda value: "-" if value is None else f"{value:.3f}"
+    templates.env.filters["interval"] = format_interval
     metrics = registry(dashboard)
 
     def page(request: Request, name: str, refresh: bool = True, status_code: int = 200, **context) -> Response:

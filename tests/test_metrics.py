@@ -350,7 +350,9 @@ def test_patient_level_metrics_options_and_errors() -> None:
     studies = [np.array([0.95, 0.9, 0.1, 0.1]), np.array([0.95, 0.1, 0.1, 0.1])]
     metrics = patient_level_metrics(np.array([1, 0]), studies, rule=TriageRule(min_positive_slices=2),
                                     fractions=(0.5,), resamples=20)
-    assert list(metrics["rules"]) == ["5%", "50%"]  # the rule's own fraction is always a row
+    # The rule's own fraction is always a row, and the paper's rule sits beside another rule.
+    assert list(metrics["rules"]) == ["5%", "50%", "the paper's rule (P > 0.8 on ≥ 5 %)"]
+    assert metrics["rules"]["the paper's rule (P > 0.8 on ≥ 5 %)"]["tp"] == 1
     assert metrics["rules"]["50%"]["tp"] == 1 and metrics["rules"]["50%"]["tn"] == 1
     assert patient_level_metrics(np.array([1, 1]), studies, rule=PAPER_RULE, resamples=20)["study_score_roc_auc"] is None
     with pytest.raises(ValueError, match="3 study labels but 2 studies"):

@@ -107,6 +107,9 @@ def choose_threshold(labels: np.ndarray, statistics: np.ndarray, target: float) 
     floor = normal_below.max() if normal_below.size else 0.0
     lowest_above = positives[positives > floor].min()
     threshold = (floor + lowest_above) / 2
+    readable = round(threshold, 4)  # as config files and reports show it, when that stays inside the gap
+    if floor < readable < lowest_above or (floor == readable == 0.0 < lowest_above and not normal_below.size):
+        threshold = readable
     return float(min(max(threshold, 0.0), np.nextafter(1.0, 0.0)))
 
 

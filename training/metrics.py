@@ -18,6 +18,7 @@ from scipy import stats
 from training.model.rule import TriageRule
 
 __all__ = [
+    "PAPER_RULE_ROW",
     "ConfusionMatrix",
     "Interval",
     "average_precision",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 Statistic = Callable[[np.ndarray, np.ndarray], float]
+PAPER_RULE_ROW = "the paper's rule (P > 0.8 on ≥ 5 %)"
 
 
 @dataclass(frozen=True)
@@ -378,6 +380,9 @@ def patient_level_metrics(
         variant = dataclasses.replace(rule, positive_fraction=fraction)
         predicted = np.array([variant.apply(study).positive for study in studies])
         rules[f"{fraction * 100:g}%"] = ConfusionMatrix.from_predictions(labels, predicted).as_dict()
+    if rule != TriageRule():  # a calibrated or configured rule: the paper's beside it, for comparison
+        predicted = np.array([TriageRule().apply(study).positive for study in studies])
+        rules[PAPER_RULE_ROW] = ConfusionMatrix.from_predictions(labels, predicted).as_dict()
     verdicts = [rule.apply(study) for study in studies]
     maximum = np.array([v.study_score for v in verdicts])
     top_mean = np.array([v.top_k_score for v in verdicts])

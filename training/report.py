@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from training.metrics import (
+    PAPER_RULE_ROW,
     average_precision,
     precision_recall_curve,
     roc_auc,
@@ -87,9 +88,10 @@ def _patient_section(metrics: dict, data: str) -> list[str]:
         f"### Table 2a. Patient classification by the n % rule — measured on: {data}", "",
         (f"{metrics['n']} studies: {metrics['positives']} with ICH, {metrics['negatives']} without. "
          "A study is called positive when at least n % of its slices, and at least "
-         f"{metrics['min_positive_slices']}, have P(ICH) > {metrics['slice_threshold']} "
+         f"{metrics['min_positive_slices']}, have P(ICH) > {metrics['slice_threshold']:g} "
          f"(slice threshold and minimum: {metrics.get('rule_source') or 'as given'})."), "",
-        *_rate_table({name.replace("%", " %"): cells for name, cells in metrics["rules"].items()}, "rule"), "",
+        *_rate_table({(name if name == PAPER_RULE_ROW else name.replace("%", " %")): cells
+                      for name, cells in metrics["rules"].items()}, "rule"), "",
         f"### Table 2b. Study-score ROC-AUC — measured on: {data}", "",
         "| study score | ROC-AUC (95 % interval) |", "|---|---|",
         *(f"| {name} | {format_interval(entry)} |" for name, entry in scores.items()), "",
@@ -101,7 +103,7 @@ def _localisation_section(metrics: dict, data: str) -> list[str]:
     return [
         f"## Grad-CAM localisation — measured on: {data}", "",
         (f"Key slices are the {metrics['key_slices_per_study']} most suspicious slices of a study, as the node "
-         f"shows them. Of the true-positive key slices (bleeding, P(ICH) > {metrics['slice_threshold']}) of "
+         f"shows them. Of the true-positive key slices (bleeding, P(ICH) > {metrics['slice_threshold']:g}) of "
          f"{metrics['positive_studies']} studies with ICH, this share has its Grad-CAM peak (at "
          f"`{metrics['gradcam_layer']}`) inside the bleed "
          f"mask dilated by half a Grad-CAM cell ({metrics['margin_pixels']:g} of the {metrics['input_size']} "
