@@ -84,6 +84,7 @@ class Matched:
     probabilities: tuple[float, ...]
     rule: TriageRule
     joined_by: str  # "study_instance_uid" or "accession_number"
+    time: str  # of the analysis, ISO 8601 UTC as the log writes it
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def join_history(events: list[dict], labels: ReferenceLabels, *, model_sha256: s
         rule = TriageRule(float(event.get("slice_threshold", 0.8)), float(event.get("positive_fraction", 0.05)),
                           int(event.get("min_positive_slices", 1)))
         matched.append(Matched(uid, accession, label, bool(event.get("positive")),
-                               tuple(float(p) for p in probabilities), rule, joined_by))
+                               tuple(float(p) for p in probabilities), rule, joined_by, str(event.get("time", ""))))
     matched_uids = {m.study_instance_uid for m in matched}
     matched_accessions = {m.accession_number for m in matched}
     not_analysed = [u for u in labels.by_uid if ("uid", u) not in used and u not in matched_uids]
@@ -134,7 +135,7 @@ def site_evaluation(log_path: Path, labels_path: Path, out: Path, *, resamples: 
         raise DataError(f"no analysed study in {log_path} matches a label in {labels_path} "
                         f"({len(joined.unlabelled)} analyses without a label, {len(joined.not_analysed)} labels "
                         "without an analysis): check the identifiers")
-    rule = joined.matched[-1].rule  # the rule in force most recently
+    rule = max(joined.matched, key=lambda m: m.time).rule  # the rule in force most recently
     truth = np.array([m.label for m in joined.matched])
     metrics = patient_level_metrics(truth, [np.array(m.probabilities) for m in joined.matched], rule=rule,
                                     resamples=resamples)

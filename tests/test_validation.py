@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from node.errors import DataError
 from node.triagelog import read_events
-from node.validation import ReferenceLabels, join_history
+from node.validation import ReferenceLabels, join_history, site_evaluation
 from storage.db import Database, Delivery, Notification
 from tests.conftest import load_labels
 from tests.peers import NodeProcess, Orthanc, WebhookReceiver, free_port, node_config, storescu, wait_for
@@ -125,3 +126,17 @@ def test_a_silent_trial_sends_nothing_and_its_history_is_scored(tmp_path: Path, 
     assert "2 of the site's analyses by this checkpoint matched a label" in done.stdout
     point = load_checkpoint(calibrated)[1].provenance.metrics["operating_point"]
     assert point["studies"] == 2 and "this site's studies" in point["measured_on"]
+
+
+def test_the_report_uses_the_rule_in_force_most_recently(tmp_path: Path) -> None:
+    # Study 1.1 is analysed first and again last, after [triage] changed to 0.6.
+    events = [_analysed("1.1", "A1", True, [0.9, 0.1]) | {"time": "2026-11-01T10:00:00.000+00:00"},
+              _analysed("1.2", "A2", False, [0.1, 0.2]) | {"time": "2026-11-02T10:00:00.000+00:00"},
+              _analysed("1.1", "A1", True, [0.9, 0.1]) | {"time": "2026-11-03T10:00:00.000+00:00",
+                                                          "slice_threshold": 0.6}]
+    log = tmp_path / "triage.log"
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    labels = _labels(tmp_path, "study_instance_uid,ich\n1.1,yes\n1.2,no\n")
+    joined, paths = site_evaluation(log, labels, tmp_path / "out", resamples=20)
+    assert len(joined.matched) == 2
+    assert json.loads(paths["metrics"].read_text())["patient_level"]["slice_threshold"] == 0.6
