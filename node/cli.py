@@ -225,6 +225,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_history(args: argparse.Namespace) -> int:
     from node.validation import site_evaluation
+    from training.calibrate import SMALL_CLASS
 
     if args.labels is None:
         raise ConfigError("ichnode evaluate --history needs --labels CSV (study_instance_uid or accession_number, "
@@ -237,10 +238,10 @@ def _evaluate_history(args: argparse.Namespace) -> int:
           f"{len(joined.not_analysed)} labels match no analysis; {joined.without_probabilities} analyses were "
           "logged before slice probabilities were recorded")
     positives = sum(m.label for m in joined.matched)
-    if min(positives, len(joined.matched) - positives) < 50:
+    if min(positives, len(joined.matched) - positives) < SMALL_CLASS:
         print(f"warning: only {positives} studies with ICH and {len(joined.matched) - positives} without were "
-              "matched; with fewer than 50 of either, the sensitivity or specificity interval is too wide to "
-              "decide on (docs/validation.md)")
+              f"matched; with fewer than {SMALL_CLASS} of either, the sensitivity or specificity interval is too "
+              "wide to decide on (docs/validation.md)")
     for uid, accession in joined.unlabelled[:10]:
         print(f"  no label: study {uid} (accession {accession or '-'})")
     for key in joined.not_analysed[:10]:

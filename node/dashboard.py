@@ -25,7 +25,7 @@ from PIL import Image
 
 from node.config import Config
 from node.errors import InvalidInstance
-from node.history import Analysis, Day, HistorySnapshot, TriageHistory
+from node.history import Analysis, Day, TriageHistory
 from node.output import model_warnings
 from node.triagelog import PATIENT_KEYS, LogReader, describe
 from storage.db import Database, Delivery, Notification, Study, StudyState, utcnow
@@ -229,11 +229,8 @@ class Dashboard:
         self.history = history
         self.model_info = model
 
-    def _snapshot(self) -> HistorySnapshot:
-        return self.history.refresh()
-
     def queue(self, chosen: QueueFilter = QueueFilter()) -> QueueView:
-        latest = self._snapshot().latest()
+        latest = self.history.refresh().latest()
         with self.database.read() as session:
             studies, deliveries, notifications = state_counts(session)
             figures = queue_figures(session, utcnow())
@@ -247,7 +244,7 @@ class Dashboard:
         return QueueView(utcnow(), studies, deliveries, notifications, figures, chosen, rows)
 
     def study(self, study_instance_uid: str) -> StudyView | None:
-        latest = self._snapshot().latest()
+        latest = self.history.refresh().latest()
         with self.database.read() as session:
             study = study_by_uid(session, study_instance_uid)
             if study is None:
@@ -318,7 +315,7 @@ class Dashboard:
             return retry_failed(session, utcnow())
 
     def model(self) -> ModelView:
-        snapshot = self._snapshot()
+        snapshot = self.history.refresh()
         days = self.config.web.history_days
         return ModelView(self.model_info, tuple(snapshot.days(utcnow().date(), days)),
                          tuple(a.study_score for a in snapshot.recent), days)
@@ -333,11 +330,7 @@ def redact_url(url: str) -> str:
 def as_json(view: Any) -> Any:
     """A view as JSON-ready data: dataclasses as objects, times as ISO text (UTC, 'Z')."""
     if dataclasses.is_dataclass(view) and not isinstance(view, type):
-        data = {f.name: as_json(getattr(view, f.name)) for f in dataclasses.fields(view)}
-        for name in ("positive_rate",):  # properties the pages and scripts use too
-            if hasattr(view, name):
-                data[name] = getattr(view, name)
-        return data
+        return {f.name: as_json(getattr(view, f.name)) for f in dataclasses.fields(view)}
     if isinstance(view, dt.datetime):
         return view.isoformat(timespec="seconds") + "Z"
     if isinstance(view, dt.date):

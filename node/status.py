@@ -12,17 +12,20 @@ from typing import TextIO
 from node.config import Config
 from node.dashboard import Dashboard, ModelInfo, QueueFilter, QueueView, as_json
 from node.history import TriageHistory
-from storage.db import Database, utcnow
-from storage.state import retry_failed
+from storage.db import Database
 from storage.store import InstanceStore
 
 __all__ = ["queue_view", "print_status", "retry_deliveries"]
 
 
+def _dashboard(config: Config) -> Dashboard:
+    """The node's state read from its database and triage log, without a model loaded."""
+    return Dashboard(config, Database(config.storage.database_url), InstanceStore(config.storage.root),
+                     TriageHistory(config.log.path, days=config.web.history_days), ModelInfo.of(config, None))
+
+
 def queue_view(config: Config, *, limit: int = 10) -> QueueView:
-    dashboard = Dashboard(config, Database(config.storage.database_url), InstanceStore(config.storage.root),
-                          TriageHistory(config.log.path, days=config.web.history_days), ModelInfo.of(config, None))
-    return dashboard.queue(QueueFilter(limit=limit))
+    return _dashboard(config).queue(QueueFilter(limit=limit))
 
 
 def print_status(config: Config, out: TextIO, *, limit: int = 10, as_json_text: bool = False) -> None:
@@ -51,6 +54,6 @@ def print_status(config: Config, out: TextIO, *, limit: int = 10, as_json_text: 
 
 
 def retry_deliveries(config: Config) -> tuple[int, int]:
-    """Failed deliveries and notifications pending again: (deliveries, notifications)."""
-    with Database(config.storage.database_url).write() as session:
-        return retry_failed(session, utcnow())
+    """Failed deliveries and notifications pending again: (deliveries, notifications);
+    the retry button of the web pages does the same."""
+    return _dashboard(config).retry()

@@ -141,8 +141,9 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
     metrics = registry(dashboard)
 
     def page(request: Request, name: str, refresh: bool = True, status_code: int = 200, **context) -> Response:
+        signed_in = access.signed_in(request)
         context |= dict(model=dashboard.model_info, refresh=settings.refresh_seconds if refresh else 0,
-                        signed_in=access.signed_in(request), csrf=access.csrf if access.signed_in(request) else "",
+                        signed_in=signed_in, csrf=access.csrf if signed_in else "",
                         token_set=bool(settings.token), reads_need_token=access.reads_need_token,
                         silent=config.silent)
         return templates.TemplateResponse(request, name, context, status_code=status_code)

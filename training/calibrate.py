@@ -30,7 +30,7 @@ import numpy as np
 
 from training.datasets import load_eval_set
 from training.errors import DataError
-from training.evaluate import SYNTHETIC_NOTE, predict_slices
+from training.evaluate import data_description, predict_slices
 from training.inference.predictor import Predictor
 from training.inference.settings import Backend, Device
 from training.metrics import Interval, bootstrap_interval, wilson_interval
@@ -167,9 +167,9 @@ def calibrate(checkpoint: Path, data: Path, out: Path, *, target: float = 0.95, 
     probabilities = predict_slices(predictor, eval_set, [x for s in studies for x in s.slices], progress=progress,
                                    desc="calibrate")
     per_study = [np.array([probabilities[x.image_id] for x in s.slices]) for s in studies]
-    description = eval_set.description + (f" ({SYNTHETIC_NOTE})" if eval_set.synthetic else "")
     try:
-        point = operating_point(np.array([s.label for s in studies]), per_study, target=target, data=description,
+        point = operating_point(np.array([s.label for s in studies]), per_study, target=target,
+                                data=data_description(eval_set),
                                 positive_fraction=positive_fraction, min_positive_slices=min_positive_slices,
                                 resamples=resamples)
     except ValueError as exc:

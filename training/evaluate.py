@@ -20,7 +20,7 @@ from training.model.layers import GradcamLayer
 from training.model.rule import TriageRule, key_slice_indices
 from training.report import plot_pr, plot_roc, write_report
 
-__all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "predict_slices", "evaluate"]
+__all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "data_description", "predict_slices", "evaluate"]
 
 SYNTHETIC_NOTE = "numbers on synthetic phantoms say nothing about clinical performance"
 
@@ -32,6 +32,11 @@ class EvaluationResult:
     slice_metrics: dict | None
     patient_metrics: dict | None
     localisation_metrics: dict | None
+
+
+def data_description(eval_set: EvalSet) -> str:
+    """What every number measured on `eval_set` must say about its data."""
+    return eval_set.description + (f" ({SYNTHETIC_NOTE})" if eval_set.synthetic else "")
 
 
 def predict_slices(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice], *,
@@ -163,9 +168,8 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device
     model = predictor.config
     model_description = (f"{model.architecture} from {checkpoint} (trained on: {model.provenance.training_data}; "
                          f"{model.provenance.description})")
-    data_description = eval_set.description + (f" ({SYNTHETIC_NOTE})" if eval_set.synthetic else "")
     files = write_report(out, slice_metrics=slice_metrics, patient_metrics=patient_metrics,
-                         localisation_metrics=localisation, data_description=data_description,
+                         localisation_metrics=localisation, data_description=data_description(eval_set),
                          model_description=model_description, curves=curves)
     files["predictions"] = out / "predictions.csv"
     _write_predictions(files["predictions"], wanted, probabilities)
