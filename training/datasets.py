@@ -29,6 +29,7 @@ __all__ = [
     "EvalSet",
     "check_cache_matches",
     "load_eval_set",
+    "load_training_slices",
 ]
 
 
@@ -91,9 +92,10 @@ class EvalSlice:
 @dataclass(frozen=True)
 class EvalStudy:
     study_id: str  # a patient (RSNA, CQ500) or a study (synthetic)
-    label: int
+    label: int | None  # None: unknown (a real scan in the out-of-distribution set)
     slices: list[EvalSlice]  # ordered inferior → superior
     mask_folder: Path | None = None  # synthetic: its mask.npz has one lesion mask per slice, in this order
+    kind: str = ""  # what it is, when a set mixes kinds: a synthetic shift, a real scan (`ichnode ood-set`)
 
 
 @dataclass(frozen=True)
@@ -135,18 +137,31 @@ def _from_prepared(prepared: Path, spec: PreprocessSpec) -> EvalSet:
     return EvalSet(description, summary["layout"] == "synthetic", balanced, studies)
 
 
+def _optional_label(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
 def _from_synthetic(root: Path) -> EvalSet:
-    studies, slices = [], []
+    """`ichnode synth` studies, shifted or not, and the real scans of `ichnode ood-set`
+    (labels.json in the same layout; their ICH labels unknown)."""
+    studies, slices, seeds, kinds = [], [], set(), set()
     for labels_path in sorted(root.glob("study_*/labels.json")):
         labels = json.loads(labels_path.read_text())
         study = labels_path.parent.name
-        items = [EvalSlice(f"{study}_{e['instance_number']:04d}", study, int(e["label"]),
+        items = [EvalSlice(f"{study}_{e['instance_number']:04d}", study, _optional_label(e["label"]),
                            labels_path.parent / e["file"], None) for e in labels["slices"]]
-        studies.append(EvalStudy(study, int(labels["positive"]), items, labels_path.parent))
-        slices.extend(items)
-    seeds = sorted({json.loads(p.read_text())["generator"]["seed"] for p in root.glob("study_*/labels.json")})
-    description = (f"synthetic phantoms (ichnode synth, seed {', '.join(map(str, seeds))}) in {root}: "
-                   f"{len(studies)} studies, {len(slices)} slices - NOT clinical data")
+        kind = labels.get("shift") or labels.get("source", "")
+        masks = labels_path.parent if labels.get("mask_file") else None
+        studies.append(EvalStudy(study, _optional_label(labels["positive"]), items, masks, kind))
+        slices.extend(item for item in items if item.label is not None)
+        seeds.update([labels["generator"]["seed"]] if "generator" in labels else [])
+        kinds.add(kind or "in distribution")
+    real = any(not json.loads(p.read_text()).get("synthetic", True) for p in root.glob("study_*/labels.json"))
+    what = f"synthetic phantoms (ichnode synth, seed {', '.join(map(str, sorted(seeds)))})"
+    if real or kinds != {"in distribution"}:
+        what = f"an out-of-distribution set ({', '.join(sorted(kinds))}) of {what}" + (
+            " and real scans from pydicom's test files" if real else "")
+    description = f"{what} in {root}: {len(studies)} studies, {len(slices)} slices - NOT clinical data"
     return EvalSet(description, True, slices, studies)
 
 
@@ -200,3 +215,21 @@ def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10) -> 
         f"{data} is none of: a folder made by `ichnode prepare-rsna` (prepare.json), synthetic "
         "studies from `ichnode synth` (study_*/labels.json), a CQ500 folder (reads.csv)"
     )
+
+
+def load_training_slices(data: Path, spec: PreprocessSpec) -> EvalSet:
+    """The slices a model was trained on, as `slice_level`: the training list of a prepared
+    folder (its cache, as training read it), or every slice of a folder of synthetic studies."""
+    data = Path(data)
+    if (data / "prepare.json").is_file():
+        check_cache_matches(data, spec)
+        summary = json.loads((data / "prepare.json").read_text())
+        slices = [EvalSlice(r.image_id, r.patient_id, r.label, Path(r.source), data / r.cache)
+                  for r in read_split(data / "splits" / "train.csv")]
+        kind = "synthetic phantoms (ichnode synth)" if summary["layout"] == "synthetic" else "RSNA 2019 ICH"
+        return EvalSet(f"{kind}, training list of {data}: {len(slices)} slices", summary["layout"] == "synthetic",
+                       slices, [])
+    if any(data.glob("study_*/labels.json")):
+        return load_eval_set(data, spec)
+    raise DataError(f"{data} is neither a folder made by `ichnode prepare-rsna` nor a folder of `ichnode synth` "
+                    "studies")

@@ -1,17 +1,28 @@
 """`ichnode evaluate`: the paper's Table 1 (slice level) and Table 2 (patient level), with
-95 % confidence intervals, on held-out data — and every number names that data."""
+95 % confidence intervals, on held-out data — and every number names that data.
+
+Each study also goes through the node's checks (its scope, then its out-of-distribution
+score): the report gives how often the node would not triage, and Table 2 again on the
+studies it would, beside Table 2 on them all.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from tqdm import tqdm
 
 from training.datasets import EvalSet, EvalSlice, EvalStudy, load_eval_set
+from training.errors import NoAnalysableSeries
+from training.model.preprocess import hu_from_dataset
+from training.model.scope import Reason, ReasonCode, Scope, scope_reasons
+from training.model.series import choose_head_series, read_header
 from training.localisation import dilate, mask_to_input, peak_inside
 from training.metrics import patient_level_metrics, slice_level_metrics, wilson_interval
 from training.inference.predictor import Predictor
@@ -20,7 +31,8 @@ from training.model.layers import GradcamLayer
 from training.model.rule import TriageRule, key_slice_indices
 from training.report import plot_pr, plot_roc, write_report
 
-__all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "data_description", "predict_slices", "evaluate"]
+__all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "StudyCheck", "data_description", "infer_slices", "predict_slices",
+           "study_checks", "with_inputs", "abstention_metrics", "evaluate"]
 
 SYNTHETIC_NOTE = "numbers on synthetic phantoms say nothing about clinical performance"
 
@@ -32,6 +44,90 @@ class EvaluationResult:
     slice_metrics: dict | None
     patient_metrics: dict | None
     localisation_metrics: dict | None
+    abstention_metrics: dict | None = None
+
+
+@dataclass(frozen=True)
+class StudyCheck:
+    """What the node's scope and input checks say about one evaluated study."""
+
+    reasons: tuple[Reason, ...]  # empty: triaged
+    ran_model: bool  # False: the study has no CT series the node would analyse
+    scope_checked: bool  # False: its DICOM headers were not readable (a cache without the source files)
+    ood_score: float | None = None
+
+    @property
+    def triaged(self) -> bool:
+        return not self.reasons
+
+
+def _scope_check(study: EvalStudy, scope: Scope, min_slices: int) -> StudyCheck:
+    """The node's checks before the model: a CT series it would analyse, within `scope`."""
+    try:
+        headers = [read_header(s.source) for s in study.slices if s.source is not None]
+    except Exception:  # files gone or unreadable: the study is scored, its scope not checked
+        headers = []
+    if not headers or len(headers) != len(study.slices):
+        return StudyCheck((), True, False)
+    try:
+        choice = choose_head_series(headers, min_slices)
+    except NoAnalysableSeries as problem:
+        return StudyCheck((Reason(ReasonCode.NO_SERIES, str(problem)),), False, True)
+    reasons = scope_reasons(choice.slices, scope, lambda h: hu_from_dataset(pydicom.dcmread(h.path)))
+    return StudyCheck(tuple(reasons), True, True)
+
+
+def study_checks(predictor: Predictor, eval_set: EvalSet, *, min_slices: int = 10) -> dict[str, StudyCheck]:
+    """Each study's scope check, as the node would run it (the out-of-distribution score
+    is added by `with_inputs`, once the model has run)."""
+    return {study.study_id: _scope_check(study, predictor.config.scope, min_slices) for study in eval_set.studies}
+
+
+def with_inputs(checks: dict[str, StudyCheck], predictor: Predictor, eval_set: EvalSet,
+                outputs: SliceOutputs) -> dict[str, StudyCheck]:
+    """The checks with each study's out-of-distribution score, when the checkpoint has a profile."""
+    profile = predictor.config.inputs
+    if profile is None:
+        return checks
+    done = dict(checks)
+    for study in eval_set.studies:
+        check = checks[study.study_id]
+        if not check.ran_model or not study.slices:
+            continue
+        assessment = profile.assess([outputs[s.image_id][1] for s in study.slices])
+        extra = (Reason(ReasonCode.OUT_OF_DISTRIBUTION, assessment.reason()),) if assessment.outside else ()
+        done[study.study_id] = dataclasses.replace(check, reasons=check.reasons + extra, ood_score=assessment.score)
+    return done
+
+
+def abstention_metrics(eval_set: EvalSet, checks: dict[str, StudyCheck], predictor: Predictor) -> dict:
+    """How often the node would not triage, with 95 % intervals: overall, by reason, by
+    kind of study (a shift, a real scan) and among the studies with ICH."""
+    studies = eval_set.studies
+    abstained = [s for s in studies if not checks[s.study_id].triaged]
+    by_reason: dict[str, int] = {}
+    for study in abstained:
+        for code in {str(r.code) for r in checks[study.study_id].reasons}:
+            by_reason[code] = by_reason.get(code, 0) + 1
+    by_kind: dict[str, dict] = {}
+    for kind in sorted({s.kind or "in distribution" for s in studies}):
+        members = [s for s in studies if (s.kind or "in distribution") == kind]
+        count = sum(not checks[s.study_id].triaged for s in members)
+        by_kind[kind] = {"studies": len(members), "not_triaged": count,
+                         "rate": wilson_interval(count, len(members)).as_dict()}
+    with_ich = [s for s in studies if s.label == 1]
+    profile = predictor.config.inputs
+    return {
+        "studies": len(studies), "not_triaged": len(abstained),
+        "rate": wilson_interval(len(abstained), len(studies)).as_dict() if studies else None,
+        "by_reason": dict(sorted(by_reason.items())), "by_kind": by_kind,
+        "with_ich": len(with_ich), "with_ich_not_triaged": sum(not checks[s.study_id].triaged for s in with_ich),
+        "scope_not_checked": sum(not checks[s.study_id].scope_checked for s in studies),
+        "scope": predictor.config.scope.describe(),
+        "input_profile": profile.describe() if profile is not None else None,
+    }
+
+
 
 
 def data_description(eval_set: EvalSet) -> str:
@@ -39,12 +135,16 @@ def data_description(eval_set: EvalSet) -> str:
     return eval_set.description + (f" ({SYNTHETIC_NOTE})" if eval_set.synthetic else "")
 
 
-def predict_slices(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice], *,
-                   progress: bool, desc: str = "evaluate") -> dict[str, float]:
-    """P(ICH) for each distinct slice, loading the next batch while the model runs."""
+SliceOutputs = dict[str, tuple[float, dict[str, np.ndarray]]]  # image_id → (P(ICH), descriptors by layer)
+
+
+def infer_slices(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice], *, progress: bool,
+                 desc: str = "evaluate", layers: tuple[str, ...] | None = None) -> SliceOutputs:
+    """P(ICH) and the descriptors (only `layers`, when given) of each distinct slice,
+    loading the next batch while the model runs."""
     unique = list({s.image_id: s for s in slices}.values())
     batch = predictor.batch_size
-    probabilities: dict[str, float] = {}
+    outputs: SliceOutputs = {}
     bar = tqdm(total=len(unique), desc=desc, unit="slice", disable=not progress)
 
     def load(start: int) -> np.ndarray:
@@ -56,11 +156,21 @@ def predict_slices(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSli
         for i, start in enumerate(starts):
             inputs = pending.result()
             pending = pool.submit(load, starts[i + 1]) if i + 1 < len(starts) else None
-            for item, p in zip(unique[start:start + batch], predictor.predict(inputs)):
-                probabilities[item.image_id] = float(p)
+            inference = predictor.infer(inputs)
+            for item, p, described in zip(unique[start:start + batch], inference.probabilities,
+                                          inference.descriptors):
+                kept = {k: v.astype(np.float32) for k, v in described.items() if layers is None or k in layers}
+                outputs[item.image_id] = (float(p), kept)
             bar.update(len(inputs))
     bar.close()
-    return probabilities
+    return outputs
+
+
+def predict_slices(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice], *,
+                   progress: bool, desc: str = "evaluate") -> dict[str, float]:
+    """P(ICH) for each distinct slice."""
+    outputs = infer_slices(predictor, eval_set, slices, progress=progress, desc=desc, layers=())
+    return {image_id: p for image_id, (p, _) in outputs.items()}
 
 
 def _localised_key_slices(predictor: Predictor, eval_set: EvalSet, study: EvalStudy,
@@ -118,9 +228,13 @@ def _slice_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path, 
 
 
 def _patient_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path, resamples: int,
-                   rule: TriageRule, rule_source: str, curves: dict[str, Path]) -> dict | None:
-    """Table 2 under `rule`, and the study-score ROC plot when both classes are there."""
-    studies = [s for s in eval_set.studies if s.slices]
+                   rule: TriageRule, rule_source: str, curves: dict[str, Path],
+                   checks: dict[str, StudyCheck] | None = None) -> dict | None:
+    """Table 2 under `rule` on the labelled studies the model ran on (with `checks`, only
+    those the node would triage), and the study-score ROC plot when both classes are there."""
+    studies = [s for s in eval_set.studies if s.slices and s.label is not None
+               and all(x.image_id in probabilities for x in s.slices)
+               and (checks is None or checks[s.study_id].triaged)]
     if not studies:
         return None
     labels = np.array([s.label for s in studies])
@@ -128,9 +242,10 @@ def _patient_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path
     metrics = patient_level_metrics(labels, per_study, rule=rule, resamples=resamples)
     metrics["rule_source"] = rule_source
     if len(set(labels.tolist())) == 2:
-        curves["patient_roc"] = out / "patient_roc.png"
-        plot_roc(labels, np.array([p.max() for p in per_study]), curves["patient_roc"],
-                 f"Patient level (max P(ICH)): {eval_set.description}")
+        name = "patient_roc" if checks is None else "patient_roc_triaged"
+        curves[name] = out / f"{name}.png"
+        plot_roc(labels, np.array([p.max() for p in per_study]), curves[name],
+                 f"Patient level (max P(ICH)){'' if checks is None else ', studies triaged'}: {eval_set.description}")
     return metrics
 
 
@@ -157,20 +272,29 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device
     if rule is None:
         rule, rule_source = predictor.config.triage, f"the rule recommended by the checkpoint {checkpoint}"
     eval_set = load_eval_set(Path(data), predictor.config.preprocess)
-    wanted = eval_set.slice_level + [s for study in eval_set.studies for s in study.slices]
-    probabilities = predict_slices(predictor, eval_set, wanted, progress=progress)
+    checks = study_checks(predictor, eval_set)
+    wanted = eval_set.slice_level + [s for study in eval_set.studies if checks[study.study_id].ran_model
+                                     for s in study.slices]
+    profile = predictor.config.inputs
+    outputs = infer_slices(predictor, eval_set, wanted, progress=progress, layers=(profile.layer,) if profile else ())
+    probabilities = {image_id: p for image_id, (p, _) in outputs.items()}
+    checks = with_inputs(checks, predictor, eval_set, outputs)
     out.mkdir(parents=True, exist_ok=True)
     curves: dict[str, Path] = {}
     slice_metrics = _slice_table(eval_set, probabilities, out, resamples, curves)
     patient_metrics = _patient_table(eval_set, probabilities, out, resamples, rule, rule_source, curves)
+    abstention = abstention_metrics(eval_set, checks, predictor)
+    abstention["patient_level_triaged"] = _patient_table(eval_set, probabilities, out, resamples, rule, rule_source,
+                                                         curves, checks)
     localisation = localisation_metrics(predictor, eval_set, probabilities, slice_threshold=rule.slice_threshold,
                                         key_slices=key_slices, progress=progress)
     model = predictor.config
     model_description = (f"{model.architecture} from {checkpoint} (trained on: {model.provenance.training_data}; "
                          f"{model.provenance.description})")
     files = write_report(out, slice_metrics=slice_metrics, patient_metrics=patient_metrics,
-                         localisation_metrics=localisation, data_description=data_description(eval_set),
-                         model_description=model_description, curves=curves)
+                         localisation_metrics=localisation, abstention_metrics=abstention,
+                         data_description=data_description(eval_set), model_description=model_description,
+                         curves=curves)
     files["predictions"] = out / "predictions.csv"
     _write_predictions(files["predictions"], wanted, probabilities)
-    return EvaluationResult(out, files, slice_metrics, patient_metrics, localisation)
+    return EvaluationResult(out, files, slice_metrics, patient_metrics, localisation, abstention)

@@ -26,6 +26,11 @@ __all__ = [
     "random_bleed",
     "render_slice",
     "lateral_projection",
+    "enhance_contrast",
+    "add_metal_streaks",
+    "BodyGeometry",
+    "random_body",
+    "render_body_slice",
 ]
 
 # The RSNA 2019 subtypes, in the order of their mask bits.
@@ -260,14 +265,18 @@ def render_slice(
     *,
     noise_hu: float = 3.0,
     sharp: bool = False,
+    contrast_hu: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """HU (float32 H×W) and lesion mask (uint8 bits) of the axial slice at height `z`.
 
     `x`, `y` are the patient coordinates of each pixel. `sharp` renders a bone kernel:
-    no partial-volume blur and `noise_hu` uncorrelated noise.
+    no partial-volume blur and `noise_hu` uncorrelated noise. `contrast_hu` > 0 renders
+    the scan after IV contrast, vessels at that density (`enhance_contrast`).
     """
     frame = _frame(head, x, y, z)
     hu, parts = _anatomy(head, frame)
+    if contrast_hu > 0:
+        enhance_contrast(hu, head, frame, parts, contrast_hu)
     if not sharp:
         hu = _smooth(hu)
     mask = np.zeros(hu.shape, dtype=np.uint8)
@@ -301,3 +310,118 @@ def lateral_projection(head: HeadGeometry, y: np.ndarray, z: np.ndarray) -> np.n
     neck = np.where((z < -0.5 * c) & (np.abs(yy - 15) < 55), 2 * 0.8 * a, 0.0)
     soft = np.maximum(inner, neck)
     return (3.0 * (outer - inner) + 0.25 * soft).astype(np.float32)
+
+
+# What IV contrast does to a head CT, in HU: arteries and venous sinuses at the bolus's
+# density, the choroid plexus and grey matter a little brighter (blood-brain barrier intact).
+CHOROID_PLEXUS_HU = 110.0
+GREY_ENHANCEMENT_HU, WHITE_ENHANCEMENT_HU = 6.0, 3.0
+
+
+def _vessels(head: HeadGeometry, frame: _Frame, parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Dural venous sinuses, the circle of Willis with its middle cerebral branches, and
+    cortical veins in the sulci: where contrast makes a head CT bright."""
+    a, b, c = head.inner_semi_axes
+    depth, inside = parts["intracranial_depth"], parts["intracranial"]
+    sagittal = (np.abs(frame.u) < 4.5) & (depth < 6.0) & (frame.z > -0.1 * c)
+    transverse = (depth < 5.0) & (frame.v > 0.55 * b) & (np.abs(frame.z + 0.28 * c) < 0.06 * c)
+    straight = _ellipsoid(frame, (0.0, 0.45 * b, 0.05 * c), (3.0, 14.0, 4.0))
+    ring = np.hypot(frame.u, frame.v - 4.0)
+    willis_level = np.abs(frame.z + 0.18 * c) < 3.0
+    willis = willis_level & (np.abs(ring - 14.5) < 1.2)
+    middle_cerebral = willis_level & (np.abs(frame.v + 2.0) < 1.5) & (np.abs(frame.u) > 14.0) \
+        & (np.abs(frame.u) < 0.6 * a)
+    veins = parts["subarachnoid"] & (np.sin(7 * frame.theta + 0.11 * frame.z) > 0.9)
+    return inside & (sagittal | transverse | straight | willis | middle_cerebral | veins)
+
+
+def enhance_contrast(hu: np.ndarray, head: HeadGeometry, frame: _Frame, parts: dict[str, np.ndarray],
+                     vessel_hu: float) -> None:
+    """The slice after IV contrast, in place: vessels at `vessel_hu`, glomus of the choroid
+    plexus enhanced, grey and white matter a few HU brighter."""
+    c = head.inner_semi_axes[2]
+    k = head.ventricle_scale
+    plexus = (_ellipsoid(frame, (9.0 * k, 14.0, 0.25 * c), (3.5, 6.0, 5.0))
+              | _ellipsoid(frame, (-9.0 * k, 14.0, 0.25 * c), (3.5, 6.0, 5.0)))
+    hu[parts["parenchyma"] & (hu == GREY)] += GREY_ENHANCEMENT_HU
+    hu[parts["parenchyma"] & (hu == WHITE)] += WHITE_ENHANCEMENT_HU
+    hu[plexus & parts["intracranial"]] = CHOROID_PLEXUS_HU
+    hu[_vessels(head, frame, parts)] = vessel_hu
+
+
+def add_metal_streaks(hu: np.ndarray, metal: list[tuple[float, float]], rng: np.random.Generator, *,
+                      amplitude_hu: float, metal_hu: float = 3000.0, radius_px: float = 3.0,
+                      streaks: int = 14) -> np.ndarray:
+    """Metal at the pixel positions `metal` (row, column) with the streaks a CT
+    reconstruction draws from it: alternating bright and dark bands through each object,
+    fading with distance, and dark bands between pairs of objects (beam hardening)."""
+    rows, cols = np.indices(hu.shape, dtype=np.float32)
+    out = hu.astype(np.float32, copy=True)
+    for centre in metal:
+        dr, dc = rows - centre[0], cols - centre[1]
+        distance = np.hypot(dr, dc)
+        fade = np.float32(amplitude_hu) / (1.0 + distance / 60.0)
+        for index, angle in enumerate(rng.uniform(0, np.pi, streaks)):
+            across = np.abs(-np.sin(angle) * dc + np.cos(angle) * dr)
+            sign = 1.0 if index % 2 == 0 else -1.0
+            out += sign * fade * np.exp(-(across / rng.uniform(1.0, 2.5)) ** 2)
+    for (r0, c0), (r1, c1) in zip(metal, metal[1:]):
+        length = np.hypot(r1 - r0, c1 - c0) + 1e-6
+        across = np.abs((c1 - c0) * (rows - r0) - (r1 - r0) * (cols - c0)) / length
+        along = ((rows - r0) * (r1 - r0) + (cols - c0) * (c1 - c0)) / length**2
+        out -= np.float32(0.8 * amplitude_hu) * np.exp(-(across / 4.0) ** 2) * ((along > 0) & (along < 1))
+    for centre in metal:
+        out[np.hypot(rows - centre[0], cols - centre[1]) <= radius_px] = metal_hu
+    return out
+
+
+@dataclass(frozen=True)
+class BodyGeometry:
+    """An abdomen: what a misrouted auto-forward rule sends instead of a head."""
+
+    semi_axes: tuple[float, float]  # outer surface, mm: left-right, front-back
+    fat: float  # subcutaneous fat, mm
+    liver: tuple[float, float, float]  # centre x, y and radius, mm
+    gas: tuple[tuple[float, float, float], ...]  # bowel gas pockets: x, y, radius
+
+
+def random_body(rng: np.random.Generator) -> BodyGeometry:
+    """An adult abdomen 280–340 mm wide, 200–250 mm deep."""
+    a, b = rng.uniform(140, 170), rng.uniform(100, 125)
+    gas = tuple((float(rng.uniform(-0.5, 0.5) * a), float(rng.uniform(-0.6, 0.1) * b), float(rng.uniform(6, 18)))
+                for _ in range(int(rng.integers(3, 8))))
+    return BodyGeometry((a, b), float(rng.uniform(12, 30)), (float(-0.35 * a), float(-0.1 * b), float(0.4 * b)), gas)
+
+
+def render_body_slice(body: BodyGeometry, x: np.ndarray, y: np.ndarray, z: float, rng: np.random.Generator, *,
+                      noise_hu: float = 8.0) -> np.ndarray:
+    """HU (float32) of an axial abdominal slice: skin and fat, muscle, liver, spleen,
+    kidneys, a vertebra with its canal, the aorta and bowel with gas."""
+    a, b = body.semi_axes
+    outer = (x / a) ** 2 + (y / b) ** 2
+    wall = (x / (a - body.fat)) ** 2 + (y / (b - body.fat)) ** 2
+    hu = np.full(x.shape, AIR, dtype=np.float32)
+    hu[outer <= 1] = FAT
+    hu[wall <= 1] = 45.0  # muscle and bowel wall
+    cavity = (x / (a - body.fat - 12)) ** 2 + (y / (b - body.fat - 12)) ** 2 <= 1
+    hu[cavity] = 30.0  # bowel contents and mesentery
+    hu[cavity & (np.sin(x / 9.0) * np.sin(y / 7.0 + z / 11.0) > 0.6)] = -80.0  # mesenteric fat
+    lx, ly, lr = body.liver
+    hu[cavity & (np.hypot(x - lx, y - ly) < lr)] = 60.0
+    hu[cavity & (np.hypot(x + 0.45 * a, y - 0.2 * b) < 0.25 * b)] = 50.0  # spleen (patient's left: +x)
+    for side in (-1, 1):
+        kidney = np.hypot((x - side * 0.3 * a) / 28.0, (y - 0.45 * b) / 45.0) < 1
+        hu[kidney] = 35.0
+    spine_y = 0.62 * b
+    body_r = np.hypot(x, y - spine_y)
+    hu[body_r < 22] = 250.0  # cancellous bone of the vertebral body
+    hu[(body_r >= 19) & (body_r < 22)] = 800.0  # its cortex
+    arch = np.hypot(x, y - spine_y - 30)
+    hu[(arch < 16) & (arch >= 11)] = 700.0
+    hu[arch < 11] = 15.0  # spinal canal
+    hu[np.hypot(x - 12, y - spine_y + 32) < 11] = 45.0  # aorta
+    for gx, gy, gr in body.gas:
+        hu[cavity & (np.hypot(x - gx, y - gy) < gr)] = AIR
+    hu = _smooth(hu)
+    noise = _smooth(rng.normal(0.0, 1.0, hu.shape).astype(np.float32)) * np.float32(1 / 0.375)
+    return hu + noise * np.float32(noise_hu)

@@ -99,6 +99,32 @@ def _patient_section(metrics: dict, data: str) -> list[str]:
     ]
 
 
+def _abstention_section(metrics: dict, data: str) -> list[str]:
+    """How often the node would answer NOT TRIAGED, and Table 2 on the studies it would triage."""
+    rate = format_interval(metrics["rate"]) if metrics["rate"] else "-"
+    lines = [f"## Not triaged — the node's scope and out-of-distribution checks — measured on: {data}", "",
+             f"{metrics['not_triaged']} of {metrics['studies']} studies would be NOT TRIAGED: {rate}. "
+             f"{metrics['with_ich_not_triaged']} of the {metrics['with_ich']} studies with ICH among them "
+             "(they reach the radiologist unprioritised, as if no triage had run).", "",
+             f"- Scope: {metrics['scope']}",
+             f"- Out-of-distribution check: {metrics['input_profile'] or 'none (the checkpoint has no input profile)'}"]
+    if metrics["scope_not_checked"]:
+        lines.append(f"- {metrics['scope_not_checked']} studies had no readable DICOM headers: their scope was not "
+                     "checked")
+    lines += ["", "| studies | count | not triaged (95 % interval) |", "|---|---|---|"]
+    lines += [f"| {kind} | {entry['studies']} | {entry['not_triaged']}: {format_interval(entry['rate'])} |"
+              for kind, entry in metrics["by_kind"].items()]
+    if metrics["by_reason"]:
+        lines += ["", "| reason | studies |", "|---|---|", *(f"| {code} | {count} |"
+                                                            for code, count in metrics["by_reason"].items())]
+    lines.append("")
+    triaged = metrics.get("patient_level_triaged")
+    if triaged is not None:
+        lines += [line.replace("## Table 2 — patient level", "## Table 2 on the studies the node would triage", 1)
+                  for line in _patient_section(triaged, f"{data}, only the studies that would be triaged")]
+    return lines
+
+
 def _localisation_section(metrics: dict, data: str) -> list[str]:
     return [
         f"## Grad-CAM localisation — measured on: {data}", "",
@@ -129,6 +155,7 @@ def write_report(
     data_description: str,
     model_description: str,
     localisation_metrics: dict | None = None,
+    abstention_metrics: dict | None = None,
     curves: dict[str, Path] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json (everything) and report.md (the two tables) under `out_dir`.
@@ -144,7 +171,7 @@ def write_report(
     paths = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md", **curves}
     payload = {"data_description": data_description, "model_description": model_description,
                "intervals": INTERVALS_NOTE, "slice_level": slice_metrics, "patient_level": patient_metrics,
-               "gradcam_localisation": localisation_metrics,
+               "gradcam_localisation": localisation_metrics, "not_triaged": abstention_metrics,
                "curves": {name: _relative(path, out_dir) for name, path in curves.items()}}
     # allow_nan=False: NaN is not JSON; metrics carry undefined values as null.
     paths["metrics"].write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
@@ -154,6 +181,8 @@ def write_report(
         lines += _slice_section(slice_metrics, data_description)
     if patient_metrics is not None:
         lines += _patient_section(patient_metrics, data_description)
+    if abstention_metrics is not None:
+        lines += _abstention_section(abstention_metrics, data_description)
     if localisation_metrics is not None:
         lines += _localisation_section(localisation_metrics, data_description)
     if curves:

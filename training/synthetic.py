@@ -11,14 +11,22 @@ Each study is a folder::
 
 Files are valid CT Image Storage objects. The same seed gives the same bytes. Everything
 is marked as synthetic (Manufacturer, ImageComments, PatientName).
+
+`shift` writes the same studies as inputs a head-CT triage model was not trained on
+(`Shift`), for testing that the node abstains: their headers claim an ordinary
+non-contrast head CT (or, for another body part, say nothing of it), so only the
+checks that look at the images can tell. labels.json names the shift.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import enum
 import io
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,19 +39,32 @@ from training.phantom import (
     SUBTYPE_BITS,
     SUBTYPES,
     HeadGeometry,
+    add_metal_streaks,
     lateral_projection,
     random_bleed,
+    random_body,
     random_head,
+    render_body_slice,
     render_slice,
 )
 
-__all__ = ["SyntheticOptions", "StudyLabels", "write_studies", "write_study", "read_mask"]
+__all__ = ["Shift", "SyntheticOptions", "StudyLabels", "write_studies", "write_study", "read_mask"]
 
 GENERATOR_VERSION = 1
 MATRIX = 512
 RESCALE_INTERCEPT = -1024.0
 SYNTHETIC_COMMENT = "SYNTHETIC PHANTOM - NOT PATIENT DATA"
 _EPOCH = dt.date(2024, 1, 1)
+BODY_PIXEL_SPACING = 0.74  # mm: a 380 mm field of view
+
+
+class Shift(enum.StrEnum):
+    """Inputs outside what a head-CT model trained on ordinary scans has seen."""
+
+    CONTRAST = "contrast"  # after IV contrast: vessels and sinuses at 180-320 HU
+    NOISE = "noise"  # a low-dose or degraded scan: 20-40 HU of noise instead of 3
+    METAL = "metal"  # clips or coils: metal with streaks over the slices near it
+    BODY = "body"  # an abdomen, with no body part in its header
 
 
 @dataclass(frozen=True)
@@ -57,6 +78,7 @@ class SyntheticOptions:
     bone_series: bool = False
     min_slices: int = 20
     max_slices: int = 40
+    shift: Shift | None = None
 
     def __post_init__(self) -> None:
         if self.studies < 1:
@@ -69,6 +91,8 @@ class SyntheticOptions:
             raise SyntheticDataError(
                 f"slice counts need 8 ≤ min ≤ max, got {self.min_slices}..{self.max_slices}"
             )
+        if self.shift is not None and not isinstance(self.shift, Shift):
+            raise SyntheticDataError(f"--shift must be one of {', '.join(Shift)}, got {self.shift!r}")
 
 
 @dataclass(frozen=True)
@@ -115,7 +139,8 @@ class _StudyContext:
     z_positions: np.ndarray
 
     def uid(self, *parts: object) -> str:
-        return _uid(self.options.seed, self.index, *parts)
+        shift = (f"shift-{self.options.shift}",) if self.options.shift else ()
+        return _uid(self.options.seed, self.index, *shift, *parts)
 
 
 def _study_context(options: SyntheticOptions, index: int, rng: np.random.Generator) -> _StudyContext:
@@ -135,8 +160,10 @@ def write_study(folder: Path, options: SyntheticOptions, index: int, positive: b
     """One study (HEAD series, optional BONE and SCOUT series, labels.json, mask.npz)."""
     rng = np.random.default_rng([options.seed, index])
     ctx = _study_context(options, index, rng)
+    if options.shift == Shift.BODY:  # an abdomen is reconstructed on a larger field of view
+        ctx = dataclasses.replace(ctx, pixel_spacing=BODY_PIXEL_SPACING)
     bleeds = []
-    if positive:
+    if positive and options.shift != Shift.BODY:
         span = (float(ctx.z_positions[0]), float(ctx.z_positions[-1]))
         for subtype in rng.choice(SUBTYPES, size=int(rng.integers(1, 3)), replace=False):
             bleeds.append(random_bleed(rng, ctx.head, str(subtype), span))
@@ -147,8 +174,9 @@ def write_study(folder: Path, options: SyntheticOptions, index: int, positive: b
     slices, masks = [], []
     head_dir, bone_dir = folder / "HEAD", folder / "BONE"
     head_dir.mkdir(parents=True, exist_ok=True)
+    render = _renderer(ctx, bleeds, x, y, rng)
     for number, z in enumerate(ctx.z_positions, start=1):
-        hu, mask = render_slice(ctx.head, bleeds, x, y, float(z), rng, noise_hu=3.0)
+        hu, mask = render(float(z), 3.0, False)
         masks.append(mask)
         name = f"{number:04d}.dcm"
         ds = _axial_dataset(ctx, "HEAD", number, float(z), origin, hu)
@@ -156,9 +184,7 @@ def write_study(folder: Path, options: SyntheticOptions, index: int, positive: b
         slices.append(_slice_label(number, f"HEAD/{name}", ds, mask))
         if options.bone_series:
             bone_dir.mkdir(exist_ok=True)
-            bone_hu, _ = render_slice(
-                ctx.head, bleeds, x, y, float(z), rng, noise_hu=18.0, sharp=True
-            )
+            bone_hu, _ = render(float(z), 18.0, True)
             bone = _axial_dataset(ctx, "BONE", number, float(z), origin, bone_hu)
             bone.save_as(bone_dir / name, enforce_file_format=True)
     if options.localizer:
@@ -172,6 +198,7 @@ def write_study(folder: Path, options: SyntheticOptions, index: int, positive: b
         "generator": {"name": "ichnode synth", "version": GENERATOR_VERSION,
                       "seed": options.seed, "study_index": index},
         "synthetic": True,
+        **({"shift": str(options.shift)} if options.shift else {}),
         "study_instance_uid": ctx.uid("study"),
         "accession_number": _accession(ctx),
         "patient_id": _patient_id(ctx),
@@ -187,6 +214,53 @@ def write_study(folder: Path, options: SyntheticOptions, index: int, positive: b
     return StudyLabels(
         folder, labels["positive"], tuple(s["label"] for s in slices), study_subtypes
     )
+
+
+Render = Callable[[float, float, bool], tuple[np.ndarray, np.ndarray]]  # (z, noise HU, sharp) → HU, mask
+
+
+def _renderer(ctx: _StudyContext, bleeds: list, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> Render:
+    """How the axial slices of this study are drawn: the ordinary head, or its shift. A
+    shift draws its own parameters from a generator of its own, so the anatomy, the bleeds
+    and the noise of each slice are those of the unshifted study with the same seed."""
+    head, shift = ctx.head, ctx.options.shift
+    if shift is None:
+        return lambda z, noise, sharp: render_slice(head, bleeds, x, y, z, rng, noise_hu=noise, sharp=sharp)
+    own = np.random.default_rng([ctx.options.seed, ctx.index, 0x5417])
+    if shift == Shift.CONTRAST:
+        vessel_hu = float(own.uniform(180, 320))
+        return lambda z, noise, sharp: render_slice(head, bleeds, x, y, z, rng, noise_hu=noise, sharp=sharp,
+                                                    contrast_hu=vessel_hu)
+    if shift == Shift.NOISE:
+        level = float(own.uniform(20, 40))
+        return lambda z, noise, sharp: render_slice(head, bleeds, x, y, z, rng, noise_hu=max(noise, level),
+                                                    sharp=sharp)
+    if shift == Shift.METAL:
+        return _metal_renderer(ctx, bleeds, x, y, rng, own)
+    body = random_body(own)
+    empty = np.zeros(x.shape, dtype=np.uint8)
+    return lambda z, noise, sharp: (render_body_slice(body, x, y, z, rng, noise_hu=noise + 5.0), empty)
+
+
+def _metal_renderer(ctx: _StudyContext, bleeds: list, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+                    own: np.random.Generator) -> Render:
+    """Aneurysm clips near the circle of Willis: metal and streaks on the slices within
+    15 mm of them, the other slices as they were."""
+    head = ctx.head
+    c = head.inner_semi_axes[2]
+    level = -0.18 * c + float(own.uniform(-5, 15))
+    clips = [(head.centre[1] + float(own.uniform(-25, 15)), head.centre[0] + float(own.uniform(-30, 30)))
+             for _ in range(int(own.integers(1, 4)))]
+    pixels = [((cy - y[0, 0]) / ctx.pixel_spacing, (cx - x[0, 0]) / ctx.pixel_spacing) for cy, cx in clips]
+    amplitude = float(own.uniform(300, 700))
+
+    def render(z: float, noise: float, sharp: bool) -> tuple[np.ndarray, np.ndarray]:
+        hu, mask = render_slice(head, bleeds, x, y, z, rng, noise_hu=noise, sharp=sharp)
+        if abs(z - level) <= 15.0:
+            hu = add_metal_streaks(hu, pixels, own, amplitude_hu=amplitude * (1 - abs(z - level) / 30.0))
+        return hu, mask
+
+    return render
 
 
 def _slice_label(number: int, file: str, ds: Dataset, mask: np.ndarray) -> dict:
@@ -266,6 +340,12 @@ def _base_dataset(ctx: _StudyContext, series: str, number: int) -> Dataset:
     ds.SeriesDescription = {"SCOUT": "Topogram 0.6", "HEAD": f"HEAD {ctx.thickness:g}mm H30s",
                             "BONE": f"HEAD BONE {ctx.thickness:g}mm H70s"}[series]
     ds.BodyPartExamined = "HEAD"
+    if ctx.options.shift is not None:  # nothing in the header gives the shift away
+        ds.StudyDescription = "CT HEAD"
+    if ctx.options.shift == Shift.BODY:
+        ds.StudyDescription = "CT"
+        ds.SeriesDescription = f"AXIAL {ctx.thickness:g}mm B30f" if series != "SCOUT" else "Topogram 0.6"
+        del ds.BodyPartExamined
     ds.PatientPosition = "HFS"
     # Frame of Reference
     ds.FrameOfReferenceUID = ctx.uid("frame")

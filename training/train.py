@@ -7,6 +7,7 @@ gloo) through `torchrun`, which sets WORLD_SIZE/RANK/LOCAL_RANK. Resumable from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from training.inference.settings import Device
 from training.metrics import roc_auc
 from training.model.architectures import architecture_spec
 from training.model.checkpoint import Provenance, default_model_config, initial_model, save_checkpoint
+from training.model.scope import Scope
 
 __all__ = ["TrainConfig", "load_train_config", "train", "TrainResult"]
 
@@ -94,6 +96,7 @@ class TrainConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     training: LoopSection = field(default_factory=LoopSection)
     experiment: ExperimentSection = field(default_factory=ExperimentSection)
+    scope: Scope = field(default_factory=Scope)  # what the checkpoint will say it supports
 
     def validate(self) -> None:
         try:
@@ -387,8 +390,9 @@ def _end_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, trained:
             metrics={"val_roc_auc": val_auc, "val_loss": val_loss, "epoch": epoch + 1,
                      "measured_on": f"validation split of {data.note}"},
         )
-        save_checkpoint(folder / "model.pt", run.model, default_model_config(config.model.architecture, provenance),
-                        half=config.experiment.half_precision)
+        model_config = dataclasses.replace(default_model_config(config.model.architecture, provenance),
+                                           scope=config.scope)
+        save_checkpoint(folder / "model.pt", run.model, model_config, half=config.experiment.half_precision)
     torch.save(run.state(epoch), folder / "last.pt")
     metrics = {"data": data.note, "history": run.history, "best_epoch": run.best_epoch,
                "best_val_roc_auc": run.best_auc, "checkpoint": str(folder / "model.pt")}

@@ -11,6 +11,7 @@ the checkpoint or the machine is checked here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -24,12 +25,21 @@ from training.inference.device import resolve_device
 from training.inference.gradcam import ICH_CLASS, Features, SplitGradCam
 from training.inference.runtime import make_forward
 from training.inference.settings import Backend, Device
-from training.model.architectures import gradcam_split, resolve_gradcam_layer
+from training.model.architectures import architecture_spec, gradcam_split, resolve_gradcam_layer
 from training.model.checkpoint import ModelConfig, load_checkpoint
 from training.model.layers import GradcamLayer
 from training.model.preprocess import dataset_to_input, windowed_to_input
 
-__all__ = ["Predictor"]
+__all__ = ["Inference", "Predictor"]
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What one pass over a batch of slices gives."""
+
+    probabilities: np.ndarray  # P(ICH) per slice, float32 [N]
+    features: list[Features]  # per slice, what Grad-CAM starts from
+    descriptors: list[dict[str, np.ndarray]]  # per slice, each descriptor layer's channel means
 
 
 class Predictor:
@@ -52,8 +62,9 @@ class Predictor:
         self.batch_size = batch_size
         self.model = model.to(self.device).eval()
         split = gradcam_split(self.model, self.gradcam_layer)
+        self.descriptor_layers = architecture_spec(config.architecture).descriptor_layers
         self.forward = make_forward(backend, self.model, split, self.device, self.input_shape,
-                                    mixed_precision=mixed_precision)
+                                    descriptor_layers=self.descriptor_layers, mixed_precision=mixed_precision)
         self.model.to(self.device)  # an ONNX export leaves the model on the CPU
         self._cam = SplitGradCam(self.model, split, self.device)
 
@@ -93,24 +104,30 @@ class Predictor:
                 f"got {list(inputs.shape)}"
             )
 
-    def predict_with_features(self, inputs: np.ndarray) -> tuple[np.ndarray, list[Features]]:
-        """P(ICH) per slice, float32 [N], in batches of `batch_size`, and each slice's
-        features for `gradcam_from_features`."""
+    def infer(self, inputs: np.ndarray) -> Inference:
+        """P(ICH), Grad-CAM features and descriptors of each slice, in batches of `batch_size`."""
         self._check(inputs)
-        if len(inputs) == 0:
-            return np.zeros(0, dtype=np.float32), []
-        logits, features = [], []
+        logits, features, descriptors = [], [], []
         for start in range(0, len(inputs), self.batch_size):
-            batch_logits, batch_features = self.forward(inputs[start : start + self.batch_size])
+            batch_logits, batch_features, batch_descriptors = self.forward(inputs[start : start + self.batch_size])
             logits.append(batch_logits)
             features += [[f[i] for f in batch_features] for i in range(len(batch_logits))]
+            descriptors += [{layer: d[i] for layer, d in batch_descriptors.items()} for i in range(len(batch_logits))]
+        if not logits:
+            return Inference(np.zeros(0, dtype=np.float32), [], [])
         both = np.concatenate(logits).astype(np.float64)
         # Softmax of two logits is the logistic function of their difference.
-        return expit(both[:, ICH_CLASS] - both[:, 1 - ICH_CLASS]).astype(np.float32), features
+        probabilities = expit(both[:, ICH_CLASS] - both[:, 1 - ICH_CLASS]).astype(np.float32)
+        return Inference(probabilities, features, descriptors)
+
+    def predict_with_features(self, inputs: np.ndarray) -> tuple[np.ndarray, list[Features]]:
+        """P(ICH) per slice, float32 [N], and each slice's features for `gradcam_from_features`."""
+        inference = self.infer(inputs)
+        return inference.probabilities, inference.features
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         """P(ICH) per slice, float32 [N], in batches of `batch_size`."""
-        return self.predict_with_features(inputs)[0]
+        return self.infer(inputs).probabilities
 
     def predict_slices(self, slices: Sequence[Dataset]) -> np.ndarray:
         """P(ICH) per DICOM slice, in the order given."""

@@ -25,6 +25,7 @@ __all__ = [
     "GradcamSplit",
     "gradcam_split",
     "gradcam_module",
+    "descriptor_modules",
     "create_model",
     "count_parameters",
 ]
@@ -55,6 +56,9 @@ class ArchitectureSpec:
     build: Callable[[], nn.Module]
     description: str
     gradcam_layers: tuple[GradcamLayer, ...]
+    # Layers whose channel means describe an input for the out-of-distribution check
+    # (training/model/inputs.py), in the order the inference pass returns them.
+    descriptor_layers: tuple[str, ...] = ("logits", "layer3", "avgpool")
 
 
 def _resnet_classifier(depth: int) -> nn.Module:
@@ -178,9 +182,10 @@ _REGISTRY: dict[str, ArchitectureSpec] = {}
 
 
 def _register(name: str, input_size: int, description: str,
-              gradcam_layers: tuple[GradcamLayer, ...] = RESNET_LAYERS):
+              gradcam_layers: tuple[GradcamLayer, ...] = RESNET_LAYERS,
+              descriptor_layers: tuple[str, ...] = ("logits", "layer3", "avgpool")):
     def decorator(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-        _REGISTRY[name] = ArchitectureSpec(name, input_size, build, description, gradcam_layers)
+        _REGISTRY[name] = ArchitectureSpec(name, input_size, build, description, gradcam_layers, descriptor_layers)
         return build
 
     return decorator
@@ -188,7 +193,7 @@ def _register(name: str, input_size: int, description: str,
 
 # EffClass explains best at its BiFPN's P3 output: see EffClass.bifpn_output.
 @_register("effclass", 512, "EffClass: EfficientDet-D0 + BiFPN + deconvolutions + ResNet18",
-           (GradcamLayer.BIFPN_P3, *RESNET_LAYERS))
+           (GradcamLayer.BIFPN_P3, *RESNET_LAYERS), ("logits", "bifpn", "layer3", "avgpool"))
 def _effclass() -> nn.Module:
     return EffClass()
 
@@ -279,6 +284,18 @@ def gradcam_module(model: nn.Module, layer: GradcamLayer) -> nn.Module:
     if layer == GradcamLayer.BIFPN_P3:
         return model.bifpn_output(3)
     return getattr(model.resnet, str(layer))[-1]
+
+
+def descriptor_modules(model: nn.Module, layer: str) -> list[nn.Module]:
+    """The modules whose outputs, averaged over space and joined, make descriptor `layer`:
+    `bifpn` the five BiFPN outputs of EffClass (P3-P7), `layer3` the ResNet's third block,
+    `avgpool` its pooled last features (the classifier's input). `logits` has no module:
+    the inference pass returns the logits anyway."""
+    if layer == "bifpn":
+        return [model.bifpn_output(level) for level in range(3, 8)]
+    if layer in ("layer3", "avgpool"):
+        return [getattr(model.resnet, layer)]
+    raise ValueError(f"unknown descriptor layer {layer!r}; known: logits, bifpn, layer3, avgpool")
 
 
 def create_model(name: str) -> nn.Module:

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,6 +24,8 @@ from storage.atomic import atomic_write
 from training.model.architectures import architecture_spec, create_model
 from training.model.preprocess import PreprocessSpec, Window
 from training.model.rule import TriageRule
+from training.model.inputs import InputProfile
+from training.model.scope import Scope
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -81,6 +84,10 @@ class ModelConfig:
     preprocess: PreprocessSpec
     triage: TriageRule = field(default_factory=TriageRule)
     provenance: Provenance = field(default_factory=Provenance)
+    # The inputs the model supports; a checkpoint written before scopes existed gets the defaults.
+    scope: Scope = field(default_factory=Scope)
+    # Its training inputs in feature space, for the out-of-distribution check (`ichnode fit-ood`).
+    inputs: InputProfile | None = None
 
     def __post_init__(self) -> None:
         spec = architecture_spec(self.architecture)
@@ -91,7 +98,10 @@ class ModelConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data (the profile's arrays as numpy arrays)."""
+        plain = {name: getattr(self, name) for name in ("architecture", "preprocess", "triage", "provenance")}
+        return asdict(ModelConfig(**plain)) | {
+            "scope": self.scope.to_dict(), "inputs": self.inputs.to_dict() if self.inputs else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
@@ -102,6 +112,8 @@ class ModelConfig:
             preprocess=PreprocessSpec(**preprocess),
             triage=TriageRule(**data["triage"]),
             provenance=Provenance(**data["provenance"]),
+            scope=Scope.from_dict(data["scope"]) if "scope" in data else Scope(),
+            inputs=InputProfile.from_dict(data["inputs"]) if data.get("inputs") else None,
         )
 
 
@@ -136,11 +148,21 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, *, 
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": config.to_dict(),
+        "config": _tensors(config.to_dict()),
         "state_dict": state,
     }
     atomic_write(path, lambda handle: torch.save(payload, handle))
     return path
+
+
+def _tensors(data: Any) -> Any:
+    """numpy arrays as tensors: a checkpoint is read with weights_only, which loads tensors
+    but no numpy objects."""
+    if isinstance(data, dict):
+        return {key: _tensors(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_tensors(value) for value in data)
+    return torch.from_numpy(data) if isinstance(data, np.ndarray) else data
 
 
 def checkpoint_digest(path: str | Path) -> str:

@@ -15,7 +15,8 @@ import pydicom
 
 from training.errors import NoAnalysableSeries
 
-__all__ = ["SliceHeader", "SeriesChoice", "read_header", "could_be_analysed", "choose_head_series", "order_slices"]
+__all__ = ["SliceHeader", "SeriesChoice", "read_header", "could_be_analysed", "choose_head_series", "order_slices",
+           "slice_normal"]
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -44,6 +45,15 @@ class SliceHeader:
     description: str = ""
     instance_number: int | None = None
     frames: int = 1
+    # What the scope checks (training/model/scope.py) read.
+    pixel_spacing: tuple[float, float] | None = None
+    body_part: str = ""
+    protocol: str = ""
+    study_description: str = ""
+    contrast: str = ""  # the contrast attributes present, e.g. "ContrastBolusAgent OMNIPAQUE"
+    patient_age: str = ""
+    birth_date: str = ""
+    study_date: str = ""
 
 
 def _floats(value: object, count: int) -> tuple[float, ...] | None:
@@ -52,6 +62,18 @@ def _floats(value: object, count: int) -> tuple[float, ...] | None:
     except (TypeError, ValueError):
         return None
     return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
+
+
+# Attributes of the Contrast/Bolus module that say IV contrast was given.
+CONTRAST_ATTRIBUTES = ("ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusVolume",
+                       "ContrastBolusIngredient", "ContrastBolusStartTime")
+
+
+def _contrast(ds: pydicom.Dataset) -> str:
+    found = [f"{keyword} {ds.get(keyword)}" for keyword in CONTRAST_ATTRIBUTES if str(ds.get(keyword) or "").strip()]
+    if "ContrastBolusAgentSequence" in ds and len(ds.ContrastBolusAgentSequence):
+        found.append("ContrastBolusAgentSequence")
+    return "; ".join(found)
 
 
 def read_header(path: Path) -> SliceHeader:
@@ -73,6 +95,14 @@ def read_header(path: Path) -> SliceHeader:
         description=str(ds.get("SeriesDescription", "")),
         instance_number=int(instance_number) if instance_number not in (None, "") else None,
         frames=int(ds.get("NumberOfFrames", 1) or 1),
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+        body_part=str(ds.get("BodyPartExamined", "") or ""),
+        protocol=str(ds.get("ProtocolName", "") or ""),
+        study_description=str(ds.get("StudyDescription", "") or ""),
+        contrast=_contrast(ds),
+        patient_age=str(ds.get("PatientAge", "") or ""),
+        birth_date=str(ds.get("PatientBirthDate", "") or ""),
+        study_date=str(ds.get("StudyDate", "") or ""),
     )
 
 
@@ -95,11 +125,13 @@ class SeriesChoice:
     ordering: str = "position along the slice normal"
 
 
-def _normal(orientation: tuple[float, ...]) -> np.ndarray:
+def slice_normal(orientation: tuple[float, ...]) -> np.ndarray:
+    """The unit normal of slices with this ImageOrientationPatient, pointing superior."""
     row, column = np.array(orientation[:3]), np.array(orientation[3:])
     normal = np.cross(row, column)
     length = np.linalg.norm(normal)
-    return normal / length if length > 0 else normal
+    normal = normal / length if length > 0 else normal
+    return -normal if normal[2] < 0 else normal  # feet-first orientations: row × column points inferior
 
 
 def _disqualification(slices: list[SliceHeader], min_slices: int) -> str | None:
@@ -116,7 +148,7 @@ def _disqualification(slices: list[SliceHeader], min_slices: int) -> str | None:
         return "multi-frame images"
     if first.orientation is None:
         return "no ImageOrientationPatient"
-    if abs(_normal(first.orientation)[2]) < AXIAL_MIN_COSINE:
+    if abs(slice_normal(first.orientation)[2]) < AXIAL_MIN_COSINE:
         return "not axial"
     if len(slices) < min_slices:
         return f"{len(slices)} slices, fewer than worker.min_slices = {min_slices}"
@@ -172,9 +204,7 @@ def order_slices(slices: list[SliceHeader]) -> tuple[list[SliceHeader], str]:
     normal (InstanceNumber is not guaranteed); InstanceNumber when positions are missing."""
     first = slices[0]
     if first.orientation is not None and all(s.position is not None for s in slices):
-        normal = _normal(first.orientation)
-        if normal[2] < 0:  # feet-first orientations: row × column points inferior
-            normal = -normal
+        normal = slice_normal(first.orientation)
         keys = [float(np.dot(normal, s.position)) for s in slices]
         order = sorted(range(len(slices)), key=lambda i: (keys[i], slices[i].instance_number or 0))
         duplicates = len(keys) - len({round(k, 3) for k in keys})
