@@ -7,6 +7,13 @@ model one batch at a time; for the most suspicious slices so far it keeps only w
 pictures and Grad-CAM need (the network input and the features the inference pass
 returned), so memory does not grow with the length of the series and Grad-CAM
 differentiates only the network above its layer.
+
+A study the model cannot answer for is *not triaged*: before the model runs, when the
+chosen series is outside the checkpoint's scope (training/model/scope.py) or the study
+has no axial CT series at all; after it, when its slices lie outside the checkpoint's
+training inputs (training/model/inputs.py). Its result says NOT TRIAGED and why, and is
+never flagged or "not detected" (with `settings.abstain` false, in a silent trial, the
+verdict is given and the findings only recorded).
 """
 
 from __future__ import annotations
@@ -19,13 +26,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.output import ResultKind, ResultTexts, SourceImage, build_result_series, result_texts
-from node.render import key_slice_image, summary_image
-from node.structured import ResultContext, build_kos, build_sr
+from node.output import (ResultKind, ResultTexts, SourceImage, build_result_series, not_triaged_texts,
+                         result_texts)
+from node.render import key_slice_image, not_triaged_image, summary_image
+from node.structured import ResultContext, Unanswered, build_kos, build_not_triaged_sr, build_sr
 from storage.errors import InvalidInstance
+from training.errors import NoAnalysableSeries
 from training.inference.gradcam import Features
 from training.inference.predictor import Predictor
-from training.model.rule import TriageRule, Verdict, key_slice_indices
+from training.model.inputs import Assessment
+from training.model.preprocess import hu_from_dataset
+from training.model.rule import POSITIVE_LABEL, TriageRule, Verdict, key_slice_indices
+from training.model.scope import NOT_TRIAGED_LABEL, Reason, ReasonCode, middle_slices, scope_reasons
 from training.model.series import SeriesChoice, SliceHeader, choose_head_series
 
 __all__ = ["SERIES_PER_ANALYSIS", "AnalysisSettings", "AnalysisResult", "SliceReader", "analyse"]
@@ -51,18 +63,34 @@ class AnalysisSettings:
     institution_name: str
     device_uid: str  # the node as the SR's device observer
     device_name: str
+    abstain: bool = True  # a study outside the scope or the training inputs gets NOT TRIAGED
 
 
 @dataclass(frozen=True)
 class AnalysisResult:
-    choice: SeriesChoice
-    verdict: Verdict
-    probabilities: np.ndarray  # P(ICH) of each usable slice, inferior to superior
+    choice: SeriesChoice | None  # None: the study has no series to analyse
+    verdict: Verdict | None  # None: the model did not run (outside the scope)
+    probabilities: np.ndarray  # P(ICH) of each usable slice, inferior to superior (empty when not run)
     key_slices: list[int]  # indices into `probabilities`, most suspicious first
     skipped_slices: dict[str, str]  # SOPInstanceUID → why it was left out
     texts: ResultTexts
     objects: dict[ResultKind, list[Dataset]]  # each object set (its own series) in settings' order
     timings: dict[str, float] = field(default_factory=dict)
+    reasons: tuple[Reason, ...] = ()  # what the scope and input checks found against the study
+    inputs: Assessment | None = None  # the out-of-distribution score, when the checkpoint has a profile
+    triaged: bool = True  # False: NOT TRIAGED (reasons found and settings.abstain)
+
+    @property
+    def positive(self) -> bool:
+        """Flagged: only a triaged study with a positive verdict."""
+        return self.triaged and self.verdict is not None and self.verdict.positive
+
+    @property
+    def label(self) -> str:
+        """The verdict as the database and the pages name it."""
+        if not self.triaged or self.verdict is None:
+            return NOT_TRIAGED_LABEL
+        return POSITIVE_LABEL if self.positive else self.verdict.label
 
     @property
     def series_instance_uid(self) -> str:
@@ -102,6 +130,7 @@ class _Scan:
     best: list[tuple[float, int]] = field(default_factory=list)
     inputs: dict[int, np.ndarray] = field(default_factory=dict)
     features: dict[int, Features] = field(default_factory=dict)
+    descriptors: list[np.ndarray] = field(default_factory=list)  # each slice's, for the input profile
 
     def keep(self, index: int, probability: float, network_input: np.ndarray, features: Features,
              count: int) -> None:
@@ -114,24 +143,26 @@ class _Scan:
 
 
 def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_slices: int,
-          clock: _Stopwatch) -> _Scan:
+          clock: _Stopwatch, preloaded: dict[str, Dataset]) -> _Scan:
+    """Every slice through the model; `preloaded` holds slices the scope check already read."""
     scan = _Scan()
     batch: list[tuple[SliceHeader, np.ndarray]] = []
 
     def run_batch() -> None:
         started = time.perf_counter()
-        probabilities, features = predictor.predict_with_features(np.stack([x for _, x in batch]))
+        inference = predictor.infer(np.stack([x for _, x in batch]))
         clock.since("inference", started)
-        for (header, network_input), probability, slice_features in zip(batch, probabilities, features):
-            scan.keep(len(scan.probabilities), float(probability), network_input, slice_features, key_slices)
+        for i, ((header, network_input), probability) in enumerate(zip(batch, inference.probabilities)):
+            scan.keep(len(scan.probabilities), float(probability), network_input, inference.features[i], key_slices)
             scan.probabilities.append(float(probability))
             scan.headers.append(header)
+            scan.descriptors.append(inference.descriptors[i])
         batch.clear()
 
     for header in choice.slices:
         started = time.perf_counter()
         try:
-            ds = read(header)
+            ds = preloaded.pop(header.sop_instance_uid, None) or read(header)
             loaded = clock.since("load", started)
             network_input = predictor.prepare_slice(ds)
             clock.since("preprocess", loaded)
@@ -204,25 +235,139 @@ def _gradcam(scan: _Scan, keys: list[int], predictor: Predictor, aug_smooth: boo
     return predictor.gradcam_from_features([scan.features[i] for i in keys])
 
 
+def _scope(choice: SeriesChoice, read: SliceReader, predictor: Predictor,
+           clock: _Stopwatch) -> tuple[list[Reason], dict[str, Dataset]]:
+    """What the headers and the middle slices' HU say against the checkpoint's scope, and
+    the middle slices read for it (the scan uses them rather than reading them again)."""
+    preloaded: dict[str, Dataset] = {}
+
+    def read_hu(header: SliceHeader) -> np.ndarray:
+        ds = preloaded[header.sop_instance_uid] = read(header)
+        return hu_from_dataset(ds)
+
+    started = time.perf_counter()
+    reasons = scope_reasons(choice.slices, predictor.config.scope, read_hu)
+    clock.since("scope", started)
+    return reasons, preloaded
+
+
+def _context(settings: AnalysisSettings, predictor: Predictor, warnings: list[str]) -> ResultContext:
+    model = predictor.config
+    return ResultContext(settings.manufacturer, settings.institution_name, settings.device_uid,
+                         settings.device_name, model.architecture, model.provenance.code_version, warnings)
+
+
+def _facts(choice: SeriesChoice | None, scan: _Scan | None, assessment: Assessment | None,
+           predictor: Predictor) -> list[str]:
+    """The numbers a reader of a NOT TRIAGED picture needs: what was looked at, what the
+    model supports, the out-of-distribution score."""
+    model = predictor.config
+    facts = [f"Series: {choice.reason}." if choice else "No axial CT series in the study."]
+    if assessment is not None:
+        facts.append(f"Out-of-distribution score {assessment.score:.2f} (not triaged above {assessment.limit:.2f}; "
+                     f"{assessment.describe()}).")
+    if scan is not None:
+        facts.append(f"{len(scan.probabilities)} slices went through the model.")
+    facts.append(f"This model supports: {model.scope.describe()}.")
+    return facts
+
+
+def _not_triaged(reasons: list[Reason], choice: SeriesChoice | None, reference: Dataset, sources: list[SourceImage],
+                 predictor: Predictor, settings: AnalysisSettings, clock: _Stopwatch, *, series_number: int,
+                 scan: _Scan | None = None, assessment: Assessment | None = None) -> AnalysisResult:
+    """The result of a study the model does not answer for: a notice picture and an SR that
+    says the finding was not evaluated and why; no key slices, so no Key Object Selection."""
+    model = predictor.config
+    texts = not_triaged_texts([r.text for r in reasons], model.provenance, model.architecture)
+    started = time.perf_counter()
+    objects: dict[ResultKind, list[Dataset]] = {}
+    if ResultKind.SC in settings.objects:
+        picture = not_triaged_image(verdict_line=texts.verdict_line, reasons=[r.text for r in reasons],
+                                    facts=_facts(choice, scan, assessment, predictor), warnings=texts.warnings)
+        _, objects[ResultKind.SC] = build_result_series(
+            reference, [picture], texts=texts, series_number=series_number + SERIES_OFFSETS[ResultKind.SC],
+            manufacturer=settings.manufacturer, institution_name=settings.institution_name,
+            software_version=model.provenance.code_version, sources=[None])
+    if ResultKind.SR in settings.objects or not objects:  # a result always has an object set
+        unanswered = Unanswered(reasons, settings.rule, assessment.score if assessment else None,
+                                assessment.limit if assessment else None)
+        objects[ResultKind.SR] = [build_not_triaged_sr(
+            reference, sources, unanswered, _context(settings, predictor, texts.warnings),
+            series_number=series_number + SERIES_OFFSETS[ResultKind.SR],
+            series_description=texts.descriptions[ResultKind.SR])]
+    clock.since("encode", started)
+    probabilities = np.array(scan.probabilities if scan else [], dtype=np.float32)
+    return AnalysisResult(choice, None, probabilities, [], scan.skipped if scan else {}, texts, objects,
+                          clock.timings, tuple(reasons), assessment, triaged=False)
+
+
+def _no_series(headers: Sequence[SliceHeader], read: SliceReader, problem: NoAnalysableSeries, predictor: Predictor,
+               settings: AnalysisSettings, clock: _Stopwatch, series_number: int) -> AnalysisResult:
+    """A study with nothing the model could read (an MR, a scout alone, another body part
+    as Enhanced CT): not triaged, the result attached to its first readable instance."""
+    found = _first_readable(headers, read, {})
+    if found is None:
+        raise problem  # nothing to attach a result to: the study fails with the reason
+    reference, source = found
+    return _not_triaged([Reason(ReasonCode.NO_SERIES, str(problem))], None, reference, [source], predictor,
+                        settings, clock, series_number=series_number)
+
+
+def _first_readable(headers: Sequence[SliceHeader], read: SliceReader,
+                    preloaded: dict[str, Dataset]) -> tuple[Dataset, SourceImage] | None:
+    """The first instance that can be read, without its pixels, to carry the study's
+    context into a NOT TRIAGED result, and the instance it cites."""
+    for header in headers:
+        try:
+            reference = preloaded.get(header.sop_instance_uid) or read(header)
+        except Exception:  # an unreadable file: try the next
+            continue
+        if "PixelData" in reference:
+            del reference.PixelData
+        return reference, SourceImage(header.sop_class_uid, header.sop_instance_uid)
+    return None
+
+
 def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predictor,
             settings: AnalysisSettings, *, series_number: int) -> AnalysisResult:
-    """Choose the head series, run the model on it slice by slice, apply the rule, explain
-    the key slices and build the object sets `settings.objects` asks for, each a series
-    of its own numbered from `series_number` (SC, then SR, then KOS).
+    """Choose the head series, check it against the checkpoint's scope, run the model on it
+    slice by slice, check its slices against the checkpoint's training inputs, apply the
+    rule, explain the key slices and build the object sets `settings.objects` asks for,
+    each a series of its own numbered from `series_number` (SC, then SR, then KOS).
 
-    Raises NoAnalysableSeries when no series qualifies and InvalidInstance when too few
-    of its slices can be used; both are final for the study.
+    Raises InvalidInstance when too few slices of the series can be used (final for the
+    study), and NoAnalysableSeries when no instance of the study can be read at all.
     """
     clock = _Stopwatch()
-    choice = choose_head_series(list(headers), settings.min_slices)
-    scan = _scan(choice, read, predictor, settings.key_slices, clock)
+    try:
+        choice = choose_head_series(list(headers), settings.min_slices)
+    except NoAnalysableSeries as problem:
+        return _no_series(headers, read, problem, predictor, settings, clock, series_number)
+    reasons, preloaded = _scope(choice, read, predictor, clock)
+    if reasons and settings.abstain:
+        found = _first_readable(middle_slices(choice.slices, 1) + choice.slices, read, preloaded)
+        if found is None:
+            raise InvalidInstance(f"series {choice.series_instance_uid}: no slice of it can be read")
+        reference, source = found
+        return _not_triaged(reasons, choice, reference, [source], predictor, settings, clock,
+                            series_number=series_number)
+    scan = _scan(choice, read, predictor, settings.key_slices, clock, preloaded)
     _check_usable(choice, scan, settings)
     probabilities = np.array(scan.probabilities, dtype=np.float32)
-    verdict = settings.rule.apply(probabilities)
-    keys = key_slice_indices(probabilities, settings.key_slices)
     model = predictor.config
-    texts = result_texts(verdict, model.provenance, model.architecture, unusable_slices=len(scan.skipped))
+    assessment = model.inputs.assess(scan.descriptors) if model.inputs is not None else None
+    if assessment is not None and assessment.outside:
+        reasons.append(Reason(ReasonCode.OUT_OF_DISTRIBUTION, assessment.reason()))
+    if reasons and settings.abstain:
+        middle = middle_slices(scan.headers, 1)[0]
+        return _not_triaged(reasons, choice, scan.reference, [SourceImage(middle.sop_class_uid,
+                                                                          middle.sop_instance_uid)],
+                            predictor, settings, clock, series_number=series_number, scan=scan,
+                            assessment=assessment)
+    keys = key_slice_indices(probabilities, settings.key_slices)
     sources = [SourceImage(scan.headers[i].sop_class_uid, scan.headers[i].sop_instance_uid) for i in keys]
+    verdict = settings.rule.apply(probabilities)
+    texts = result_texts(verdict, model.provenance, model.architecture, unusable_slices=len(scan.skipped))
     objects: dict[ResultKind, list[Dataset]] = {}
     started = time.perf_counter()
     if ResultKind.SC in settings.objects:  # the only set with pictures, so the only one that needs Grad-CAM
@@ -234,8 +379,7 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
             institution_name=settings.institution_name, software_version=model.provenance.code_version,
             sources=[*sources, None],
         )
-    context = ResultContext(settings.manufacturer, settings.institution_name, settings.device_uid,
-                            settings.device_name, model.architecture, model.provenance.code_version, texts.warnings)
+    context = _context(settings, predictor, texts.warnings)
     if ResultKind.SR in settings.objects:
         objects[ResultKind.SR] = [build_sr(scan.reference, sources, verdict, context,
                                            series_number=series_number + SERIES_OFFSETS[ResultKind.SR],
@@ -246,4 +390,6 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
                                              description=texts.descriptions[ResultKind.KOS])]
     clock.since("encode", started)
     return AnalysisResult(choice, verdict, probabilities, keys, scan.skipped, texts,
-                          {kind: objects[kind] for kind in settings.objects}, clock.timings)
+                          {kind: objects[kind] for kind in settings.objects}, clock.timings, tuple(reasons),
+                          assessment)
+

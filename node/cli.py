@@ -29,7 +29,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from training.synthetic import SyntheticOptions, write_studies
+    from training.synthetic import Shift, SyntheticOptions, write_studies
 
     options = SyntheticOptions(
         studies=args.studies,
@@ -37,11 +37,14 @@ def _synth(args: argparse.Namespace) -> int:
         positive_fraction=args.positive_fraction,
         localizer=args.localizer,
         bone_series=args.bone_series,
+        shift=Shift(args.shift) if args.shift else None,
     )
     labels = write_studies(args.out, options)
     positives = sum(study.positive for study in labels)
+    kind = f"synthetic studies shifted out of distribution ({args.shift})" if args.shift \
+        else "synthetic head-CT studies"
     print(
-        f"wrote {len(labels)} synthetic head-CT studies to {args.out} "
+        f"wrote {len(labels)} {kind} to {args.out} "
         f"({positives} with bleeds, {len(labels) - positives} without; seed {args.seed}); "
         "SYNTHETIC DATA - NOT PATIENT DATA"
     )
@@ -64,6 +67,30 @@ def _add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bone-series", action="store_true", help="add the same slices in a bone kernel"
     )
+    parser.add_argument(
+        "--shift", choices=["contrast", "noise", "metal", "body"], default=None,
+        help="write the studies as inputs the model was not trained on, for testing abstention: after IV "
+             "contrast, heavy noise, metal streaks, or an abdomen (headers do not give the shift away)",
+    )
+
+
+def _ood_set(args: argparse.Namespace) -> int:
+    from training.oodset import write_ood_set
+
+    counts = write_ood_set(args.out, seed=args.seed, studies_per_shift=args.studies_per_shift)
+    print(f"wrote {sum(counts.values())} studies a head-CT model was not trained on to {args.out}:")
+    for kind, count in counts.items():
+        print(f"  {count} {kind}")
+    print("evaluate abstention with `ichnode evaluate --data` on it; NOT PATIENT DATA for the synthetic studies, "
+          "public test files for the real ones")
+    return 0
+
+
+def _add_ood_set_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="a new folder to write the studies into")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic shifted studies (default 0)")
+    parser.add_argument("--studies-per-shift", type=_positive_int, default=5,
+                        help="synthetic studies of each shift: contrast, noise, metal, body (default 5)")
 
 
 def _add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +264,9 @@ def _evaluate_history(args: argparse.Namespace) -> int:
     print(f"{len(joined.matched)} studies matched; {len(joined.unlabelled)} analysed studies have no label; "
           f"{len(joined.not_analysed)} labels match no analysis; {joined.without_probabilities} analyses were "
           "logged before slice probabilities were recorded")
+    if joined.not_triaged:
+        print(f"{len(joined.not_triaged)} labelled studies were NOT TRIAGED (no verdict, not in the tables); "
+              f"{sum(label for _, label in joined.not_triaged)} of them with ICH")
     positives = sum(m.label for m in joined.matched)
     if min(positives, len(joined.matched) - positives) < SMALL_CLASS:
         print(f"warning: only {positives} studies with ICH and {len(joined.matched) - positives} without were "
@@ -286,6 +316,57 @@ def _calibrate(args: argparse.Namespace) -> int:
     print(f"written to {args.out}: the same weights, recommending this rule (use it with [triage] source = "
           "\"checkpoint\")")
     return 0
+
+
+def _fit_ood(args: argparse.Namespace) -> int:
+    from training.abstention import fit_ood, method_table
+    from training.configfile import read_toml, section_from_table
+    from training.model.scope import Scope
+
+    scope = None
+    if args.scope_config is not None:
+        table = read_toml(args.scope_config).get("scope")
+        if table is None:
+            raise ConfigError(f"{args.scope_config} has no [scope] table")
+        scope = section_from_table(Scope, "scope", table)
+    result = fit_ood(args.checkpoint, args.data, args.validation, args.out, layer=args.layer,
+                     target=args.target_abstention, shifted=args.shifted, scope=scope, report=args.report,
+                     device=args.device, batch_size=args.batch_size, backend=args.backend)
+    profile = result.profile
+    print(f"input profile: {profile.describe()}")
+    print(f"  fitted on {profile.fitted_on}")
+    print("methods compared (each limit conformal on the same validation studies):")
+    for line in method_table(result.methods):
+        print(f"  {line}")
+    print(f"written to {args.out}: the same weights, with this profile"
+          + (f" and the scope of {args.scope_config}" if scope else "")
+          + " (a study scoring above the limit is NOT TRIAGED when triage.abstain = true)")
+    return 0
+
+
+def _add_fit_ood_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="the data the checkpoint was trained on: its prepare-rsna folder (the training "
+                             "list) or `ichnode synth` studies")
+    parser.add_argument("--validation", type=Path, required=True,
+                        help="studies never trained on, to fix the limit on: `ichnode synth` studies, a CQ500 "
+                             "folder or a prepare-rsna folder")
+    parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write")
+    parser.add_argument("--layer", default="avgpool", help="the descriptor layer of the profile (default avgpool)")
+    parser.add_argument("--target-abstention", type=_probability, default=0.01,
+                        help="the highest share of in-distribution studies that may be not triaged (default 0.01)")
+    parser.add_argument("--shifted", type=Path, action="append", default=[], metavar="DIR",
+                        help="studies unlike the training data (`ichnode synth --shift`), to compare the methods "
+                             "on; repeatable; keep them apart from what you evaluate on")
+    parser.add_argument("--scope-config", type=Path, default=None, metavar="TOML",
+                        help="a file whose [scope] table declares what the checkpoint supports (the training "
+                             "config); default: the checkpoint's own")
+    parser.add_argument("--report", type=Path, default=None, metavar="DIR",
+                        help="write fit-ood.md and fit-ood.json here")
+    parser.add_argument("--device", type=_device, default=Device("auto"), help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--backend", type=Backend, default=Backend.AUTO, choices=list(Backend))
 
 
 def _probability(text: str) -> float:
@@ -372,6 +453,10 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
                   "a new checkpoint", _add_calibrate_arguments, _calibrate),
     "evaluate": ("evaluate a checkpoint (slice and patient level, with 95 percent intervals)",
                  _add_evaluate_arguments, _evaluate),
+    "ood-set": ("write studies a head-CT model was not trained on (synthetic shifts, real CT of other kinds, "
+                "MR), to measure abstention", _add_ood_set_arguments, _ood_set),
+    "fit-ood": ("describe a checkpoint's training inputs, so studies unlike them are not triaged, and write "
+                "it into a new checkpoint", _add_fit_ood_arguments, _fit_ood),
 }
 
 

@@ -217,6 +217,9 @@ class TriageSection:
     slice_threshold: float = 0.8
     positive_fraction: float = 0.05
     min_positive_slices: int = 1
+    # A study outside the checkpoint's scope or training inputs gets NOT TRIAGED, never a
+    # verdict; false (a silent trial only) gives the raw verdict and logs what was found.
+    abstain: bool = True
 
     def __post_init__(self) -> None:
         self.configured_rule  # a bad value raises ValueError naming its key
@@ -436,6 +439,10 @@ class Config:
             raise ConfigError(f"destinations: names must be unique, repeated: {sorted(duplicates)}")
         for i, target in enumerate(self.notify):
             target.validate(f"notify[{i}]")
+        if not self.triage.abstain and not self.silent:
+            raise ConfigError("triage.abstain = false gives verdicts on studies the model does not support (another "
+                              "body part, contrast, inputs unlike its training data) and would send them to the PACS: "
+                              "it is allowed only in a silent trial (delivery.mode = \"silent\")")
 
     @property
     def calling_ae_title(self) -> str:

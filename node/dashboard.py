@@ -42,9 +42,11 @@ from storage.state import (
 )
 from storage.store import InstanceStore
 from training.inference.predictor import Predictor
+from training.model.inputs import InputProfile
 from training.model.rule import NEGATIVE_LABEL, POSITIVE_LABEL
+from training.model.scope import NOT_TRIAGED_LABEL
 
-__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "redact_url"]
+__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "redact_url", "inputs_line"]
 
 _IMAGE_NAME = re.compile(r"sc-[0-9]{4}")
 
@@ -52,6 +54,7 @@ _IMAGE_NAME = re.compile(r"sc-[0-9]{4}")
 class VerdictFilter(enum.StrEnum):
     POSITIVE = "positive"
     NEGATIVE = "negative"
+    NOT_TRIAGED = "not_triaged"  # outside what the model supports: no verdict
     NONE = "none"  # not analysed (yet)
 
 
@@ -84,6 +87,14 @@ class QueueFilter:
         return cls(chosen_state, chosen_verdict, count)
 
 
+def inputs_line(profile: InputProfile | None) -> str:
+    """The out-of-distribution check in words, for start-up and the model page."""
+    if profile is None:
+        return ("none: the checkpoint describes no training inputs, so studies unlike them cannot be recognised "
+                "(write one with `ichnode fit-ood`)")
+    return profile.describe()
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """The checkpoint in force and what it says about itself."""
@@ -100,18 +111,22 @@ class ModelInfo:
     backend: str | None = None
     warnings: tuple[str, ...] = ()
     rule: str = ""
+    scope: str = ""  # what the checkpoint supports
+    inputs: str = ""  # its out-of-distribution profile, or why there is none
+    abstain: bool = True
 
     @classmethod
     def of(cls, config: Config, predictor: Predictor | None) -> "ModelInfo":
         checkpoint = str(config.model.checkpoint) if config.model.checkpoint else None
         rule = config.triage.describe(predictor.config.triage if predictor is not None else None)
         if predictor is None:
-            return cls(checkpoint, False, rule=rule)
+            return cls(checkpoint, False, rule=rule, abstain=config.triage.abstain)
         model = predictor.config
         provenance = model.provenance
         return cls(checkpoint, True, model.architecture, provenance.training_data, provenance.description,
                    provenance.created, provenance.code_version, dict(provenance.metrics), str(predictor.device),
-                   predictor.forward.name, tuple(model_warnings(provenance)), rule)
+                   predictor.forward.name, tuple(model_warnings(provenance)), rule, model.scope.describe(),
+                   inputs_line(model.inputs), config.triage.abstain)
 
 
 @dataclass(frozen=True)
@@ -236,7 +251,8 @@ class Dashboard:
             figures = queue_figures(session, utcnow())
             found = find_studies(session, limit=chosen.limit, state=chosen.state,
                                  verdict={VerdictFilter.POSITIVE: POSITIVE_LABEL,
-                                          VerdictFilter.NEGATIVE: NEGATIVE_LABEL}.get(chosen.verdict),
+                                          VerdictFilter.NEGATIVE: NEGATIVE_LABEL,
+                                          VerdictFilter.NOT_TRIAGED: NOT_TRIAGED_LABEL}.get(chosen.verdict),
                                  unanalysed=chosen.verdict == VerdictFilter.NONE)
             outgoing, notified = outgoing_of(session, [s.id for s in found])
             rows = tuple(StudyRow.of(s, latest.get(s.study_instance_uid), outgoing[s.id], notified[s.id])
@@ -318,7 +334,7 @@ class Dashboard:
         snapshot = self.history.refresh()
         days = self.config.web.history_days
         return ModelView(self.model_info, tuple(snapshot.days(utcnow().date(), days)),
-                         tuple(a.study_score for a in snapshot.recent), days)
+                         tuple(a.study_score for a in snapshot.recent if a.study_score is not None), days)
 
 
 def redact_url(url: str) -> str:

@@ -32,8 +32,12 @@ class Analysis:
     time: dt.datetime  # UTC, naive like the database's timestamps
     study_instance_uid: str
     positive: bool
-    study_score: float
+    study_score: float | None  # None: not triaged (no verdict, so no score)
     timings: dict[str, float]
+
+    @property
+    def triaged(self) -> bool:
+        return self.study_score is not None
 
 
 @dataclass
@@ -57,10 +61,18 @@ class Day:
     date: dt.date
     analyses: int
     positives: int
+    not_triaged: int = 0
 
     @property
     def positive_rate(self) -> float | None:
-        return self.positives / self.analyses if self.analyses else None
+        """Positives among the studies given a verdict."""
+        triaged = self.analyses - self.not_triaged
+        return self.positives / triaged if triaged else None
+
+    @property
+    def not_triaged_rate(self) -> float | None:
+        """The share the model did not answer for: a rise says the inputs changed."""
+        return self.not_triaged / self.analyses if self.analyses else None
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,7 @@ class HistorySnapshot:
     """A consistent copy of the figures, safe to use while the log is read further."""
 
     events: dict[str, int]  # every event ever logged, by kind
-    analyses: dict[str, int]  # positive / negative
+    analyses: dict[str, int]  # positive / negative / not_triaged
     deliveries: dict[tuple[str, str], int]  # (destination, "sent" | "attempt_failed")
     notifications: dict[str, int]  # "sent" | "attempt_failed"
     stages: dict[str, StageHistogram]
@@ -76,13 +88,15 @@ class HistorySnapshot:
     unreadable_lines: int
 
     def days(self, today: dt.date, count: int) -> list[Day]:
-        """Analyses and positives per UTC day, for the `count` days up to `today` (empty days too)."""
-        per_day: dict[dt.date, list[int]] = {today - dt.timedelta(days=i): [0, 0] for i in range(count)}
+        """Analyses, positives and studies not triaged per UTC day, for the `count` days up to
+        `today` (empty days too)."""
+        per_day: dict[dt.date, list[int]] = {today - dt.timedelta(days=i): [0, 0, 0] for i in range(count)}
         for analysis in self.recent:
             tally = per_day.get(analysis.time.date())
             if tally is not None:
                 tally[0] += 1
                 tally[1] += analysis.positive
+                tally[2] += not analysis.triaged
         return [Day(date, *per_day[date]) for date in sorted(per_day)]
 
     def latest(self) -> dict[str, Analysis]:
@@ -141,17 +155,18 @@ class TriageHistory:
             self._analysed(event)
 
     def _analysed(self, event: dict) -> None:
-        positive = bool(event.get("positive"))
-        self._analyses["positive" if positive else "negative"] += 1
+        positive, triaged = bool(event.get("positive")), event.get("triaged", True) is not False
+        self._analyses["not_triaged" if not triaged else "positive" if positive else "negative"] += 1
         timings = {str(k): float(v) for k, v in (event.get("timings_s") or {}).items()
                    if isinstance(v, (int, float))}
         for stage, seconds in timings.items():
             self._stages.setdefault(stage, StageHistogram()).add(seconds)
         when = _parse_time(event.get("time"))
         score = event.get("study_score")
-        if when is None or not isinstance(score, (int, float)):
+        if when is None or (triaged and not isinstance(score, (int, float))):
             return
-        analysis = Analysis(when, str(event.get("study_instance_uid", "")), positive, float(score), timings)
+        analysis = Analysis(when, str(event.get("study_instance_uid", "")), positive,
+                            float(score) if triaged else None, timings)
         if self._recent and when < self._recent[-1].time:  # two processes' lines out of order
             bisect.insort(self._recent, analysis, key=lambda a: a.time)
         else:

@@ -43,7 +43,7 @@ class NodeCollector(Collector):
                        "again), every process of the node", figures.instances_stored)
         yield _by_label(GaugeMetricFamily, "ichnode_studies", "Studies by state", "state", studies)
         yield _by_label(CounterMetricFamily, "ichnode_analyses", "Analyses recorded in the triage log, by verdict",
-                        "verdict", {"positive": 0, "negative": 0} | history.analyses)
+                        "verdict", {"positive": 0, "negative": 0, "not_triaged": 0} | history.analyses)
         yield _stage_histogram(history.stages)
         yield _by_label(GaugeMetricFamily, "ichnode_deliveries", "Deliveries (one result object set for one "
                         "destination) by state", "state", deliveries)

@@ -34,16 +34,22 @@ def _now() -> str:
 def analysed_message(study_uid: str, accession: str, fields: Mapping[str, object], *,
                      patient: Mapping[str, str] | None = None) -> dict:
     """The message for an analysed study, from the `analysed` event's fields; `patient`
-    (PatientName, PatientID, PatientBirthDate) only when identifiers may be sent."""
-    flag = "SUSPECTED ICH - PRIORITY" if fields["positive"] else "ICH not detected"
+    (PatientName, PatientID, PatientBirthDate) only when identifiers may be sent. A study
+    the model did not answer for says NOT TRIAGED and why, never "not detected"."""
     warnings = "".join(f" [{w}]" for w in fields.get("warnings", []))
-    text = (f"ICH triage: {flag} | accession {accession or '-'} | {fields['positive_slices']} of "
-            f"{fields['total_slices']} slices with P(ICH) > {fields['slice_threshold']}, max "
-            f"{float(fields['study_score']):.2f} | study {study_uid}{warnings}")
-    keys = ("verdict", "positive", "study_score", "positive_slices", "total_slices", "required_slices",
-            "slice_threshold", "model", "model_training_data", "warnings")
+    if fields.get("triaged", True):
+        flag = "SUSPECTED ICH - PRIORITY" if fields["positive"] else "ICH not detected"
+        detail = (f"{fields['positive_slices']} of {fields['total_slices']} slices with P(ICH) > "
+                  f"{fields['slice_threshold']}, max {float(fields['study_score']):.2f}")
+        keys = ("verdict", "triaged", "positive", "study_score", "positive_slices", "total_slices", "required_slices",
+                "slice_threshold", "model", "model_training_data", "warnings")
+    else:
+        flag = "NOT TRIAGED (no verdict: read as if no triage had run)"
+        detail = "; ".join(str(reason["text"]) for reason in fields["not_triaged"])  # type: ignore[index, union-attr]
+        keys = ("verdict", "triaged", "positive", "not_triaged", "model", "model_training_data", "warnings")
+    text = f"ICH triage: {flag} | accession {accession or '-'} | {detail} | study {study_uid}{warnings}"
     return {"event": "analysed", "time": _now(), "study_instance_uid": study_uid, "accession_number": accession,
-            **{key: fields[key] for key in keys}, **(patient or {}), "text": text}
+            **{key: fields.get(key) for key in keys}, **(patient or {}), "text": text}
 
 
 def failed_message(study_uid: str, accession: str, reason: str) -> dict:

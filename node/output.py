@@ -18,9 +18,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from training.model.checkpoint import Provenance
 from training.model.rule import Verdict
+from training.model.scope import NOT_TRIAGED_LABEL
 
-__all__ = ["ResultKind", "ResultTexts", "SourceImage", "model_warnings", "result_texts", "build_result_series",
-           "encode"]
+__all__ = ["ResultKind", "ResultTexts", "SourceImage", "model_warnings", "result_texts", "not_triaged_texts",
+           "build_result_series", "encode"]
 
 DESCRIPTION_PREFIX = "AI ICH TRIAGE"
 # Each series of a result has a SeriesDescription of its own, all with the same length of
@@ -47,6 +48,7 @@ class ResultTexts:
     rule_line: str
     image_comments: str
     warnings: list[str]
+    derivation: str = "Grad-CAM and P(ICH) of an ICH classifier"  # the pictures' DerivationDescription
 
     @property
     def series_description(self) -> str:
@@ -71,22 +73,31 @@ def model_warnings(provenance: Provenance) -> list[str]:
     return []
 
 
-def result_texts(verdict: Verdict, provenance: Provenance, architecture: str, *,
-                 unusable_slices: int = 0) -> ResultTexts:
-    """The verdict's words. A demonstration model's series is named by the whole demo
-    warning (it fills the 64 characters of SeriesDescription, so the verdict is left to
-    the images, ImageComments and the log): nobody should read it as a finding. Slices
-    left out as unreadable are counted, so a reader knows the verdict did not see them."""
-    warnings = model_warnings(provenance)
-    verdict_line = f"{DESCRIPTION_PREFIX}: {verdict.label}"
+def _descriptions(label: str, provenance: Provenance) -> dict[ResultKind, str]:
+    """Each object set's SeriesDescription. A demonstration model's is its whole warning
+    (it fills the 64 characters, so the verdict is left to the images, ImageComments and
+    the log): nobody should read it as a finding."""
     descriptions = {}
     for kind in ResultKind:
-        description = f"{PREFIXES[kind]}: {verdict.label}"
+        description = f"{PREFIXES[kind]}: {label}"
         if provenance.synthetic:
             description = f"{PREFIXES[kind]} {DEMO_WARNING}"
         elif provenance.untrained:
             description = f"{description} [UNTRAINED MODEL]"
         descriptions[kind] = description[:64]
+    return descriptions
+
+
+def _model_line(provenance: Provenance, architecture: str) -> str:
+    return f"Model {architecture}, trained on: {provenance.training_data} ({provenance.description})."
+
+
+def result_texts(verdict: Verdict, provenance: Provenance, architecture: str, *,
+                 unusable_slices: int = 0) -> ResultTexts:
+    """The verdict's words. Slices left out as unreadable are counted, so a reader knows
+    the verdict did not see them."""
+    warnings = model_warnings(provenance)
+    verdict_line = f"{DESCRIPTION_PREFIX}: {verdict.label}"
     rule_line = (
         f"{verdict.positive_slices} of {verdict.total_slices} slices with P(ICH) > "
         f"{verdict.rule.slice_threshold:g} (positive when >= {verdict.required_slices}); "
@@ -94,11 +105,22 @@ def result_texts(verdict: Verdict, provenance: Provenance, architecture: str, *,
     )
     left_out = ([f"{unusable_slices} unreadable slices of the series were left out of the analysis."]
                 if unusable_slices else [])
-    comments = " ".join(
-        [f"{verdict_line}.", f"{rule_line}.", *left_out, f"Model {architecture}, trained on: "
-         f"{provenance.training_data} ({provenance.description}).", "NOT FOR DIAGNOSTIC USE.", *warnings]
-    )
-    return ResultTexts(descriptions, verdict_line, rule_line, comments, warnings)
+    comments = " ".join([f"{verdict_line}.", f"{rule_line}.", *left_out, _model_line(provenance, architecture),
+                         "NOT FOR DIAGNOSTIC USE.", *warnings])
+    return ResultTexts(_descriptions(verdict.label, provenance), verdict_line, rule_line, comments, warnings)
+
+
+def not_triaged_texts(reasons: list[str], provenance: Provenance, architecture: str) -> ResultTexts:
+    """The words of a study the model did not answer for: NOT TRIAGED and why, never a
+    verdict (it is neither flagged nor "not detected")."""
+    warnings = model_warnings(provenance)
+    verdict_line = f"{DESCRIPTION_PREFIX}: {NOT_TRIAGED_LABEL}"
+    why = "; ".join(reasons)
+    comments = " ".join([f"{verdict_line}: input outside what this model was trained on, so it gives no verdict "
+                         f"(neither flagged nor cleared).", f"Why: {why}.", _model_line(provenance, architecture),
+                         "NOT FOR DIAGNOSTIC USE.", *warnings])
+    return ResultTexts(_descriptions(NOT_TRIAGED_LABEL, provenance), verdict_line, f"not triaged: {why}", comments,
+                       warnings, "Scope and input checks of an ICH classifier: not triaged, no verdict")
 
 
 def build_result_series(
@@ -139,7 +161,7 @@ def build_result_series(
         sc.BodyPartExamined = "HEAD"
         sc.ImageComments = texts.image_comments
         sc.BurnedInAnnotation = "YES"
-        sc.DerivationDescription = "Grad-CAM and P(ICH) of an ICH classifier"[:1024]
+        sc.DerivationDescription = texts.derivation[:1024]
         if source is not None:
             item = Dataset()
             item.ReferencedSOPClassUID = source.sop_class_uid

@@ -39,8 +39,11 @@ def _day_axis(days: Sequence[Day]) -> tuple[Figure, Axes]:
 
 def studies_per_day(days: Sequence[Day]) -> bytes:
     figure, axes = _day_axis(days)
-    axes.bar(range(len(days)), [d.analyses for d in days], color="#4a78b0")
+    triaged = [d.analyses - d.not_triaged for d in days]
+    axes.bar(range(len(days)), triaged, color="#4a78b0", label="given a verdict")
+    axes.bar(range(len(days)), [d.not_triaged for d in days], bottom=triaged, color="#f0a030", label="NOT TRIAGED")
     axes.set_ylabel("analyses")
+    axes.legend(fontsize=8, loc="upper left")
     axes.set_title("Studies analysed per day (UTC)", fontsize=10)
     return _png(figure)
 
@@ -52,7 +55,7 @@ def positive_rate_per_day(days: Sequence[Day]) -> bytes:
               marker="o", color="#b03a2e")
     axes.set_ylim(-0.02, 1.02)
     axes.set_ylabel("flagged positive")
-    axes.set_title("Share of analysed studies flagged SUSPECTED - PRIORITY per day", fontsize=10)
+    axes.set_title("Share of the studies given a verdict flagged SUSPECTED - PRIORITY per day", fontsize=10)
     return _png(figure)
 
 

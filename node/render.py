@@ -11,12 +11,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-__all__ = ["PANEL_SIZE", "key_slice_image", "summary_image"]
+__all__ = ["PANEL_SIZE", "key_slice_image", "summary_image", "not_triaged_image"]
 
 PANEL_SIZE = 512  # each half of a key-slice image, in pixels
 HEADER = 104
 FOOTER = 36
 WHITE, RED, YELLOW, GREY, GREEN = (255, 255, 255), (255, 64, 64), (255, 210, 0), (150, 150, 150), (90, 220, 120)
+AMBER = (255, 160, 40)
 NOT_DIAGNOSTIC = "NOT FOR DIAGNOSTIC USE"
 
 
@@ -125,3 +126,45 @@ def summary_image(
         ("P(ICH) per slice of the analysed series", GREY),
     ]
     return _frame(np.asarray(plot), header, warnings)
+
+
+def _wrapped(text: str, width: int) -> list[str]:
+    """`text` in lines of at most `width` characters, broken at spaces."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line] if line else lines
+
+
+def not_triaged_image(*, verdict_line: str, reasons: list[str], facts: list[str], warnings: list[str]) -> np.ndarray:
+    """The one picture of a study the model did not answer for: why, with the numbers, and
+    that it was neither flagged nor cleared — so nobody reads the silence as "not detected"."""
+    width, height = 2 * PANEL_SIZE, PANEL_SIZE
+    body = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(body)
+    y = 20
+    draw.text((24, y), "This study was not triaged: the model's answer would mean nothing for it.", fill=WHITE,
+              font=_font(22))
+    y += 44
+    for reason in reasons:
+        for number, line in enumerate(_wrapped(reason, 84)):
+            draw.text((24, y), ("- " if number == 0 else "  ") + line, fill=AMBER, font=_font(20))
+            y += 28
+        y += 6
+    y += 10
+    for fact in facts:
+        for line in _wrapped(fact, 96):
+            draw.text((24, y), line, fill=GREY, font=_font(18))
+            y += 24
+    draw.text((24, height - 40), "It is neither flagged nor cleared: read it as if no triage had run.",
+              fill=WHITE, font=_font(20))
+    header = [
+        (verdict_line, AMBER),
+        ("input outside what this model was trained on", WHITE),
+        ("no heatmaps and no probabilities are shown: they would not be meaningful", GREY),
+    ]
+    return _frame(np.asarray(body), header, warnings)

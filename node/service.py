@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Config
-from node.dashboard import Dashboard, ModelInfo
+from node.dashboard import Dashboard, ModelInfo, inputs_line
 from node.delivery import DicomSender, Deliveries
 from node.errors import ConfigError, DatabaseMissing
 from node.health import Readiness
@@ -161,6 +161,14 @@ def _announce_model(config: Config, predictor: Predictor | None) -> None:
     log.info("model %s on %s with %s (trained on: %s)", predictor.config.architecture, predictor.device,
              predictor.forward.name, provenance.training_data)
     log.info("triage rule in force: %s", config.triage.describe(predictor.config.triage))
+    log.info("the model supports: %s", predictor.config.scope.describe())
+    inputs = inputs_line(predictor.config.inputs)
+    (log.info if predictor.config.inputs is not None else log.warning)("out-of-distribution check: %s", inputs)
+    if config.triage.abstain:
+        log.info("triage.abstain: studies outside what the model supports are NOT TRIAGED, never flagged or cleared")
+    else:
+        log.warning("triage.abstain = false (silent trial): every study gets the model's raw verdict; what the scope "
+                    "and out-of-distribution checks find is only logged")
     for warning in model_warnings(provenance):
         log.warning("%s: every result of this model says so", warning)
 

@@ -19,9 +19,11 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from node.output import SourceImage
-from training.model.rule import Verdict
+from training.model.rule import TriageRule, Verdict
+from training.model.scope import Reason, ReasonCode
 
-__all__ = ["ResultContext", "NOT_DETECTED", "PROCESSING_ALGORITHM", "evidence_for", "build_sr", "build_kos"]
+__all__ = ["ResultContext", "NOT_DETECTED", "NOT_EVALUATED", "NOT_TRIAGED_REASON", "REASON_CODES", "PROCESSING_ALGORITHM",
+           "Unanswered", "evidence_for", "build_sr", "build_not_triaged_sr", "build_kos"]
 
 # SNOMED CT 260415000 "Not detected (qualifier value)"; pydicom's dictionary lacks it.
 NOT_DETECTED = Code("260415000", "SCT", "Not detected")
@@ -33,6 +35,21 @@ POSITIVE_SLICES = Code("positive-slices", "99ICHNODE", "Slices above the slice t
 ANALYSED_SLICES = Code("analysed-slices", "99ICHNODE", "Slices analysed")
 PROBABILITY = codes.UCUM.NoUnits
 SLICES = Code("{slices}", "UCUM", "slices")
+# A study outside what the model supports: the finding was not evaluated, and why.
+NOT_EVALUATED = codes.SCT.NotEvaluated  # SNOMED CT 373121007
+NOT_TRIAGED_REASON = Code("not-triaged-reason", "99ICHNODE", "Reason the study was not triaged")
+REASON_CODES = {
+    ReasonCode.NO_SERIES: Code("no-series", "99ICHNODE", "No axial head CT series"),
+    ReasonCode.NOT_HEAD: Code("not-head", "99ICHNODE", "Not a head CT"),
+    ReasonCode.CONTRAST: Code("contrast", "99ICHNODE", "Scan after IV contrast"),
+    ReasonCode.SLICE_THICKNESS: Code("slice-thickness", "99ICHNODE", "Slice thickness outside the model's scope"),
+    ReasonCode.COVERAGE: Code("coverage", "99ICHNODE", "Too little of the head covered"),
+    ReasonCode.AGE: Code("age", "99ICHNODE", "Patient younger than the model supports"),
+    ReasonCode.OUT_OF_DISTRIBUTION: Code("out-of-distribution", "99ICHNODE",
+                                         "Images outside the model's training inputs"),
+}
+OOD_SCORE = Code("ood-score", "99ICHNODE", "Out-of-distribution score of the study")
+OOD_LIMIT = Code("ood-limit", "99ICHNODE", "Out-of-distribution score above which the study is not triaged")
 
 
 @dataclass(frozen=True)
@@ -59,15 +76,14 @@ def evidence_for(reference: Dataset, key_slices: list[SourceImage]) -> list[Data
     return evidence
 
 
-def _algorithm(verdict: Verdict, context: ResultContext) -> hd.sr.AlgorithmIdentification:
+def _algorithm(rule: TriageRule, parameters: list[str], context: ResultContext) -> hd.sr.AlgorithmIdentification:
     """TID 4019: the algorithm, its version, and the rule's thresholds as parameters; a
     demonstration or untrained model says so in its name."""
     name = " ".join(["ichnode", context.architecture, *(f"[{w}]" for w in context.warnings)])
-    rule = verdict.rule
-    parameters = [f"slice_threshold={rule.slice_threshold:g}", f"positive_fraction={rule.positive_fraction:g}",
-                  f"min_positive_slices={rule.min_positive_slices}", f"required_slices={verdict.required_slices}"]
-    return hd.sr.AlgorithmIdentification(name=name, version=context.software_version, parameters=parameters,
-                                         manufacturer=context.manufacturer)
+    rule_parameters = [f"slice_threshold={rule.slice_threshold:g}", f"positive_fraction={rule.positive_fraction:g}",
+                       f"min_positive_slices={rule.min_positive_slices}"]
+    return hd.sr.AlgorithmIdentification(name=name, version=context.software_version,
+                                         parameters=[*rule_parameters, *parameters], manufacturer=context.manufacturer)
 
 
 def _measurements(verdict: Verdict) -> list[hd.sr.Measurement]:
@@ -97,20 +113,32 @@ def _observer(context: ResultContext) -> hd.sr.ObserverContext:
     )
 
 
-def build_sr(reference: Dataset, key_slices: list[SourceImage], verdict: Verdict, context: ResultContext, *,
-             series_number: int, series_description: str) -> hd.sr.Comprehensive3DSR:
-    """The IHE AI Results SR: TID 1500 with one measurement group for the study."""
+@dataclass(frozen=True)
+class Unanswered:
+    """Why the model gave no verdict, with the out-of-distribution score when one was computed."""
+
+    reasons: list[Reason]
+    rule: TriageRule  # the rule that would have applied
+    ood_score: float | None = None
+    ood_limit: float | None = None
+
+
+def _report(reference: Dataset, key_slices: list[SourceImage], context: ResultContext, *, value: Code,
+            measurements: list[hd.sr.Measurement], reasons: list[Reason], algorithm: hd.sr.AlgorithmIdentification,
+            series_number: int, series_description: str) -> hd.sr.Comprehensive3DSR:
+    """TID 1500 with one measurement group for the study: the ICH finding as `value`."""
     evidence = evidence_for(reference, key_slices)
+    evaluations = [hd.sr.QualitativeEvaluation(name=codes.SCT.IntracranialHemorrhage, value=value)]
+    evaluations += [hd.sr.QualitativeEvaluation(name=NOT_TRIAGED_REASON, value=REASON_CODES[reason.code])
+                    for reason in reasons]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="ICH triage of the study"),
         finding_type=codes.SCT.IntracranialHemorrhage,
         finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Brain)],
-        algorithm_id=_algorithm(verdict, context),
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            name=codes.SCT.IntracranialHemorrhage,
-            value=codes.SCT.Suspected if verdict.positive else NOT_DETECTED)],
-        measurements=_measurements(verdict),
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in evidence],
+        algorithm_id=algorithm,
+        qualitative_evaluations=evaluations,
+        measurements=measurements or None,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in evidence] or None,
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=_observer(context)),
@@ -118,13 +146,36 @@ def build_sr(reference: Dataset, key_slices: list[SourceImage], verdict: Verdict
         imaging_measurements=[group],
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report[0], series_instance_uid=generate_uid(), series_number=series_number,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=context.manufacturer,
-        institution_name=context.institution_name or None, is_complete=True, is_final=False, is_verified=False,
-        contributing_equipment=[_equipment(context)],
+        evidence=evidence or [reference], content=report[0], series_instance_uid=generate_uid(),
+        series_number=series_number, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer=context.manufacturer, institution_name=context.institution_name or None, is_complete=True,
+        is_final=False, is_verified=False, contributing_equipment=[_equipment(context)],
     )
     sr.SeriesDescription = series_description[:64]
     return sr
+
+
+def build_sr(reference: Dataset, key_slices: list[SourceImage], verdict: Verdict, context: ResultContext, *,
+             series_number: int, series_description: str) -> hd.sr.Comprehensive3DSR:
+    """The IHE AI Results SR of a verdict: the coded finding, the scores, the key slices."""
+    return _report(reference, key_slices, context, value=codes.SCT.Suspected if verdict.positive else NOT_DETECTED,
+                   measurements=_measurements(verdict), reasons=[],
+                   algorithm=_algorithm(verdict.rule, [f"required_slices={verdict.required_slices}"], context),
+                   series_number=series_number, series_description=series_description)
+
+
+def build_not_triaged_sr(reference: Dataset, sources: list[SourceImage], unanswered: Unanswered,
+                         context: ResultContext, *, series_number: int,
+                         series_description: str) -> hd.sr.Comprehensive3DSR:
+    """The SR of a study the model did not answer for: the finding *not evaluated*, each
+    reason coded, the out-of-distribution score and its limit when computed; no scores of
+    ICH, which would mean nothing."""
+    measurements = [] if unanswered.ood_score is None else [
+        hd.sr.Measurement(name=name, value=round(float(value), 4), unit=PROBABILITY)
+        for name, value in ((OOD_SCORE, unanswered.ood_score), (OOD_LIMIT, unanswered.ood_limit))]
+    return _report(reference, sources, context, value=NOT_EVALUATED, measurements=measurements,
+                   reasons=unanswered.reasons, algorithm=_algorithm(unanswered.rule, ["abstain=true"], context),
+                   series_number=series_number, series_description=series_description)
 
 
 def build_kos(reference: Dataset, key_slices: list[SourceImage], context: ResultContext, *, series_number: int,

@@ -223,7 +223,7 @@ def format_event(record: dict, *, color: bool = False) -> str:
         return text
     if event == "analysed" and record.get("positive"):
         return f"{_BOLD}{_RED}{text}{_RESET}"
-    if event in ("failed", "delivery_failed", "deferred", "notify_failed"):
+    if event in ("failed", "delivery_failed", "deferred", "notify_failed") or record.get("triaged") is False:
         return f"{_YELLOW}{text}{_RESET}"
     if event == "analysed":
         return f"{_GREEN}{text}{_RESET}"
@@ -233,6 +233,10 @@ def format_event(record: dict, *, color: bool = False) -> str:
 def describe(record: dict) -> str:
     """What an event says, in a few words (without its time, kind and study)."""
     event = record.get("event")
+    if event == "analysed" and record.get("triaged") is False:
+        warnings = "".join(f" [{w}]" for w in record.get("warnings", []))
+        reasons = "; ".join(f"{r.get('code')}: {r.get('text')}" for r in record.get("not_triaged") or [])
+        return f"NOT TRIAGED (no verdict); {reasons}{warnings}"
     if event == "analysed":
         flag = "SUSPECTED ICH - PRIORITY" if record.get("positive") else "ICH not detected"
         warnings = "".join(f" [{w}]" for w in record.get("warnings", []))

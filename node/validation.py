@@ -12,7 +12,7 @@ figure about the model in general: it is this site, these studies, this period.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,7 @@ class SiteJoin:
     unlabelled: list[tuple[str, str]]  # analysed studies with no label: (uid, accession)
     not_analysed: list[str]  # labels (UID or accession) no analysis matched
     without_probabilities: int  # analyses logged before slice probabilities were recorded
+    not_triaged: list[tuple[str, bool]] = field(default_factory=list)  # labelled, given no verdict: (uid, label)
 
 
 def join_history(events: list[dict], labels: ReferenceLabels, *, model_sha256: str | None = None) -> SiteJoin:
@@ -100,7 +101,7 @@ def join_history(events: list[dict], labels: ReferenceLabels, *, model_sha256: s
     accession number; with `model_sha256`, only analyses made by that checkpoint file."""
     latest = {e.get("study_instance_uid", ""): e for e in events if e.get("event") == "analysed"
               and (model_sha256 is None or e.get("model_sha256") == model_sha256)}
-    matched, unlabelled, used, without = [], [], set(), 0
+    matched, unlabelled, used, without, not_triaged = [], [], set(), 0, []
     for uid, event in latest.items():
         accession = str(event.get("accession_number") or "")
         if uid in labels.by_uid:
@@ -111,6 +112,9 @@ def join_history(events: list[dict], labels: ReferenceLabels, *, model_sha256: s
             unlabelled.append((uid, accession))
             continue
         used.add(used_key)
+        if event.get("triaged") is False:  # NOT TRIAGED: no verdict to score
+            not_triaged.append((uid, label))
+            continue
         probabilities = event.get("slice_probabilities")
         if not probabilities:
             without += 1
@@ -123,7 +127,7 @@ def join_history(events: list[dict], labels: ReferenceLabels, *, model_sha256: s
     matched_accessions = {m.accession_number for m in matched}
     not_analysed = [u for u in labels.by_uid if ("uid", u) not in used and u not in matched_uids]
     not_analysed += [a for a in labels.by_accession if ("acc", a) not in used and a not in matched_accessions]
-    return SiteJoin(matched, unlabelled, sorted(set(not_analysed)), without)
+    return SiteJoin(matched, unlabelled, sorted(set(not_analysed)), without, not_triaged)
 
 
 def site_evaluation(log_path: Path, labels_path: Path, out: Path, *, resamples: int = 2000) -> tuple[SiteJoin, dict]:
@@ -146,9 +150,13 @@ def site_evaluation(log_path: Path, labels_path: Path, out: Path, *, resamples: 
                        "by_study_instance_uid": sum(m.joined_by == "study_instance_uid" for m in joined.matched),
                        "by_accession_number": sum(m.joined_by == "accession_number" for m in joined.matched),
                        "analyses_without_label": len(joined.unlabelled), "labels_without_analysis": len(joined.not_analysed),
-                       "analyses_without_slice_probabilities": joined.without_probabilities}
+                       "analyses_without_slice_probabilities": joined.without_probabilities,
+                       "not_triaged": len(joined.not_triaged),
+                       "not_triaged_with_ich": sum(label for _, label in joined.not_triaged)}
     data = (f"this site's studies as the node analysed them ({log_path.name}), against the reference labels in "
-            f"{labels_path.name}: {len(joined.matched)} studies")
+            f"{labels_path.name}: {len(joined.matched)} studies given a verdict"
+            + (f" ({len(joined.not_triaged)} more NOT TRIAGED, {metrics['join']['not_triaged_with_ich']} of them with "
+               "ICH, are not in the tables)" if joined.not_triaged else ""))
     paths = write_report(out, slice_metrics=None, patient_metrics=metrics, data_description=data,
                          model_description="the node's recorded analyses (the model and rule in force at the time)")
     return joined, paths

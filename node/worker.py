@@ -72,7 +72,7 @@ def analysis_settings(config: Config, predictor: Predictor | None) -> AnalysisSe
     """What `analyse` needs; the rule in force depends on triage.source and the checkpoint."""
     rule = config.triage.rule_for(predictor.config.triage) if predictor is not None else config.triage.configured_rule
     return AnalysisSettings(
-        rule=rule, min_slices=config.worker.min_slices,
+        rule=rule, min_slices=config.worker.min_slices, abstain=config.triage.abstain,
         max_unusable_fraction=config.worker.max_unusable_fraction, key_slices=config.explain.key_slices,
         aug_smooth=config.explain.aug_smooth, objects=config.output.objects,
         manufacturer=config.output.manufacturer, institution_name=config.output.institution_name,
@@ -242,15 +242,15 @@ class Worker:
         self.recorded()
 
     def _finish(self, study: ClaimedStudy, result: AnalysisResult, folder: Path) -> None:
-        verdict = result.verdict
-        fields = _analysed_fields(result, self.predictor) | {
+        fields = _analysed_fields(result, self.predictor, self.settings) | {
             "model_sha256": self.model_sha256, "rule_source": str(self.config.triage.source),
             "delivery_mode": str(self.config.delivery.mode)}
         with self.database.write() as session:
             recorded = finish_study(
-                session, study.id, self.owner, verdict=verdict.label, study_score=verdict.study_score,
+                session, study.id, self.owner, verdict=result.label,
+                study_score=result.verdict.study_score if result.triaged and result.verdict else None,
                 result_series_uid=result.series_instance_uid, result_folder=str(folder),
-                priority_high=verdict.positive, destinations=[d.name for d in self.config.sending_to],
+                priority_high=result.positive, destinations=[d.name for d in self.config.sending_to],
                 kinds=[str(kind) for kind in result.objects], started_at=study.claimed_at, now=utcnow(),
             )
             if recorded is not None:
@@ -292,21 +292,35 @@ class Worker:
                 stop.wait(self.config.worker.poll_seconds)
 
 
-def _analysed_fields(result: AnalysisResult, predictor: Predictor) -> dict:
-    """The `analysed` event of the triage log."""
-    verdict, choice, model = result.verdict, result.choice, predictor.config
-    return dict(
-        verdict=result.texts.verdict_line, positive=verdict.positive,
-        study_score=round(verdict.study_score, 4), top_k_score=round(verdict.top_k_score, 4),
-        positive_slices=verdict.positive_slices, total_slices=verdict.total_slices,
-        required_slices=verdict.required_slices, slice_threshold=verdict.rule.slice_threshold,
-        positive_fraction=verdict.rule.positive_fraction, min_positive_slices=verdict.rule.min_positive_slices,
-        series_instance_uid=choice.series_instance_uid, series_reason=choice.reason,
-        slice_order=choice.ordering, skipped_slices=result.skipped_slices, passed_over=choice.passed_over,
+def _analysed_fields(result: AnalysisResult, predictor: Predictor, settings: AnalysisSettings) -> dict:
+    """The `analysed` event of the triage log: the verdict and its numbers, or NOT TRIAGED
+    and why; what the scope and input checks found either way; the model's raw slice
+    probabilities whenever it ran (for site validation, never shown as a verdict)."""
+    choice, model, rule = result.choice, predictor.config, settings.rule
+    fields: dict = dict(
+        verdict=result.texts.verdict_line, triaged=result.triaged, positive=result.positive,
+        not_triaged=[r.as_dict() for r in result.reasons] if not result.triaged else [],
+        scope_findings=[r.as_dict() for r in result.reasons],
+        input_check=result.inputs.as_dict() if result.inputs is not None else None,
+        slice_threshold=rule.slice_threshold, positive_fraction=rule.positive_fraction,
+        min_positive_slices=rule.min_positive_slices,
+    )
+    verdict = result.verdict
+    if verdict is not None and result.triaged:
+        fields.update(study_score=round(verdict.study_score, 4), top_k_score=round(verdict.top_k_score, 4),
+                      positive_slices=verdict.positive_slices, total_slices=verdict.total_slices,
+                      required_slices=verdict.required_slices)
+    else:
+        fields.update(total_slices=len(result.probabilities))
+    if choice is not None:
+        fields.update(series_instance_uid=choice.series_instance_uid, series_reason=choice.reason,
+                      slice_order=choice.ordering, passed_over=choice.passed_over)
+    fields.update(
+        skipped_slices=result.skipped_slices,
         slice_probabilities=[round(float(p), 5) for p in result.probabilities],
         result_series_uid=result.series_instance_uid, result_objects=len(result.datasets),
         result_sets={str(kind): len(datasets) for kind, datasets in result.objects.items()},
         model=model.architecture, model_training_data=model.provenance.training_data,
         warnings=result.texts.warnings, timings_s=result.timings,
     )
-
+    return fields

@@ -77,7 +77,7 @@ def test_analysis_reads_each_slice_once_and_writes_nothing(predictor: Predictor,
     assert {ds.SeriesInstanceUID for ds in result.objects[ResultKind.SC]} == {result.series_instance_uid}
     assert len({datasets[0].SeriesInstanceUID for datasets in result.objects.values()}) == 3
     assert [datasets[0].SeriesNumber for datasets in result.objects.values()] == [9900, 9901, 9902]
-    assert set(result.timings) == {"load", "preprocess", "inference", "gradcam", "encode"}
+    assert set(result.timings) == {"scope", "load", "preprocess", "inference", "gradcam", "encode"}
 
 
 def test_without_pictures_no_grad_cam_runs(predictor: Predictor, positive_study: Path) -> None:

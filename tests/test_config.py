@@ -329,3 +329,11 @@ def test_database_urls_are_anchored_only_when_relative_sqlite_files(url: str, ex
 
     config = parse_config({"storage": {"database_url": url}}, Path("/cfg"))
     assert config.storage.database_url == expected
+
+
+def test_abstention_can_be_turned_off_only_in_a_silent_trial() -> None:
+    assert _parse({}).triage.abstain is True
+    message = _config_error({"triage": {"abstain": False}})
+    assert "triage.abstain = false" in message and 'delivery.mode = "silent"' in message
+    trial = _parse({"triage": {"abstain": False}, "delivery": {"mode": "silent"}})
+    assert trial.triage.abstain is False and trial.silent

@@ -136,7 +136,7 @@ def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: P
     assert analysed["total_slices"] == len(labels["slices"])
     assert "localizer" in " ".join(analysed["passed_over"].values())
     assert "modality MR" in " ".join(analysed["passed_over"].values())
-    assert set(analysed["timings_s"]) == {"load", "preprocess", "inference", "gradcam", "encode"}
+    assert set(analysed["timings_s"]) == {"scope", "load", "preprocess", "inference", "gradcam", "encode"}
 
     # What arrived at the PACS validates.
     dciodvfy = require_tool("dciodvfy")

@@ -75,3 +75,14 @@ def test_a_webhook_that_fails_gets_the_message_once_it_is_back_even_across_a_res
     labels = load_labels(positive_study)
     assert labels["patient_id"] not in text and "PHANTOM" not in text
     assert "HTTP 500" in events("notify_failed")[0]["reason"]
+
+
+def test_a_study_not_triaged_is_said_so_and_never_reaches_a_positive_only_webhook() -> None:
+    fields = {"verdict": "AI ICH TRIAGE: NOT TRIAGED", "triaged": False, "positive": False, "model": "effclass",
+              "model_training_data": "synthetic", "warnings": [],
+              "not_triaged": [{"code": "contrast", "text": "IV contrast was given (ContrastBolusAgent OMNIPAQUE)"}]}
+    message = analysed_message("1.2.3", "ACC1", fields)
+    assert message["text"] == ("ICH triage: NOT TRIAGED (no verdict: read as if no triage had run) | accession ACC1 "
+                               "| IV contrast was given (ContrastBolusAgent OMNIPAQUE) | study 1.2.3")
+    assert message["not_triaged"] == fields["not_triaged"] and message["triaged"] is False
+    assert [url for url, _ in messages_for(TARGETS, message)] == ["http://b/"]

@@ -419,3 +419,28 @@ def test_print_events_lets_a_closed_pipe_raise() -> None:
             out.close()
         except BrokenPipeError:
             pass  # the line still buffered; the descriptor is closed all the same
+
+
+def test_a_study_not_triaged_is_said_so_and_stands_out() -> None:
+    record = {"time": "2024-05-01T12:00:00", "event": "analysed", "study_instance_uid": "1.2.3",
+              "accession_number": "ACC1", "triaged": False, "positive": False, "warnings": [],
+              "not_triaged": [{"code": "not_head", "text": "BodyPartExamined is CHEST"}]}
+    text = format_event(record, color=True)
+    assert "NOT TRIAGED (no verdict); not_head: BodyPartExamined is CHEST" in text
+    assert RED not in text and "not detected" not in text and "\033[33m" in text
+
+
+def test_the_history_counts_studies_not_triaged_apart(tmp_path: Path) -> None:
+    from node.history import TriageHistory
+
+    log = tmp_path / "triage.log"
+    lines = [{"time": "2024-05-01T12:00:00Z", "event": "analysed", "study_instance_uid": uid, **fields}
+             for uid, fields in (("1", {"positive": True, "study_score": 0.9}),
+                                 ("2", {"positive": False, "study_score": 0.1}),
+                                 ("3", {"positive": False, "triaged": False}))]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    snapshot = TriageHistory(log, days=3).refresh(dt.datetime(2024, 5, 2))
+    assert snapshot.analyses == {"positive": 1, "negative": 1, "not_triaged": 1}
+    (day,) = [d for d in snapshot.days(dt.date(2024, 5, 1), 1)]
+    assert (day.analyses, day.positives, day.not_triaged) == (3, 1, 1)
+    assert day.positive_rate == 0.5 and day.not_triaged_rate == pytest.approx(1 / 3)

@@ -140,3 +140,12 @@ def test_the_report_uses_the_rule_in_force_most_recently(tmp_path: Path) -> None
     joined, paths = site_evaluation(log, labels, tmp_path / "out", resamples=20)
     assert len(joined.matched) == 2
     assert json.loads(paths["metrics"].read_text())["patient_level"]["slice_threshold"] == 0.6
+
+
+def test_studies_not_triaged_are_counted_apart_from_the_tables() -> None:
+    events = [_analysed("1.1", "A1", True, [0.9]), _analysed("1.2", "A2", False, [0.7]) | {"triaged": False},
+              _analysed("1.3", "A3", False, None) | {"triaged": False}]
+    joined = join_history(events, ReferenceLabels({"1.1": True, "1.2": True, "1.3": False}, {}))
+    assert [m.study_instance_uid for m in joined.matched] == ["1.1"]
+    assert joined.not_triaged == [("1.2", True), ("1.3", False)]
+    assert joined.not_analysed == [] and joined.without_probabilities == 0

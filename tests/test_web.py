@@ -123,7 +123,7 @@ def test_the_queue_lists_each_study_with_its_verdict_and_filters(analysed: Analy
     assert set(rows) == set(analysed.sent)
     assert sorted(row["positive"] for row in rows.values()) == [False, True]
     for row in rows.values():
-        assert set(row["timings_s"]) == {"load", "preprocess", "inference", "gradcam", "encode"}
+        assert set(row["timings_s"]) == {"scope", "load", "preprocess", "inference", "gradcam", "encode"}
         assert [(d["target"], d["state"]) for d in row["deliveries"]] == [("pacs", "pending")] * 3
 
     positives = client.get("/api/queue?verdict=positive").json()["studies"]

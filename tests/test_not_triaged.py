@@ -1,0 +1,145 @@
+"""A study the model cannot answer for ends NOT TRIAGED: never flagged, never "not detected".
+The analysis stage on real synthetic studies with a real (random-weight) model; the result
+objects checked by dciodvfy, DCMTK dsrdump and highdicom."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from node.analysis import AnalysisResult, AnalysisSettings, analyse
+from node.output import ResultKind, encode
+from node.worker import read_slice
+from tests.conftest import require_tool
+from training.inference.predictor import Predictor
+from training.inference.settings import Device
+from training.model.architectures import create_model
+from training.model.checkpoint import Provenance, default_model_config
+from training.model.inputs import InputProfile
+from training.model.rule import TriageRule
+from training.model.scope import NOT_TRIAGED_LABEL, ReasonCode
+from training.model.series import SliceHeader, read_header
+
+SETTINGS = AnalysisSettings(rule=TriageRule(slice_threshold=0.0), min_slices=10, max_unusable_fraction=0.1,
+                            key_slices=2, aug_smooth=False, objects=tuple(ResultKind), manufacturer="ichnode",
+                            institution_name="Test Hospital", device_uid="1.2.826.0.1.3680043.8.498.77",
+                            device_name="ICHNODE")
+
+
+def _predictor(limit: float | None = None) -> Predictor:
+    """A random ResNet18; with `limit`, an input profile at its pooled features (512) that
+    every study is inside (a huge limit) or outside (a tiny one)."""
+    config = default_model_config("resnet18", Provenance(training_data="synthetic"))
+    if limit is not None:
+        config = dataclasses.replace(config, inputs=InputProfile(
+            "avgpool", np.zeros(512), np.eye(512), limit, "test slices", "a test", 10))
+    return Predictor(create_model("resnet18"), config, device=Device("cpu"), batch_size=8)
+
+
+class CountingReader:
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+
+    def __call__(self, header: SliceHeader) -> Dataset:
+        self.reads.append(header.sop_instance_uid)
+        return read_slice(header)
+
+
+def _headers(study: Path, **changes: str) -> list[SliceHeader]:
+    return [dataclasses.replace(read_header(path), **changes) for path in sorted(study.rglob("*.dcm"))]
+
+
+@pytest.fixture(scope="module")
+def abdomen_label(positive_study: Path) -> AnalysisResult:
+    """A bleeding head study whose header says ABDOMEN: stopped before the model."""
+    return analyse(_headers(positive_study, body_part="ABDOMEN"), CountingReader(), _predictor(), SETTINGS,
+                   series_number=9900)
+
+
+def test_out_of_scope_is_not_triaged_before_the_model_runs(positive_study: Path) -> None:
+    reader = CountingReader()
+    result = analyse(_headers(positive_study, body_part="ABDOMEN"), reader, _predictor(), SETTINGS,
+                     series_number=9900)
+    assert not result.triaged and not result.positive and result.verdict is None
+    assert result.label == NOT_TRIAGED_LABEL and len(result.probabilities) == 0
+    assert [r.code for r in result.reasons] == [ReasonCode.NOT_HEAD]
+    assert len(reader.reads) == 3  # the middle slices, for the image check; no slice went through the model
+    assert "inference" not in result.timings
+    assert {kind: len(ds) for kind, ds in result.objects.items()} == {ResultKind.SC: 1, ResultKind.SR: 1}
+
+
+def test_the_picture_says_not_triaged_and_why(abdomen_label: AnalysisResult, tmp_path: Path) -> None:
+    (sc,) = abdomen_label.objects[ResultKind.SC]
+    assert "AI ICH TRIAGE: NOT TRIAGED" in sc.ImageComments and "BodyPartExamined is ABDOMEN" in sc.ImageComments
+    assert "neither flagged nor cleared" in sc.ImageComments
+    assert "SUSPECTED" not in sc.ImageComments and "not detected" not in sc.ImageComments
+    assert "DEMO MODEL - SYNTHETIC DATA" in sc.SeriesDescription
+    assert sc.DerivationDescription.startswith("Scope and input checks")
+    path = tmp_path / "sc.dcm"
+    path.write_bytes(encode(sc))
+    report = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+
+
+def test_the_sr_says_the_finding_was_not_evaluated(abdomen_label: AnalysisResult, tmp_path: Path) -> None:
+    (sr,) = abdomen_label.objects[ResultKind.SR]
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(encode(sr))
+    report = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    assert not [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+    dump = subprocess.run([require_tool("dsrdump"), "+Pu", str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    assert '"Not Evaluated")' in dump.stdout and '"Not a head CT")' in dump.stdout
+    assert "Suspected" not in dump.stdout and "Not detected" not in dump.stdout
+    read = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    (group,) = hd.sr.MeasurementReport.from_sequence([read]).get_image_measurement_groups()
+    evaluations = [(e.name.meaning, e.value.meaning) for e in group.get_qualitative_evaluations()]
+    assert evaluations == [("Intracranial hemorrhage (disorder)", "Not Evaluated"),
+                           ("Reason the study was not triaged", "Not a head CT")]
+    assert group.get_measurements() == []  # no ICH score: it would mean nothing
+
+
+def test_a_study_without_a_ct_series_is_not_triaged(positive_study: Path) -> None:
+    scout_only = [h for h in _headers(positive_study) if "LOCALIZER" in h.image_type]
+    result = analyse(scout_only, read_slice, _predictor(), SETTINGS, series_number=9900)
+    assert not result.triaged and result.choice is None
+    assert [r.code for r in result.reasons] == [ReasonCode.NO_SERIES] and "a localizer" in result.reasons[0].text
+    (sr,) = result.objects[ResultKind.SR]
+    assert sr.StudyInstanceUID == pydicom.dcmread(scout_only[0].path).StudyInstanceUID  # into the study itself
+    cited = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert [c.ReferencedSOPInstanceUID for c in cited] == [scout_only[0].sop_instance_uid]
+
+
+def test_inputs_unlike_the_training_data_are_not_triaged_after_the_model(positive_study: Path) -> None:
+    result = analyse(_headers(positive_study), read_slice, _predictor(limit=1e-6), SETTINGS, series_number=9900)
+    assert not result.triaged and not result.positive and result.verdict is None
+    assert [r.code for r in result.reasons] == [ReasonCode.OUT_OF_DISTRIBUTION]
+    assert result.inputs is not None and result.inputs.outside and result.inputs.slices == len(result.probabilities)
+    assert len(result.probabilities) > 0  # the model ran: its raw output is kept for the log, not shown
+    assert "out-of-distribution score" in result.reasons[0].text
+    assert ResultKind.KOS not in result.objects  # no key slices of interest
+    (sc,) = result.objects[ResultKind.SC]
+    assert "NOT TRIAGED" in sc.ImageComments
+
+
+def test_inside_the_training_inputs_the_verdict_stands(positive_study: Path) -> None:
+    result = analyse(_headers(positive_study), read_slice, _predictor(limit=1e12), SETTINGS, series_number=9900)
+    assert result.triaged and result.positive and result.reasons == ()
+    assert result.inputs is not None and not result.inputs.outside
+
+
+def test_without_abstention_the_raw_verdict_is_given_and_the_findings_kept(positive_study: Path) -> None:
+    """A silent trial (triage.abstain = false) sees what the model says and what the checks found."""
+    settings = dataclasses.replace(SETTINGS, abstain=False)
+    result = analyse(_headers(positive_study, body_part="ABDOMEN"), read_slice, _predictor(limit=1e-6), settings,
+                     series_number=9900)
+    assert result.triaged and result.positive and result.verdict is not None
+    assert [r.code for r in result.reasons] == [ReasonCode.NOT_HEAD, ReasonCode.OUT_OF_DISTRIBUTION]
