@@ -16,14 +16,16 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from node.config import ENV_VAR, RuleSource, load_config
-from node.errors import ConfigError, IchNodeError
+from node.errors import ConfigError, IchNodeError, TrainingStopped
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
+from training.prepare import DATA_KINDS
 
 __all__ = ["main", "build_parser"]
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
+EXIT_STOPPED = 128 + 15  # as a process ended by SIGTERM: a scheduler sees the job was pre-empted
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -166,13 +168,21 @@ def _retry(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from training.prepare import prepare
 
-    summary = prepare(args.data, args.out, workers=args.workers)
+    summary = prepare(args.data, args.out, workers=args.workers, training_data=args.training_data)
+    provenance = summary["provenance"]
     print(
         f"prepared {summary['usable_slices']} slices ({summary['positive_slices']} with ICH) of "
-        f"{summary['layout']} data into {args.out}; {len(summary['skipped'])} skipped "
-        f"(see prepare.json); patients train/val/test {summary['patients']['train']}/"
-        f"{summary['patients']['val']}/{summary['patients']['test']}"
+        f"{summary['layout']}-layout data into {args.out}; training data: {summary['training_data']} "
+        f"(stated by {provenance['stated_by']}); {len(summary['skipped'])} skipped (see prepare.json); "
+        f"patients train/val/test {summary['patients']['train']}/{summary['patients']['val']}/"
+        f"{summary['patients']['test']}; cache: {summary['cache_made']} images made, {summary['cache_reused']} "
+        f"reused, {summary['cache_removed']} stale removed"
     )
+    if provenance["stated_by"] == "user" and provenance["derived_from_data"] != summary["training_data"]:
+        print(f"note: the files alone would make this data {provenance['derived_from_data']!r}; "
+              f"recorded as {summary['training_data']!r} because you said so")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -181,13 +191,21 @@ def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RSNA folder (stage_2_train.csv, stage_2_train/) or `ichnode synth` output")
     parser.add_argument("--out", type=Path, required=True, help="folder for the split lists and the cache")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    parser.add_argument("--training-data", choices=DATA_KINDS, default=None,
+                        help="what the data is, as checkpoints trained on it will say (default: read from the "
+                             "files: synthetic phantoms are 'synthetic', RSNA 2019's files 'rsna', others 'other')")
 
 
 def _train(args: argparse.Namespace) -> int:
     from training.train import load_train_config, train
 
     config = load_train_config(args.config)
-    result = train(config, resume=args.resume)
+    try:
+        result = train(config, resume=args.resume, overwrite=args.overwrite)
+    except TrainingStopped as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ichnode train: {stopped}", file=sys.stderr)
+        return EXIT_STOPPED
     if int(os.environ.get("RANK", "0")) == 0:
         auc = "n/a" if result.best_val_roc_auc is None else f"{result.best_val_roc_auc:.4f}"
         print(f"checkpoint {result.checkpoint} (epoch {result.best_epoch}, validation ROC-AUC {auc}); "
@@ -198,7 +216,10 @@ def _train(args: argparse.Namespace) -> int:
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="training TOML (default: the paper's recipe on var/prepared)")
-    parser.add_argument("--resume", action="store_true", help="continue from experiments/NAME/last.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in experiments/NAME from its latest state (state/step-*.pt)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what an earlier run left in experiments/NAME (without it, that is refused)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:

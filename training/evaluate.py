@@ -45,7 +45,7 @@ def predict_slices(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSli
     unique = list({s.image_id: s for s in slices}.values())
     batch = predictor.batch_size
     probabilities: dict[str, float] = {}
-    bar = tqdm(total=len(unique), desc=desc, unit="slice", disable=not progress)
+    bar = tqdm(total=len(unique), desc=desc, unit="slice", disable=None if progress else True)
 
     def load(start: int) -> np.ndarray:
         return np.stack([eval_set.load(s, predictor) for s in unique[start:start + batch]])
@@ -91,7 +91,7 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
         return None
     cell = predictor.gradcam_cell_pixels()
     hits: list[bool] = []
-    for study in tqdm(studies, desc="grad-cam", unit="study", disable=not progress):
+    for study in tqdm(studies, desc="grad-cam", unit="study", disable=None if progress else True):
         hits += _localised_key_slices(predictor, eval_set, study, probabilities, slice_threshold=slice_threshold,
                                       key_slices=key_slices, margin=cell / 2)
     return {"key_slices_per_study": key_slices, "slice_threshold": slice_threshold,
