@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,10 +170,18 @@ def _read_header(image_id: str, source: str) -> dict:
     it cannot be read."""
     try:
         entry = {"image_id": image_id, **fingerprint(source)}
-        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        return {**entry, **_header_fields(image_id, pydicom.dcmread(source, stop_before_pixels=True))}
+    except Exception as exc:  # a bad file is reported, never fatal
+        return {"image_id": image_id, "source": source, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _header_fields(image_id: str, ds: pydicom.Dataset) -> dict:
+    # RSNA 2019's UIDs ("ID_…") are not valid UIDs; pydicom would warn once per file.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         missing = [k for k in ("PatientID", "SeriesInstanceUID") if not ds.get(k)]
         if missing:  # patients and series order need both
-            return {**entry, "error": f"no {' or '.join(missing)} (truncated or incomplete file)"}
+            return {"error": f"no {' or '.join(missing)} (truncated or incomplete file)"}
         normal = _slice_normal(ds)
         position = ds.get("ImagePositionPatient")
         if normal is not None and position:
@@ -181,7 +190,6 @@ def _read_header(image_id: str, source: str) -> dict:
             order = float(ds.get("InstanceNumber", 0) or 0)
         sop_uid = str(ds.get("SOPInstanceUID", ""))
         return {
-            **entry,
             "patient_id": str(ds.PatientID),
             "study_uid": str(ds.get("StudyInstanceUID", "")),
             "series_uid": str(ds.get("SeriesInstanceUID", "")),
@@ -191,8 +199,6 @@ def _read_header(image_id: str, source: str) -> dict:
             # RSNA 2019's de-identification names each file after its SOPInstanceUID.
             "rsna_identity": sop_uid == image_id and image_id.startswith("ID_"),
         }
-    except Exception as exc:  # a bad file is reported, never fatal
-        return {"image_id": image_id, "source": source, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _cache_tag(header: dict) -> str:
