@@ -19,6 +19,7 @@ from node.config import ENV_VAR, RuleSource, load_config
 from node.errors import ConfigError, IchNodeError, TrainingStopped
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
+from training.metrics import INTERVAL_METHODS
 from training.prepare import DATA_KINDS
 
 __all__ = ["main", "build_parser"]
@@ -238,8 +239,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = args.out or Path("experiments") / f"eval-{args.checkpoint.stem}-{args.data.resolve().name}"
     result = evaluate(args.checkpoint, args.data, out, device=args.device, batch_size=args.batch_size,
                       resamples=args.resamples, backend=args.backend, gradcam_layer=args.gradcam_layer,
-                      rule=rule, rule_source=source)
+                      rule=rule, rule_source=source, interval=args.interval)
     print((result.files["report"]).read_text())
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     print(f"written to {out}: " + ", ".join(sorted(p.name for p in result.files.values())))
     return 0
 
@@ -375,6 +378,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                              "with source = \"config\" (default, and with source = \"checkpoint\": the rule "
                              "the checkpoint recommends)")
     parser.add_argument("--resamples", type=_positive_int, default=2000, help="bootstrap resamples for AUC intervals")
+    parser.add_argument("--interval", choices=INTERVAL_METHODS, default="wilson",
+                        help="intervals of proportions: wilson (default) or clopper-pearson (exact; the paper's "
+                             "published Table 2 intervals are Clopper-Pearson, so use it to compare with the paper)")
 
 
 # name → (one-line help, argument builder, handler)

@@ -204,13 +204,16 @@ def test_bad_training_config_names_the_key(tmp_path: Path) -> None:
 
 def test_evaluate_writes_both_tables(training_prepared: Path, training_studies: Path, reference_run: Path,
                                     tmp_path: Path) -> None:
+    from training.metrics import roc_auc
+
     checkpoint = reference_run / "model.pt"
     cli = [sys.executable, "-m", "node.cli", "evaluate", "--checkpoint", str(checkpoint), "--device", "cpu",
            "--resamples", "200"]
-    for data, name in ((training_prepared, "prepared"), (training_studies, "studies")):
+    for data, name, interval in ((training_prepared, "prepared", "wilson"),
+                                 (training_studies, "studies", "clopper-pearson")):
         out = tmp_path / name
-        result = subprocess.run([*cli, "--data", str(data), "--out", str(out)], capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run([*cli, "--data", str(data), "--out", str(out), "--interval", interval],
+                                capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
         report = (out / "report.md").read_text()
         assert "synthetic" in report.lower() and "NOT clinical data" in report
@@ -218,7 +221,29 @@ def test_evaluate_writes_both_tables(training_prepared: Path, training_studies: 
         assert metrics["slice_level"] is not None and metrics["patient_level"] is not None
         # Lesion masks exist for `ichnode synth` folders only, not for a prepared cache.
         assert (metrics["gradcam_localisation"] is not None) == (name == "studies")
-        assert (out / "predictions.csv").is_file()
+        method = {"wilson": "Wilson", "clopper-pearson": "Clopper-Pearson"}[interval]
+        assert metrics["slice_level"]["thresholds"]["0.5"]["sensitivity"]["method"] == method
+        assert metrics["patient_level"]["rules"]["5%"]["specificity"]["method"] == method
+        # Calibration and the reliability plot; sensitivity per subtype (both layouts know them).
+        calibration = metrics["calibration"]
+        assert 0 <= calibration["brier"]["estimate"] <= 1 and 0 <= calibration["ece"]["estimate"] <= 1
+        assert sum(b["n"] for b in calibration["reliability"]) == metrics["slice_level"]["n"]
+        assert (out / "reliability.png").is_file() and "## Calibration" in report
+        assert metrics["subtype_sensitivity"] and "## Sensitivity by bleed subtype" in report
+        # Every synthetic study folder has far more normal slices than bleeding ones.
+        if name == "studies":
+            assert any("slice-level list is unbalanced" in w for w in metrics["warnings"])
+            assert "warning: the slice-level list is unbalanced" in result.stdout
+        # predictions.csv holds the probabilities as computed: the AUC recomputed from it is the one reported.
+        with open(out / "predictions.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert any(len(r["probability"].split(".")[-1]) > 6 for r in rows)
+        if name == "prepared":
+            listed = {r.image_id for r in read_split(data / "splits" / "test.csv")}
+            chosen = [r for r in rows if r["image_id"] in listed]
+            recomputed = roc_auc(np.array([int(r["label"]) for r in chosen]),
+                                 np.array([float(r["probability"]) for r in chosen]))
+            assert recomputed == metrics["slice_level"]["roc_auc"]["estimate"]
 
 
 def test_evaluate_reads_the_cq500_layout(training_studies: Path, tmp_path: Path) -> None:

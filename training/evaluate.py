@@ -1,5 +1,6 @@
 """`ichnode evaluate`: the paper's Table 1 (slice level) and Table 2 (patient level), with
-95 % confidence intervals, on held-out data — and every number names that data."""
+95 % confidence intervals (Wilson, or Clopper–Pearson as the paper's Table 2), calibration,
+sensitivity by bleed subtype, on held-out data — and every number names that data."""
 
 from __future__ import annotations
 
@@ -13,14 +14,20 @@ from tqdm import tqdm
 
 from training.datasets import EvalSet, EvalSlice, EvalStudy, load_eval_set
 from training.localisation import dilate, mask_to_input, peak_inside
-from training.metrics import patient_level_metrics, slice_level_metrics, wilson_interval
+from training.metrics import (
+    calibration_metrics,
+    patient_level_metrics,
+    slice_level_metrics,
+    subtype_sensitivity,
+    wilson_interval,
+)
 from training.inference.predictor import Predictor
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
 from training.model.rule import TriageRule, key_slice_indices
-from training.report import plot_pr, plot_roc, write_report
+from training.report import plot_pr, plot_reliability, plot_roc, write_report
 
-__all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "data_description", "predict_slices", "evaluate"]
+__all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "data_description", "data_warnings", "predict_slices", "evaluate"]
 
 SYNTHETIC_NOTE = "numbers on synthetic phantoms say nothing about clinical performance"
 
@@ -32,6 +39,9 @@ class EvaluationResult:
     slice_metrics: dict | None
     patient_metrics: dict | None
     localisation_metrics: dict | None
+    calibration_metrics: dict | None = None
+    subtype_metrics: dict | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def data_description(eval_set: EvalSet) -> str:
@@ -102,30 +112,38 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
 
 
 def _slice_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path, resamples: int,
-                 curves: dict[str, Path]) -> dict | None:
-    """Table 1 on the slice-level list, and its ROC and PR plots when both classes are there."""
+                 curves: dict[str, Path], interval: str) -> tuple[dict | None, dict | None, dict | None]:
+    """Table 1 on the slice-level list, its calibration and its sensitivity by subtype
+    (where the data has subtypes), and the ROC, PR and reliability plots when both classes
+    are there."""
     if not eval_set.slice_level:
-        return None
+        return None, None, None
     labels = np.array([s.label for s in eval_set.slice_level])
     scores = np.array([probabilities[s.image_id] for s in eval_set.slice_level])
     groups = np.array([s.group for s in eval_set.slice_level])
-    metrics = slice_level_metrics(labels, scores, groups=groups, resamples=resamples)
+    metrics = slice_level_metrics(labels, scores, groups=groups, resamples=resamples, interval=interval)
+    calibration = calibration_metrics(labels, scores, groups=groups, resamples=resamples)
+    subtypes = None
+    if all(s.subtypes is not None for s in eval_set.slice_level):
+        subtypes = subtype_sensitivity([s.subtypes for s in eval_set.slice_level], labels, scores, interval=interval)
     if len(set(labels.tolist())) == 2:
         curves["slice_roc"], curves["slice_pr"] = out / "slice_roc.png", out / "slice_pr.png"
         plot_roc(labels, scores, curves["slice_roc"], f"Slice level: {eval_set.description}")
         plot_pr(labels, scores, curves["slice_pr"], f"Slice level: {eval_set.description}")
-    return metrics
+        curves["reliability"] = out / "reliability.png"
+        plot_reliability(calibration, curves["reliability"], f"Calibration, slice level: {eval_set.description}")
+    return metrics, calibration, subtypes
 
 
 def _patient_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path, resamples: int,
-                   rule: TriageRule, rule_source: str, curves: dict[str, Path]) -> dict | None:
+                   rule: TriageRule, rule_source: str, curves: dict[str, Path], interval: str) -> dict | None:
     """Table 2 under `rule`, and the study-score ROC plot when both classes are there."""
     studies = [s for s in eval_set.studies if s.slices]
     if not studies:
         return None
     labels = np.array([s.label for s in studies])
     per_study = [np.array([probabilities[x.image_id] for x in s.slices]) for s in studies]
-    metrics = patient_level_metrics(labels, per_study, rule=rule, resamples=resamples)
+    metrics = patient_level_metrics(labels, per_study, rule=rule, resamples=resamples, interval=interval)
     metrics["rule_source"] = rule_source
     if len(set(labels.tolist())) == 2:
         curves["patient_roc"] = out / "patient_roc.png"
@@ -134,23 +152,55 @@ def _patient_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path
     return metrics
 
 
+# The paper's lists are balanced; further from half than this, rates that depend on
+# prevalence (PPV, NPV, accuracy) no longer compare with its tables.
+BALANCE_TOLERANCE = 0.1
+
+
+def data_warnings(eval_set: EvalSet) -> list[str]:
+    """What a reader of the numbers must know about the evaluation data: empty levels, one
+    class only, and lists that are not balanced as the paper's are."""
+    warnings = []
+    studies = [s for s in eval_set.studies if s.slices]
+    # CQ500 has no slice labels: no slice level is expected there.
+    slice_labelled = bool(eval_set.slice_level) or any(x.label is not None for s in studies for x in s.slices)
+    levels = {"slice-level list": [s.label for s in eval_set.slice_level], "patient level": [s.label for s in studies]}
+    for level, labels in levels.items():
+        if not labels:
+            if level == "patient level" or slice_labelled:
+                warnings.append(f"the {level} is empty: no {level.split()[0]}-level figure is reported")
+            continue
+        positives = sum(labels)
+        if positives in (0, len(labels)):
+            warnings.append(f"the {level} holds one class only ({len(labels)}, all {'with' if positives else 'without'} "
+                            "ICH): sensitivity or specificity and every area are undefined")
+        elif abs(positives / len(labels) - 0.5) > BALANCE_TOLERANCE:
+            warnings.append(f"the {level} is unbalanced ({positives} of {len(labels)} with ICH, "
+                            f"{positives / len(labels):.0%}), unlike the paper's balanced lists: PPV, NPV and "
+                            "accuracy depend on prevalence and do not compare with the paper's tables")
+    return warnings
+
+
 def _write_predictions(path: Path, slices: list[EvalSlice], probabilities: dict[str, float]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "group", "label", "probability"])
         for item in {s.image_id: s for s in slices}.values():
+            # repr: the shortest text that reads back as the same float, so any metric
+            # recomputed from this file is the one reported (rounding can reorder ties).
             writer.writerow([item.image_id, item.group, "" if item.label is None else item.label,
-                             f"{probabilities[item.image_id]:.6f}"])
+                             repr(probabilities[item.image_id])])
 
 
 def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device("auto"), batch_size: int = 8,
              resamples: int = 2000, progress: bool = True, backend: Backend = Backend.AUTO,
              key_slices: int = 3, gradcam_layer: GradcamLayer = GradcamLayer.AUTO,
-             rule: TriageRule | None = None, rule_source: str = "") -> EvaluationResult:
+             rule: TriageRule | None = None, rule_source: str = "", interval: str = "wilson") -> EvaluationResult:
     """Predict every slice of `data` with `checkpoint`, then write metrics, tables and plots.
 
     The patient rule reported is `rule` (described by `rule_source`), or else the one the
-    checkpoint recommends; the report says which.
+    checkpoint recommends; the report says which. `interval` is how proportions get their
+    intervals: "wilson", or "clopper-pearson" to compare with the paper's published ones.
     """
     predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend,
                                           gradcam_layer=gradcam_layer)
@@ -161,16 +211,19 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device
     probabilities = predict_slices(predictor, eval_set, wanted, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     curves: dict[str, Path] = {}
-    slice_metrics = _slice_table(eval_set, probabilities, out, resamples, curves)
-    patient_metrics = _patient_table(eval_set, probabilities, out, resamples, rule, rule_source, curves)
+    slice_metrics, calibration, subtypes = _slice_table(eval_set, probabilities, out, resamples, curves, interval)
+    patient_metrics = _patient_table(eval_set, probabilities, out, resamples, rule, rule_source, curves, interval)
+    warnings = data_warnings(eval_set)
     localisation = localisation_metrics(predictor, eval_set, probabilities, slice_threshold=rule.slice_threshold,
                                         key_slices=key_slices, progress=progress)
     model = predictor.config
     model_description = (f"{model.architecture} from {checkpoint} (trained on: {model.provenance.training_data}; "
                          f"{model.provenance.description})")
     files = write_report(out, slice_metrics=slice_metrics, patient_metrics=patient_metrics,
-                         localisation_metrics=localisation, data_description=data_description(eval_set),
+                         localisation_metrics=localisation, calibration_metrics=calibration, subtype_metrics=subtypes,
+                         warnings=warnings, interval=interval, data_description=data_description(eval_set),
                          model_description=model_description, curves=curves)
     files["predictions"] = out / "predictions.csv"
     _write_predictions(files["predictions"], wanted, probabilities)
-    return EvaluationResult(out, files, slice_metrics, patient_metrics, localisation)
+    return EvaluationResult(out, files, slice_metrics, patient_metrics, localisation, calibration, subtypes,
+                            tuple(warnings))
