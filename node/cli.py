@@ -274,6 +274,22 @@ def _evaluate_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from training.export import export
+
+    result = export(args.checkpoint, args.out, samples=args.samples)
+    print(f"wrote {result.onnx} (checked against PyTorch on {result.samples} synthetic phantom slices: P(ICH) "
+          f"differs by at most {result.max_difference:.1e}) and the model card {result.card}")
+    return 0
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for model.onnx and MODEL_CARD.md")
+    parser.add_argument("--samples", type=_positive_int, default=4,
+                        help="synthetic phantom slices the ONNX model is checked on against PyTorch (default 4)")
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate, write_calibrated
     from training.report import format_interval
@@ -399,6 +415,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
                   "a new checkpoint", _add_calibrate_arguments, _calibrate),
     "evaluate": ("evaluate a checkpoint (slice and patient level, with 95 percent intervals)",
                  _add_evaluate_arguments, _evaluate),
+    "export": ("write a checkpoint as an ONNX model (checked against PyTorch) and its model card",
+               _add_export_arguments, _export),
 }
 
 

@@ -112,12 +112,17 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_into(target: nn.Module, weights: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    """Every weight of `target` from `weights`, with the shapes it has; anything else is refused."""
+    """Every weight of `target` from `weights`, with the shapes it has; a file with weights
+    missing, extra (a deeper network holds a shallower one's keys) or of other shapes is refused."""
     own = target.state_dict()
     missing = sorted(set(own) - set(weights))
     if missing:
         raise CheckpointError(f"{path} is not {what}: it lacks {len(missing)} of its {len(own)} weights "
                               f"(first: {missing[0]})")
+    extra = sorted(set(weights) - set(own))
+    if extra:
+        raise CheckpointError(f"{path} is not {what}: it has {len(extra)} weights the model does not "
+                              f"(first: {extra[0]})")
     wrong = [k for k in own if tuple(weights[k].shape) != tuple(own[k].shape)]
     if wrong:
         raise CheckpointError(f"{path} is not {what}: {wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, "
