@@ -216,7 +216,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None,
-                        help="training TOML (default: the paper's recipe on var/prepared)")
+                        help="training TOML (default: the recipe of the paper's authors' code on var/prepared)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in experiments/NAME from its latest state (state/step-*.pt)")
     parser.add_argument("--overwrite", action="store_true",
