@@ -19,7 +19,7 @@ from PIL import Image
 from training.model.checkpoint import load_checkpoint
 from training.prepare import cache_image, prepare, read_rsna_labels, read_split
 from training.synthetic import SyntheticOptions, write_studies
-from training.train import load_train_config, train
+from training.train import learning_rate, load_train_config, train
 
 SUBTYPES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
 
@@ -152,6 +152,8 @@ def test_paper_recipe_is_the_default() -> None:
     assert (config.schedule.name, config.schedule.step_size, config.schedule.gamma) == ("step", 1, 0.5)
     assert (config.training.batch_size, config.training.epochs, config.training.flips) == (4, 3, True)
     assert config.model.architecture == "effclass"
+    # StepLR(1, 0.5) as the authors' code steps it: once per epoch, whatever the epoch's length.
+    assert [learning_rate(config, step, steps_per_epoch=10) for step in (0, 9, 10, 25)] == [1e-4, 1e-4, 5e-5, 2.5e-5]
 
 
 def test_training_lowers_the_loss_and_writes_a_checkpoint(training_prepared: Path, tmp_path: Path) -> None:

@@ -372,7 +372,6 @@ class _Data:
     """The prepared data of a run and its loaders."""
 
     summary: dict
-    train_set: CachedSlices
     order: EpochOrder
     train_loader: DataLoader
     val_loader: DataLoader
@@ -459,7 +458,7 @@ def _data(config: TrainConfig, dist_info: _Distributed, device: torch.device) ->
                         "checkpoint kept is the one with the lowest validation loss")
     note = (f"{summary['training_data']} data ({summary['layout']} layout) prepared in {prepared} "
             f"({len(train_set)} balanced training slices, {len(val_set)} validation slices)")
-    return _Data(summary, train_set, order, train_loader, val_loader, steps, split_hashes(prepared), warnings, note)
+    return _Data(summary, order, train_loader, val_loader, steps, split_hashes(prepared), warnings, note)
 
 
 def _state_paths(folder: Path) -> list[Path]:
