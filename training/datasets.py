@@ -173,9 +173,13 @@ def _from_prepared(prepared: Path, spec: PreprocessSpec) -> EvalSet:
         EvalStudy(patient, int(any(r.label for r in records)), [as_slice(r) for r in records])
         for patient, records in sorted(by_patient.items())
     ]
-    synthetic = summary.get("training_data", summary["layout"]) == "synthetic"
+    # Folders prepared before `provenance` existed guessed what the data is from the layout.
+    data_kind = summary["training_data"] if "provenance" in summary else None
+    synthetic = data_kind == "synthetic" or summary["layout"] == "synthetic"
     kind = {"synthetic": "synthetic phantoms (ichnode synth) - NOT clinical data", "rsna": "RSNA 2019 ICH"}.get(
-        summary.get("training_data", summary["layout"]), f"{summary['layout']}-layout data")
+        "synthetic" if synthetic else data_kind,
+        f"{summary['layout']}-layout data" + ("" if data_kind else " (prepared by an earlier ichnode, which did not "
+                                              "read what the data is: run prepare-rsna again)"))
     description = (
         f"{kind}, held-out test split of {prepared} (patients split 90/5/5, seed "
         f"{summary['split_seed']}): {len(balanced)} slices balanced for slice level, "
