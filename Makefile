@@ -35,7 +35,7 @@ demo: $(INSTALLED) system-packages
 demo-model: $(INSTALLED)
 	$(BIN)/ichnode synth --out $(DEMO_WORK)/train-studies --studies 160 --seed 1
 	$(BIN)/ichnode prepare-rsna --data $(DEMO_WORK)/train-studies --out $(DEMO_WORK)/prepared
-	$(BIN)/ichnode train --config models/effclass-synthetic-demo.toml
+	$(BIN)/ichnode train --config models/effclass-synthetic-demo.toml --overwrite
 	$(BIN)/ichnode synth --out $(DEMO_WORK)/calibration-studies --studies 100 --seed 5
 	$(BIN)/ichnode calibrate --checkpoint $(DEMO_WORK)/experiments/effclass-synthetic-demo/model.pt \
 	  --data $(DEMO_WORK)/calibration-studies --target-sensitivity 0.95 --out $(DEMO_MODEL)

@@ -16,14 +16,17 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from node.config import ENV_VAR, RuleSource, load_config
-from node.errors import ConfigError, IchNodeError
+from node.errors import ConfigError, IchNodeError, TrainingStopped
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
+from training.metrics import INTERVAL_METHODS
+from training.prepare import DATA_KINDS
 
 __all__ = ["main", "build_parser"]
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
+EXIT_STOPPED = 128 + 15  # as a process ended by SIGTERM: a scheduler sees the job was pre-empted
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -193,13 +196,21 @@ def _retry(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from training.prepare import prepare
 
-    summary = prepare(args.data, args.out, workers=args.workers)
+    summary = prepare(args.data, args.out, workers=args.workers, training_data=args.training_data)
+    provenance = summary["provenance"]
     print(
         f"prepared {summary['usable_slices']} slices ({summary['positive_slices']} with ICH) of "
-        f"{summary['layout']} data into {args.out}; {len(summary['skipped'])} skipped "
-        f"(see prepare.json); patients train/val/test {summary['patients']['train']}/"
-        f"{summary['patients']['val']}/{summary['patients']['test']}"
+        f"{summary['layout']}-layout data into {args.out}; training data: {summary['training_data']} "
+        f"(stated by {provenance['stated_by']}); {len(summary['skipped'])} skipped (see prepare.json); "
+        f"patients train/val/test {summary['patients']['train']}/{summary['patients']['val']}/"
+        f"{summary['patients']['test']}; cache: {summary['cache_made']} images made, {summary['cache_reused']} "
+        f"reused, {summary['cache_removed']} stale removed"
     )
+    if provenance["stated_by"] == "user" and provenance["derived_from_data"] != summary["training_data"]:
+        print(f"note: the files alone would make this data {provenance['derived_from_data']!r}; "
+              f"recorded as {summary['training_data']!r} because you said so")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -208,13 +219,21 @@ def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RSNA folder (stage_2_train.csv, stage_2_train/) or `ichnode synth` output")
     parser.add_argument("--out", type=Path, required=True, help="folder for the split lists and the cache")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: all cores)")
+    parser.add_argument("--training-data", choices=DATA_KINDS, default=None,
+                        help="what the data is, as checkpoints trained on it will say (default: read from the "
+                             "files: synthetic phantoms are 'synthetic', RSNA 2019's files 'rsna', others 'other')")
 
 
 def _train(args: argparse.Namespace) -> int:
     from training.train import load_train_config, train
 
     config = load_train_config(args.config)
-    result = train(config, resume=args.resume)
+    try:
+        result = train(config, resume=args.resume, overwrite=args.overwrite)
+    except TrainingStopped as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ichnode train: {stopped}", file=sys.stderr)
+        return EXIT_STOPPED
     if int(os.environ.get("RANK", "0")) == 0:
         auc = "n/a" if result.best_val_roc_auc is None else f"{result.best_val_roc_auc:.4f}"
         print(f"checkpoint {result.checkpoint} (epoch {result.best_epoch}, validation ROC-AUC {auc}); "
@@ -224,8 +243,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None,
-                        help="training TOML (default: the paper's recipe on var/prepared)")
-    parser.add_argument("--resume", action="store_true", help="continue from experiments/NAME/last.pt")
+                        help="training TOML (default: the recipe of the paper's authors' code on var/prepared)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in experiments/NAME from its latest state (state/step-*.pt)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what an earlier run left in experiments/NAME (without it, that is refused)")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -244,8 +266,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = args.out or Path("experiments") / f"eval-{args.checkpoint.stem}-{args.data.resolve().name}"
     result = evaluate(args.checkpoint, args.data, out, device=args.device, batch_size=args.batch_size,
                       resamples=args.resamples, backend=args.backend, gradcam_layer=args.gradcam_layer,
-                      rule=rule, rule_source=source)
+                      rule=rule, rule_source=source, interval=args.interval)
     print((result.files["report"]).read_text())
+    for warning in result.warnings:
+        print(f"warning: {warning}")
     print(f"written to {out}: " + ", ".join(sorted(p.name for p in result.files.values())))
     return 0
 
@@ -278,6 +302,22 @@ def _evaluate_history(args: argparse.Namespace) -> int:
         print(f"  not analysed: {key}")
     print(f"written to {out}: " + ", ".join(sorted(p.name for p in paths.values())))
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import export
+
+    result = export(args.checkpoint, args.out, samples=args.samples)
+    print(f"wrote {result.onnx} (checked against PyTorch on {result.samples} synthetic phantom slices: P(ICH) "
+          f"differs by at most {result.max_difference:.1e}) and the model card {result.card}")
+    return 0
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="folder for model.onnx and MODEL_CARD.md")
+    parser.add_argument("--samples", type=_positive_int, default=4,
+                        help="synthetic phantom slices the ONNX model is checked on against PyTorch (default 4)")
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -435,6 +475,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                              "with source = \"config\" (default, and with source = \"checkpoint\": the rule "
                              "the checkpoint recommends)")
     parser.add_argument("--resamples", type=_positive_int, default=2000, help="bootstrap resamples for AUC intervals")
+    parser.add_argument("--interval", choices=INTERVAL_METHODS, default="wilson",
+                        help="intervals of proportions: wilson (default) or clopper-pearson (exact; the paper's "
+                             "published Table 2 intervals are Clopper-Pearson, so use it to compare with the paper)")
 
 
 # name → (one-line help, argument builder, handler)
@@ -457,6 +500,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
                 "MR), to measure abstention", _add_ood_set_arguments, _ood_set),
     "fit-ood": ("describe a checkpoint's training inputs, so studies unlike them are not triaged, and write "
                 "it into a new checkpoint", _add_fit_ood_arguments, _fit_ood),
+    "export": ("write a checkpoint as an ONNX model (checked against PyTorch) and its model card",
+               _add_export_arguments, _export),
 }
 
 

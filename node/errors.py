@@ -16,6 +16,7 @@ property of each error: the worker and the sender try again later when it is tru
     ├── NoAnalysableSeries            training.errors   no axial head CT series in a study
     ├── DataError                     training.errors   a data folder that cannot be used
     ├── SyntheticDataError            training.errors   impossible synthetic-study options
+    ├── TrainingStopped               training.errors   training stopped on request, state saved
     └── DeliveryError                 node.errors       retried: a destination did not take a result
 """
 

@@ -12,6 +12,37 @@ from training.synthetic import SyntheticOptions, write_studies
 
 
 @pytest.fixture(scope="session")
+def training_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six small studies (six patients), half with bleeds; with seed 20 the paper's split
+    puts a study with bleeds in each of train, validation and test."""
+    root = tmp_path_factory.mktemp("training_studies")
+    write_studies(root, SyntheticOptions(studies=6, seed=20, positive_fraction=0.5, min_slices=10, max_slices=12))
+    return root
+
+
+@pytest.fixture(scope="session")
+def training_prepared(training_studies: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.prepare import prepare
+
+    out = tmp_path_factory.mktemp("training_prepared")
+    prepare(training_studies, out, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(training_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The experiment folder of one uninterrupted tests.trainrun.REFERENCE run."""
+    from tests.trainrun import write_train_config
+    from training.train import load_train_config, train
+
+    root = tmp_path_factory.mktemp("reference_run")
+    config = load_train_config(write_train_config(root / "train.toml", training_prepared, root / "experiments",
+                                                  "reference"))
+    train(config, progress=False)
+    return config.folder
+
+
+@pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two studies (seed 11): one with bleeds, one without, each with scout and bone series."""
     root = tmp_path_factory.mktemp("synthetic")

@@ -49,6 +49,46 @@ def test_known_interval_values() -> None:
     assert (exact.low, exact.high) == pytest.approx((0.4439, 0.9748), abs=1e-3)
 
 
+def test_clopper_pearson_is_the_exact_binomial_interval() -> None:
+    # R's binom.test(7, 20) prints the 95 % interval 0.1539092 0.5921885.
+    interval = clopper_pearson_interval(7, 20)
+    assert (interval.low, interval.high) == pytest.approx((0.1539092, 0.5921885), abs=5e-8)
+    # By definition each bound leaves 2.5 % in its binomial tail (computed from the
+    # binomial distribution itself, not the beta quantiles the code uses).
+    for successes, total in ((7, 20), (3, 41), (120, 128)):
+        bounds = clopper_pearson_interval(successes, total)
+        assert stats.binom.sf(successes - 1, total, bounds.low) == pytest.approx(0.025, abs=1e-9)
+        assert stats.binom.cdf(successes, total, bounds.high) == pytest.approx(0.025, abs=1e-9)
+    # 0 of n: the upper bound has the closed form 1 − 0.025^(1/n).
+    assert clopper_pearson_interval(0, 10).high == pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-12)
+
+
+def test_calibration_measures() -> None:
+    from training.metrics import brier_score, calibration_metrics, expected_calibration_error, reliability_bins
+
+    labels = np.array([0, 0, 1, 1, 1, 0, 1, 0])
+    p = np.array([0.05, 0.15, 0.95, 0.85, 0.55, 0.45, 0.999, 1.0])
+    assert brier_score(labels, p) == pytest.approx(np.mean((p - labels) ** 2))
+    bins = reliability_bins(labels, p, bins=10)
+    assert [b["n"] for b in bins] == [1, 1, 0, 0, 1, 1, 0, 0, 1, 3]  # 1.0 falls in the last bin
+    assert bins[9]["fraction_positive"] == pytest.approx(2 / 3)
+    expected = sum(b["n"] / 8 * abs(b["fraction_positive"] - b["mean_probability"]) for b in bins if b["n"])
+    assert expected_calibration_error(labels, p) == pytest.approx(expected)
+    perfect = calibration_metrics(np.array([0, 1] * 50), np.array([0.0, 1.0] * 50), resamples=50)
+    assert perfect["brier"]["estimate"] == 0 and perfect["ece"]["estimate"] == 0
+
+
+def test_subtype_sensitivity_counts_each_subtype() -> None:
+    from training.metrics import subtype_sensitivity
+
+    subtypes = [("subdural",), ("subdural", "epidural"), (), ("epidural",)]
+    table = subtype_sensitivity(subtypes, np.array([1, 1, 0, 1]), np.array([0.9, 0.6, 0.2, 0.4]),
+                                thresholds=(0.5,), interval="clopper-pearson")
+    assert table["subdural"]["slices"] == 2 and table["subdural"]["thresholds"]["0.5"]["estimate"] == 1.0
+    assert table["epidural"]["thresholds"]["0.5"]["estimate"] == 0.5
+    assert table["epidural"]["thresholds"]["0.5"]["method"] == "Clopper-Pearson"
+
+
 @pytest.mark.parametrize("successes,total", [(0, 1), (1, 3), (8, 10), (13, 13), (37, 250), (999, 1000)])
 def test_intervals_match_scipy(successes: int, total: int) -> None:
     result = stats.binomtest(successes, total)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,29 +19,20 @@ from PIL import Image
 from training.model.checkpoint import load_checkpoint
 from training.prepare import cache_image, prepare, read_rsna_labels, read_split
 from training.synthetic import SyntheticOptions, write_studies
-from training.train import load_train_config, train
+from training.train import learning_rate, load_train_config, train
 
 SUBTYPES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
 
 
 @pytest.fixture(scope="module")
-def small_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six small studies (six patients), half with bleeds; with seed 20 the paper's split
-    puts a study with bleeds in each of train, validation and test."""
-    root = tmp_path_factory.mktemp("small_synthetic")
-    write_studies(root, SyntheticOptions(studies=6, seed=20, positive_fraction=0.5, min_slices=10, max_slices=12))
-    return root
-
-
-@pytest.fixture(scope="module")
-def rsna_folder(small_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def rsna_folder(training_studies: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The RSNA 2019 layout with the real CSV format, a duplicated row, the known corrupt
     image and one more unreadable file."""
     root = tmp_path_factory.mktemp("rsna")
     images = root / "stage_2_train"
     images.mkdir()
     rows = []
-    for n, labels_path in enumerate(sorted(small_synthetic.glob("study_*/labels.json"))):
+    for n, labels_path in enumerate(sorted(training_studies.glob("study_*/labels.json"))):
         labels = json.loads(labels_path.read_text())
         for entry in labels["slices"]:
             image_id = f"ID_{n:02d}{entry['instance_number']:03d}abc"
@@ -69,15 +61,21 @@ def prepared(rsna_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_labels_from_any_rows_with_duplicates_dropped(rsna_folder: Path) -> None:
-    labels, duplicates = read_rsna_labels(rsna_folder / "stage_2_train.csv")
-    assert duplicates == 1
-    assert all(not k.endswith("_any") and k.startswith("ID_") for k in labels)
-    assert set(labels.values()) == {0, 1}
+    labels = read_rsna_labels(rsna_folder / "stage_2_train.csv")
+    assert labels.duplicate_rows == 1
+    assert all(not k.endswith("_any") and k.startswith("ID_") for k in labels.any)
+    assert set(labels.any.values()) == {0, 1}
+    # Subtypes come from the other five rows of each image.
+    positives = [k for k, v in labels.any.items() if v]
+    assert all(labels.subtypes[k] for k in positives) and not any(labels.subtypes[k] for k in labels.any
+                                                                   if not labels.any[k])
 
 
 def test_prepare_splits_caches_and_reports(prepared: Path, rsna_folder: Path) -> None:
     summary = json.loads((prepared / "prepare.json").read_text())
     assert summary["layout"] == "rsna" and summary["duplicate_rows_dropped"] == 1
+    # The files are ichnode's phantoms: the layout does not make them RSNA data.
+    assert summary["training_data"] == "synthetic" and summary["provenance"]["stated_by"] == "the data"
     assert "known corrupt" in summary["skipped"]["ID_6431af929"]
     assert "ID_broken0001" in summary["skipped"]
     total = len(list((rsna_folder / "stage_2_train").glob("*.dcm")))
@@ -147,13 +145,6 @@ name = {settings['name']}
     return path
 
 
-@pytest.fixture(scope="module")
-def synthetic_prepared(small_synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic_prepared")
-    prepare(small_synthetic, out, workers=2, progress=False)
-    return out
-
-
 def test_paper_recipe_is_the_default() -> None:
     config = load_train_config(None)
     assert (config.optimizer.name, config.optimizer.lr, config.optimizer.momentum, config.optimizer.weight_decay) == (
@@ -161,29 +152,27 @@ def test_paper_recipe_is_the_default() -> None:
     assert (config.schedule.name, config.schedule.step_size, config.schedule.gamma) == ("step", 1, 0.5)
     assert (config.training.batch_size, config.training.epochs, config.training.flips) == (4, 3, True)
     assert config.model.architecture == "effclass"
+    # StepLR(1, 0.5) as the authors' code steps it: once per epoch, whatever the epoch's length.
+    assert [learning_rate(config, step, steps_per_epoch=10) for step in (0, 9, 10, 25)] == [1e-4, 1e-4, 5e-5, 2.5e-5]
 
 
-def test_training_lowers_the_loss_writes_a_checkpoint_and_resumes(synthetic_prepared: Path, tmp_path: Path) -> None:
-    config = load_train_config(_train_config(tmp_path, synthetic_prepared))
+def test_training_lowers_the_loss_and_writes_a_checkpoint(training_prepared: Path, tmp_path: Path) -> None:
+    config = load_train_config(_train_config(tmp_path, training_prepared, epochs="3"))
     result = train(config, progress=False)
     losses = [h["train_loss"] for h in result.history]
-    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(losses) == 3 and losses[-1] < losses[0]
     model, model_config = load_checkpoint(result.checkpoint, architecture="resnet18")
     assert model_config.provenance.training_data == "synthetic" and model_config.provenance.synthetic
     assert "validation split" in model_config.provenance.metrics["measured_on"]
     folder = result.checkpoint.parent
-    for name in ("config.json", "metrics.json", "curves.png", "last.pt", "model.pt"):
-        assert (folder / name).is_file(), name
+    for name in ("config.json", "run.json", "metrics.json", "steps.csv", "curves.png", "model.pt", "state",
+                 "tensorboard"):
+        assert (folder / name).exists(), name
     assert json.loads((folder / "metrics.json").read_text())["best_epoch"] == result.best_epoch
-    # Resume: a fifth epoch continues the same history.
-    more = load_train_config(_train_config(tmp_path, synthetic_prepared, epochs="5"))
-    resumed = train(more, resume=True, progress=False)
-    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
-    assert resumed.history[:4] == result.history
 
 
-def test_effclass_trains_a_step_on_the_cpu(synthetic_prepared: Path, tmp_path: Path) -> None:
-    config = load_train_config(_train_config(tmp_path, synthetic_prepared, architecture='"effclass"', epochs="1",
+def test_effclass_trains_a_step_on_the_cpu(training_prepared: Path, tmp_path: Path) -> None:
+    config = load_train_config(_train_config(tmp_path, training_prepared, architecture='"effclass"', epochs="1",
                                              max_steps="1", batch_size="2", optimizer='"sgd"', lr="1e-4"))
     result = train(config, progress=False)
     assert load_checkpoint(result.checkpoint, architecture="effclass")[1].preprocess.input_size == 512
@@ -215,15 +204,18 @@ def test_bad_training_config_names_the_key(tmp_path: Path) -> None:
         load_train_config(path)
 
 
-def test_evaluate_writes_both_tables(synthetic_prepared: Path, small_synthetic: Path, tmp_path: Path) -> None:
-    config = load_train_config(_train_config(tmp_path, synthetic_prepared, epochs="1"))
-    checkpoint = train(config, progress=False).checkpoint
+def test_evaluate_writes_both_tables(training_prepared: Path, training_studies: Path, reference_run: Path,
+                                    tmp_path: Path) -> None:
+    from training.metrics import roc_auc
+
+    checkpoint = reference_run / "model.pt"
     cli = [sys.executable, "-m", "node.cli", "evaluate", "--checkpoint", str(checkpoint), "--device", "cpu",
            "--resamples", "200"]
-    for data, name in ((synthetic_prepared, "prepared"), (small_synthetic, "studies")):
+    for data, name, interval in ((training_prepared, "prepared", "wilson"),
+                                 (training_studies, "studies", "clopper-pearson")):
         out = tmp_path / name
-        result = subprocess.run([*cli, "--data", str(data), "--out", str(out)], capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run([*cli, "--data", str(data), "--out", str(out), "--interval", interval],
+                                capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr
         report = (out / "report.md").read_text()
         assert "synthetic" in report.lower() and "NOT clinical data" in report
@@ -231,17 +223,39 @@ def test_evaluate_writes_both_tables(synthetic_prepared: Path, small_synthetic: 
         assert metrics["slice_level"] is not None and metrics["patient_level"] is not None
         # Lesion masks exist for `ichnode synth` folders only, not for a prepared cache.
         assert (metrics["gradcam_localisation"] is not None) == (name == "studies")
-        assert (out / "predictions.csv").is_file()
+        method = {"wilson": "Wilson", "clopper-pearson": "Clopper-Pearson"}[interval]
+        assert metrics["slice_level"]["thresholds"]["0.5"]["sensitivity"]["method"] == method
+        assert metrics["patient_level"]["rules"]["5%"]["specificity"]["method"] == method
+        # Calibration and the reliability plot; sensitivity per subtype (both layouts know them).
+        calibration = metrics["calibration"]
+        assert 0 <= calibration["brier"]["estimate"] <= 1 and 0 <= calibration["ece"]["estimate"] <= 1
+        assert sum(b["n"] for b in calibration["reliability"]) == metrics["slice_level"]["n"]
+        assert (out / "reliability.png").is_file() and "## Calibration" in report
+        assert metrics["subtype_sensitivity"] and "## Sensitivity by bleed subtype" in report
+        # Every synthetic study folder has far more normal slices than bleeding ones.
+        if name == "studies":
+            assert any("slice-level list is unbalanced" in w for w in metrics["warnings"])
+            assert "warning: the slice-level list is unbalanced" in result.stdout
+        # predictions.csv holds the probabilities as computed: the AUC recomputed from it is the one reported.
+        with open(out / "predictions.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert any(len(r["probability"].split(".")[-1]) > 6 for r in rows)
+        if name == "prepared":
+            listed = {r.image_id for r in read_split(data / "splits" / "test.csv")}
+            chosen = [r for r in rows if r["image_id"] in listed]
+            recomputed = roc_auc(np.array([int(r["label"]) for r in chosen]),
+                                 np.array([float(r["probability"]) for r in chosen]))
+            assert recomputed == metrics["slice_level"]["roc_auc"]["estimate"]
 
 
-def test_evaluate_reads_the_cq500_layout(small_synthetic: Path, tmp_path: Path) -> None:
+def test_evaluate_reads_the_cq500_layout(training_studies: Path, tmp_path: Path) -> None:
     from training.model.checkpoint import default_model_config, save_checkpoint
     from training.evaluate import evaluate
     from training.model.architectures import create_model
 
     root = tmp_path / "cq500"
     rows = []
-    for n, labels_path in enumerate(sorted(small_synthetic.glob("study_*/labels.json"))[:4]):
+    for n, labels_path in enumerate(sorted(training_studies.glob("study_*/labels.json"))[:4]):
         name = f"CQ500-CT-{n}"
         folder = root / f"CQ500CT{n} CQ500CT{n}" / "Unknown Study" / "CT 5mm"
         folder.mkdir(parents=True)
@@ -262,8 +276,8 @@ def test_evaluate_reads_the_cq500_layout(small_synthetic: Path, tmp_path: Path) 
     assert "CQ500" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_two_process_ddp_smoke_run(synthetic_prepared: Path, tmp_path: Path) -> None:
-    config = _train_config(tmp_path, synthetic_prepared, epochs="1", max_steps="2", name='"ddp"')
+def test_two_process_ddp_smoke_run(training_prepared: Path, tmp_path: Path) -> None:
+    config = _train_config(tmp_path, training_prepared, epochs="1", max_steps="2", name='"ddp"')
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -281,3 +295,81 @@ def _free_port() -> int:
     from tests.peers import free_port
 
     return free_port()
+
+
+def _rsna_layout(root: Path, studies: Path, *, strip_marks: bool, rsna_identity: bool) -> Path:
+    """Every HEAD slice of `studies` in the RSNA layout; optionally without ichnode's
+    synthetic marks, and named after its SOPInstanceUID as RSNA's de-identified files are."""
+    images = root / "stage_2_train"
+    images.mkdir(parents=True)
+    rows = []
+    for n, labels_path in enumerate(sorted(studies.glob("study_*/labels.json"))):
+        for entry in json.loads(labels_path.read_text())["slices"]:
+            image_id = f"ID_{n:02d}{entry['instance_number']:03d}def"
+            ds = pydicom.dcmread(labels_path.parent / entry["file"])
+            if strip_marks:
+                ds.Manufacturer, ds.ImageComments = "ACME", ""
+                ds.file_meta.ImplementationVersionName = "OTHER_1"
+            if rsna_identity:
+                with warnings.catch_warnings():  # RSNA's "ID_…" is not a valid UID
+                    warnings.simplefilter("ignore", UserWarning)
+                    ds.SOPInstanceUID = image_id
+            ds.save_as(images / f"{image_id}.dcm")
+            rows += [(f"{image_id}_{s}", entry["label"] if s == "any" else int(s in entry["subtypes"]))
+                     for s in SUBTYPES]
+    with open(root / "stage_2_train.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("ID", "Label"), *rows])
+    return root
+
+
+def test_what_the_data_is_comes_from_the_files(training_studies: Path, tmp_path: Path) -> None:
+    from node.errors import DataError
+
+    marked = _rsna_layout(tmp_path / "marked", training_studies, strip_marks=False, rsna_identity=True)
+    with pytest.raises(DataError, match="synthetic phantoms .* never 'rsna'"):
+        prepare(marked, tmp_path / "p1", workers=2, progress=False, training_data="rsna")
+    with pytest.raises(DataError, match="never 'other'"):
+        prepare(marked, tmp_path / "p1", workers=2, progress=False, training_data="other")
+    assert prepare(marked, tmp_path / "p1", workers=2, progress=False)["training_data"] == "synthetic"
+
+    unmarked = _rsna_layout(tmp_path / "unmarked", training_studies, strip_marks=True, rsna_identity=True)
+    assert prepare(unmarked, tmp_path / "p2", workers=2, progress=False)["training_data"] == "rsna"
+    other = _rsna_layout(tmp_path / "other", training_studies, strip_marks=True, rsna_identity=False)
+    summary = prepare(other, tmp_path / "p3", workers=2, progress=False)
+    assert summary["training_data"] == "other" and summary["provenance"]["derived_from_data"] == "other"
+    stated = prepare(other, tmp_path / "p3", workers=2, progress=False, training_data="rsna")
+    assert stated["training_data"] == "rsna" and stated["provenance"]["stated_by"] == "user"
+    # Subtypes from the CSV reach the split lists.
+    positives = [r for r in read_split(tmp_path / "p3" / "splits" / "train.csv") if r.label]
+    assert positives and all(r.subtypes for r in positives)
+
+
+def test_a_reused_folder_is_rebuilt_from_the_new_data_never_mixed(training_prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reused"
+    shutil.copytree(training_prepared, out)
+    other = tmp_path / "other_studies"
+    # Another data set with the same study and slice names (study_0000_0001, …).
+    write_studies(other, SyntheticOptions(studies=6, seed=21, positive_fraction=0.5, min_slices=10, max_slices=12))
+    summary = prepare(other, out, workers=2, progress=False)
+    assert summary["cache_reused"] == 0 and summary["cache_made"] == summary["cached_slices"]
+    assert summary["cache_removed"] > 0  # the first data set's images that no list uses now
+    for name in ("train", "val", "test", "test_full"):
+        for record in read_split(out / "splits" / f"{name}.csv"):
+            assert record.source.startswith(str(other))
+            cached = np.asarray(Image.open(out / record.cache))
+            np.testing.assert_array_equal(cached, cache_image(pydicom.dcmread(record.source)), err_msg=record.image_id)
+    assert {p.name for p in (out / "cache").glob("*.png")} == {
+        Path(r.cache).name for name in ("train", "val", "test", "test_full")
+        for r in read_split(out / "splits" / f"{name}.csv")}
+    # The same data again: everything is reused.
+    assert prepare(other, out, workers=2, progress=False)["cache_made"] == 0
+
+
+def test_a_label_that_is_not_0_or_1_names_its_line(tmp_path: Path) -> None:
+    from node.cli import main
+
+    (tmp_path / "stage_2_train").mkdir()
+    (tmp_path / "stage_2_train.csv").write_text("ID,Label\nID_a_epidural,0\nID_a_any,0\nID_b_any,yes\n")
+    with pytest.raises(Exception, match=r"stage_2_train.csv line 4: the label of ID_b_any is 'yes', not 0 or 1"):
+        read_rsna_labels(tmp_path / "stage_2_train.csv")
+    assert main(["prepare-rsna", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 1

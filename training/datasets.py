@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from training.errors import DataError, NoAnalysableSeries
 from training.inference.predictor import Predictor
@@ -24,6 +26,7 @@ from training.model.series import choose_head_series, read_header
 
 __all__ = [
     "CachedSlices",
+    "EpochOrder",
     "EvalSlice",
     "EvalStudy",
     "EvalSet",
@@ -47,7 +50,11 @@ def check_cache_matches(prepared: Path, spec: PreprocessSpec) -> None:
 class CachedSlices(Dataset):
     """(input, label) pairs from one split list of a prepared folder.
 
-    `flips` adds the paper's only augmentation: random horizontal and vertical flips.
+    `flips` adds the paper's only augmentation: random horizontal and vertical flips. The
+    draws of an item are keyed by (seed, epoch, index), not taken from a generator that
+    DataLoader workers would copy: so every slice gets its own draws whatever the number
+    of workers, and a resumed run draws exactly what the uninterrupted one would have.
+    An item is asked for by index (epoch 0) or by (index, epoch), as `EpochOrder` yields.
     """
 
     def __init__(self, prepared: Path, split: str, spec: PreprocessSpec, *, flips: bool = False,
@@ -60,24 +67,62 @@ class CachedSlices(Dataset):
         self.records = read_split(path)
         self.spec = spec
         self.flips = flips
-        self.generator = np.random.default_rng(seed)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def flip_draws(self, index: int, epoch: int = 0) -> tuple[bool, bool]:
+        """(horizontal, vertical) flips of item `index` in `epoch`."""
+        draws = np.random.default_rng([self.seed, epoch, index]).random(2)
+        return bool(draws[0] < 0.5), bool(draws[1] < 0.5)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         record = self.records[index]
         x = windowed_to_input(load_cached_image(self.prepared / record.cache), self.spec)
         if self.flips:
-            if self.generator.random() < 0.5:
+            horizontal, vertical = self.flip_draws(index, epoch)
+            if horizontal:
                 x = x[:, :, ::-1]
-            if self.generator.random() < 0.5:
+            if vertical:
                 x = x[:, ::-1, :]
         return torch.from_numpy(np.ascontiguousarray(x)), record.label
 
     @property
     def labels(self) -> np.ndarray:
         return np.array([r.label for r in self.records])
+
+
+class EpochOrder(Sampler):
+    """The training order: each epoch a permutation drawn from (seed, epoch), shared out
+    among `world` processes as DistributedSampler does (padded by repeating its start),
+    read from position `skip` on; every item comes with its epoch for the augmentation
+    draws. Being a function of (seed, epoch, skip) alone, it needs no state to resume."""
+
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.skip = 0, 0
+
+    @property
+    def per_process(self) -> int:
+        """Items each process sees in a whole epoch."""
+        return math.ceil(self.size / self.world)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        total = self.per_process * self.world
+        order = (order * math.ceil(total / max(len(order), 1)))[:total]
+        mine = order[self.rank::self.world]
+        return iter([(index, self.epoch) for index in mine[self.skip:]])
+
+    def __len__(self) -> int:
+        return max(0, self.per_process - self.skip)
 
 
 @dataclass(frozen=True)
@@ -87,6 +132,7 @@ class EvalSlice:
     label: int | None
     source: Path | None  # a DICOM file
     cache: Path | None  # a prepared cache image (preferred when present)
+    subtypes: tuple[str, ...] | None = None  # the bleed subtypes present; None when not known
 
 
 @dataclass(frozen=True)
@@ -114,11 +160,25 @@ class EvalSet:
         return predictor.prepare_slice(pydicom.dcmread(item.source))
 
 
+def _prepared_kind(summary: dict) -> tuple[str, bool]:
+    """What a prepared folder's data is, in words, and whether it is synthetic."""
+    # Folders prepared before `provenance` existed guessed what the data is from the layout.
+    data_kind = summary["training_data"] if "provenance" in summary else None
+    synthetic = data_kind == "synthetic" or summary["layout"] == "synthetic"
+    kind = {"synthetic": "synthetic phantoms (ichnode synth) - NOT clinical data", "rsna": "RSNA 2019 ICH"}.get(
+        "synthetic" if synthetic else data_kind,
+        f"{summary['layout']}-layout data" + ("" if data_kind else " (prepared by an earlier ichnode, which did not "
+                                              "read what the data is: run prepare-rsna again)"))
+    return kind, synthetic
+
+
 def _from_prepared(prepared: Path, spec: PreprocessSpec) -> EvalSet:
     check_cache_matches(prepared, spec)
     summary = json.loads((prepared / "prepare.json").read_text())
     def as_slice(r: SliceRecord) -> EvalSlice:
-        return EvalSlice(r.image_id, r.patient_id, r.label, Path(r.source), prepared / r.cache)
+        subtypes = tuple(r.subtypes.split(";")) if r.subtypes else ()
+        return EvalSlice(r.image_id, r.patient_id, r.label, Path(r.source), prepared / r.cache,
+                         subtypes if "subtypes" in summary.get("list_fields", ()) else None)
     balanced = [as_slice(r) for r in read_split(prepared / "splits" / "test.csv")]
     by_patient: dict[str, list[SliceRecord]] = {}
     for record in read_split(prepared / "splits" / "test_full.csv"):
@@ -127,14 +187,13 @@ def _from_prepared(prepared: Path, spec: PreprocessSpec) -> EvalSet:
         EvalStudy(patient, int(any(r.label for r in records)), [as_slice(r) for r in records])
         for patient, records in sorted(by_patient.items())
     ]
-    kind = "synthetic phantoms (ichnode synth) - NOT clinical data" if summary["layout"] == "synthetic" \
-        else "RSNA 2019 ICH"
+    kind, synthetic = _prepared_kind(summary)
     description = (
         f"{kind}, held-out test split of {prepared} (patients split 90/5/5, seed "
         f"{summary['split_seed']}): {len(balanced)} slices balanced for slice level, "
         f"{len(studies)} patients with all their slices for patient level"
     )
-    return EvalSet(description, summary["layout"] == "synthetic", balanced, studies)
+    return EvalSet(description, synthetic, balanced, studies)
 
 
 def _optional_label(value: object) -> int | None:
@@ -149,7 +208,8 @@ def _from_synthetic(root: Path) -> EvalSet:
         labels = json.loads(labels_path.read_text())
         study = labels_path.parent.name
         items = [EvalSlice(f"{study}_{e['instance_number']:04d}", study, _optional_label(e["label"]),
-                           labels_path.parent / e["file"], None) for e in labels["slices"]]
+                           labels_path.parent / e["file"], None, tuple(e.get("subtypes", ())))
+                 for e in labels["slices"]]
         kind = labels.get("shift") or labels.get("source", "")
         masks = labels_path.parent if labels.get("mask_file") else None
         studies.append(EvalStudy(study, _optional_label(labels["positive"]), items, masks, kind))
@@ -226,9 +286,8 @@ def load_training_slices(data: Path, spec: PreprocessSpec) -> EvalSet:
         summary = json.loads((data / "prepare.json").read_text())
         slices = [EvalSlice(r.image_id, r.patient_id, r.label, Path(r.source), data / r.cache)
                   for r in read_split(data / "splits" / "train.csv")]
-        kind = "synthetic phantoms (ichnode synth)" if summary["layout"] == "synthetic" else "RSNA 2019 ICH"
-        return EvalSet(f"{kind}, training list of {data}: {len(slices)} slices", summary["layout"] == "synthetic",
-                       slices, [])
+        kind, synthetic = _prepared_kind(summary)
+        return EvalSet(f"{kind}, training list of {data}: {len(slices)} slices", synthetic, slices, [])
     if any(data.glob("study_*/labels.json")):
         return load_eval_set(data, spec)
     raise DataError(f"{data} is neither a folder made by `ichnode prepare-rsna` nor a folder of `ichnode synth` "

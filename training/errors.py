@@ -14,6 +14,7 @@ __all__ = [
     "NoAnalysableSeries",
     "DataError",
     "SyntheticDataError",
+    "TrainingStopped",
 ]
 
 
@@ -39,3 +40,7 @@ class DataError(IchNodeError):
 
 class SyntheticDataError(IchNodeError):
     """Options for synthetic studies that cannot be satisfied."""
+
+
+class TrainingStopped(IchNodeError):
+    """Training stopped on request (SIGTERM, SIGINT) after saving its state; `--resume` continues it."""

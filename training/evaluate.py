@@ -1,5 +1,6 @@
 """`ichnode evaluate`: the paper's Table 1 (slice level) and Table 2 (patient level), with
-95 % confidence intervals, on held-out data — and every number names that data.
+95 % confidence intervals (Wilson, or Clopper–Pearson as the paper's Table 2), calibration,
+sensitivity by bleed subtype, on held-out data — and every number names that data.
 
 Each study also goes through the node's checks (its scope, then its out-of-distribution
 score): the report gives how often the node would not triage, and Table 2 again on the
@@ -24,15 +25,21 @@ from training.model.preprocess import hu_from_dataset
 from training.model.scope import Reason, ReasonCode, Scope, scope_reasons
 from training.model.series import choose_head_series, read_header
 from training.localisation import dilate, mask_to_input, peak_inside
-from training.metrics import patient_level_metrics, slice_level_metrics, wilson_interval
+from training.metrics import (
+    calibration_metrics,
+    patient_level_metrics,
+    slice_level_metrics,
+    subtype_sensitivity,
+    wilson_interval,
+)
 from training.inference.predictor import Predictor
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
 from training.model.rule import TriageRule, key_slice_indices
-from training.report import plot_pr, plot_roc, write_report
+from training.report import plot_pr, plot_reliability, plot_roc, write_report
 
-__all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "StudyCheck", "data_description", "infer_slices", "predict_slices",
-           "study_checks", "with_inputs", "abstention_metrics", "evaluate"]
+__all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "StudyCheck", "data_description", "data_warnings", "infer_slices",
+           "predict_slices", "study_checks", "with_inputs", "abstention_metrics", "evaluate"]
 
 SYNTHETIC_NOTE = "numbers on synthetic phantoms say nothing about clinical performance"
 
@@ -44,6 +51,9 @@ class EvaluationResult:
     slice_metrics: dict | None
     patient_metrics: dict | None
     localisation_metrics: dict | None
+    calibration_metrics: dict | None = None
+    subtype_metrics: dict | None = None
+    warnings: tuple[str, ...] = ()
     abstention_metrics: dict | None = None
 
 
@@ -128,8 +138,6 @@ def abstention_metrics(eval_set: EvalSet, checks: dict[str, StudyCheck], predict
     }
 
 
-
-
 def data_description(eval_set: EvalSet) -> str:
     """What every number measured on `eval_set` must say about its data."""
     return eval_set.description + (f" ({SYNTHETIC_NOTE})" if eval_set.synthetic else "")
@@ -145,7 +153,7 @@ def infer_slices(predictor: Predictor, eval_set: EvalSet, slices: list[EvalSlice
     unique = list({s.image_id: s for s in slices}.values())
     batch = predictor.batch_size
     outputs: SliceOutputs = {}
-    bar = tqdm(total=len(unique), desc=desc, unit="slice", disable=not progress)
+    bar = tqdm(total=len(unique), desc=desc, unit="slice", disable=None if progress else True)
 
     def load(start: int) -> np.ndarray:
         return np.stack([eval_set.load(s, predictor) for s in unique[start:start + batch]])
@@ -201,7 +209,7 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
         return None
     cell = predictor.gradcam_cell_pixels()
     hits: list[bool] = []
-    for study in tqdm(studies, desc="grad-cam", unit="study", disable=not progress):
+    for study in tqdm(studies, desc="grad-cam", unit="study", disable=None if progress else True):
         hits += _localised_key_slices(predictor, eval_set, study, probabilities, slice_threshold=slice_threshold,
                                       key_slices=key_slices, margin=cell / 2)
     return {"key_slices_per_study": key_slices, "slice_threshold": slice_threshold,
@@ -212,23 +220,31 @@ def localisation_metrics(predictor: Predictor, eval_set: EvalSet, probabilities:
 
 
 def _slice_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path, resamples: int,
-                 curves: dict[str, Path]) -> dict | None:
-    """Table 1 on the slice-level list, and its ROC and PR plots when both classes are there."""
+                 curves: dict[str, Path], interval: str) -> tuple[dict | None, dict | None, dict | None]:
+    """Table 1 on the slice-level list, its calibration and its sensitivity by subtype
+    (where the data has subtypes), and the ROC, PR and reliability plots when both classes
+    are there."""
     if not eval_set.slice_level:
-        return None
+        return None, None, None
     labels = np.array([s.label for s in eval_set.slice_level])
     scores = np.array([probabilities[s.image_id] for s in eval_set.slice_level])
     groups = np.array([s.group for s in eval_set.slice_level])
-    metrics = slice_level_metrics(labels, scores, groups=groups, resamples=resamples)
+    metrics = slice_level_metrics(labels, scores, groups=groups, resamples=resamples, interval=interval)
+    calibration = calibration_metrics(labels, scores, groups=groups, resamples=resamples)
+    subtypes = None
+    if all(s.subtypes is not None for s in eval_set.slice_level):
+        subtypes = subtype_sensitivity([s.subtypes for s in eval_set.slice_level], labels, scores, interval=interval)
     if len(set(labels.tolist())) == 2:
         curves["slice_roc"], curves["slice_pr"] = out / "slice_roc.png", out / "slice_pr.png"
         plot_roc(labels, scores, curves["slice_roc"], f"Slice level: {eval_set.description}")
         plot_pr(labels, scores, curves["slice_pr"], f"Slice level: {eval_set.description}")
-    return metrics
+        curves["reliability"] = out / "reliability.png"
+        plot_reliability(calibration, curves["reliability"], f"Calibration, slice level: {eval_set.description}")
+    return metrics, calibration, subtypes
 
 
 def _patient_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path, resamples: int,
-                   rule: TriageRule, rule_source: str, curves: dict[str, Path],
+                   rule: TriageRule, rule_source: str, curves: dict[str, Path], interval: str,
                    checks: dict[str, StudyCheck] | None = None) -> dict | None:
     """Table 2 under `rule` on the labelled studies the model ran on (with `checks`, only
     those the node would triage), and the study-score ROC plot when both classes are there."""
@@ -239,7 +255,7 @@ def _patient_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path
         return None
     labels = np.array([s.label for s in studies])
     per_study = [np.array([probabilities[x.image_id] for x in s.slices]) for s in studies]
-    metrics = patient_level_metrics(labels, per_study, rule=rule, resamples=resamples)
+    metrics = patient_level_metrics(labels, per_study, rule=rule, resamples=resamples, interval=interval)
     metrics["rule_source"] = rule_source
     if len(set(labels.tolist())) == 2:
         name = "patient_roc" if checks is None else "patient_roc_triaged"
@@ -249,23 +265,56 @@ def _patient_table(eval_set: EvalSet, probabilities: dict[str, float], out: Path
     return metrics
 
 
+# The paper's lists are balanced; further from half than this, rates that depend on
+# prevalence (PPV, NPV, accuracy) no longer compare with its tables.
+BALANCE_TOLERANCE = 0.1
+
+
+def data_warnings(eval_set: EvalSet) -> list[str]:
+    """What a reader of the numbers must know about the evaluation data: empty levels, one
+    class only, and lists that are not balanced as the paper's are."""
+    warnings = []
+    studies = [s for s in eval_set.studies if s.slices]
+    # CQ500 has no slice labels: no slice level is expected there.
+    slice_labelled = bool(eval_set.slice_level) or any(x.label is not None for s in studies for x in s.slices)
+    levels = {"slice-level list": [s.label for s in eval_set.slice_level],
+              "patient level": [s.label for s in studies if s.label is not None]}
+    for level, labels in levels.items():
+        if not labels:
+            if level == "patient level" or slice_labelled:
+                warnings.append(f"the {level} is empty: no {level.split()[0]}-level figure is reported")
+            continue
+        positives = sum(labels)
+        if positives in (0, len(labels)):
+            warnings.append(f"the {level} holds one class only ({len(labels)}, all {'with' if positives else 'without'} "
+                            "ICH): sensitivity or specificity and every area are undefined")
+        elif abs(positives / len(labels) - 0.5) > BALANCE_TOLERANCE:
+            warnings.append(f"the {level} is unbalanced ({positives} of {len(labels)} with ICH, "
+                            f"{positives / len(labels):.0%}), unlike the paper's balanced lists: PPV, NPV and "
+                            "accuracy depend on prevalence and do not compare with the paper's tables")
+    return warnings
+
+
 def _write_predictions(path: Path, slices: list[EvalSlice], probabilities: dict[str, float]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "group", "label", "probability"])
         for item in {s.image_id: s for s in slices}.values():
+            # repr: the shortest text that reads back as the same float, so any metric
+            # recomputed from this file is the one reported (rounding can reorder ties).
             writer.writerow([item.image_id, item.group, "" if item.label is None else item.label,
-                             f"{probabilities[item.image_id]:.6f}"])
+                             repr(probabilities[item.image_id])])
 
 
 def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device("auto"), batch_size: int = 8,
              resamples: int = 2000, progress: bool = True, backend: Backend = Backend.AUTO,
              key_slices: int = 3, gradcam_layer: GradcamLayer = GradcamLayer.AUTO,
-             rule: TriageRule | None = None, rule_source: str = "") -> EvaluationResult:
+             rule: TriageRule | None = None, rule_source: str = "", interval: str = "wilson") -> EvaluationResult:
     """Predict every slice of `data` with `checkpoint`, then write metrics, tables and plots.
 
     The patient rule reported is `rule` (described by `rule_source`), or else the one the
-    checkpoint recommends; the report says which.
+    checkpoint recommends; the report says which. `interval` is how proportions get their
+    intervals: "wilson", or "clopper-pearson" to compare with the paper's published ones.
     """
     predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend,
                                           gradcam_layer=gradcam_layer)
@@ -281,20 +330,23 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device
     checks = with_inputs(checks, predictor, eval_set, outputs)
     out.mkdir(parents=True, exist_ok=True)
     curves: dict[str, Path] = {}
-    slice_metrics = _slice_table(eval_set, probabilities, out, resamples, curves)
-    patient_metrics = _patient_table(eval_set, probabilities, out, resamples, rule, rule_source, curves)
+    slice_metrics, calibration, subtypes = _slice_table(eval_set, probabilities, out, resamples, curves, interval)
+    patient_metrics = _patient_table(eval_set, probabilities, out, resamples, rule, rule_source, curves, interval)
     abstention = abstention_metrics(eval_set, checks, predictor)
     abstention["patient_level_triaged"] = _patient_table(eval_set, probabilities, out, resamples, rule, rule_source,
-                                                         curves, checks)
+                                                         curves, interval, checks)
+    warnings = data_warnings(eval_set)
     localisation = localisation_metrics(predictor, eval_set, probabilities, slice_threshold=rule.slice_threshold,
                                         key_slices=key_slices, progress=progress)
     model = predictor.config
     model_description = (f"{model.architecture} from {checkpoint} (trained on: {model.provenance.training_data}; "
                          f"{model.provenance.description})")
     files = write_report(out, slice_metrics=slice_metrics, patient_metrics=patient_metrics,
-                         localisation_metrics=localisation, abstention_metrics=abstention,
-                         data_description=data_description(eval_set), model_description=model_description,
-                         curves=curves)
+                         localisation_metrics=localisation, calibration_metrics=calibration, subtype_metrics=subtypes,
+                         abstention_metrics=abstention,
+                         warnings=warnings, interval=interval, data_description=data_description(eval_set),
+                         model_description=model_description, curves=curves)
     files["predictions"] = out / "predictions.csv"
     _write_predictions(files["predictions"], wanted, probabilities)
-    return EvaluationResult(out, files, slice_metrics, patient_metrics, localisation, abstention)
+    return EvaluationResult(out, files, slice_metrics, patient_metrics, localisation, calibration, subtypes,
+                            tuple(warnings), abstention)

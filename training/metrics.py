@@ -1,8 +1,9 @@
 """Metrics of the paper's tables, each with a 95 % interval, as pure numpy/scipy.
 
-Proportions (accuracy, sensitivity, …) get Wilson intervals (Clopper–Pearson on request);
-areas under curves get percentile-bootstrap intervals, resampling whole patients when
-groups are given, because slices of one patient are not independent.
+Proportions (accuracy, sensitivity, …) get Wilson intervals or, on request, exact
+Clopper–Pearson ones (those match the paper's published Table 2 intervals); areas under
+curves and calibration errors get percentile-bootstrap intervals, resampling whole
+patients when groups are given, because slices of one patient are not independent.
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ from scipy import stats
 from training.model.rule import TriageRule
 
 __all__ = [
+    "INTERVAL_METHODS",
     "PAPER_RULE_ROW",
     "ConfusionMatrix",
+    "brier_score",
+    "calibration_metrics",
+    "expected_calibration_error",
+    "reliability_bins",
+    "subtype_sensitivity",
     "Interval",
     "average_precision",
     "bootstrap_interval",
@@ -35,6 +42,7 @@ __all__ = [
 
 Statistic = Callable[[np.ndarray, np.ndarray], float]
 PAPER_RULE_ROW = "the paper's rule (P > 0.8 on ≥ 5 %)"
+INTERVAL_METHODS = ("wilson", "clopper-pearson")
 
 
 @dataclass(frozen=True)
@@ -193,12 +201,12 @@ class ConfusionMatrix:
         """Negative predictive value; undefined when nothing is called negative."""
         return self._interval(self.tn, self.tn + self.fn, method)
 
-    def as_dict(self) -> dict[str, dict[str, float | str | None] | int]:
-        """The five rates with Wilson intervals and the four counts, JSON-ready."""
+    def as_dict(self, method: str = "wilson") -> dict[str, dict[str, float | str | None] | int]:
+        """The five rates with intervals by `method` and the four counts, JSON-ready."""
         return {
-            "accuracy": self.accuracy().as_dict(), "sensitivity": self.sensitivity().as_dict(),
-            "specificity": self.specificity().as_dict(), "ppv": self.ppv().as_dict(),
-            "npv": self.npv().as_dict(), "tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn,
+            "accuracy": self.accuracy(method).as_dict(), "sensitivity": self.sensitivity(method).as_dict(),
+            "specificity": self.specificity(method).as_dict(), "ppv": self.ppv(method).as_dict(),
+            "npv": self.npv(method).as_dict(), "tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn,
         }
 
 
@@ -339,9 +347,11 @@ def slice_level_metrics(
     groups: np.ndarray | None = None,
     resamples: int = 2000,
     seed: int = 0,
+    interval: str = "wilson",
 ) -> dict:
-    """The paper's Table 1 with intervals, JSON-ready. Threshold keys are f"{t:g}"
-    ("0.5"); a slice is positive when P > t. Areas are None with one class only."""
+    """The paper's Table 1 with intervals (proportions by `interval`), JSON-ready.
+    Threshold keys are f"{t:g}" ("0.5"); a slice is positive when P > t. Areas are None
+    with one class only."""
     labels = _as_labels(labels)
     probabilities = _as_scores(probabilities, len(labels))
     if groups is not None and np.shape(groups) != labels.shape:
@@ -350,7 +360,8 @@ def slice_level_metrics(
     return {
         "n": len(labels), "positives": int(labels.sum()), "negatives": int((~labels).sum()),
         "patients": None if groups is None else len(np.unique(groups)),
-        "thresholds": {f"{t:g}": ConfusionMatrix.from_predictions(labels, probabilities > t).as_dict()
+        "interval": interval,
+        "thresholds": {f"{t:g}": ConfusionMatrix.from_predictions(labels, probabilities > t).as_dict(interval)
                        for t in thresholds},
         "roc_auc": _auc_entry(labels, probabilities, roc_auc, **auc_args),
         "average_precision": _auc_entry(labels, probabilities, average_precision, **auc_args),
@@ -366,6 +377,7 @@ def patient_level_metrics(
     fractions: tuple[float, ...] = (0.025, 0.05, 0.10),
     resamples: int = 2000,
     seed: int = 0,
+    interval: str = "wilson",
 ) -> dict:
     """The paper's Table 2 with intervals: `rule` with each of `fractions` and with its own
     fraction (keys f"{100 × fraction:g}%" such as "2.5%"), and the ROC-AUC of the rule's two study
@@ -379,10 +391,10 @@ def patient_level_metrics(
     for fraction in sorted(set(fractions) | {rule.positive_fraction}):  # the rule's own fraction too
         variant = dataclasses.replace(rule, positive_fraction=fraction)
         predicted = np.array([variant.apply(study).positive for study in studies])
-        rules[f"{fraction * 100:g}%"] = ConfusionMatrix.from_predictions(labels, predicted).as_dict()
+        rules[f"{fraction * 100:g}%"] = ConfusionMatrix.from_predictions(labels, predicted).as_dict(interval)
     if rule != TriageRule():  # a calibrated or configured rule: the paper's beside it, for comparison
         predicted = np.array([TriageRule().apply(study).positive for study in studies])
-        rules[PAPER_RULE_ROW] = ConfusionMatrix.from_predictions(labels, predicted).as_dict()
+        rules[PAPER_RULE_ROW] = ConfusionMatrix.from_predictions(labels, predicted).as_dict(interval)
     verdicts = [rule.apply(study) for study in studies]
     maximum = np.array([v.study_score for v in verdicts])
     top_mean = np.array([v.top_k_score for v in verdicts])
@@ -390,7 +402,82 @@ def patient_level_metrics(
     return {
         "n": len(labels), "positives": int(labels.sum()), "negatives": int((~labels).sum()),
         "slice_threshold": rule.slice_threshold, "min_positive_slices": rule.min_positive_slices,
-        "positive_fraction": rule.positive_fraction, "rules": rules,
+        "positive_fraction": rule.positive_fraction, "interval": interval, "rules": rules,
         "study_score_roc_auc": _auc_entry(labels, maximum, roc_auc, **auc_args),
         "top3_mean_roc_auc": _auc_entry(labels, top_mean, roc_auc, **auc_args),
     }
+
+
+def brier_score(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean squared difference between P(ICH) and the label: 0 is perfect, 0.25 is a
+    constant 0.5."""
+    labels = _as_labels(labels)
+    probabilities = _as_scores(probabilities, len(labels))
+    return float(np.mean((probabilities - labels) ** 2))
+
+
+def reliability_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> list[dict]:
+    """Equal-width bins of P(ICH) (the last one closed at 1): per bin the slices, their mean
+    P(ICH) and the share that truly bleed — the points of a reliability plot."""
+    labels = _as_labels(labels)
+    probabilities = _as_scores(probabilities, len(labels))
+    if bins < 1:
+        raise ValueError(f"bins must be ≥ 1, got {bins}")
+    index = np.minimum((probabilities * bins).astype(int), bins - 1)
+    table = []
+    for b in range(bins):
+        inside = index == b
+        count = int(inside.sum())
+        table.append({"low": b / bins, "high": (b + 1) / bins, "n": count,
+                      "mean_probability": float(probabilities[inside].mean()) if count else None,
+                      "fraction_positive": float(labels[inside].mean()) if count else None})
+    return table
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
+    """Σ_b (n_b / N) |share positive_b − mean P_b| over equal-width bins of P(ICH)."""
+    table = reliability_bins(labels, probabilities, bins)
+    total = sum(b["n"] for b in table)
+    return float(sum(b["n"] / total * abs(b["fraction_positive"] - b["mean_probability"]) for b in table if b["n"]))
+
+
+def calibration_metrics(labels: np.ndarray, probabilities: np.ndarray, *, bins: int = 10,
+                        groups: np.ndarray | None = None, resamples: int = 2000, seed: int = 0) -> dict:
+    """Brier score and expected calibration error (bootstrap intervals, whole groups when
+    given) and the reliability table, JSON-ready. Calibration depends on prevalence: on a
+    balanced list it says how P(ICH) reads at 50 % prevalence."""
+    labels = _as_labels(labels)
+    probabilities = _as_scores(probabilities, len(labels))
+    boot = {"groups": groups, "resamples": resamples, "seed": seed}
+
+    def ece(y: np.ndarray, p: np.ndarray) -> float:
+        return expected_calibration_error(y, p, bins)
+
+    both = 0 < labels.sum() < len(labels)
+    return {
+        "n": len(labels), "prevalence": float(labels.mean()), "bins": bins,
+        "brier": bootstrap_interval(labels, probabilities, brier_score, **boot).as_dict() if both
+        else {"estimate": brier_score(labels, probabilities), "low": None, "high": None, "method": "one class only"},
+        "ece": bootstrap_interval(labels, probabilities, ece, **boot).as_dict() if both
+        else {"estimate": ece(labels, probabilities), "low": None, "high": None, "method": "one class only"},
+        "reliability": reliability_bins(labels, probabilities, bins),
+    }
+
+
+def subtype_sensitivity(subtypes: list[tuple[str, ...]], labels: np.ndarray, probabilities: np.ndarray, *,
+                        thresholds: tuple[float, ...] = (0.5, 0.7, 0.9), interval: str = "wilson") -> dict:
+    """Per bleed subtype, the share of slices showing it that are called positive at each
+    threshold (P > t), with intervals by `interval`: which kinds of bleed the model misses.
+    A slice with several subtypes counts for each."""
+    labels = _as_labels(labels)
+    probabilities = _as_scores(probabilities, len(labels))
+    if len(subtypes) != len(labels):
+        raise ValueError(f"{len(subtypes)} subtype entries but {len(labels)} labels")
+    names = sorted({name for present in subtypes for name in present})
+    table = {}
+    for name in names:
+        showing = np.array([name in present for present in subtypes])
+        table[name] = {"slices": int(showing.sum()), "thresholds": {
+            f"{t:g}": ConfusionMatrix._interval(int(np.sum(showing & (probabilities > t))), int(showing.sum()),
+                                                interval).as_dict() for t in thresholds}}
+    return table

@@ -10,24 +10,39 @@ Input layouts:
 Output folder::
 
     prepare.json         what was read, skipped, split and cached (and the windows used)
-    headers.jsonl        journal of the headers read (an interrupted run resumes from it)
+    headers.jsonl        journal of the headers read, each with its file's path, size and
+                         modification time (an interrupted run resumes from it; a file that
+                         changed is read again)
     slices.csv           every usable slice
     splits/{train,val,test}.csv   balanced lists (negatives under-sampled, as the paper)
     splits/test_full.csv          every slice of the test patients (unbalanced)
     cache/<image_id>.png          windowed 3-channel uint8 image at 512² (brain, subdural,
                                   soft tissue) of every slice a list uses, made in
-                                  parallel; existing images are not made again
+                                  parallel. Each PNG names the source it was made
+                                  from (path, size, modification time, SOPInstanceUID,
+                                  windows); one that matches is reused, any other is made
+                                  again, and images no list uses are removed, so a folder
+                                  prepared again from other data never mixes the two
 
 Patients come from PatientID; the split is the paper's: `random.seed(42)` shuffle of the
 sorted patients, 90/5/5. Slices are ordered per series along the slice normal.
+
+What the data is (`training_data`, which every checkpoint trained on it carries) is read
+from the files, not guessed from the layout: ichnode's synthetic phantoms say so in their
+headers and make the data "synthetic", whatever the layout; RSNA 2019's de-identified files
+carry their file id as SOPInstanceUID and make it "rsna"; anything else is "other". The
+user may state it (`--training-data`), but data holding synthetic phantoms is never called
+anything but "synthetic".
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,14 +50,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from training.errors import DataError
 from training.model.preprocess import PAPER_WINDOWS, hu_from_dataset, pad_to_square, resize_bilinear, window_channels
+from training.synthetic import is_synthetic_dataset
 
 __all__ = [
     "CACHE_SIZE",
+    "DATA_KINDS",
     "KNOWN_CORRUPT",
+    "RsnaLabels",
     "SliceRecord",
     "read_rsna_labels",
     "split_patients",
@@ -55,8 +74,11 @@ CACHE_SIZE = 512
 KNOWN_CORRUPT = frozenset({"ID_6431af929"})
 SPLIT_SEED = 42
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
-FIELDS = ["image_id", "patient_id", "study_uid", "series_uid", "position", "label", "cache", "source"]
-
+FIELDS = ["image_id", "patient_id", "study_uid", "series_uid", "position", "label", "cache", "source", "subtypes"]
+RSNA_SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+# What prepared data can be called (a checkpoint's Provenance.training_data, less "none").
+DATA_KINDS = ("synthetic", "rsna", "other")
+CACHE_TAG = "ichnode-source"  # the PNG text chunk naming what a cache image was made from
 
 
 @dataclass(frozen=True)
@@ -71,26 +93,54 @@ class SliceRecord:
     label: int
     cache: str  # relative to the prepared folder
     source: str  # the DICOM file it came from
+    subtypes: str = ""  # the RSNA subtypes present, ';'-separated (empty: none, or not known)
 
 
-def read_rsna_labels(csv_path: Path) -> tuple[dict[str, int], int]:
-    """image id → label from the `_any` rows; returns (labels, duplicate rows dropped)."""
+@dataclass(frozen=True)
+class RsnaLabels:
+    """The labels of stage_2_train.csv: `any` per image, the subtypes present, duplicates dropped."""
+
+    any: dict[str, int]
+    subtypes: dict[str, tuple[str, ...]]
+    duplicate_rows: int
+
+
+def _label_value(text: str, csv_path: Path, line: int, row_id: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value not in (0.0, 1.0):
+        raise DataError(f"{csv_path} line {line}: the label of {row_id} is {text!r}, not 0 or 1")
+    return int(value)
+
+
+def read_rsna_labels(csv_path: Path) -> RsnaLabels:
+    """Labels from the `_any` rows and the subtypes from the others; a repeated row is
+    dropped (counted once per repeated `_any` row), a label that is not 0 or 1 is an error
+    naming its line."""
     labels: dict[str, int] = {}
+    subtypes: dict[str, dict[str, int]] = {}
     duplicates = 0
     with open(csv_path, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["ID", "Label"]:
             raise DataError(f"{csv_path} does not start with the RSNA header 'ID,Label'")
-        for row in reader:
-            if len(row) < 2 or not row[0].endswith("_any"):
+        for line, row in enumerate(reader, start=2):
+            if len(row) < 2 or "_" not in row[0]:
                 continue
-            image_id = row[0][: -len("_any")]
-            if image_id in labels:
-                duplicates += 1
-                continue
-            labels[image_id] = int(float(row[1]))
-    return labels, duplicates
+            image_id, subtype = row[0].rsplit("_", 1)
+            if subtype == "any":
+                if image_id in labels:
+                    duplicates += 1
+                    continue
+                labels[image_id] = _label_value(row[1], csv_path, line, row[0])
+            elif subtype in RSNA_SUBTYPES:
+                subtypes.setdefault(image_id, {}).setdefault(subtype, _label_value(row[1], csv_path, line, row[0]))
+    present = {image_id: tuple(name for name in RSNA_SUBTYPES if values.get(name))
+               for image_id, values in subtypes.items()}
+    return RsnaLabels(labels, present, duplicates)
 
 
 def _slice_normal(ds: pydicom.Dataset) -> np.ndarray | None:
@@ -108,39 +158,76 @@ def cache_image(ds: pydicom.Dataset) -> np.ndarray:
     return np.round(np.clip(channels, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
 
 
+def fingerprint(source: str | Path) -> dict:
+    """What identifies a source file's content without reading it: path, size and
+    modification time (as make and rsync judge it)."""
+    stat = os.stat(source)
+    return {"source": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def _read_header(image_id: str, source: str) -> dict:
-    """Identity and order key of one file; an error entry when it cannot be read."""
+    """Identity, order key, origin marks and the file's fingerprint; an error entry when
+    it cannot be read."""
     try:
-        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        entry = {"image_id": image_id, **fingerprint(source)}
+        return {**entry, **_header_fields(image_id, pydicom.dcmread(source, stop_before_pixels=True))}
+    except Exception as exc:  # a bad file is reported, never fatal
+        return {"image_id": image_id, "source": source, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _header_fields(image_id: str, ds: pydicom.Dataset) -> dict:
+    # RSNA 2019's UIDs ("ID_…") are not valid UIDs; pydicom would warn once per file.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         missing = [k for k in ("PatientID", "SeriesInstanceUID") if not ds.get(k)]
         if missing:  # patients and series order need both
-            return {"image_id": image_id, "error": f"no {' or '.join(missing)} (truncated or incomplete file)"}
+            return {"error": f"no {' or '.join(missing)} (truncated or incomplete file)"}
         normal = _slice_normal(ds)
         position = ds.get("ImagePositionPatient")
         if normal is not None and position:
             order = float(np.dot(normal, [float(v) for v in position]))
         else:
             order = float(ds.get("InstanceNumber", 0) or 0)
+        sop_uid = str(ds.get("SOPInstanceUID", ""))
         return {
-            "image_id": image_id,
             "patient_id": str(ds.PatientID),
             "study_uid": str(ds.get("StudyInstanceUID", "")),
             "series_uid": str(ds.get("SeriesInstanceUID", "")),
+            "sop_instance_uid": sop_uid,
             "position": order,
+            "synthetic": is_synthetic_dataset(ds),
+            # RSNA 2019's de-identification names each file after its SOPInstanceUID.
+            "rsna_identity": sop_uid == image_id and image_id.startswith("ID_"),
         }
-    except Exception as exc:  # a bad file is reported, never fatal
-        return {"image_id": image_id, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _write_cache(image_id: str, source: str, cache_path: str) -> dict:
-    """Write one cache image unless it exists; an error entry when the pixels are bad."""
-    if os.path.exists(cache_path):
-        return {"image_id": image_id}
+def _cache_tag(header: dict) -> str:
+    """The text a cache image carries: the source it was made from and how."""
+    return json.dumps({"source": header["source"], "size": header["size"], "mtime_ns": header["mtime_ns"],
+                       "sop_instance_uid": header["sop_instance_uid"], "cache_size": CACHE_SIZE,
+                       "windows": [asdict(w) for w in PAPER_WINDOWS]}, sort_keys=True)
+
+
+def _cached_tag(path: str) -> str | None:
+    try:
+        with Image.open(path) as image:
+            return image.text.get(CACHE_TAG)
+    except Exception:  # unreadable or cut short: made again
+        return None
+
+
+def _write_cache(image_id: str, source: str, cache_path: str, tag: str) -> dict:
+    """Write one cache image unless one made from this very source exists; an error entry
+    when the pixels are bad."""
+    if os.path.exists(cache_path) and _cached_tag(cache_path) == tag:
+        return {"image_id": image_id, "reused": True}
     try:
         tmp = f"{cache_path}.tmp.png"
-        Image.fromarray(cache_image(pydicom.dcmread(source))).save(tmp)
+        info = PngInfo()
+        info.add_text(CACHE_TAG, tag)
+        Image.fromarray(cache_image(pydicom.dcmread(source))).save(tmp, pnginfo=info)
         os.replace(tmp, cache_path)
-        return {"image_id": image_id}
+        return {"image_id": image_id, "reused": False}
     except Exception as exc:  # corrupt pixel data: reported, not fatal
         return {"image_id": image_id, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -152,16 +239,24 @@ def _parallel(function, jobs: list[tuple], workers: int, description: str, progr
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(function, *job) for job in jobs]
         for future in tqdm(as_completed(futures), total=len(futures), desc=description,
-                           unit="slice", disable=not progress):
+                           unit="slice", disable=None if progress else True):
             yield future.result()
 
 
-def _rsna_items(data: Path) -> tuple[list[tuple[str, Path, int]], dict]:
+@dataclass(frozen=True)
+class _Item:
+    image_id: str
+    path: Path
+    label: int
+    subtypes: tuple[str, ...]
+
+
+def _rsna_items(data: Path) -> tuple[list[_Item], dict]:
     csv_path = data / "stage_2_train.csv"
-    labels, duplicates = read_rsna_labels(csv_path)
+    labels = read_rsna_labels(csv_path)
     folder = data / "stage_2_train"
     items, skipped = [], {}
-    for image_id, label in sorted(labels.items()):
+    for image_id, label in sorted(labels.any.items()):
         if image_id in KNOWN_CORRUPT:
             skipped[image_id] = "known corrupt pixel data (RSNA 2019)"
             continue
@@ -169,20 +264,20 @@ def _rsna_items(data: Path) -> tuple[list[tuple[str, Path, int]], dict]:
         if not path.is_file():
             skipped[image_id] = f"file {path} missing"
             continue
-        items.append((image_id, path, label))
-    return items, {"layout": "rsna", "training_data": "rsna", "labels": len(labels),
-                   "duplicate_rows_dropped": duplicates, "skipped": skipped}
+        items.append(_Item(image_id, path, label, labels.subtypes.get(image_id, ())))
+    return items, {"layout": "rsna", "labels": len(labels.any), "duplicate_rows_dropped": labels.duplicate_rows,
+                   "skipped": skipped}
 
 
-def _synthetic_items(data: Path) -> tuple[list[tuple[str, Path, int]], dict]:
+def _synthetic_items(data: Path) -> tuple[list[_Item], dict]:
     items = []
     for labels_path in sorted(data.glob("study_*/labels.json")):
         labels = json.loads(labels_path.read_text())
         for entry in labels["slices"]:
             image_id = f"{labels_path.parent.name}_{entry['instance_number']:04d}"
-            items.append((image_id, labels_path.parent / entry["file"], int(entry["label"])))
-    return items, {"layout": "synthetic", "training_data": "synthetic", "labels": len(items),
-                   "duplicate_rows_dropped": 0, "skipped": {}}
+            items.append(_Item(image_id, labels_path.parent / entry["file"], int(entry["label"]),
+                               tuple(entry.get("subtypes", ()))))
+    return items, {"layout": "synthetic", "labels": len(items), "duplicate_rows_dropped": 0, "skipped": {}}
 
 
 def detect_layout(data: Path) -> str:
@@ -226,7 +321,7 @@ def _ordered(records: list[SliceRecord]) -> list[SliceRecord]:
 
 def _write_csv(path: Path, records: list[SliceRecord]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         writer.writeheader()
         for record in records:
@@ -238,7 +333,7 @@ def read_split(path: Path) -> list[SliceRecord]:
     with open(path, newline="") as handle:
         return [
             SliceRecord(r["image_id"], r["patient_id"], r["study_uid"], r["series_uid"],
-                        float(r["position"]), int(r["label"]), r["cache"], r["source"])
+                        float(r["position"]), int(r["label"]), r["cache"], r["source"], r.get("subtypes") or "")
             for r in csv.DictReader(handle)
         ]
 
@@ -249,8 +344,10 @@ def load_cached_image(path: Path) -> np.ndarray:
         return (np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).transpose(2, 0, 1)
 
 
-def _headers(items, out: Path, workers: int, progress: bool) -> tuple[dict[str, dict], dict[str, str]]:
-    """Headers of every file, journalled in headers.jsonl so an interrupted run resumes."""
+def _headers(items: list[_Item], out: Path, workers: int, progress: bool) -> tuple[dict[str, dict], dict[str, str]]:
+    """Headers of every file, journalled in headers.jsonl so an interrupted run resumes.
+    A journalled header is used only while its file is unchanged (same path, size and
+    modification time); otherwise the file is read again."""
     journal = out / "headers.jsonl"
     known: dict[str, dict] = {}
     if journal.is_file():
@@ -260,37 +357,97 @@ def _headers(items, out: Path, workers: int, progress: bool) -> tuple[dict[str, 
             except json.JSONDecodeError:
                 continue  # a line cut short by the interruption
             known[entry["image_id"]] = entry
-    todo = [(image_id, str(path)) for image_id, path, _ in items if image_id not in known]
+    current: dict[str, dict] = {}
+    todo = []
+    for item in items:
+        entry = known.get(item.image_id)
+        try:
+            same = entry is not None and "error" not in entry and all(
+                entry.get(k) == v for k, v in fingerprint(item.path).items())
+        except OSError:
+            same = False
+        if same:
+            current[item.image_id] = entry
+        else:
+            todo.append((item.image_id, str(item.path)))
     with open(journal, "a") as handle:
         for entry in _parallel(_read_header, todo, workers, "headers", progress):
-            known[entry["image_id"]] = entry
+            current[entry["image_id"]] = entry
             handle.write(json.dumps(entry) + "\n")
-    errors = {k: v["error"] for k, v in known.items() if "error" in v}
-    return {k: v for k, v in known.items() if "error" not in v}, errors
+    errors = {k: v["error"] for k, v in current.items() if "error" in v}
+    return {k: v for k, v in current.items() if "error" not in v}, errors
+
+
+def _provenance(layout: str, headers: list[dict], stated: str | None, data: Path) -> dict:
+    """What the data is, from the files' own marks; a statement that contradicts them is refused."""
+    synthetic = sum(1 for h in headers if h["synthetic"])
+    rsna = sum(1 for h in headers if h["rsna_identity"])
+    if synthetic:
+        derived = "synthetic"
+    elif layout == "rsna" and rsna == len(headers):
+        derived = "rsna"
+    else:
+        derived = "other"
+    if stated is not None and stated not in DATA_KINDS:
+        raise DataError(f"training data must be one of {', '.join(DATA_KINDS)}, got {stated!r}")
+    if synthetic and stated not in (None, "synthetic"):
+        raise DataError(
+            f"{data} holds {synthetic} of {len(headers)} slices that are ichnode synthetic phantoms (their "
+            f"headers say so: Manufacturer, ImageComments); data with synthetic slices is 'synthetic', never "
+            f"{stated!r}. Leave them out or prepare without --training-data")
+    return {"training_data": stated or derived, "stated_by": "user" if stated else "the data",
+            "derived_from_data": derived, "synthetic_slices": synthetic, "rsna_identity_slices": rsna,
+            "slices_read": len(headers)}
+
+
+def _remove_stale_cache(cache: Path, needed: set[str]) -> int:
+    """Cache images no list of this preparation uses (an earlier data set's, half-written ones)."""
+    removed = 0
+    for path in cache.glob("*.png"):
+        if path.name not in needed:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _list_warnings(lists: dict[str, list[SliceRecord]]) -> list[str]:
+    warnings = []
+    for name in ("train", "val", "test"):
+        split = lists[name]
+        positives = sum(r.label for r in split)
+        if not split:
+            warnings.append(f"the {name} list is empty (too few patients, or no slice with ICH among them)")
+        elif positives in (0, len(split)):
+            warnings.append(f"the {name} list holds one class only ({len(split)} slices)")
+    return warnings
 
 
 def prepare(data: Path, out: Path, *, workers: int | None = None,
-            fractions: tuple[float, float, float] = SPLIT_FRACTIONS, progress: bool = True) -> dict:
+            fractions: tuple[float, float, float] = SPLIT_FRACTIONS, progress: bool = True,
+            training_data: str | None = None) -> dict:
     """Read `data`, split by patient, cache the slices the lists use, write the lists.
 
-    Safe to interrupt and run again: headers read and images cached are kept.
+    Safe to interrupt and to run again, on the same data or on other data: headers and
+    cache images are reused only where their source file is unchanged. `training_data`
+    states what the data is; by default it is read from the files (see the module).
     """
     data, out = Path(data), Path(out)
     layout = detect_layout(data)
     items, summary = (_rsna_items if layout == "rsna" else _synthetic_items)(data)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, os.cpu_count() or 2)
-    labels = {image_id: label for image_id, _, label in items}
-    sources = {image_id: str(path) for image_id, path, _ in items}
+    by_id = {item.image_id: item for item in items}
     headers, skipped = _headers(items, out, workers, progress)
     skipped = {**summary["skipped"], **skipped}
     records = _ordered([
         SliceRecord(image_id, h["patient_id"], h["study_uid"], h["series_uid"], h["position"],
-                    labels[image_id], f"cache/{image_id}.png", sources[image_id])
-        for image_id, h in headers.items() if image_id in labels
+                    by_id[image_id].label, f"cache/{image_id}.png", str(by_id[image_id].path),
+                    ";".join(by_id[image_id].subtypes))
+        for image_id, h in headers.items() if image_id in by_id
     ])
     if not records:
         raise DataError(f"no usable slice in {data} ({len(skipped)} skipped)")
+    provenance = _provenance(layout, [headers[r.image_id] for r in records], training_data, data)
     groups = split_patients(sorted({r.patient_id for r in records}), fractions)
     rng = random.Random(SPLIT_SEED)
     lists: dict[str, list[SliceRecord]] = {}
@@ -302,26 +459,37 @@ def prepare(data: Path, out: Path, *, workers: int | None = None,
             lists["test_full"] = split
     # Only slices some list uses are cached: the balanced lists leave most negatives out.
     needed = {r.image_id: r for split in lists.values() for r in split}
-    jobs = [(r.image_id, r.source, str(out / r.cache)) for r in needed.values()]
+    jobs = [(r.image_id, r.source, str(out / r.cache), _cache_tag(headers[r.image_id])) for r in needed.values()]
+    reused = 0
     for result in _parallel(_write_cache, jobs, workers, "cache", progress):
         if "error" in result:
             skipped[result["image_id"]] = result["error"]
+        reused += bool(result.get("reused"))
+    removed = _remove_stale_cache(out / "cache", {Path(r.cache).name for r in needed.values()})
     lists = {name: [r for r in split if r.image_id not in skipped] for name, split in lists.items()}
     records = [r for r in records if r.image_id not in skipped]
     _write_csv(out / "slices.csv", records)
     for name, split in lists.items():
         _write_csv(out / "splits" / f"{name}.csv", split)
+    cached = len(needed) - len(set(needed) & set(skipped))
     summary.update({
         "data": str(data.resolve()),
+        "training_data": provenance["training_data"],
+        "provenance": provenance,
         "skipped": skipped,
         "usable_slices": len(records),
         "positive_slices": sum(r.label for r in records),
-        "cached_slices": len(needed) - len(set(needed) & set(skipped)),
+        "cached_slices": cached,
+        "cache_reused": reused,
+        "cache_made": cached - reused,
+        "cache_removed": removed,
         "patients": {name: len(p) for name, p in groups.items()},
         "split_seed": SPLIT_SEED,
         "split_fractions": list(fractions),
         "lists": {name: {"positive": sum(r.label for r in split), "negative": sum(1 - r.label for r in split)}
                   for name, split in lists.items()},
+        "warnings": _list_warnings(lists),
+        "list_fields": FIELDS,
         "cache": {"size": CACHE_SIZE, "dtype": "uint8",
                   "windows": [asdict(w) for w in PAPER_WINDOWS]},
     })

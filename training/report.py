@@ -23,11 +23,20 @@ from training.metrics import (
     roc_curve,
 )
 
-__all__ = ["INTERVALS_NOTE", "format_interval", "plot_pr", "plot_roc", "write_report"]
+__all__ = ["INTERVALS_NOTE", "format_interval", "intervals_note", "plot_pr", "plot_reliability", "plot_roc",
+           "write_report"]
 
 COLUMNS = (("accuracy", "ACC"), ("sensitivity", "TPR"), ("specificity", "TNR"), ("ppv", "PPV"), ("npv", "NPV"))
-INTERVALS_NOTE = ("Intervals are 95 %: Wilson score for proportions (ACC, TPR, TNR, PPV, NPV), "
-                  "bootstrap percentile for areas under curves.")
+INTERVAL_NAMES = {"wilson": "Wilson score", "clopper-pearson": "exact Clopper–Pearson"}
+
+
+def intervals_note(method: str = "wilson") -> str:
+    """How the report's intervals were made."""
+    return (f"Intervals are 95 %: {INTERVAL_NAMES[method]} for proportions (ACC, TPR, TNR, PPV, NPV), "
+            "bootstrap percentile for areas under curves and calibration errors.")
+
+
+INTERVALS_NOTE = intervals_note()
 
 
 def _defined(value: float | None) -> bool:
@@ -142,6 +151,33 @@ def _localisation_section(metrics: dict, data: str) -> list[str]:
     ]
 
 
+def _calibration_section(metrics: dict, data: str) -> list[str]:
+    rows = [f"| {b['low']:.1f}–{b['high']:.1f} | {b['n']} | "
+            + (f"{b['mean_probability']:.3f} | {b['fraction_positive']:.3f} |" if b["n"] else "– | – |")
+            for b in metrics["reliability"]]
+    return [
+        f"## Calibration — slice level, measured on: {data}", "",
+        (f"{metrics['n']} slices, {metrics['prevalence']:.1%} with ICH (calibration depends on prevalence: on a "
+         "balanced list P(ICH) reads as at 50 % prevalence). Brier score "
+         f"{format_interval(metrics['brier'])}; expected calibration error over {metrics['bins']} equal-width bins "
+         f"{format_interval(metrics['ece'])}."), "",
+        "| P(ICH) bin | slices | mean P(ICH) | share with ICH |", "|---|---|---|---|", *rows, "",
+    ]
+
+
+def _subtype_section(table: dict, data: str) -> list[str]:
+    thresholds = list(next(iter(table.values()))["thresholds"]) if table else []
+    lines = [f"## Sensitivity by bleed subtype — slice level, measured on: {data}", "",
+             "Share of the slices showing each subtype that are called positive (P(ICH) > threshold); a slice with "
+             "several subtypes counts for each.", "",
+             "| subtype | slices | " + " | ".join(f"p > {t}" for t in thresholds) + " |",
+             "|---" * (len(thresholds) + 2) + "|"]
+    for name, entry in table.items():
+        lines.append(f"| {name} | {entry['slices']} | "
+                     + " | ".join(format_interval(entry["thresholds"][t]) for t in thresholds) + " |")
+    return [*lines, ""]
+
+
 def _relative(path: Path, out_dir: Path) -> str:
     """Links in report.md work when the folder is moved: paths inside it are made relative."""
     return str(path.relative_to(out_dir)) if path.is_relative_to(out_dir) else str(path)
@@ -155,10 +191,15 @@ def write_report(
     data_description: str,
     model_description: str,
     localisation_metrics: dict | None = None,
+    calibration_metrics: dict | None = None,
+    subtype_metrics: dict | None = None,
     abstention_metrics: dict | None = None,
+    warnings: list[str] | None = None,
+    interval: str = "wilson",
     curves: dict[str, Path] | None = None,
 ) -> dict[str, Path]:
-    """Write metrics.json (everything) and report.md (the two tables) under `out_dir`.
+    """Write metrics.json (everything) and report.md (the two tables, calibration, the
+    subtypes and the warnings about the data) under `out_dir`.
 
     `curves` names plots already written (e.g. by plot_roc); they are linked from the
     report, listed in metrics.json and returned with the other paths.
@@ -169,18 +210,27 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = {name: Path(path) for name, path in (curves or {}).items()}
     paths = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md", **curves}
+    note = intervals_note(interval)
     payload = {"data_description": data_description, "model_description": model_description,
-               "intervals": INTERVALS_NOTE, "slice_level": slice_metrics, "patient_level": patient_metrics,
-               "gradcam_localisation": localisation_metrics, "not_triaged": abstention_metrics,
+               "intervals": note, "warnings": list(warnings or []), "slice_level": slice_metrics,
+               "patient_level": patient_metrics, "calibration": calibration_metrics,
+               "subtype_sensitivity": subtype_metrics, "gradcam_localisation": localisation_metrics,
+               "not_triaged": abstention_metrics,
                "curves": {name: _relative(path, out_dir) for name, path in curves.items()}}
     # allow_nan=False: NaN is not JSON; metrics carry undefined values as null.
     paths["metrics"].write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
     lines = ["# Evaluation", "", f"- Model: {model_description}", f"- Data: {data_description}",
-             f"- {INTERVALS_NOTE}", ""]
+             f"- {note}", ""]
+    if warnings:
+        lines += ["## Warnings about the data", "", *(f"- {warning}" for warning in warnings), ""]
     if slice_metrics is not None:
         lines += _slice_section(slice_metrics, data_description)
     if patient_metrics is not None:
         lines += _patient_section(patient_metrics, data_description)
+    if calibration_metrics is not None:
+        lines += _calibration_section(calibration_metrics, data_description)
+    if subtype_metrics:
+        lines += _subtype_section(subtype_metrics, data_description)
     if abstention_metrics is not None:
         lines += _abstention_section(abstention_metrics, data_description)
     if localisation_metrics is not None:
@@ -222,5 +272,22 @@ def plot_pr(labels: np.ndarray, scores: np.ndarray, path: Path, title: str) -> P
     axes.axhline(prevalence, linestyle="--", color="grey", label=f"prevalence = {prevalence:.3f}")
     axes.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(0, 1), ylim=(0, 1.01))
     axes.legend(loc="lower left")
+    figure.savefig(path, dpi=100, format="png")
+    return Path(path)
+
+
+def plot_reliability(calibration: dict, path: Path, title: str) -> Path:
+    """Reliability plot: share with ICH against mean P(ICH) per bin, the diagonal for a
+    calibrated model, and the slices per bin. `title` must name the data."""
+    figure, axes = _figure(title)
+    used = [b for b in calibration["reliability"] if b["n"]]
+    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
+    axes.plot([b["mean_probability"] for b in used], [b["fraction_positive"] for b in used], marker="o",
+              label=f"ECE = {calibration['ece']['estimate']:.3f}, Brier = {calibration['brier']['estimate']:.3f}")
+    for b in used:
+        axes.annotate(str(b["n"]), (b["mean_probability"], b["fraction_positive"]), fontsize=7,
+                      textcoords="offset points", xytext=(4, -10))
+    axes.set(xlabel="mean P(ICH) in the bin", ylabel="share of slices with ICH", xlim=(0, 1), ylim=(0, 1.01))
+    axes.legend(loc="upper left")
     figure.savefig(path, dpi=100, format="png")
     return Path(path)

@@ -48,12 +48,14 @@ from training.phantom import (
     render_slice,
 )
 
-__all__ = ["Shift", "SyntheticOptions", "StudyLabels", "write_studies", "write_study", "read_mask"]
+__all__ = ["SYNTHETIC_MANUFACTURER", "Shift", "SyntheticOptions", "StudyLabels", "is_synthetic_dataset",
+           "write_studies", "write_study", "read_mask"]
 
 GENERATOR_VERSION = 1
 MATRIX = 512
 RESCALE_INTERCEPT = -1024.0
 SYNTHETIC_COMMENT = "SYNTHETIC PHANTOM - NOT PATIENT DATA"
+SYNTHETIC_MANUFACTURER = "ICHNODE SYNTHETIC"
 _EPOCH = dt.date(2024, 1, 1)
 BODY_PIXEL_SPACING = 0.74  # mm: a 380 mm field of view
 
@@ -285,6 +287,17 @@ def _write_mask(path: Path, mask: np.ndarray) -> None:
         archive.writestr(info, buffer.getvalue())
 
 
+def is_synthetic_dataset(ds: Dataset) -> bool:
+    """Whether `ds` is one of the phantoms written here: each carries the marks below, so
+    data that holds them can be recognised wherever it travels (copied into another layout,
+    renamed), and a model trained on it keeps its demonstration warnings."""
+    meta = getattr(ds, "file_meta", None)
+    version = str(meta.get("ImplementationVersionName", "")) if meta is not None else ""
+    return (str(ds.get("Manufacturer", "")) == SYNTHETIC_MANUFACTURER
+            or SYNTHETIC_COMMENT in str(ds.get("ImageComments", ""))
+            or version.startswith("ICHNODE_SYN_"))
+
+
 def read_mask(folder: str | Path) -> np.ndarray:
     """The lesion mask volume of a synthetic study folder."""
     with np.load(Path(folder) / "mask.npz") as data:
@@ -351,7 +364,7 @@ def _base_dataset(ctx: _StudyContext, series: str, number: int) -> Dataset:
     ds.FrameOfReferenceUID = ctx.uid("frame")
     ds.PositionReferenceIndicator = ""
     # General Equipment
-    ds.Manufacturer = "ICHNODE SYNTHETIC"
+    ds.Manufacturer = SYNTHETIC_MANUFACTURER
     ds.ManufacturerModelName = "Head phantom generator"
     ds.InstitutionName = "Synthetic data"
     ds.StationName = "SYNTH01"

@@ -1,16 +1,31 @@
-"""`ichnode train`: the paper's recipe by default, other optimisers and schedules by config.
+"""`ichnode train`: the recipe of the paper's authors' public code by default, other
+optimisers and schedules by config.
 
 CUDA with mixed precision when present, CPU otherwise; several GPUs (or CPU processes with
-gloo) through `torchrun`, which sets WORLD_SIZE/RANK/LOCAL_RANK. Resumable from
-`experiments/NAME/last.pt`. The checkpoint kept is the one with the best validation ROC-AUC.
+gloo) through `torchrun`, which sets WORLD_SIZE/RANK/LOCAL_RANK.
+
+A run can be stopped and resumed without changing what it computes. The data order is a
+function of (seed, epoch) and each slice's augmentation of (seed, epoch, index)
+(`training.datasets`), the learning rate a function of the step, and the training state
+(weights, optimiser, AMP scaler, every process's random-number generators, the step
+within the epoch) is saved every `checkpoint_every_steps` steps, at each epoch's end and
+when the process is asked to stop (SIGTERM, SIGINT). `--resume` continues from the latest
+state exactly as the uninterrupted run would have, and refuses a config that differs from
+the run's except in the keys that cannot change the result (or `training.epochs`, which
+extends a run: the schedule is then planned over the new length, and the change recorded).
+The checkpoint kept is the one with the best validation ROC-AUC.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 import typing
 from dataclasses import asdict, dataclass, field
@@ -21,20 +36,34 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from storage.atomic import atomic_write
 from training.configfile import anchor_paths, read_toml, section_from_table
-from training.datasets import CachedSlices
-from training.errors import ConfigError, DataError
+from training.datasets import CachedSlices, EpochOrder
+from training.errors import ConfigError, DataError, TrainingStopped
 from training.inference.device import resolve_device
 from training.inference.settings import Device
 from training.metrics import roc_auc
 from training.model.architectures import architecture_spec
 from training.model.checkpoint import Provenance, default_model_config, initial_model, save_checkpoint
 from training.model.scope import Scope
+from training.pretrained import check_sha256_text, load_pretrained_parts
+from training.tracking import StepLog, code_record, json_safe, split_hashes
 
-__all__ = ["TrainConfig", "load_train_config", "train", "TrainResult"]
+__all__ = ["TrainConfig", "load_train_config", "train", "TrainResult", "learning_rate", "RESUMABLE_CHANGES"]
+
+# Keys a resumed run may change: they decide how the run is carried out or how long it
+# goes on (training.epochs), not what one step computes. Every other key must match.
+RESUMABLE_CHANGES = frozenset({
+    "training.epochs", "training.workers", "training.device", "training.checkpoint_every_steps",
+    "training.keep_checkpoints", "experiment.half_precision", "experiment.folder", "experiment.name",
+    "data.prepared",
+}) | {f"scope.{f.name}" for f in dataclasses.fields(Scope)}  # what the checkpoint declares, not what it computes
+# What `ichnode train` writes into an experiment folder (and --overwrite removes).
+OUTPUTS = ("config.json", "run.json", "metrics.json", "steps.csv", "curves.png", "model.pt", "state",
+           "tensorboard", "last.pt")
 
 
 @dataclass(frozen=True)
@@ -46,6 +75,11 @@ class DataSection:
 class ModelChoice:
     architecture: str = "effclass"
     init_from: Path | None = None  # a local checkpoint or state dict; empty: random
+    # The paper's starting point, from local files checked by SHA-256 (docs/training.md):
+    pretrained_effdet: Path | None = None  # effdet's efficientdet_d0 checkpoint, or a timm EfficientNet-B0
+    pretrained_effdet_sha256: str = ""  # empty: the published prefix of a documented file
+    pretrained_resnet: Path | None = None  # torchvision's ResNet IMAGENET1K_V1 weights of the same depth
+    pretrained_resnet_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,7 +92,7 @@ class OptimizerSection:
 
 @dataclass(frozen=True)
 class ScheduleSection:
-    name: str = "step"  # step | cosine | none
+    name: str = "step"  # step (per epoch, as torch's StepLR) | cosine (per step, to 0 at the end) | none
     step_size: int = 1
     gamma: float = 0.5
 
@@ -76,6 +110,9 @@ class LoopSection:
     # Before each validation, re-estimate BatchNorm statistics over this many training
     # batches with the epoch's final weights; 0: keep the running averages (the paper).
     batchnorm_batches: int = 0
+    checkpoint_every_steps: int = 1000  # resumable state every N steps (and at each epoch's end); 0: epochs only
+    keep_checkpoints: int = 2  # the latest N states are kept
+    deterministic: bool = False  # deterministic kernels only (needed for exact resumes on a GPU)
 
 
 @dataclass(frozen=True)
@@ -87,8 +124,9 @@ class ExperimentSection:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The paper's recipe: SGD lr 1e-4, momentum 0.9, weight decay 1e-3, StepLR(1, 0.5),
-    batch 4, 3 epochs, cross-entropy, random flips."""
+    """The recipe of the paper's authors' public code (the paper does not state it): SGD
+    lr 1e-4, momentum 0.9, weight decay 1e-3, StepLR(1, 0.5), batch 4, 3 epochs,
+    cross-entropy, random flips."""
 
     data: DataSection = field(default_factory=DataSection)
     model: ModelChoice = field(default_factory=ModelChoice)
@@ -108,12 +146,23 @@ class TrainConfig:
         if self.schedule.name not in ("step", "cosine", "none"):
             raise ConfigError(f"schedule.name must be step, cosine or none, got {self.schedule.name!r}")
         for key, value in (("optimizer.lr", self.optimizer.lr), ("training.epochs", self.training.epochs),
-                           ("training.batch_size", self.training.batch_size)):
+                           ("training.batch_size", self.training.batch_size),
+                           ("training.keep_checkpoints", self.training.keep_checkpoints),
+                           ("schedule.step_size", self.schedule.step_size)):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
-        if min(self.training.workers, self.training.max_steps_per_epoch, self.training.batchnorm_batches) < 0:
-            raise ConfigError("training.workers, training.max_steps_per_epoch and training.batchnorm_batches "
-                              "must be ≥ 0")
+        loop = self.training
+        if min(loop.workers, loop.max_steps_per_epoch, loop.batchnorm_batches, loop.checkpoint_every_steps) < 0:
+            raise ConfigError("training.workers, training.max_steps_per_epoch, training.batchnorm_batches and "
+                              "training.checkpoint_every_steps must be ≥ 0")
+        model = self.model
+        check_sha256_text("model.pretrained_effdet_sha256", model.pretrained_effdet_sha256)
+        check_sha256_text("model.pretrained_resnet_sha256", model.pretrained_resnet_sha256)
+        if model.init_from is not None and (model.pretrained_effdet or model.pretrained_resnet):
+            raise ConfigError("model.init_from gives every weight; it cannot be combined with model.pretrained_effdet "
+                              "or model.pretrained_resnet")
+        if model.pretrained_effdet is not None and model.architecture != "effclass":
+            raise ConfigError(f"model.pretrained_effdet: architecture {model.architecture!r} has no EfficientDet part")
 
     @property
     def folder(self) -> Path:
@@ -121,7 +170,7 @@ class TrainConfig:
 
 
 def load_train_config(path: Path | None) -> TrainConfig:
-    """The paper's recipe, overridden by the TOML file at `path` (paths relative to it)."""
+    """The default recipe, overridden by the TOML file at `path` (paths relative to it)."""
     data: dict[str, Any] = read_toml(Path(path)) if path else {}
     base = Path(path).resolve().parent if path else Path.cwd()
     sections = typing.get_type_hints(TrainConfig)
@@ -133,6 +182,27 @@ def load_train_config(path: Path | None) -> TrainConfig:
     config = TrainConfig(**values)
     config.validate()
     return config
+
+
+def flat_config(config: TrainConfig) -> dict[str, Any]:
+    """`section.key` → value, as JSON holds it (paths as strings)."""
+    return {f"{section}.{key}": (str(value) if isinstance(value, (Path, str)) else value)
+            for section, table in asdict(config).items() for key, value in table.items()}
+
+
+def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimiser step `step` (0-based), a pure function of the step so
+    that a resumed or extended run needs no scheduler state: `step` multiplies by gamma
+    every step_size epochs (torch's StepLR, stepped per epoch); `cosine` falls from lr to
+    0 over all the run's steps (epochs × steps per epoch, so extending a run plans the
+    rest of the curve over the new length); `none` keeps lr."""
+    base, schedule = config.optimizer.lr, config.schedule
+    if schedule.name == "step":
+        return base * schedule.gamma ** ((step // steps_per_epoch) // schedule.step_size)
+    if schedule.name == "cosine":
+        total = config.training.epochs * steps_per_epoch
+        return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    return base
 
 
 @dataclass(frozen=True)
@@ -174,15 +244,6 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
-    schedule = config.schedule
-    if schedule.name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.step_size, gamma=schedule.gamma)
-    if schedule.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.training.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
-
-
 def _recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device, batches: int) -> None:
     """Replace BatchNorm running statistics by exact averages over `batches` training batches.
 
@@ -207,8 +268,9 @@ def _recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.dev
         norm.momentum = momentum
 
 
-def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float | None, np.ndarray]:
-    """(mean loss, ROC-AUC or None when one class only, probabilities) on the validation list."""
+def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float | None, float | None]:
+    """(mean loss, ROC-AUC) on the validation list; the loss is None when the list is
+    empty, the AUC None when it holds one class only."""
     model.eval()
     losses, probabilities, labels = [], [], []
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -219,10 +281,10 @@ def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> tup
             probabilities.append(torch.softmax(logits, 1)[:, 1].cpu().numpy())
             labels.append(y.numpy())
     if not labels:
-        return math.nan, None, np.zeros(0)
+        return None, None
     p, y = np.concatenate(probabilities), np.concatenate(labels)
     auc = roc_auc(y, p) if len(set(y.tolist())) == 2 else None
-    return sum(losses) / len(y), auc, p
+    return sum(losses) / len(y), auc
 
 
 def _plot_curves(history: list[dict], path: Path, title: str) -> None:
@@ -232,7 +294,8 @@ def _plot_curves(history: list[dict], path: Path, title: str) -> None:
     loss_axes, auc_axes = figure.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
     loss_axes.plot(epochs, [h["train_loss"] for h in history], marker="o", label="training")
-    loss_axes.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    loss_axes.plot(epochs, [h["val_loss"] if h["val_loss"] is not None else math.nan for h in history], marker="o",
+                   label="validation")
     loss_axes.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     loss_axes.legend()
     auc_axes.plot(epochs, [h["val_roc_auc"] if h["val_roc_auc"] is not None else math.nan for h in history],
@@ -243,14 +306,68 @@ def _plot_curves(history: list[dict], path: Path, title: str) -> None:
     figure.savefig(path, dpi=100)
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train, validate each epoch, keep the best checkpoint; returns where it is."""
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
+    """Train, validate each epoch, keep the best checkpoint; returns where it is.
+
+    Without `resume`, an experiment folder that already holds a run is refused unless
+    `overwrite` replaces it; with `resume`, the run continues from its latest state. A
+    SIGTERM or SIGINT stops the run after the step in progress, its state saved
+    (TrainingStopped says where).
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues the experiment and --overwrite replaces it: choose one")
     dist_info, device = _init_distributed(config.training.device)
     try:
-        return _train(config, dist_info, device, resume=resume, progress=progress and dist_info.main)
+        with _deterministic(config.training.deterministic), _StopRequest() as stop:
+            return _train(config, dist_info, device, resume=resume, overwrite=overwrite,
+                          progress=progress and dist_info.main, stop=stop)
     finally:
         if dist_info.world > 1:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """Deterministic kernels only, while training. On a GPU some kernels (and cuDNN's
+    autotuner) give other results at each run, so without this a resumed run would not
+    repeat the uninterrupted one; on a CPU the kernels used here are deterministic anyway."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
+class _StopRequest:
+    """SIGTERM or SIGINT while training (a scheduler's pre-emption, Ctrl-C) is noted, so the
+    step in progress finishes and the state is saved before the run stops; a second one
+    stops at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self.previous[number] = signal.signal(number, self._note)
+        return self
+
+    def _note(self, number: int, _frame: Any) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(number).name
+
+    def __exit__(self, *_exc: Any) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass
@@ -258,11 +375,12 @@ class _Data:
     """The prepared data of a run and its loaders."""
 
     summary: dict
-    train_set: CachedSlices
-    val_set: CachedSlices
-    sampler: DistributedSampler | None
+    order: EpochOrder
     train_loader: DataLoader
     val_loader: DataLoader
+    steps_per_epoch: int
+    split_hashes: dict[str, str]
+    warnings: list[str]
     note: str  # what the data is, for provenance and plots
 
 
@@ -273,27 +391,40 @@ class _Run:
     model: nn.Module
     net: nn.Module  # the model, wrapped for DDP when there are several processes
     optimizer: torch.optim.Optimizer
-    scheduler: Any
     scaler: torch.amp.GradScaler
+    initial_weights: dict
+    step: int = 0  # optimiser steps done
     history: list[dict] = field(default_factory=list)
-    start_epoch: int = 0
     best_auc: float | None = None
     best_epoch: int = -1
     best_score: float = -math.inf
+    epoch_loss: float = 0.0  # loss × slices so far in the epoch in progress
+    epoch_seen: int = 0
+    epoch_seconds: float = 0.0
+    epoch_lr: list[float] = field(default_factory=list)  # learning rate of the epoch's first and latest step
 
-    def state(self, epoch: int) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
-                "history": self.history, "best_epoch": self.best_epoch, "best_score": self.best_score,
-                "best_auc": self.best_auc}
+    def state(self, config: TrainConfig, data: _Data, world: int, rng: list[dict]) -> dict:
+        return {"format": STATE_FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "steps_per_epoch": data.steps_per_epoch,
+                "world": world, "rng": rng, "config": flat_config(config), "splits_sha256": data.split_hashes,
+                "initial_weights": self.initial_weights, "history": self.history, "best_auc": self.best_auc,
+                "best_epoch": self.best_epoch, "best_score": self.best_score, "epoch_loss": self.epoch_loss,
+                "epoch_seen": self.epoch_seen, "epoch_seconds": self.epoch_seconds, "epoch_lr": self.epoch_lr}
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict, rank: int) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.history, self.start_epoch = state["history"], state["epoch"] + 1
-        self.best_epoch, self.best_score, self.best_auc = state["best_epoch"], state["best_score"], state["best_auc"]
+        for name in ("step", "initial_weights", "history", "best_auc", "best_epoch", "best_score", "epoch_loss",
+                     "epoch_seen", "epoch_seconds", "epoch_lr"):
+            setattr(self, name, state[name])
+        generators = state["rng"][rank]
+        torch.set_rng_state(generators["cpu"])
+        if generators.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(generators["cuda"])
+
+
+STATE_FORMAT = "ichnode-training-state-1"
 
 
 def _data(config: TrainConfig, dist_info: _Distributed, device: torch.device) -> _Data:
@@ -302,52 +433,169 @@ def _data(config: TrainConfig, dist_info: _Distributed, device: torch.device) ->
     if not summary_path.is_file():
         raise DataError(f"{prepared} is not a prepared folder (no prepare.json); run `ichnode prepare-rsna`")
     summary = json.loads(summary_path.read_text())
+    if "provenance" not in summary:
+        raise DataError(f"{prepared} was prepared by an earlier ichnode that guessed what the data is from its layout; "
+                        "run `ichnode prepare-rsna` on it again (it reuses the cache where the files are unchanged)")
     spec = default_model_config(config.model.architecture).preprocess
-    train_set = CachedSlices(prepared, "train", spec, flips=loop.flips, seed=loop.seed + dist_info.rank)
+    train_set = CachedSlices(prepared, "train", spec, flips=loop.flips, seed=loop.seed)
     val_set = CachedSlices(prepared, "val", spec)
     if len(train_set) == 0:
         raise DataError(f"{prepared}/splits/train.csv is empty")
-    sampler = DistributedSampler(train_set, dist_info.world, dist_info.rank, shuffle=True, seed=loop.seed) \
-        if dist_info.world > 1 else None
-    generator = torch.Generator().manual_seed(loop.seed)
-    train_loader = DataLoader(train_set, batch_size=loop.batch_size, shuffle=sampler is None, sampler=sampler,
-                              num_workers=loop.workers, generator=generator, drop_last=False,
-                              pin_memory=device.type == "cuda", persistent_workers=loop.workers > 0)
-    val_loader = DataLoader(val_set, batch_size=loop.batch_size * 2, num_workers=loop.workers)
-    note = (f"{summary['layout']} data prepared in {prepared} ({len(train_set)} balanced training "
-            f"slices, {len(val_set)} validation slices)")
-    return _Data(summary, train_set, val_set, sampler, train_loader, val_loader, note)
+    order = EpochOrder(len(train_set), seed=loop.seed, rank=dist_info.rank, world=dist_info.world)
+    # Each loader has a generator of its own: without one, every new iterator draws its
+    # workers' seed from the global generator, which the model's own draws (EffClass's
+    # drop-path) use too, and a resumed run would drift from the uninterrupted one.
+    train_loader = DataLoader(train_set, batch_size=loop.batch_size, sampler=order, num_workers=loop.workers,
+                              generator=torch.Generator().manual_seed(loop.seed), pin_memory=device.type == "cuda",
+                              persistent_workers=loop.workers > 0)
+    val_loader = DataLoader(val_set, batch_size=loop.batch_size * 2, num_workers=loop.workers,
+                            generator=torch.Generator().manual_seed(loop.seed))
+    steps = math.ceil(order.per_process / loop.batch_size)
+    steps = min(steps, loop.max_steps_per_epoch) if loop.max_steps_per_epoch else steps
+    warnings = []
+    if len(val_set) == 0:
+        warnings.append(f"{prepared}/splits/val.csv is empty: no epoch is validated, and the checkpoint kept is the "
+                        "last epoch's, not one chosen on validation data")
+    elif len(set(val_set.labels.tolist())) < 2:
+        warnings.append(f"{prepared}/splits/val.csv holds one class only: validation ROC-AUC is undefined and the "
+                        "checkpoint kept is the one with the lowest validation loss")
+    note = (f"{summary['training_data']} data ({summary['layout']} layout) prepared in {prepared} "
+            f"({len(train_set)} balanced training slices, {len(val_set)} validation slices)")
+    return _Data(summary, order, train_loader, val_loader, steps, split_hashes(prepared), warnings, note)
 
 
-def _start(config: TrainConfig, dist_info: _Distributed, device: torch.device, *, resume: bool) -> _Run:
+def _state_paths(folder: Path) -> list[Path]:
+    return sorted((folder / "state").glob("step-*.pt"))
+
+
+def _check_folder(config: TrainConfig, dist_info: _Distributed, *, resume: bool, overwrite: bool) -> Path | None:
+    """The state to resume from (None for a new run), once the folder is fit for the run."""
+    folder = config.folder
+    if resume:
+        states = _state_paths(folder)
+        if states:
+            return states[-1]
+        if (folder / "last.pt").exists():
+            raise DataError(f"{folder} was written by an earlier ichnode, whose epoch-end state cannot be resumed "
+                            "faithfully; start it again with --overwrite")
+        raise DataError(f"--resume: {folder} holds no training state (state/step-*.pt) to continue; "
+                        "start without --resume")
+    existing = [name for name in OUTPUTS if (folder / name).exists()]
+    if existing and not overwrite:
+        raise DataError(f"{folder} already holds an experiment ({', '.join(existing)}); continue it with --resume, "
+                        "replace it with --overwrite, or choose another experiment.name")
+    if existing and dist_info.main:
+        for name in existing:
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
+
+
+def _config_changes(config: TrainConfig, data: _Data, state: dict, world: int) -> dict[str, list]:
+    """The keys a resume changes, [old, new]; refused unless they cannot change what a step computes."""
+    now, then = flat_config(config), state["config"]
+    changes = {key: [then.get(key), now.get(key)] for key in sorted(set(now) | set(then))
+               if now.get(key) != then.get(key)}
+    refused = [key for key in changes if key not in RESUMABLE_CHANGES]
+    if refused:
+        listed = "; ".join(f"{key} {changes[key][0]!r} → {changes[key][1]!r}" for key in refused)
+        raise ConfigError(f"--resume continues the run in {config.folder}, but its config changed: {listed}. Keep "
+                          "the run's values, or start a new experiment (another experiment.name, or --overwrite)")
+    if state["world"] != world:
+        raise ConfigError(f"the run in {config.folder} was trained by {state['world']} processes; resume it with as "
+                          f"many (this is {world}), or the data order changes")
+    changed = [name for name, digest in data.split_hashes.items() if state["splits_sha256"].get(name) != digest]
+    if changed or set(state["splits_sha256"]) != set(data.split_hashes):
+        raise DataError(f"the split lists of {config.data.prepared} differ from the ones the run in {config.folder} "
+                        f"started on ({', '.join(changed) or 'other lists'}); resume on the same prepared data")
+    done = state["step"] // state["steps_per_epoch"]
+    if config.training.epochs < done or (config.training.epochs == done and state["step"] % state["steps_per_epoch"] == 0
+                                          and len(state["history"]) == done):
+        raise ConfigError(f"the run in {config.folder} has done {done} epochs; training.epochs = "
+                          f"{config.training.epochs} leaves nothing to do (raise it to extend the run)")
+    return changes
+
+
+def _start(config: TrainConfig, dist_info: _Distributed, device: torch.device, data: _Data,
+           state_path: Path | None) -> tuple[_Run, dict]:
+    """The model and optimiser, new or restored; and the config changes a resume makes."""
+    model_choice = config.model
+    model = initial_model(model_choice.architecture, init_from=model_choice.init_from)
+    initial = {"init_from": str(model_choice.init_from) if model_choice.init_from else None, "pretrained": {}}
+    if state_path is None:
+        initial["pretrained"] = load_pretrained_parts(
+            model, model_choice.architecture, effdet=model_choice.pretrained_effdet,
+            effdet_sha256=model_choice.pretrained_effdet_sha256, resnet=model_choice.pretrained_resnet,
+            resnet_sha256=model_choice.pretrained_resnet_sha256)
     # Channels-last runs EffClass's convolutions faster on a CPU (forward 0.31 against 0.42 s
     # per slice on 2 cores) and suits tensor cores on a GPU; the weights saved are the same.
-    model = initial_model(config.model.architecture, init_from=config.model.init_from).to(
-        device, memory_format=torch.channels_last)
-    net: nn.Module = nn.parallel.DistributedDataParallel(model) if dist_info.world > 1 else model
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = _optimizer(config, model)
-    run = _Run(model, net, optimizer, _scheduler(config, optimizer),
-               torch.amp.GradScaler("cuda", enabled=config.training.amp and device.type == "cuda"))
-    last_path = config.folder / "last.pt"
-    if resume and last_path.is_file():
-        run.restore(torch.load(last_path, map_location="cpu", weights_only=True))
-    return run
+    scaler = torch.amp.GradScaler("cuda", enabled=config.training.amp and device.type == "cuda")
+    changes: dict = {}
+    if state_path is not None:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            raise DataError(f"{state_path} is not a training state this ichnode writes")
+        changes = _config_changes(config, data, state, dist_info.world)
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if dist_info.world > 1 else model
+    run = _Run(model, net, optimizer, scaler, initial)
+    if state_path is not None:
+        run.restore(state, dist_info.rank)
+    return run, changes
 
 
-def _train_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, device: torch.device,
-                 progress: bool) -> tuple[float, int]:
-    """One pass over the training list (or max_steps_per_epoch batches): (loss sum, slices)."""
-    loop = config.training
+def _rng_states(dist_info: _Distributed) -> list[dict]:
+    """Every process's random-number generator states, gathered (all processes call this)."""
+    own = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if dist_info.world == 1:
+        return [own]
+    gathered: list[Any] = [None] * dist_info.world
+    dist.all_gather_object(gathered, own)
+    return gathered
+
+
+def _save_state(config: TrainConfig, run: _Run, data: _Data, dist_info: _Distributed) -> Path:
+    """The resumable state after step `run.step`; the latest keep_checkpoints are kept."""
+    rng = _rng_states(dist_info)
+    path = config.folder / "state" / f"step-{run.step:09d}.pt"
+    if dist_info.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = run.state(config, data, dist_info.world, rng)
+        atomic_write(path, lambda handle: torch.save(state, handle))
+        for old in _state_paths(config.folder)[:-config.training.keep_checkpoints]:
+            old.unlink()
+    return path
+
+
+def _step_totals(loss: float, count: int, stopping: bool, dist_info: _Distributed) -> tuple[float, int, bool]:
+    """(mean loss, slices, stop) of this step over all processes: they stop at the same step."""
+    if dist_info.world == 1:
+        return loss, count, stopping
+    totals = torch.tensor([loss * count, float(count), float(stopping)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]), int(totals[1]), bool(totals[2])
+
+
+def _train_steps(config: TrainConfig, run: _Run, data: _Data, epoch: int, device: torch.device, log: StepLog | None,
+                 stop: _StopRequest, dist_info: _Distributed, progress: bool) -> bool:
+    """The remaining steps of `epoch`; False when a stop was requested (its state saved)."""
+    loop, steps = config.training, data.steps_per_epoch
+    first = run.step - epoch * steps  # steps of this epoch done before a resume
+    data.order.set_epoch(epoch, first * loop.batch_size)
     use_amp = run.scaler.is_enabled()
     loss_fn = nn.CrossEntropyLoss()
     run.net.train()
-    seen, total_loss = 0, 0.0
-    loader = data.train_loader
-    steps = len(loader) if not loop.max_steps_per_epoch else min(len(loader), loop.max_steps_per_epoch)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{loop.epochs}", unit="batch", disable=not progress)
-    for step, (x, y) in enumerate(loader):
-        if step >= steps:
+    # disable=None: a bar on a terminal, nothing in a log file (the epoch lines remain).
+    bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{loop.epochs}", unit="batch",
+               disable=None if progress else True)
+    started = time.perf_counter()
+    for step_in_epoch, (x, y) in enumerate(data.train_loader, start=first):
+        if step_in_epoch >= steps:
             break
+        lr = learning_rate(config, run.step, steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
@@ -356,71 +604,139 @@ def _train_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, device
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
-        total_loss += float(loss.detach()) * len(y)
-        seen += len(y)
+        run.step += 1
+        step_loss, count, stopping = _step_totals(float(loss.detach()), len(y), stop.requested is not None, dist_info)
+        run.epoch_loss += step_loss * count
+        run.epoch_seen += count
+        run.epoch_lr = [run.epoch_lr[0] if run.epoch_lr else lr, lr]
+        if log is not None:
+            log.step(run.step, epoch + 1, step_in_epoch + 1, step_loss, lr)
         bar.update(1)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        bar.set_postfix(loss=f"{run.epoch_loss / run.epoch_seen:.4f}")
+        if step_in_epoch + 1 < steps and (stopping or (loop.checkpoint_every_steps
+                                                       and run.step % loop.checkpoint_every_steps == 0)):
+            # The epoch's last step is saved with its validation, in _end_epoch.
+            run.epoch_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            _save_state(config, run, data, dist_info)
+            if log is not None:
+                log.flush()
+            if stopping:
+                bar.close()
+                return False
     bar.close()
-    run.scheduler.step()
-    return total_loss, seen
+    run.epoch_seconds += time.perf_counter() - started
+    return True
 
 
-def _end_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, trained: dict, device: torch.device,
-               progress: bool) -> None:
-    """Validate, keep the checkpoint if it is the best so far, and write last.pt, the
-    metrics and the curves (the main process only). `trained` holds the epoch's training
-    loss, slices seen and start time."""
+def _end_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, device: torch.device, log: StepLog | None,
+               dist_info: _Distributed, progress: bool) -> None:
+    """Validate (the main process), keep the checkpoint if it is the best so far, write the
+    metrics and curves, and save the state (every process takes part)."""
     folder, loop = config.folder, config.training
-    _recompute_batchnorm(run.model, data.train_loader, device, loop.batchnorm_batches)
-    val_loss, val_auc, _ = _validate(run.model, data.val_loader, device)
-    record = {"epoch": epoch + 1, "train_loss": trained["train_loss"], "val_loss": val_loss,
-              "val_roc_auc": val_auc, "lr": run.optimizer.param_groups[0]["lr"],
-              "seconds": round(time.perf_counter() - trained["started"], 1),
-              "train_slices_seen": trained["train_slices_seen"]}
-    run.history.append(record)
-    # Best by validation ROC-AUC; by lower loss when validation has one class only;
-    # the latest epoch when the validation list is empty.
-    score = val_auc if val_auc is not None else (-val_loss if math.isfinite(val_loss) else epoch)
-    if score > run.best_score:
-        run.best_score, run.best_epoch, run.best_auc = score, epoch + 1, val_auc
-        provenance = Provenance(
-            training_data=data.summary["training_data"],
-            description=f"{config.model.architecture} trained on {data.note}; best epoch {epoch + 1} "
-                        f"of {loop.epochs}",
-            metrics={"val_roc_auc": val_auc, "val_loss": val_loss, "epoch": epoch + 1,
-                     "measured_on": f"validation split of {data.note}"},
-        )
-        model_config = dataclasses.replace(default_model_config(config.model.architecture, provenance),
-                                           scope=config.scope)
-        save_checkpoint(folder / "model.pt", run.model, model_config, half=config.experiment.half_precision)
-    torch.save(run.state(epoch), folder / "last.pt")
-    metrics = {"data": data.note, "history": run.history, "best_epoch": run.best_epoch,
-               "best_val_roc_auc": run.best_auc, "checkpoint": str(folder / "model.pt")}
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    _plot_curves(run.history, folder / "curves.png", f"{config.experiment.name}: {data.note}")
-    if progress:
-        auc_text = f"{val_auc:.4f}" if val_auc is not None else "n/a (one class)"
-        print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, "
-              f"val ROC-AUC {auc_text}")
+    if dist_info.main:
+        started = time.perf_counter()
+        data.order.set_epoch(epoch)
+        _recompute_batchnorm(run.model, data.train_loader, device, loop.batchnorm_batches)
+        val_loss, val_auc = _validate(run.model, data.val_loader, device)
+        record = {"epoch": epoch + 1, "step": run.step, "train_loss": run.epoch_loss / max(run.epoch_seen, 1),
+                  "val_loss": val_loss, "val_roc_auc": val_auc, "lr": run.epoch_lr[0], "lr_end": run.epoch_lr[-1],
+                  "seconds": round(run.epoch_seconds + time.perf_counter() - started, 1),
+                  "train_slices_seen": run.epoch_seen}
+        run.history.append(record)
+        # Best by validation ROC-AUC; by lower loss when validation has one class only;
+        # the latest epoch when the validation list is empty.
+        score = val_auc if val_auc is not None else (-val_loss if val_loss is not None else epoch)
+        if score > run.best_score:
+            run.best_score, run.best_epoch, run.best_auc = score, epoch + 1, val_auc
+            _save_model(config, run, data, record)
+        if log is not None:
+            log.epoch(run.step, record)
+        if progress:
+            auc_text = f"{val_auc:.4f}" if val_auc is not None else "n/a"
+            loss_text = f"{val_loss:.4f}" if val_loss is not None else "n/a (empty list)"
+            print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val loss {loss_text}, "
+                  f"val ROC-AUC {auc_text}", flush=True)
+    run.epoch_loss, run.epoch_seen, run.epoch_seconds, run.epoch_lr = 0.0, 0, 0.0, []
+    _save_state(config, run, data, dist_info)
+    if dist_info.main:
+        metrics = {"data": data.note, "history": run.history, "best_epoch": run.best_epoch,
+                   "best_val_roc_auc": run.best_auc, "checkpoint": str(folder / "model.pt"), "warnings": data.warnings}
+        (folder / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False) + "\n")
+        _plot_curves(run.history, folder / "curves.png", f"{config.experiment.name}: {data.note}")
 
 
-def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *, resume: bool,
-           progress: bool) -> TrainResult:
+def _training_record(config: TrainConfig, run: _Run, data: _Data) -> dict:
+    """How the weights were made, for the checkpoint (see Provenance.training)."""
+    return {"config": flat_config(config), "initial_weights": run.initial_weights, "steps": run.step,
+            "splits_sha256": data.split_hashes, "data": data.summary["provenance"], **code_record()}
+
+
+def _save_model(config: TrainConfig, run: _Run, data: _Data, record: dict) -> None:
+    epoch = record["epoch"]
+    provenance = Provenance(
+        training_data=data.summary["training_data"],
+        description=f"{config.model.architecture} trained on {data.note}; best epoch {epoch} of "
+                    f"{config.training.epochs}",
+        metrics=json_safe({"val_roc_auc": record["val_roc_auc"], "val_loss": record["val_loss"], "epoch": epoch,
+                           "measured_on": f"validation split of {data.note}"}),
+        training=_training_record(config, run, data),
+    )
+    model_config = dataclasses.replace(default_model_config(config.model.architecture, provenance),
+                                       scope=config.scope)
+    save_checkpoint(config.folder / "model.pt", run.model, model_config, half=config.experiment.half_precision)
+
+
+def _record_start(config: TrainConfig, run: _Run, data: _Data, changes: dict, world: int,
+                  device: torch.device) -> None:
+    """config.json (the resolved config now) and run.json (each start or resume of the run,
+    with the config changes it made, the code and the data)."""
+    folder = config.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(asdict(config), indent=1, default=str) + "\n")
+    path = folder / "run.json"
+    record = json.loads(path.read_text()) if path.is_file() else {
+        "experiment": config.experiment.name, "initial_weights": run.initial_weights, "data": data.summary["provenance"],
+        "splits_sha256": data.split_hashes, "steps_per_epoch": data.steps_per_epoch, "segments": []}
+    record["segments"].append({
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": run.step, "config_changes": changes,
+        "processes": world, "device": str(device), **code_record()})
+    path.write_text(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
+
+
+def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *, resume: bool, overwrite: bool,
+           progress: bool, stop: _StopRequest) -> TrainResult:
     torch.manual_seed(config.training.seed + dist_info.rank)
     data = _data(config, dist_info, device)
-    run = _start(config, dist_info, device, resume=resume)
+    state_path = _check_folder(config, dist_info, resume=resume, overwrite=overwrite)
+    if dist_info.world > 1:
+        dist.barrier()  # the main process has cleared the folder
+    run, changes = _start(config, dist_info, device, data, state_path)
+    steps = data.steps_per_epoch
+    log = None
     if dist_info.main:
-        config.folder.mkdir(parents=True, exist_ok=True)
-        (config.folder / "config.json").write_text(json.dumps(asdict(config), indent=1, default=str) + "\n")
-    for epoch in range(run.start_epoch, config.training.epochs):
-        if data.sampler is not None:
-            data.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        total_loss, seen = _train_epoch(config, run, data, epoch, device, progress)
-        if dist_info.main:
-            trained = {"train_loss": total_loss / max(seen, 1), "train_slices_seen": seen * dist_info.world,
-                       "started": started}
-            _end_epoch(config, run, data, epoch, trained, device, progress)
-        if dist_info.world > 1:
-            dist.barrier()
+        _record_start(config, run, data, changes, dist_info.world, device)
+        log = StepLog(config.folder, run.step)
+        for warning in data.warnings:
+            print(f"warning: {warning}", flush=True)
+        if state_path is not None and progress:
+            listed = ", ".join(f"{key} {old!r} → {new!r}" for key, (old, new) in changes.items()) or "none"
+            print(f"resuming {config.folder} after step {run.step} of {config.training.epochs * steps} "
+                  f"({state_path.name}); config changes: {listed}", flush=True)
+    try:
+        for epoch in range(run.step // steps, config.training.epochs):
+            if run.step < (epoch + 1) * steps and not _train_steps(config, run, data, epoch, device, log, stop,
+                                                                   dist_info, progress):
+                raise TrainingStopped(f"training stopped by {stop.requested} after step {run.step}; its state is in "
+                                      f"{config.folder / 'state'}: continue with --resume")
+            if len(run.history) <= epoch:
+                _end_epoch(config, run, data, epoch, device, log, dist_info, progress)
+            if dist_info.world > 1:
+                dist.barrier()
+            if stop.requested is not None and epoch + 1 < config.training.epochs:
+                raise TrainingStopped(f"training stopped by {stop.requested} after epoch {epoch + 1} (step "
+                                      f"{run.step}); its state is in {config.folder / 'state'}: continue with --resume")
+    finally:
+        if log is not None:
+            log.close()
     return TrainResult(config.folder / "model.pt", run.best_epoch, run.best_auc, run.history)

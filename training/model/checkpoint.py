@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -58,6 +59,10 @@ class Provenance:
     created: str = field(
         default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     )
+    # How the weights were made, to repeat or audit the run: the resolved training config,
+    # initial weights (with their SHA-256), git commit, library versions, SHA-256 of the
+    # split lists. Empty for checkpoints written before it was recorded.
+    training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.training_data not in TRAINING_DATA_KINDS:
@@ -151,7 +156,14 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, *, 
         "config": _tensors(config.to_dict()),
         "state_dict": state,
     }
-    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+    def write(handle) -> None:
+        torch.save(payload, handle)
+        # A checkpoint is no secret: readable as the umask allows, like the files beside it
+        # (the temporary file atomic_write starts from is private to its owner).
+        os.fchmod(handle.fileno(), 0o666 & ~_umask())
+
+    atomic_write(path, write)
     return path
 
 
@@ -163,6 +175,18 @@ def _tensors(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return type(data)(_tensors(value) for value in data)
     return torch.from_numpy(data) if isinstance(data, np.ndarray) else data
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def checkpoint_digest(path: str | Path) -> str:
