@@ -12,8 +12,9 @@ APT_COMMANDS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools chromium:chr
 # The demonstration model: trained on synthetic phantoms only (models/README.md).
 DEMO_MODEL := models/effclass-synthetic-demo.pt
 DEMO_WORK := var/demo-model
+DEMO_CALIBRATED := $(DEMO_WORK)/calibrated.pt
 
-.PHONY: run test bench demo demo-model setup system-packages clean
+.PHONY: run test bench demo demo-model demo-model-inputs demo-model-evaluate setup system-packages clean
 
 run: $(INSTALLED)
 	$(BIN)/ichnode serve --config $(CONFIG)
@@ -30,19 +31,36 @@ demo: $(INSTALLED) system-packages
 
 # Train the demonstration checkpoint from random weights on the CPU (about an hour on 2
 # cores), choose its operating point (study sensitivity 0.95) on 100 studies of a seed it
-# never trained on, then evaluate it on 128 held-out studies of three more seeds, never
-# used for training or for any choice (models/README.md).
+# never trained on, describe its training inputs so that it knows when not to answer, then
+# evaluate it on 128 held-out studies of three more seeds and on studies it was not trained
+# on, none used for training or for any choice (models/README.md).
 demo-model: $(INSTALLED)
 	$(BIN)/ichnode synth --out $(DEMO_WORK)/train-studies --studies 160 --seed 1
 	$(BIN)/ichnode prepare-rsna --data $(DEMO_WORK)/train-studies --out $(DEMO_WORK)/prepared
 	$(BIN)/ichnode train --config models/effclass-synthetic-demo.toml --overwrite
 	$(BIN)/ichnode synth --out $(DEMO_WORK)/calibration-studies --studies 100 --seed 5
 	$(BIN)/ichnode calibrate --checkpoint $(DEMO_WORK)/experiments/effclass-synthetic-demo/model.pt \
-	  --data $(DEMO_WORK)/calibration-studies --target-sensitivity 0.95 --out $(DEMO_MODEL)
+	  --data $(DEMO_WORK)/calibration-studies --target-sensitivity 0.95 --out $(DEMO_CALIBRATED)
+	$(MAKE) demo-model-inputs demo-model-evaluate
+
+# The input profile: the training slices' features, the limit fixed on the calibration
+# studies, the methods compared on shifted studies of seed 8 (used for no other purpose);
+# the scope from the training config. Runs on $(DEMO_CALIBRATED).
+demo-model-inputs: $(INSTALLED)
+	for shift in contrast noise metal body; do \
+	  $(BIN)/ichnode synth --out $(DEMO_WORK)/shifted-$$shift --studies 5 --seed 8 --shift $$shift || exit 1; done
+	$(BIN)/ichnode fit-ood --checkpoint $(DEMO_CALIBRATED) --data $(DEMO_WORK)/prepared \
+	  --validation $(DEMO_WORK)/calibration-studies $(foreach s,contrast noise metal body,--shifted $(DEMO_WORK)/shifted-$(s)) \
+	  --scope-config models/effclass-synthetic-demo.toml --report $(DEMO_WORK)/fit-ood --out $(DEMO_MODEL)
+
+# Held-out synthetic studies of seeds 2, 6 and 7, and the out-of-distribution set (seed 9
+# for its synthetic shifts, real CT and MR from pydicom's test files).
+demo-model-evaluate: $(INSTALLED)
 	$(BIN)/ichnode synth --out $(DEMO_WORK)/heldout-studies --studies 48 --seed 2
 	$(BIN)/ichnode synth --out $(DEMO_WORK)/heldout-seed6 --studies 40 --seed 6
 	$(BIN)/ichnode synth --out $(DEMO_WORK)/heldout-seed7 --studies 40 --seed 7
-	for set in heldout-studies heldout-seed6 heldout-seed7; do \
+	rm -rf $(DEMO_WORK)/ood-set && $(BIN)/ichnode ood-set --out $(DEMO_WORK)/ood-set --seed 9 --studies-per-shift 5
+	for set in heldout-studies heldout-seed6 heldout-seed7 ood-set; do \
 	  $(BIN)/ichnode evaluate --checkpoint $(DEMO_MODEL) --data $(DEMO_WORK)/$$set \
 	    --out $(DEMO_WORK)/evaluation-$$set || exit 1; done
 

@@ -31,12 +31,15 @@ __all__ = ["ExportResult", "export", "model_card", "sample_inputs"]
 
 OPSET = 17
 SECTION_TITLES = {"architecture": "Architecture", "preprocess": "Input and preprocessing",
-                  "triage": "Recommended triage rule", "provenance": "Provenance"}
+                  "triage": "Recommended triage rule", "provenance": "Provenance",
+                  "scope": "What it supports (studies outside it are NOT TRIAGED)",
+                  "inputs": "Its training inputs (a study unlike them is NOT TRIAGED)"}
 INTENDED_USE = (
     "Triage of non-contrast axial head CT for intracranial hemorrhage: a study the model flags is read "
-    "sooner; every other study is read as usual. It is not a medical device and not a diagnosis; no "
-    "output replaces a radiologist's read. Before its flags reach anyone, validate it on the site's own "
-    "studies in a silent trial (docs/validation.md in the ichnode repository).")
+    "sooner; every other study is read as usual. It answers only for the studies its scope declares and "
+    "that resemble its training inputs; any other study is NOT TRIAGED. It is not a medical device and not "
+    "a diagnosis; no output replaces a radiologist's read. Before its flags reach anyone, validate it on the "
+    "site's own studies in a silent trial (docs/validation.md in the ichnode repository).")
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ def _rows(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
         for key, item in value.items():
             rows += _rows(item, f"{prefix}.{key}" if prefix else str(key))
         return rows or [(prefix, "(none)")]
+    if isinstance(value, np.ndarray):  # a profile's mean or matrix: its shape says enough
+        return [(prefix, f"float array {list(value.shape)}")]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) or dataclasses.is_dataclass(v)
                                                           for v in value):
         return [row for i, item in enumerate(value) for row in _rows(item, f"{prefix}[{i}]")]
