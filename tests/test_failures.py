@@ -261,12 +261,15 @@ def test_a_tls_key_that_is_not_a_key_is_named(tmp_path: Path) -> None:
     assert "node.tls_certificate" in result.stderr and "PEM" in result.stderr and "[SSL]" not in result.stderr
 
 
-def test_a_database_driver_that_is_missing_is_named(tmp_path: Path) -> None:
+def test_a_database_url_the_node_cannot_use_is_named(tmp_path: Path) -> None:
     config = tmp_path / "pg.toml"
-    config.write_text('[storage]\ndatabase_url = "postgresql+psycopg://ich@127.0.0.1/ich"\n')
+    config.write_text('[storage]\ndatabase_url = "postgresql+psycopg2://ich@127.0.0.1/ich"\n')
     result = _run_cli("status", "--config", str(config))
     assert result.returncode == 1, result.stderr
-    assert "its Python driver 'psycopg' is not installed" in result.stderr and "internal error" not in result.stderr
+    assert "postgresql+psycopg2://…: ichnode runs on SQLite" in result.stderr and "internal error" not in result.stderr
+    config.write_text(f'[storage]\ndatabase_url = "postgresql+psycopg://ich@127.0.0.1:{free_port()}/ich"\n')
+    result = _run_cli("status", "--config", str(config))
+    assert result.returncode == 1 and "cannot open the database" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
