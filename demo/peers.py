@@ -300,11 +300,12 @@ class PostgresCluster:
 
 
 class NodeProcess:
-    """`ichnode serve` as a subprocess with a config written for the test."""
+    """`ichnode serve` (or `ichnode worker`) as a subprocess with a config written for the test."""
 
-    def __init__(self, folder: Path, config_text: str, port: int) -> None:
+    def __init__(self, folder: Path, config_text: str, port: int, *, command: str = "serve") -> None:
         self.folder = folder
         self.port = port
+        self.command = command
         self.config_path = folder / "node.toml"
         self.config_path.write_text(config_text)
         self.process: subprocess.Popen | None = None
@@ -312,12 +313,22 @@ class NodeProcess:
     def start(self, *, wait: bool = True) -> NodeProcess:
         self.log = open(self.folder / "node.stderr", "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "node.cli", self.command, "--config", str(self.config_path)],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         if wait:
-            self.wait_listening()
+            if self.command == "serve":
+                self.wait_listening()
+            else:
+                self.wait_for_output("analysing studies from")
         return self
+
+    def wait_for_output(self, text: str, timeout: float = 180) -> None:
+        """Until the process has logged `text`; fails with its output if it exits first."""
+        wait_for(lambda: text in self.output() or self.process.poll() is not None, timeout=timeout,
+                 what=f"{self.command} to log {text!r}")
+        if text not in self.output():
+            raise RuntimeError(f"{self.command} exited: {self.output()[-3000:]}")
 
     def wait_listening(self, timeout: float = 120) -> None:
         """Until the node accepts associations; fails with its output if it exits first."""

@@ -174,13 +174,14 @@ class Deliveries:
         then fail, so `ichnode retry` can send them once it is back."""
         return self._work(None, other_than=[d.name for d in self.config.destinations])
 
-    def _work(self, destination: Destination | None, **which: object) -> int:
+    def _work(self, to: Destination | None, **which: object) -> int:
+        """Claim deliveries `which` selects and send each to `to` (None: no longer configured)."""
         def claim() -> DueDelivery | None:
             with self.database.write() as session:
                 return claim_delivery(session, self.owner, utcnow(),
                                       stale_seconds=self.config.worker.stale_after_seconds, **which)
 
-        return work_claimed(claim, self._renew, lambda delivery: self._attempt(delivery, destination),
+        return work_claimed(claim, self._renew, lambda delivery: self._attempt(delivery, to),
                             every=self.config.worker.heartbeat_seconds, what="delivery", limit=BATCH)
 
     def _renew(self, delivery_id: int) -> bool:

@@ -402,7 +402,7 @@ class Database:
         with self._outage_lock:
             since, self._outage_since = self._outage_since, None
         if since is not None:
-            log.warning("database %s is available again after %.0f s", self.shown, time.monotonic() - since)
+            log.warning("database %s is available again after %.1f s", self.shown, time.monotonic() - since)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
