@@ -290,6 +290,7 @@ class Database:
         self.url = make_url(url)
         self.backend = self.url.get_backend_name()
         self.created = False
+        self.revision = ""  # the schema revision it holds, once checked
         self.upgraded_from: str | None = None
         self._file: Path | None = None
         self._identity: tuple[int, int] | None = None
