@@ -6,8 +6,11 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 CONFIG ?= config.toml
 # Real peers the tests use: DCMTK (storescu, echoscu, dcmdump), Orthanc, dicom3tools (dciodvfy),
-# and Chromium as the browser that reads the node's web pages.
+# Chromium as the browser that reads the node's web pages, and PostgreSQL, whose server
+# programs Debian keeps off PATH (/usr/lib/postgresql/<version>/bin): the tests start
+# throw-away clusters of their own, never the system service.
 APT_COMMANDS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools chromium:chromium
+POSTGRES_INITDB := /usr/lib/postgresql/*/bin/initdb
 
 # The demonstration model: trained on synthetic phantoms only (models/README.md).
 DEMO_MODEL := models/effclass-synthetic-demo.pt
@@ -84,6 +87,7 @@ system-packages:
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v "$${pair%%:*}" >/dev/null 2>&1 \
 	    || missing="$$missing $${pair##*:}"; \
 	done; \
+	ls $(POSTGRES_INITDB) >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(call apt_install,$$missing); \

@@ -10,7 +10,11 @@
 - peak memory (VmHWM) of the node process in each run;
 - monitoring: the web pages' and /metrics' reading of a year's triage log (the first read
   after start, a scrape after 100 new events, one study's timeline) against parsing every
-  line with json.loads.
+  line with json.loads;
+- scaling: images/s per `serve` process on SQLite and on PostgreSQL (a throw-away cluster,
+  fsync on), and of two `serve` processes sharing one PostgreSQL database, against DCMTK
+  storescp in the same run; studies/hour of one and of two CPU `worker` processes
+  (EffClass) sharing the queue.
 
 Loopback only; every wait is bounded. Results go to stdout and bench/results.json.
 """
@@ -32,7 +36,7 @@ import numpy as np
 import pydicom
 import torch
 
-from demo.peers import NodeProcess, Orthanc, free_port, node_config, port_open, wait_for
+from demo.peers import NodeProcess, Orthanc, PostgresCluster, free_port, node_config, port_open, wait_for
 from training.model.checkpoint import default_model_config, save_checkpoint
 from training.model.architectures import create_model, gradcam_module
 from training.inference.predictor import Predictor
@@ -243,6 +247,104 @@ def bench_monitoring(work: Path, studies: int = 36500) -> dict:
             "timeline_ratio": timeline / reference}
 
 
+def _storescp_images_per_s(work: Path, files: list[Path], associations: int) -> float:
+    port = free_port()
+    work.mkdir(parents=True)
+    scp = subprocess.Popen(["storescp", "--fork", "-od", str(work), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_open(port), timeout=30, what="storescp")
+        return len(files) / _send(port, "ANY-SCP", files, associations)
+    finally:
+        scp.terminate()
+        scp.wait(timeout=30)
+
+
+def _serve_for_ingest(folder: Path, database_url: str) -> NodeProcess:
+    """A scanner-facing serve process that only stores: no model, no worker, a long quiet time."""
+    port = free_port()
+    folder.mkdir(parents=True)
+    return NodeProcess(folder, node_config(folder, port=port, checkpoint=None, stable_seconds=3600, overrides={
+        "storage": {"database_url": database_url}, "worker": {"enabled_in_serve": False}}), port)
+
+
+def bench_scaling(work: Path, files: list[Path], studies: list[Path]) -> dict:
+    """Ingest per serve process (4 associations each) and studies/hour per CPU worker."""
+    run = work / "scaling"
+    associations = 4
+    results: dict = {"associations": associations, "images": len(files)}
+    results["storescp_images_per_s"] = _storescp_images_per_s(run / "storescp", files, associations)
+    with PostgresCluster(durable=True) as postgres:
+        one = {"sqlite": f"sqlite:///{run / 'sqlite' / 'node.db'}", "postgresql": postgres.create_database("one")}
+        for backend, url in one.items():
+            node = _serve_for_ingest(run / backend, url).start()
+            try:
+                results[f"{backend}_images_per_s"] = len(files) / _send(node.port, "ICHNODE", files, associations)
+            finally:
+                node.stop()
+        shared = postgres.create_database("two")
+        nodes = [_serve_for_ingest(run / f"two-{n}", shared).start() for n in range(2)]
+        try:
+            halves = [files[0::2], files[1::2]]
+            with ThreadPoolExecutor(2) as pool:
+                seconds = max(pool.map(lambda pair: _send(pair[0].port, "ICHNODE", pair[1], associations),
+                                       zip(nodes, halves)))
+            results["two_serve_postgresql_images_per_s"] = len(files) / seconds
+        finally:
+            for node in nodes:
+                node.stop()
+        results["workers"] = {count: _studies_per_hour(run / f"workers-{count}", postgres, studies, count)
+                              for count in (1, 2)}
+    return results
+
+
+def _log_events(folder: Path, event: str) -> list[dict]:
+    path = folder / "triage.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines) if e["event"] == event]
+
+
+def _studies_per_hour(run: Path, postgres: PostgresCluster, studies: list[Path], workers: int) -> dict:
+    """`workers` EffClass worker processes on one PostgreSQL queue, fed by one serve
+    process: from the first study ready to the last analysed."""
+    from datetime import datetime
+
+    url = postgres.create_database(run.name)
+    run.mkdir(parents=True)
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(run / "effclass.pt", create_model("effclass"), default_model_config("effclass"))
+    shared = {"storage": {"root": str(run / "store"), "database_url": url}}
+    port = free_port()
+    (run / "serve").mkdir()
+    processes = [NodeProcess(run / "serve", node_config(run / "serve", port=port, checkpoint=None, stable_seconds=1,
+                                                        overrides={**shared, "worker": {"enabled_in_serve": False}}),
+                             port).start()]
+    try:
+        for n in range(workers):
+            folder = run / f"worker-{n}"
+            folder.mkdir()
+            processes.append(NodeProcess(folder, node_config(folder, port=free_port(), checkpoint=checkpoint,
+                                                             overrides=shared), 0, command="worker").start())
+        for study in studies:
+            _send(port, "ICHNODE", sorted((study / "HEAD").glob("*.dcm")), 1)
+        wait_for(lambda: sum(len(_log_events(p.folder, "analysed")) for p in processes[1:]) == len(studies),
+                 timeout=1800, what="every study analysed", every=0.5)
+        memory = max(p.peak_memory_mb() or 0 for p in processes[1:])
+    finally:
+        for process in processes:
+            process.stop()
+
+    def stamp(event: dict) -> float:
+        return datetime.fromisoformat(event["time"]).timestamp()
+
+    analysed = [e for p in processes[1:] for e in _log_events(p.folder, "analysed")]
+    elapsed = max(map(stamp, analysed)) - min(map(stamp, _log_events(run / "serve", "ready")))
+    inference = sum(e["timings_s"]["inference"] for e in analysed)
+    return {"studies": len(studies), "slices": sum(e["total_slices"] for e in analysed), "seconds": elapsed,
+            "studies_per_hour": len(studies) / elapsed * 3600, "inference_share": inference / (elapsed * workers),
+            "worker_peak_memory_mb": memory}
+
+
 def _print(results: dict) -> None:
     print(f"\n# ichnode benchmark — {results['machine']}\n")
     ingest = results.get("ingest")
@@ -299,14 +401,33 @@ def _print(results: dict) -> None:
               f"{monitoring['timeline_ratio']:.2f} |")
 
 
+def _print_scaling(scaling: dict) -> None:
+    print(f"\n## Scaling: several processes on one queue ({scaling['images']} images, "
+          f"{scaling['associations']} associations per serve process)\n")
+    reference = scaling["storescp_images_per_s"]
+    print("| receiver | images/s | vs storescp --fork |")
+    print("|---|---|---|")
+    print(f"| DCMTK storescp --fork (no fsync, no database) | {reference:.1f} | 1.00 |")
+    for key, label in (("sqlite_images_per_s", "one serve process, SQLite"),
+                       ("postgresql_images_per_s", "one serve process, PostgreSQL"),
+                       ("two_serve_postgresql_images_per_s", "two serve processes, one PostgreSQL (sum)")):
+        print(f"| {label} | {scaling[key]:.1f} | {scaling[key] / reference:.2f} |")
+    print("\n| CPU worker processes (EffClass) | studies | slices | seconds | studies/hour | inference share | "
+          "peak MB per worker |")
+    print("|---|---|---|---|---|---|---|")
+    for count, row in scaling["workers"].items():
+        print(f"| {count} | {row['studies']} | {row['slices']} | {row['seconds']:.1f} | "
+              f"{row['studies_per_hour']:.0f} | {row['inference_share']:.2f} | {row['worker_peak_memory_mb']} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=500, help="slices for the ingest run")
-    parser.add_argument("--only", choices=["ingest", "inference", "gradcam", "end_to_end", "monitoring"],
+    parser.add_argument("--only", choices=["ingest", "inference", "gradcam", "end_to_end", "monitoring", "scaling"],
                         action="append")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
-    wanted = set(args.only or ["ingest", "inference", "gradcam", "end_to_end", "monitoring"])
+    wanted = set(args.only or ["ingest", "inference", "gradcam", "end_to_end", "monitoring", "scaling"])
     results: dict = {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
                                 f"{platform.python_implementation()} {platform.python_version()}, torch "
                                 f"{torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"}
@@ -329,9 +450,15 @@ def main() -> int:
             results["end_to_end"] = bench_end_to_end(work, e2e_data / "study_0000")
         if "monitoring" in wanted:
             results["monitoring"] = bench_monitoring(work)
+        if "scaling" in wanted:
+            scaling_data = work / "scaling-data"
+            write_studies(scaling_data, SyntheticOptions(studies=6, seed=9, min_slices=32, max_slices=32))
+            results["scaling"] = bench_scaling(work, files, sorted(scaling_data.iterdir()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _print(results)
+    if "scaling" in results:
+        _print_scaling(results["scaling"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"\nresults written to {args.out}")

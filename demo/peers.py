@@ -1,4 +1,5 @@
-"""Real peers on loopback: Orthanc as the PACS and the node as a subprocess.
+"""Real peers on loopback: Orthanc as the PACS, a throw-away PostgreSQL cluster, and the
+node as a subprocess.
 
 `make demo`, the benchmarks and the network tests all start the same peers the same way:
 free ports, a folder of their own, every wait a poll with a deadline.
@@ -6,14 +7,17 @@ free ports, a folder of their own, every wait a poll with a deadline.
 
 from __future__ import annotations
 
+import glob
 import http.server
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -22,8 +26,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["Browser", "NodeProcess", "Orthanc", "WebhookReceiver", "find_tool", "free_port", "node_config",
-           "port_open", "wait_for"]
+__all__ = ["Browser", "NodeProcess", "Orthanc", "PostgresCluster", "WebhookReceiver", "find_tool", "free_port",
+           "node_config", "port_open", "wait_for"]
 
 T = TypeVar("T")
 
@@ -183,12 +187,125 @@ class Orthanc:
                 self.process.wait()
 
 
-class NodeProcess:
-    """`ichnode serve` as a subprocess with a config written for the test."""
+def postgres_bin() -> Path:
+    """The folder of PostgreSQL's server programs: Debian keeps initdb and pg_ctl in
+    /usr/lib/postgresql/<version>/bin, off PATH; elsewhere they are on PATH."""
+    on_path = shutil.which("initdb")
+    if on_path:  # a link on PATH stands for the folder that holds pg_ctl, psql and pg_dump too
+        return Path(os.path.realpath(on_path)).parent
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if not found:
+        raise FileNotFoundError("PostgreSQL's initdb is not installed (Debian package postgresql); `make test` "
+                                "installs it")
+    return Path(found[-1]).parent
 
-    def __init__(self, folder: Path, config_text: str, port: int) -> None:
+
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster: initdb and pg_ctl on a free loopback port, in a
+    folder of its own, with trust authentication for one superuser. PostgreSQL refuses to
+    run as root, so as root the programs run as the `postgres` user of Debian's package,
+    which owns the folder. `durable=False` turns fsync off (tests); benchmarks keep it on."""
+
+    def __init__(self, *, durable: bool = True, user: str = "ich") -> None:
+        self.bin = postgres_bin()
+        self.user = user
+        self.port = free_port()
+        self.durable = durable
+        self.folder: Path | None = None
+
+    @property
+    def data(self) -> Path:
+        assert self.folder is not None, "start() the cluster first"
+        return self.folder / "data"
+
+    def _as_owner(self, command: list[str]) -> list[str]:
+        if os.geteuid() != 0:
+            return command
+        return [find_tool("runuser"), "-u", "postgres", "--", *command]
+
+    def _run(self, *command: str, timeout: float = 120) -> None:
+        result = subprocess.run(self._as_owner(list(command)), capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            log = (self.folder / "postgres.log") if self.folder else None
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{' '.join(command[:2])} failed: {result.stderr[-2000:]}{tail}")
+
+    def start(self) -> PostgresCluster:
+        """initdb (the first time) and start; returns when it accepts connections."""
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="ichnode-pg-"))
+            if os.geteuid() == 0:
+                owner = pwd.getpwnam("postgres")
+                os.chown(self.folder, owner.pw_uid, owner.pw_gid)
+            self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "--auth=trust",
+                      "-E", "UTF8", "--locale=C", "--no-sync")
+        options = [f"-p {self.port}", f"-k {self.folder}", "-c listen_addresses=127.0.0.1",
+                   "-c max_connections=200"]
+        if not self.durable:
+            options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", " ".join(options),
+                  "-l", str(self.folder / "postgres.log"), "-w", "-t", "60", "start")
+        return self
+
+    def stop(self) -> None:
+        """Fast shutdown: open transactions are rolled back, connections closed."""
+        if self.folder is not None and (self.data / "postmaster.pid").exists():
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def restart(self) -> None:
+        """pg_ctl restart: a fast shutdown, then the same server options again."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "postgres.log"),
+                  "-m", "fast", "-w", "-t", "60", "restart")
+
+    def remove(self) -> None:
+        """Stop the cluster and delete its folder."""
+        try:
+            self.stop()
+        finally:
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = None
+
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL of one database, with the psycopg 3 driver."""
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def execute(self, sql: str, database: str = "postgres") -> list[tuple]:
+        """Run SQL as the superuser outside a transaction (CREATE DATABASE needs that)."""
+        import psycopg  # a dependency of the node; imported here so other peers do not need it
+
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname=database,
+                             autocommit=True) as connection:
+            cursor = connection.execute(sql)
+            return cursor.fetchall() if cursor.description else []
+
+    def create_database(self, name: str, *, template: str | None = None) -> str:
+        """A new, empty database (or a copy of `template`); returns its URL."""
+        self.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        return self.url(name)
+
+    def load(self, database: str, script: Path) -> None:
+        """Run a SQL script (a pg_dump) with psql, stopping at the first error."""
+        result = subprocess.run([str(self.bin / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+                                 "-p", str(self.port), "-U", self.user, "-d", database, "-f", str(script)],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"psql -f {script} failed: {result.stderr[-2000:]}")
+
+    def __enter__(self) -> PostgresCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class NodeProcess:
+    """`ichnode serve` (or `ichnode worker`) as a subprocess with a config written for the test."""
+
+    def __init__(self, folder: Path, config_text: str, port: int, *, command: str = "serve") -> None:
         self.folder = folder
         self.port = port
+        self.command = command
         self.config_path = folder / "node.toml"
         self.config_path.write_text(config_text)
         self.process: subprocess.Popen | None = None
@@ -196,12 +313,22 @@ class NodeProcess:
     def start(self, *, wait: bool = True) -> NodeProcess:
         self.log = open(self.folder / "node.stderr", "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "node.cli", self.command, "--config", str(self.config_path)],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         if wait:
-            self.wait_listening()
+            if self.command == "serve":
+                self.wait_listening()
+            else:
+                self.wait_for_output("analysing studies from")
         return self
+
+    def wait_for_output(self, text: str, timeout: float = 180) -> None:
+        """Until the process has logged `text`; fails with its output if it exits first."""
+        wait_for(lambda: text in self.output() or self.process.poll() is not None, timeout=timeout,
+                 what=f"{self.command} to log {text!r}")
+        if text not in self.output():
+            raise RuntimeError(f"{self.command} exited: {self.output()[-3000:]}")
 
     def wait_listening(self, timeout: float = 120) -> None:
         """Until the node accepts associations; fails with its output if it exits first."""

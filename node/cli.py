@@ -193,6 +193,27 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db(args: argparse.Namespace) -> int:
+    from node.service import upgrade_database
+
+    config = load_config(args.config)
+    _setup_logging()
+    database = upgrade_database(config)
+    if database.created:
+        print(f"created the tables of {database.shown} at schema revision {database.revision}")
+    elif database.upgraded_from:
+        print(f"upgraded {database.shown} from {database.upgraded_from} to schema revision {database.revision}")
+    else:
+        print(f"{database.shown} is at schema revision {database.revision}, this release's: nothing to do")
+    return 0
+
+
+def _add_db_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["upgrade"],
+                        help="upgrade: bring the database to this release's schema (stop every node using it first)")
+    _add_config_argument(parser)
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from training.prepare import prepare
 
@@ -488,6 +509,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
     "log": ("print the triage log (--follow to keep watching)", _add_log_arguments, _log),
     "status": ("show the queue by state and the latest studies", _add_status_arguments, _status),
     "retry": ("re-queue failed deliveries and notifications", _add_config_argument, _retry),
+    "db": ("manage the database's schema: `ichnode db upgrade`", _add_db_arguments, _db),
     "synth": ("write synthetic head-CT studies with labels", _add_synth_arguments, _synth),
     "prepare-rsna": ("split and cache an RSNA-layout (or synthetic) data set for training",
                      _add_prepare_arguments, _prepare),

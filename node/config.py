@@ -21,7 +21,7 @@ from typing import Any
 
 from node.errors import ConfigError
 from node.output import ResultKind
-from storage.db import anchor_sqlite_url
+from storage.db import DESTINATION_NAME_LENGTH, anchor_sqlite_url
 from training.configfile import anchor_paths, read_toml, section_from_table
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
@@ -128,6 +128,9 @@ class StorageSection:
     min_free_mb: int = 1024
     # Delete the received instances of studies delivered this many days ago; 0 keeps them.
     retention_days: float = 0.0
+    # serve and worker upgrade an older schema at start-up; false: they refuse to start
+    # until `ichnode db upgrade` has run (sites with several hosts upgrade once, all stopped).
+    auto_upgrade: bool = True
 
     def validate(self) -> None:
         if self.min_free_mb < 0:
@@ -378,6 +381,8 @@ class Destination:
     def validate(self, key: str) -> None:
         if not self.name.strip():
             raise ConfigError(f"{key}.name must not be empty")
+        if len(self.name) > DESTINATION_NAME_LENGTH:
+            raise ConfigError(f"{key}.name must be at most {DESTINATION_NAME_LENGTH} characters, got {self.name!r}")
         _ae_title(f"{key}.ae_title", self.ae_title)
         _port(f"{key}.port", self.port)
         if not self.host.strip():

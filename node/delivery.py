@@ -2,9 +2,13 @@
 
 Each destination has a sending thread of its own, so a PACS that stalls delays only its
 own results, never another destination's or ingest. No database transaction is open
-while a result is on the wire: due deliveries are read, sent, and the outcome recorded in
-a short transaction of its own. Every step of a send is bounded by
-`delivery.timeout_seconds` (TCP connect, association, each PDU, each response).
+while a result is on the wire: a due delivery is claimed in one short transaction, sent
+while the claim is kept alive (node.lease), and its outcome recorded in another. Several
+`serve` processes on one database each send only what they claimed, so a result goes
+out once; one that dies mid-send is taken over when its claim goes stale (the PACS then
+gets the same objects, same SOPInstanceUIDs, a second time if the first send had reached
+it). Every step of a send is bounded by `delivery.timeout_seconds` (TCP connect,
+association, each PDU, each response).
 
 `Sender` is the seam: `DicomSender` speaks C-STORE; tests may pass any object with the
 same `send` method.
@@ -30,10 +34,11 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import Config, Destination
-from node.errors import DeliveryError
+from node.errors import DeliveryError, StorageError
+from node.lease import claimant_id, work_claimed
 from node.triagelog import TriageLog
 from storage.db import Database, DeliveryState, utcnow
-from storage.state import DueDelivery, delivery_attempt_failed, delivery_sent, due_deliveries
+from storage.state import DueDelivery, claim_delivery, delivery_attempt_failed, delivery_sent, renew_delivery
 from storage.store import InstanceStore
 
 __all__ = ["Sender", "DicomSender", "Deliveries"]
@@ -41,6 +46,7 @@ __all__ = ["Sender", "DicomSender", "Deliveries"]
 log = logging.getLogger(__name__)
 
 PRIORITY_MEDIUM, PRIORITY_HIGH = 0, 1  # C-STORE Priority (PS3.7 9.1.1.1)
+BATCH = 16  # deliveries one sending thread attempts before it looks at `stop` again
 # Success, and the warnings that still mean "stored" (coercion, elements discarded).
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
@@ -118,12 +124,13 @@ class Deliveries:
     """Sends due results, one thread per destination, and records each attempt."""
 
     def __init__(self, config: Config, database: Database, store: InstanceStore, sender: Sender,
-                 triage_log: TriageLog) -> None:
+                 triage_log: TriageLog, owner: str | None = None) -> None:
         self.config = config
         self.database = database
         self.store = store
         self.sender = sender
         self.triage_log = triage_log
+        self.owner = owner or claimant_id()  # names this process's claims on deliveries
         self._due = {d.name: threading.Event() for d in config.destinations}
 
     def wake(self) -> None:
@@ -147,29 +154,39 @@ class Deliveries:
             due.clear()
             try:
                 sent = self.send_due(destination)
-            except Exception:  # the database may be briefly unavailable: keep the thread alive
+            except StorageError as exc:  # unreachable or busy: Database logged the outage
+                if not exc.retryable:
+                    log.exception("delivery to %s", destination.name)
+                sent = 0
+            except Exception:  # keep the thread alive whatever happened
                 log.exception("delivery to %s", destination.name)
                 sent = 0
             if not sent:  # idle: poll each second for results other processes recorded
                 due.wait(1.0)
 
     def send_due(self, destination: Destination) -> int:
-        """Attempt every delivery to `destination` that is due; returns how many."""
-        with self.database.read() as session:
-            due = due_deliveries(session, utcnow(), destination=destination.name)
-        for delivery in due:
-            self._attempt(delivery, destination)
-        return len(due)
+        """Claim and attempt deliveries to `destination` while any is due (at most BATCH);
+        returns how many."""
+        return self._work(destination, destination=destination.name)
 
     def fail_orphans(self) -> int:
         """Deliveries to a destination no longer in the config get the usual retries and
         then fail, so `ichnode retry` can send them once it is back."""
-        known = [d.name for d in self.config.destinations]
-        with self.database.read() as session:
-            orphans = due_deliveries(session, utcnow(), other_than=known)
-        for delivery in orphans:
-            self._attempt(delivery, None)
-        return len(orphans)
+        return self._work(None, other_than=[d.name for d in self.config.destinations])
+
+    def _work(self, to: Destination | None, **which: object) -> int:
+        """Claim deliveries `which` selects and send each to `to` (None: no longer configured)."""
+        def claim() -> DueDelivery | None:
+            with self.database.write() as session:
+                return claim_delivery(session, self.owner, utcnow(),
+                                      stale_seconds=self.config.worker.stale_after_seconds, **which)
+
+        return work_claimed(claim, self._renew, lambda delivery: self._attempt(delivery, to),
+                            every=self.config.worker.heartbeat_seconds, what="delivery", limit=BATCH)
+
+    def _renew(self, delivery_id: int) -> bool:
+        with self.database.write() as session:
+            return renew_delivery(session, delivery_id, self.owner, utcnow())
 
     def _attempt(self, delivery: DueDelivery, destination: Destination | None) -> None:
         files = sorted(self.store.absolute(delivery.result_folder).glob(f"{delivery.kind}-*.dcm"))
@@ -183,11 +200,16 @@ class Deliveries:
             self._failed(delivery, str(exc))
             return
         with self.database.write() as session:
-            row = delivery_sent(session, delivery.id, utcnow())
+            row = delivery_sent(session, delivery.id, self.owner, utcnow())
+            attempts = row.attempts if row is not None else None
+        if attempts is None:
+            log.warning("delivery %d was sent, but another process had taken it over meanwhile (this one stopped "
+                        "renewing its claim); that process records it", delivery.id)
+            return
         self.triage_log.write(
             "delivered", delivery.study_instance_uid, delivery.accession_number,
             destination=delivery.destination, kind=delivery.kind, objects=len(files),
-            priority="HIGH" if delivery.priority_high else "MEDIUM", attempts=row.attempts,
+            priority="HIGH" if delivery.priority_high else "MEDIUM", attempts=attempts,
             result_series_uid=delivery.result_series_uid,
         )
 
@@ -195,10 +217,13 @@ class Deliveries:
         settings = self.config.delivery
         with self.database.write() as session:
             row = delivery_attempt_failed(
-                session, delivery.id, reason, max_attempts=settings.max_attempts,
+                session, delivery.id, self.owner, reason, max_attempts=settings.max_attempts,
                 initial_backoff=settings.initial_backoff_seconds, max_backoff=settings.max_backoff_seconds,
                 now=utcnow(),
             )
+            if row is None:
+                log.warning("delivery %d: %s; another process had taken it over meanwhile", delivery.id, reason)
+                return
             final, attempts, next_at = row.state == DeliveryState.FAILED, row.attempts, row.next_attempt_at
         log.warning("delivery %d: %s (attempt %d)", delivery.id, reason, attempts)
         self.triage_log.write(

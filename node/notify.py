@@ -2,7 +2,8 @@
 one it asked for, retried like a delivery.
 
 The message is fixed when the outcome is recorded (a row in the same transaction), so a
-restart loses none and each is sent once. Its `text` line is what Slack-, Mattermost- and
+restart loses none and each is sent once: the process posting it holds a claim on its
+row (node.lease), so several `serve` processes never post the same message. Its `text` line is what Slack-, Mattermost- and
 Teams-style incoming webhooks display as it is. It names no patient unless
 `log.include_patient_identifiers` is set.
 """
@@ -18,9 +19,17 @@ from collections.abc import Mapping
 import httpx
 
 from node.config import Config, NotifyOn, NotifyTarget
+from node.errors import StorageError
+from node.lease import claimant_id, work_claimed
 from node.triagelog import PATIENT_KEYS, TriageLog
 from storage.db import Database, DeliveryState, utcnow
-from storage.state import DueNotification, due_notifications, notification_attempt_failed, notification_sent
+from storage.state import (
+    DueNotification,
+    claim_notification,
+    notification_attempt_failed,
+    notification_sent,
+    renew_notification,
+)
 
 __all__ = ["analysed_message", "failed_message", "messages_for", "Notifier"]
 
@@ -76,10 +85,11 @@ def patient_fields(include: bool, name: str, patient_id: str, birth_date: str) -
 class Notifier:
     """Posts due notifications from a thread of its own, recording each attempt."""
 
-    def __init__(self, config: Config, database: Database, triage_log: TriageLog) -> None:
+    def __init__(self, config: Config, database: Database, triage_log: TriageLog, owner: str | None = None) -> None:
         self.config = config
         self.database = database
         self.triage_log = triage_log
+        self.owner = owner or claimant_id()  # names this process's claims on notifications
         self._due = threading.Event()
 
     def wake(self) -> None:
@@ -97,19 +107,29 @@ class Notifier:
                 self._due.clear()
                 try:
                     sent = self.send_due(client)
-                except Exception:  # the database may be briefly unavailable: keep the thread alive
+                except StorageError as exc:  # unreachable or busy: Database logged the outage
+                    if not exc.retryable:
+                        log.exception("notifications")
+                    sent = 0
+                except Exception:  # keep the thread alive whatever happened
                     log.exception("notifications")
                     sent = 0
                 if not sent:  # idle: poll each second for outcomes other processes recorded
                     self._due.wait(1.0)
 
-    def send_due(self, client: httpx.Client) -> int:
-        """Post every notification that is due; returns how many were attempted."""
-        with self.database.read() as session:
-            due = due_notifications(session, utcnow())
-        for notification in due:
-            self._attempt(client, notification)
-        return len(due)
+    def send_due(self, client: httpx.Client, *, limit: int = 16) -> int:
+        """Claim and post notifications while any is due (at most `limit`); returns how many."""
+        def claim() -> DueNotification | None:
+            with self.database.write() as session:
+                return claim_notification(session, self.owner, utcnow(),
+                                          stale_seconds=self.config.worker.stale_after_seconds)
+
+        return work_claimed(claim, self._renew, lambda notification: self._attempt(client, notification),
+                            every=self.config.worker.heartbeat_seconds, what="notification", limit=limit)
+
+    def _renew(self, notification_id: int) -> bool:
+        with self.database.write() as session:
+            return renew_notification(session, notification_id, self.owner, utcnow())
 
     def _attempt(self, client: httpx.Client, notification: DueNotification) -> None:
         try:
@@ -121,12 +141,16 @@ class Notifier:
         settings = self.config.delivery
         with self.database.write() as session:
             if failure is None:
-                row = notification_sent(session, notification.id, utcnow())
+                row = notification_sent(session, notification.id, self.owner, utcnow())
             else:
                 row = notification_attempt_failed(
-                    session, notification.id, failure, max_attempts=settings.max_attempts,
+                    session, notification.id, self.owner, failure, max_attempts=settings.max_attempts,
                     initial_backoff=settings.initial_backoff_seconds, max_backoff=settings.max_backoff_seconds,
                     now=utcnow())
+            if row is None:
+                log.warning("notification %d: another process had taken it over meanwhile; it records the outcome",
+                            notification.id)
+                return
             attempts, final, next_at = row.attempts, row.state == DeliveryState.FAILED, row.next_attempt_at
         if failure is None:
             self.triage_log.write("notified", notification.study_instance_uid, notification.accession_number,

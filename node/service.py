@@ -1,8 +1,11 @@
 """Assembling and running the node: `ichnode serve` and `ichnode worker`.
 
 `serve` = Storage SCP + completion job + one sending thread per destination + a thread
-for notifications (+ a worker thread unless worker.enabled_in_serve is false). `worker` = only the analysis loop, for
-more processes or GPU hosts sharing the database and the storage folder.
+for notifications (+ a worker thread unless worker.enabled_in_serve is false). `worker` =
+only the analysis loop, for more processes or GPU hosts sharing the database and the
+storage folder. Any number of each may share one database and one storage folder: every
+job of `serve` (completion, deliveries, notifications, retention, the start-up recovery
+of result folders) claims each row it acts on, so it runs safely in every process at once.
 
 Start-up checks what is cheap before what is slow: the listening address, TLS files, the
 database and the triage log are checked before the model is loaded, so a typo costs a
@@ -25,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from node.config import Config
 from node.dashboard import Dashboard, ModelInfo, inputs_line
 from node.delivery import DicomSender, Deliveries
-from node.errors import ConfigError, DatabaseMissing
+from node.errors import ConfigError, DatabaseMissing, StorageError
 from node.health import Readiness
 from node.history import TriageHistory
 from node.ingest import Ingest
@@ -36,12 +39,16 @@ from node.triagelog import TriageLog
 from node.web import WebServer, create_app
 from node.worker import NO_CHECKPOINT, Worker, recover_results
 from storage.db import Database, utcnow
-from storage.state import mark_ready, purge_candidates, record_purge
+from storage.state import claim_purge, mark_ready, record_purge
 from storage.store import InstanceStore
 from training.inference.predictor import Predictor
 
 __all__ = ["Node", "complete_quiet_studies", "purge_delivered", "load_predictor", "open_database",
-           "serve", "run_worker"]
+           "upgrade_database", "serve", "run_worker"]
+
+# Hosts whose clocks differ by more than this are warned about at start-up: quiet times and
+# heartbeats written by one host are read by another.
+CLOCK_TOLERANCE_SECONDS = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +66,44 @@ def load_predictor(config: Config) -> Predictor | None:
     return predictor
 
 
-def open_database(config: Config, store: InstanceStore | None = None) -> Database:
-    """The node's database. With `store` (serve and worker) a missing database is created,
-    but only on a first start: when the store already holds received instances, a new
-    empty database would silently forget them, so that is refused."""
+def open_database(config: Config, store: InstanceStore | None = None, *, upgrade: bool | None = None) -> Database:
+    """The node's database. With `store` (serve, worker, db upgrade) a missing database is
+    created, but only on a first start: when the store already holds received instances,
+    a new empty database would silently forget them, so that is refused. An older schema
+    is upgraded when `upgrade` (default storage.auto_upgrade, for serve and worker only)."""
     create = store is not None and not store.holds_instances()
+    if upgrade is None:
+        upgrade = store is not None and config.storage.auto_upgrade
     try:
-        database = Database(config.storage.database_url, create=create)
+        database = Database(config.storage.database_url, create=create, upgrade=upgrade)
     except DatabaseMissing as exc:
-        if store is not None:
+        if store is not None and store.holds_instances():
             raise DatabaseMissing(f"{exc}; storage.root {store.root} already holds received instances, so this "
                                   "is not a first start: restore the database, or move storage.root aside "
                                   "to start afresh") from exc
         raise
     if database.created:
         log.warning("created a new, empty database at %s (first start)", database.shown)
+    if database.upgraded_from:
+        log.warning("upgraded the schema of %s from %s to revision %s", database.shown, database.upgraded_from,
+                    database.revision)
     return database
+
+
+def upgrade_database(config: Config) -> Database:
+    """`ichnode db upgrade`: bring the database to this release's schema (creating its
+    tables on a first start)."""
+    store = InstanceStore(config.storage.root)
+    return open_database(config, store, upgrade=True)
+
+
+def _check_clock(database: Database) -> None:
+    """Warn when this host's clock and the database server's disagree (several hosts)."""
+    offset = database.clock_offset_seconds()
+    if abs(offset) > CLOCK_TOLERANCE_SECONDS:
+        log.warning("this host's clock is %.1f s %s the database server's: keep every host of the node in sync "
+                    "(NTP); completion.stable_seconds and worker.stale_after_seconds are measured across hosts",
+                    abs(offset), "ahead of" if offset > 0 else "behind")
 
 
 def complete_quiet_studies(config: Config, database: Database, triage_log: TriageLog) -> int:
@@ -89,18 +118,22 @@ def complete_quiet_studies(config: Config, database: Database, triage_log: Triag
 
 def purge_delivered(config: Config, database: Database, store: InstanceStore, triage_log: TriageLog) -> int:
     """Delete the received instances of studies whose results were all delivered more
-    than storage.retention_days ago; the study rows and result series stay."""
+    than storage.retention_days ago; the study rows and result series stay. Each study
+    is locked while its files go, so processes purging at once never purge one twice; a
+    crash midway leaves it to be purged again (deleting a file twice is harmless)."""
     cutoff = utcnow() - dt.timedelta(days=config.storage.retention_days)
-    with database.read() as session:
-        studies = purge_candidates(session, cutoff)
-    for study_id, uid, accession, paths in studies:
-        for path in paths:
-            store.delete(path)
+    purged = 0
+    while True:
         with database.write() as session:
-            record_purge(session, study_id, utcnow())
-        triage_log.write("purged", uid, accession, instances=len(paths),
-                         retention_days=config.storage.retention_days)
-    return len(studies)
+            study = claim_purge(session, cutoff)
+            if study is None:
+                return purged
+            for path in study.instance_paths:
+                store.delete(path)
+            record_purge(session, study.id, utcnow())
+        purged += 1
+        triage_log.write("purged", study.study_instance_uid, study.accession_number,
+                         instances=len(study.instance_paths), retention_days=config.storage.retention_days)
 
 
 def check_listen_address(host: str, port: int, section: str, *, service: str = "DICOM") -> None:
@@ -141,6 +174,7 @@ class Node:
         except OSError as exc:
             raise ConfigError(f"log.path {config.log.path} cannot be written: {exc.strerror or exc}") from exc
         database = open_database(config, store)
+        _check_clock(database)
         recover_results(database, store, config.worker.stale_after_seconds)
         predictor = load_predictor(config)
         _announce_model(config, predictor)
@@ -155,7 +189,11 @@ def _announce_model(config: Config, predictor: Predictor | None) -> None:
         log.warning("delivery.mode = \"silent\": a silent trial; studies are analysed and logged, but nothing is "
                     "sent to a PACS or a webhook")
     if predictor is None:
-        log.warning("%s: studies are received and stored but not analysed", NO_CHECKPOINT)
+        if config.worker.enabled_in_serve:
+            log.warning("%s: studies are received and stored but not analysed", NO_CHECKPOINT)
+        else:
+            log.info("no model in this process (model.checkpoint is empty, worker.enabled_in_serve = false): "
+                     "`ichnode worker` processes on this database analyse the studies")
         return
     provenance = predictor.config.provenance
     log.info("model %s on %s with %s (trained on: %s)", predictor.config.architecture, predictor.device,
@@ -201,15 +239,32 @@ class _DatabaseWatch:
             self.reported = True
 
 
+def _through_outages(job: Callable[..., object]) -> Callable[..., None]:
+    """A scheduled job that skips its turn while the database is unreachable (Database
+    logs the outage once) instead of logging a traceback at every turn."""
+    def run(*args: object) -> None:
+        try:
+            job(*args)
+        except StorageError as exc:
+            if not exc.retryable:
+                raise
+
+    run.__name__ = getattr(job, "__name__", "job")
+    return run
+
+
 def _scheduler(node: Node, deliveries: Deliveries) -> BackgroundScheduler:
     config = node.config
     scheduler = BackgroundScheduler(timezone="UTC")
-    scheduler.add_job(complete_quiet_studies, "interval", args=[config, node.database, node.triage_log],
+    scheduler.add_job(_through_outages(complete_quiet_studies), "interval",
+                      args=[config, node.database, node.triage_log],
                       seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True)
-    scheduler.add_job(deliveries.fail_orphans, "interval", seconds=10, max_instances=1, coalesce=True)
+    scheduler.add_job(_through_outages(deliveries.fail_orphans), "interval", seconds=10, max_instances=1,
+                      coalesce=True)
     scheduler.add_job(_DatabaseWatch(node.database), "interval", seconds=5, max_instances=1, coalesce=True)
     if config.storage.retention_days > 0:
-        scheduler.add_job(purge_delivered, "interval", args=[config, node.database, node.store, node.triage_log],
+        scheduler.add_job(_through_outages(purge_delivered), "interval",
+                          args=[config, node.database, node.store, node.triage_log],
                           minutes=10, max_instances=1, coalesce=True,
                           next_run_time=dt.datetime.now(dt.timezone.utc))
     return scheduler

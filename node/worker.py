@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,11 +25,12 @@ from pydicom.uid import generate_uid
 from node.analysis import SERIES_PER_ANALYSIS, AnalysisResult, AnalysisSettings, analyse
 from node.config import Config
 from node.health import Liveness
+from node.lease import KeepAlive, claimant_id
 from node.notify import analysed_message, failed_message, messages_for, patient_fields
 from node.output import encode
 from node.triagelog import TriageLog
 from storage.db import Database, Session, utcnow
-from storage.errors import DatabaseMissing, IchNodeError
+from storage.errors import DatabaseMissing, IchNodeError, StorageError
 from storage.state import (
     ClaimedStudy,
     backoff_seconds,
@@ -43,22 +42,18 @@ from storage.state import (
     queue_notifications,
     requeue_stale,
     result_folders,
+    studies_in_progress,
 )
 from storage.store import InstanceStore
 from training.inference.predictor import Predictor
 from training.model.checkpoint import checkpoint_digest
 from training.model.series import SliceHeader, read_header
 
-__all__ = ["NO_CHECKPOINT", "Worker", "worker_id", "analysis_settings", "recover_results"]
+__all__ = ["NO_CHECKPOINT", "Worker", "analysis_settings", "recover_results"]
 
 log = logging.getLogger(__name__)
 
 NO_CHECKPOINT = "no model checkpoint configured (model.checkpoint)"
-
-
-def worker_id() -> str:
-    """host:pid:random — unique across hosts and restarts."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def device_uid(config: Config) -> str:
@@ -86,41 +81,24 @@ def read_slice(header: SliceHeader) -> Dataset:
 
 def recover_results(database: Database, store: InstanceStore, stale_after_seconds: float) -> None:
     """Finish what a crash between writing and recording a result series left: publish the
-    folders the database recorded, delete the ones it never heard of."""
+    folders the database recorded, delete the ones it never heard of. Several processes
+    share the storage folder, so a folder whose study a live worker is analysing (fresh
+    heartbeat) is that worker's work in progress, and left alone."""
+    leftovers = store.unpublished_results(stale_after_seconds)  # listed first: the database read is newer
+    if not leftovers:
+        return
     with database.read() as session:
         recorded = result_folders(session)
-    for folder in store.unpublished_results(stale_after_seconds):
+        in_progress = studies_in_progress(session, stale_after_seconds, utcnow())
+    for folder in leftovers:
         if str(folder) in recorded:
             store.publish_result(folder)
             log.warning("result series %s was recorded before a crash; published it now", folder)
+        elif folder.parent.name in in_progress:
+            log.info("result series %s is being written by a live worker; left to it", folder)
         else:
             store.delete_unpublished(folder)
             log.warning("deleted result series %s: written before a crash, never recorded", folder)
-
-
-class _Heartbeat:
-    """Keeps a claimed study's heartbeat fresh from a background thread."""
-
-    def __init__(self, database: Database, study_id: int, owner: str, every: float) -> None:
-        self._database, self._study_id, self._owner, self._every = database, study_id, owner, every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._every):
-            try:
-                with self._database.write() as session:
-                    heartbeat(session, self._study_id, self._owner, utcnow())
-            except Exception as exc:  # the database may be briefly unavailable
-                log.warning("heartbeat for study %d failed: %s", self._study_id, exc)
-
-    def __enter__(self) -> "_Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class Worker:
@@ -135,7 +113,7 @@ class Worker:
         self.predictor = predictor
         self.triage_log = triage_log
         self.settings = analysis_settings(config, predictor)
-        self.owner = owner or worker_id()
+        self.owner = owner or claimant_id()
         self.recorded = recorded  # called once an outcome is recorded: deliveries and notifications may start
         self.liveness = Liveness()  # beaten each time round the loop, for /readyz
         # Which checkpoint file made each analysis: `ichnode calibrate --history` joins on it.
@@ -150,7 +128,8 @@ class Worker:
         if self.predictor is None:
             self._fail(study, NO_CHECKPOINT)
             return True
-        with _Heartbeat(self.database, study.id, self.owner, self.config.worker.heartbeat_seconds):
+        with KeepAlive(lambda: self._beat(study.id), self.config.worker.heartbeat_seconds,
+                       f"study {study.study_instance_uid}"):
             try:
                 result = analyse(self._headers(study), read_slice, self.predictor, self.settings,
                                  series_number=self.config.output.series_number
@@ -161,6 +140,10 @@ class Worker:
                 return True
         self._finish(study, result, folder)
         return True
+
+    def _beat(self, study_id: int) -> bool:
+        with self.database.write() as session:
+            return heartbeat(session, study_id, self.owner, utcnow())
 
     def _claim(self) -> ClaimedStudy | None:
         settings = self.config.worker
@@ -285,7 +268,11 @@ class Worker:
                 if not missing:
                     log.error("worker stopped claiming studies: %s", exc)
                 missing, busy = True, False
-            except Exception:  # the database may be briefly unavailable
+            except StorageError as exc:
+                if not exc.retryable:
+                    log.exception("worker loop error")
+                busy = False  # unreachable or busy: Database logged the outage; try again at the next poll
+            except Exception:
                 log.exception("worker loop error")
                 busy = False
             if not busy:

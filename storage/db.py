@@ -5,11 +5,22 @@ functions in `storage/state.py` only read and flush; `Database.write()` commits 
 back) one short transaction around them, and `Database.read()` gives a snapshot that
 never takes the write lock. No transaction stays open across network or model work.
 
-SQLite runs in WAL mode with synchronous=FULL, so a committed row survives a crash and
-readers never block writers; write transactions start with BEGIN IMMEDIATE so two writers
-never deadlock upgrading a lock. Once open, connections may not create the file again: a
-database deleted under a running node is noticed (DatabaseMissing), not silently replaced
-by an empty one.
+Two backends, each with its settings chosen here:
+
+- SQLite (the default, one host): WAL mode with synchronous=FULL, so a committed row
+  survives a crash and readers never block writers; write transactions start with BEGIN
+  IMMEDIATE, which serialises writers, so two never deadlock upgrading a lock. Once
+  open, connections may not create the file again: a database deleted under a running
+  node is noticed (DatabaseMissing), not silently replaced by an empty one.
+- PostgreSQL through psycopg 3 (several processes and hosts): READ COMMITTED, so a
+  statement sees what others committed before it (the queue's claims lock their rows,
+  FOR UPDATE SKIP LOCKED); a pool checked before each use (pool_pre_ping), so a
+  database that restarted is reconnected to without an error; bounded connect and lock
+  waits and TCP keepalives, so an unreachable server becomes a retryable StorageError
+  instead of a thread that hangs.
+
+The schema is versioned with Alembic (`storage/schema.py`); opening a database checks
+it, creates it or upgrades it as the caller allows.
 """
 
 from __future__ import annotations
@@ -17,7 +28,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import logging
 import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,18 +47,18 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    inspect,
     make_url,
     select,
 )
+from sqlalchemy import func as sql_func
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from storage.errors import DatabaseMissing, StorageError
+from storage.schema import lock_schema, prepare
 
 __all__ = [
-    "SCHEMA_VERSION",
     "StudyState",
     "DeliveryState",
     "Base",
@@ -52,13 +67,15 @@ __all__ = [
     "Delivery",
     "Notification",
     "utcnow",
+    "DESTINATION_NAME_LENGTH",
     "anchor_sqlite_url",
     "Database",
     "Session",  # what Database.write()/read() hand out, for callers' type hints
 ]
 
-# Bumped whenever a table changes; a database of another version is refused with a message.
-SCHEMA_VERSION = 3
+log = logging.getLogger(__name__)
+
+DESTINATION_NAME_LENGTH = 64  # the deliveries' column; PostgreSQL refuses a longer value
 
 
 def utcnow() -> dt.datetime:
@@ -140,7 +157,8 @@ class Instance(Base):
 
 
 class _Outgoing:
-    """What every row of an outgoing queue keeps: its state and its attempts so far."""
+    """What every row of an outgoing queue keeps: its state, its attempts so far, and the
+    process sending it now (claimed_by, heartbeat_at renewed while it sends)."""
 
     state: Mapped[DeliveryState] = mapped_column(
         Enum(DeliveryState, native_enum=False, length=16), index=True
@@ -150,6 +168,8 @@ class _Outgoing:
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
+    claimed_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
 
 
 class Delivery(_Outgoing, Base):
@@ -159,7 +179,7 @@ class Delivery(_Outgoing, Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    destination: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(DESTINATION_NAME_LENGTH))
     kind: Mapped[str] = mapped_column(String(8))  # which object set: its files are <kind>-*.dcm
     result_folder: Mapped[str] = mapped_column(Text)  # relative to storage.root
     priority_high: Mapped[bool] = mapped_column(default=False)
@@ -181,7 +201,9 @@ class Notification(_Outgoing, Base):
 
 
 class SchemaVersion(Base):
-    """The one row says which version of these tables the database holds."""
+    """The version marker of the releases before migrations (Alembic's alembic_version
+    says which revision the database holds). Kept, at 4, so that those releases refuse
+    a database they no longer know rather than run on it."""
 
     __tablename__ = "ichnode_schema"
 
@@ -226,20 +248,59 @@ def _sqlite_begin_deferred(connection) -> None:
     connection.exec_driver_sql("BEGIN")
 
 
+# PostgreSQL: each process keeps up to POOL_SIZE connections open and opens up to
+# POOL_OVERFLOW more under load (SCP associations, senders, worker, web); a site sizes
+# max_connections for (POOL_SIZE + POOL_OVERFLOW) per process (docs/scaling.md).
+POOL_SIZE, POOL_OVERFLOW = 5, 15
+_CONNECT_TIMEOUT_SECONDS = 10  # a server that does not answer: a retryable error, not a hung thread
+_LOCK_TIMEOUT_MS = 30_000  # a row lock held this long (a stuck process) fails the statement, retryably
+_SUPPORTED = {"sqlite": ("sqlite", "sqlite+pysqlite"), "postgresql": ("postgresql", "postgresql+psycopg")}
+
+
+def _postgresql_engine(url: URL) -> Engine:
+    return create_engine(
+        url.set(drivername="postgresql+psycopg"),
+        isolation_level="READ COMMITTED",
+        pool_pre_ping=True,  # a connection the server closed (restart, failover) is replaced before use
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        pool_timeout=30,
+        pool_recycle=3600,
+        connect_args={
+            "connect_timeout": _CONNECT_TIMEOUT_SECONDS,
+            "application_name": f"ichnode {socket.gethostname()}:{os.getpid()}"[:63],
+            "options": f"-c lock_timeout={_LOCK_TIMEOUT_MS}",
+            # A server that vanished mid-query (host down, network cut) is noticed within about a minute.
+            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+        },
+    )
+
+
 class Database:
     """The database at one URL, opened once per process.
 
-    `create=True` makes the file and tables when the database does not exist yet (only
-    `serve` and `worker` do that, on first start); otherwise a missing database is a
-    DatabaseMissing error naming the URL. A database of another schema version is refused.
+    `create=True` makes the file and tables when the database does not exist yet or is
+    empty (`serve`, `worker` and `ichnode db upgrade` do that, on a first start);
+    otherwise a missing database is a DatabaseMissing error naming the URL. An older
+    schema is upgraded when `upgrade=True`, else refused naming `ichnode db upgrade`; a
+    schema this code does not know is always refused.
     """
 
-    def __init__(self, url: str, *, create: bool = False) -> None:
+    def __init__(self, url: str, *, create: bool = False, upgrade: bool = False) -> None:
         self.url = make_url(url)
+        self.backend = self.url.get_backend_name()
         self.created = False
+        self.revision = ""  # the schema revision it holds, once checked
+        self.upgraded_from: str | None = None
         self._file: Path | None = None
         self._identity: tuple[int, int] | None = None
-        if self.url.get_backend_name() == "sqlite" and self.url.database not in (None, "", ":memory:"):
+        self._outage_lock = threading.Lock()
+        self._outage_since: float | None = None  # monotonic time of the first failure of an outage
+        if self.url.drivername not in _SUPPORTED.get(self.backend, ()):
+            raise StorageError(f"storage.database_url {self.url.drivername}://…: ichnode runs on SQLite "
+                               "(sqlite:///PATH) or PostgreSQL through psycopg 3 (postgresql+psycopg://USER@HOST/DB)",
+                               retryable=False)
+        if self.backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
             self._file = Path(self.url.database)
             self._open_sqlite_file(create)
         try:
@@ -248,7 +309,7 @@ class Database:
             raise StorageError(f"storage.database_url {self.url.drivername}://…: its Python driver "
                                f"{exc.name!r} is not installed", retryable=False) from exc
         self._reader = self._engine(writer=False) if self._file is not None else self._writer
-        self._check_schema(create)
+        self._prepare_schema(create, upgrade)
         self._write_sessions = sessionmaker(self._writer, expire_on_commit=False)
         self._read_sessions = sessionmaker(self._reader, expire_on_commit=False)
 
@@ -264,15 +325,21 @@ class Database:
                 raise DatabaseMissing(f"database {self._file} does not exist; `ichnode serve` creates it "
                                       "on first start (check storage.database_url)")
             self._file.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
-            self.created = True
+            try:
+                fd = os.open(self._file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process of the node made it a moment ago
+                pass
+            else:
+                os.close(fd)
+                self.created = True
         stat = self._file.stat()
         self._identity = (stat.st_dev, stat.st_ino)
 
     def _engine(self, *, writer: bool) -> Engine:
+        if self.backend == "postgresql":
+            return _postgresql_engine(self.url)
         if self._file is None:
-            return create_engine(self.url, pool_pre_ping=True)
+            return create_engine(self.url)
         # mode=rw: a connection opened later never creates a new, empty file.
         url = URL.create("sqlite", database=f"file:{self._file}", query={"mode": "rw", "uri": "true"})
         engine = create_engine(url)
@@ -280,29 +347,17 @@ class Database:
         event.listen(engine, "begin", _sqlite_begin_immediate if writer else _sqlite_begin_deferred)
         return engine
 
-    def _check_schema(self, create: bool) -> None:
+    def _prepare_schema(self, create: bool, upgrade: bool) -> None:
+        """Check, create or upgrade the schema in one transaction under the schema lock."""
         try:
-            tables = set(inspect(self._writer).get_table_names())
-            if not tables and (create or self.created):
-                Base.metadata.create_all(self._writer)
-                with Session(self._writer) as session, session.begin():
-                    session.add(SchemaVersion(version=SCHEMA_VERSION))
-                self.created = True
-                return
-            with Session(self._reader) as session:
-                version = session.scalar(select(SchemaVersion.version)) if "ichnode_schema" in tables else None
+            with self._writer.connect() as connection, connection.begin():
+                lock_schema(connection)
+                state = prepare(connection, create=create or self.created, upgrade=upgrade, shown=self.shown)
         except SQLAlchemyError as exc:
-            raise StorageError(f"cannot open the database {self.shown}: {exc}", retryable=False) from exc
-        if not tables:
-            raise DatabaseMissing(f"database {self.shown} has no ichnode tables; `ichnode serve` creates them "
-                                  "on first start")
-        if version != SCHEMA_VERSION:
-            raise StorageError(
-                f"database {self.shown} holds tables of schema {version or 1}, this ichnode uses schema "
-                f"{SCHEMA_VERSION} and has no migration for it: stop the node, move the database aside "
-                "(and storage.root with it) and start again, then re-send the studies you need",
-                retryable=False,
-            )
+            raise StorageError(f"cannot open the database {self.shown}: {_reason(exc)}", retryable=False) from exc
+        self.created = self.created or state.created
+        self.upgraded_from = state.upgraded_from
+        self.revision = state.revision
 
     def check(self) -> None:
         """DatabaseMissing when the SQLite file was deleted or replaced since it was opened."""
@@ -320,14 +375,35 @@ class Database:
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:
-        """Database failures as StorageError: a busy or unreachable database may pass
-        (retryable), anything else will not."""
+        """Database failures as StorageError: an unreachable, restarting or busy database
+        may pass (retryable), anything else will not. An outage is logged when it starts
+        and when it ends, not at every failed transaction."""
         try:
             yield
-        except OperationalError as exc:
-            raise StorageError(f"database {self.shown}: {exc.orig or exc}", retryable=True) from exc
+        except DBAPIError as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                self._outage(exc)
+                raise StorageError(f"database {self.shown}: {_reason(exc)}", retryable=True) from exc
+            raise StorageError(f"database {self.shown}: {exc}", retryable=False) from exc
         except SQLAlchemyError as exc:
             raise StorageError(f"database {self.shown}: {exc}", retryable=False) from exc
+        self._recovered()
+
+    def _outage(self, exc: Exception) -> None:
+        with self._outage_lock:
+            if self._outage_since is not None:
+                return
+            self._outage_since = time.monotonic()
+        log.error("database %s is unavailable (%s); stores are refused with 0xA700 and queued work waits until "
+                  "it is back", self.shown, _reason(exc))
+
+    def _recovered(self) -> None:
+        if self._outage_since is None:
+            return
+        with self._outage_lock:
+            since, self._outage_since = self._outage_since, None
+        if since is not None:
+            log.warning("database %s is available again after %.1f s", self.shown, time.monotonic() - since)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
@@ -349,6 +425,24 @@ class Database:
         with self._translated(), self._read_sessions() as session:
             yield session
 
+    def clock_offset_seconds(self) -> float:
+        """How far this host's clock is ahead of the database server's (0 for SQLite,
+        which runs on this host). Quiet times and heartbeats are compared across hosts,
+        so their clocks must agree."""
+        if self.backend != "postgresql":
+            return 0.0
+        with self.read() as session:
+            before = time.time()
+            server = session.scalar(select(sql_func.now()))
+            after = time.time()
+        return (before + after) / 2 - server.timestamp()
+
     def dispose(self) -> None:
         self._writer.dispose()
         self._reader.dispose()
+
+
+def _reason(exc: SQLAlchemyError) -> str:
+    """The driver's own message, without SQLAlchemy's SQL and background link."""
+    original = getattr(exc, "orig", None)
+    return str(original or exc).strip().replace("\n", "; ")

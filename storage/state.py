@@ -6,9 +6,16 @@ Notification: pending → sent | failed                      (the same back-off 
 
 The caller owns the transaction (`Database.write()` or `Database.read()`): these
 functions read, change and flush, never commit, so several of them can form one
-transaction and none holds a lock longer than its caller's. Claims are conditional
-UPDATEs checked by rowcount, so any number of worker processes on any number of hosts
-never take the same study.
+transaction and none holds a lock longer than its caller's.
+
+Any number of `serve` and `worker` processes on any number of hosts share one database,
+so every row of a queue is claimed once: a claim selects its row FOR UPDATE SKIP LOCKED
+(PostgreSQL: others pass over a row being claimed instead of waiting for it; SQLite has
+one writer at a time, BEGIN IMMEDIATE) and changes it with an UPDATE whose conditions
+are checked again, by rowcount. Every change that reads a row first locks it (FOR
+UPDATE), so two processes never both act on what they read. A claim carries its
+holder's name and a heartbeat: studies (the worker analysing), deliveries and
+notifications (the process sending them); work whose holder went silent is taken over.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import delete, distinct, func, or_, select, update
+from sqlalchemy import and_, delete, distinct, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,6 +40,7 @@ __all__ = [
     "ClaimedStudy",
     "DueDelivery",
     "DueNotification",
+    "PurgeWork",
     "record_instance",
     "mark_ready",
     "claim_next_study",
@@ -42,16 +50,19 @@ __all__ = [
     "fail_study",
     "defer_study",
     "queue_notifications",
-    "due_deliveries",
+    "claim_delivery",
+    "renew_delivery",
     "delivery_sent",
     "delivery_attempt_failed",
-    "due_notifications",
+    "claim_notification",
+    "renew_notification",
     "notification_sent",
     "notification_attempt_failed",
     "retry_failed",
-    "purge_candidates",
+    "claim_purge",
     "record_purge",
     "result_folders",
+    "studies_in_progress",
     "state_counts",
     "QueueFigures",
     "queue_figures",
@@ -124,6 +135,8 @@ class ClaimedStudy:
 
 @dataclass(frozen=True)
 class DueDelivery:
+    """A delivery this process claimed: it sends it, then records the outcome."""
+
     id: int
     study_instance_uid: str
     accession_number: str
@@ -133,16 +146,30 @@ class DueDelivery:
     result_folder: str
     priority_high: bool
     attempts: int
+    taken_from: str | None = None  # the process whose claim went stale, when this one took it over
 
 
 @dataclass(frozen=True)
 class DueNotification:
+    """A notification this process claimed."""
+
     id: int
     study_instance_uid: str
     accession_number: str
     url: str
     payload: str
     attempts: int
+    taken_from: str | None = None
+
+
+@dataclass(frozen=True)
+class PurgeWork:
+    """A study whose received instances may go, locked by this transaction."""
+
+    id: int
+    study_instance_uid: str
+    accession_number: str
+    instance_paths: list[str]  # relative to storage.root
 
 
 def backoff_seconds(failures: int, initial: float, maximum: float) -> float:
@@ -153,8 +180,15 @@ def backoff_seconds(failures: int, initial: float, maximum: float) -> float:
 # --- receiving ------------------------------------------------------------------------
 
 
+def _study_for_update(session: Session, study_instance_uid: str) -> Study | None:
+    """The study row, locked until the transaction ends: instances of one study arriving
+    at several processes at once are recorded one after the other, none lost."""
+    return session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid)
+                          .with_for_update().execution_options(populate_existing=True))
+
+
 def _get_or_create_study(session: Session, item: ReceivedInstance, now: dt.datetime) -> tuple[Study, bool]:
-    study = session.scalar(select(Study).where(Study.study_instance_uid == item.study_instance_uid))
+    study = _study_for_update(session, item.study_instance_uid)
     if study is not None:
         return study, False
     study = Study(
@@ -167,11 +201,10 @@ def _get_or_create_study(session: Session, item: ReceivedInstance, now: dt.datet
     try:
         with session.begin_nested():
             session.add(study)
-    except IntegrityError:  # another association created it a moment ago
-        study = session.scalar(
-            select(Study).where(Study.study_instance_uid == item.study_instance_uid)
-        )
-        return study, False
+    except IntegrityError:
+        # Another association, or another process, created it a moment ago: PostgreSQL made
+        # this insert wait for that transaction, which has committed, so the row is there.
+        return _study_for_update(session, item.study_instance_uid), False
     return study, True
 
 
@@ -224,6 +257,7 @@ def mark_ready(session: Session, stable_seconds: float, now: dt.datetime) -> lis
     cutoff = now - dt.timedelta(seconds=stable_seconds)
     candidates = session.scalars(
         select(Study).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
+        .with_for_update(skip_locked=True)  # a study another process is recording into is not quiet
     ).all()
     ready = []
     for study in candidates:
@@ -247,24 +281,25 @@ def mark_ready(session: Session, stable_seconds: float, now: dt.datetime) -> lis
 
 def claim_next_study(session: Session, worker_id: str, now: dt.datetime) -> ClaimedStudy | None:
     """Atomically take the oldest ready study that is not waiting for a retry, or None."""
-    candidates = session.scalars(
+    study_id = session.scalar(
         select(Study.id)
         .where(Study.state == StudyState.READY, or_(Study.retry_at.is_(None), Study.retry_at <= now))
-        .order_by(Study.last_received_at).limit(8)
-    ).all()
-    for study_id in candidates:
-        claimed = session.execute(
-            update(Study)
-            .where(Study.id == study_id, Study.state == StudyState.READY)
-            .values(state=StudyState.PROCESSING, claimed_by=worker_id, heartbeat_at=now,
-                    attempts=Study.attempts + 1)
-        ).rowcount
-        if claimed == 1:
-            study = session.get(Study, study_id, populate_existing=True)
-            paths = list(session.scalars(select(Instance.path).where(Instance.study_id == study_id)))
-            return ClaimedStudy(study.id, study.study_instance_uid, study.accession_number, study.attempts,
-                                study.retries, study.analyses, now, paths)
-    return None
+        .order_by(Study.last_received_at, Study.id).limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    if study_id is None:
+        return None
+    claimed = session.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.state == StudyState.READY)
+        .values(state=StudyState.PROCESSING, claimed_by=worker_id, heartbeat_at=now, attempts=Study.attempts + 1)
+    ).rowcount
+    if claimed != 1:
+        return None
+    study = session.get(Study, study_id, populate_existing=True)
+    paths = list(session.scalars(select(Instance.path).where(Instance.study_id == study_id)))
+    return ClaimedStudy(study.id, study.study_instance_uid, study.accession_number, study.attempts,
+                        study.retries, study.analyses, now, paths)
 
 
 def heartbeat(session: Session, study_id: int, worker_id: str, now: dt.datetime) -> bool:
@@ -284,6 +319,7 @@ def requeue_stale(session: Session, stale_seconds: float, max_attempts: int, now
     cutoff = now - dt.timedelta(seconds=stale_seconds)
     stale = session.scalars(
         select(Study).where(Study.state == StudyState.PROCESSING, Study.heartbeat_at < cutoff)
+        .with_for_update(skip_locked=True)
     ).all()
     changed = []
     for study in stale:
@@ -303,8 +339,8 @@ def requeue_stale(session: Session, stale_seconds: float, max_attempts: int, now
 
 
 def _owned(session: Session, study_id: int, worker_id: str) -> Study | None:
-    """The study if `worker_id` still holds it (it may have been re-queued as stale)."""
-    study = session.get(Study, study_id, populate_existing=True)
+    """The study, locked, if `worker_id` still holds it (it may have been re-queued as stale)."""
+    study = session.get(Study, study_id, populate_existing=True, with_for_update=True)
     if study is None or study.state != StudyState.PROCESSING or study.claimed_by != worker_id:
         return None
     return study
@@ -388,52 +424,109 @@ def defer_study(session: Session, study_id: int, worker_id: str, error: str, *, 
     return study
 
 
-# --- deliveries -----------------------------------------------------------------------
+# --- deliveries and notifications ---------------------------------------------------
 
 
-def due_deliveries(session: Session, now: dt.datetime, *, destination: str | None = None,
-                   other_than: Collection[str] = (), limit: int = 16) -> list[DueDelivery]:
-    """Pending deliveries whose time has come, positive studies first; for `destination`
-    only, or for any destination but those `other_than` names."""
-    query = (
-        select(Delivery, Study)
-        .join(Study)
-        .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-        .order_by(Delivery.priority_high.desc(), Delivery.next_attempt_at, Delivery.id)
-        .limit(limit)
-    )
+def _claimable(model: type[Delivery] | type[Notification], now: dt.datetime, stale_seconds: float):
+    """Pending, due, and held by nobody, or by a process that stopped renewing its claim."""
+    cutoff = now - dt.timedelta(seconds=stale_seconds)
+    return and_(model.state == DeliveryState.PENDING, model.next_attempt_at <= now,
+                or_(model.claimed_by.is_(None), model.heartbeat_at < cutoff))
+
+
+def _claim(session: Session, model: type[Delivery] | type[Notification], owner: str, now: dt.datetime,
+           stale_seconds: float, order: tuple, *where) -> tuple[Delivery | Notification, str | None] | None:
+    """Claim the first claimable row in `order` for `owner`: (row, the stale holder it was
+    taken from, if any), or None."""
+    claimable = _claimable(model, now, stale_seconds)
+    found = session.execute(
+        select(model.id, model.claimed_by).where(claimable, *where).order_by(*order).limit(1)
+        .with_for_update(skip_locked=True)
+    ).first()
+    if found is None:
+        return None
+    changed = session.execute(
+        update(model).where(model.id == found.id, claimable).values(claimed_by=owner, heartbeat_at=now)
+    ).rowcount
+    if changed != 1:
+        return None
+    return session.get(model, found.id, populate_existing=True), found.claimed_by
+
+
+def _renew(session: Session, model: type[Delivery] | type[Notification], row_id: int, owner: str,
+           now: dt.datetime) -> bool:
+    changed = session.execute(
+        update(model).where(model.id == row_id, model.claimed_by == owner, model.state == DeliveryState.PENDING)
+        .values(heartbeat_at=now)
+    ).rowcount
+    return changed == 1
+
+
+def claim_delivery(session: Session, owner: str, now: dt.datetime, *, stale_seconds: float,
+                   destination: str | None = None, other_than: Collection[str] = ()) -> DueDelivery | None:
+    """Claim the next due delivery, positive studies first, for `destination` only, or for
+    any destination but those `other_than` names; None when nothing is due. A claim whose
+    holder has not renewed it for `stale_seconds` is taken over."""
+    where = []
     if destination is not None:
-        query = query.where(Delivery.destination == destination)
+        where.append(Delivery.destination == destination)
     if other_than:
-        query = query.where(Delivery.destination.not_in(list(other_than)))
-    return [
-        DueDelivery(d.id, s.study_instance_uid, s.accession_number, s.result_series_uid, d.destination, d.kind,
-                    d.result_folder, d.priority_high, d.attempts)
-        for d, s in session.execute(query).all()
-    ]
+        where.append(Delivery.destination.not_in(list(other_than)))
+    claimed = _claim(session, Delivery, owner, now, stale_seconds,
+                     (Delivery.priority_high.desc(), Delivery.next_attempt_at, Delivery.id), *where)
+    if claimed is None:
+        return None
+    d, taken_from = claimed
+    s = d.study
+    return DueDelivery(d.id, s.study_instance_uid, s.accession_number, s.result_series_uid, d.destination, d.kind,
+                       d.result_folder, d.priority_high, d.attempts, taken_from)
 
 
-def due_notifications(session: Session, now: dt.datetime, *, limit: int = 16) -> list[DueNotification]:
-    """Pending notifications whose time has come, oldest first."""
-    rows = session.execute(
-        select(Notification, Study).join(Study)
-        .where(Notification.state == DeliveryState.PENDING, Notification.next_attempt_at <= now)
-        .order_by(Notification.next_attempt_at, Notification.id).limit(limit)
-    ).all()
-    return [DueNotification(n.id, s.study_instance_uid, s.accession_number, n.url, n.payload, n.attempts)
-            for n, s in rows]
+def renew_delivery(session: Session, delivery_id: int, owner: str, now: dt.datetime) -> bool:
+    """Keep `owner`'s claim fresh while it sends; False when the claim is no longer its."""
+    return _renew(session, Delivery, delivery_id, owner, now)
 
 
-def _sent(row: Delivery | Notification, now: dt.datetime) -> Delivery | Notification:
+def claim_notification(session: Session, owner: str, now: dt.datetime, *,
+                       stale_seconds: float) -> DueNotification | None:
+    """Claim the next due notification, oldest first (as claim_delivery)."""
+    claimed = _claim(session, Notification, owner, now, stale_seconds,
+                     (Notification.next_attempt_at, Notification.id))
+    if claimed is None:
+        return None
+    n, taken_from = claimed
+    s = n.study
+    return DueNotification(n.id, s.study_instance_uid, s.accession_number, n.url, n.payload, n.attempts, taken_from)
+
+
+def renew_notification(session: Session, notification_id: int, owner: str, now: dt.datetime) -> bool:
+    return _renew(session, Notification, notification_id, owner, now)
+
+
+def _held(session: Session, model: type[Delivery] | type[Notification], row_id: int,
+          owner: str) -> Delivery | Notification | None:
+    """The row, locked, while `owner` holds its claim; the claim is released."""
+    row = session.get(model, row_id, populate_existing=True, with_for_update=True)
+    if row is None or row.claimed_by != owner or row.state != DeliveryState.PENDING:
+        return None
+    row.claimed_by, row.heartbeat_at = None, None
+    return row
+
+
+def _sent(row: Delivery | Notification | None, now: dt.datetime) -> Delivery | Notification | None:
+    if row is None:
+        return None
     row.state, row.sent_at = DeliveryState.SENT, now
     row.attempts += 1
     row.last_error = None
     return row
 
 
-def _attempt_failed(row: Delivery | Notification, error: str, *, max_attempts: int, initial_backoff: float,
-                    max_backoff: float, now: dt.datetime) -> Delivery | Notification:
+def _attempt_failed(row: Delivery | Notification | None, error: str, *, max_attempts: int, initial_backoff: float,
+                    max_backoff: float, now: dt.datetime) -> Delivery | Notification | None:
     """The next attempt after an exponential back-off, or failed after `max_attempts`."""
+    if row is None:
+        return None
     row.attempts += 1
     row.last_error = error
     if row.attempts >= max_attempts:
@@ -443,33 +536,36 @@ def _attempt_failed(row: Delivery | Notification, error: str, *, max_attempts: i
     return row
 
 
-def delivery_sent(session: Session, delivery_id: int, now: dt.datetime) -> Delivery:
-    row = _sent(session.get(Delivery, delivery_id, populate_existing=True), now)
+def delivery_sent(session: Session, delivery_id: int, owner: str, now: dt.datetime) -> Delivery | None:
+    """Record that `owner` sent the delivery; None (nothing recorded) when its claim was
+    taken over meanwhile, because it stopped renewing it."""
+    row = _sent(_held(session, Delivery, delivery_id, owner), now)
     session.flush()
     return row
 
 
-def delivery_attempt_failed(session: Session, delivery_id: int, error: str, *, max_attempts: int,
-                            initial_backoff: float, max_backoff: float, now: dt.datetime) -> Delivery:
+def delivery_attempt_failed(session: Session, delivery_id: int, owner: str, error: str, *, max_attempts: int,
+                            initial_backoff: float, max_backoff: float, now: dt.datetime) -> Delivery | None:
     """Schedule the delivery's next attempt with exponential back-off, or fail it after
-    `max_attempts`; returns the row."""
-    row = _attempt_failed(session.get(Delivery, delivery_id, populate_existing=True), error,
-                          max_attempts=max_attempts, initial_backoff=initial_backoff, max_backoff=max_backoff, now=now)
+    `max_attempts`; returns the row, or None when `owner`'s claim was taken over."""
+    row = _attempt_failed(_held(session, Delivery, delivery_id, owner), error, max_attempts=max_attempts,
+                          initial_backoff=initial_backoff, max_backoff=max_backoff, now=now)
     session.flush()
     return row
 
 
-def notification_sent(session: Session, notification_id: int, now: dt.datetime) -> Notification:
-    row = _sent(session.get(Notification, notification_id, populate_existing=True), now)
+def notification_sent(session: Session, notification_id: int, owner: str, now: dt.datetime) -> Notification | None:
+    row = _sent(_held(session, Notification, notification_id, owner), now)
     session.flush()
     return row
 
 
-def notification_attempt_failed(session: Session, notification_id: int, error: str, *, max_attempts: int,
-                                initial_backoff: float, max_backoff: float, now: dt.datetime) -> Notification:
+def notification_attempt_failed(session: Session, notification_id: int, owner: str, error: str, *,
+                                max_attempts: int, initial_backoff: float, max_backoff: float,
+                                now: dt.datetime) -> Notification | None:
     """As delivery_attempt_failed, for a notification."""
-    row = _attempt_failed(session.get(Notification, notification_id, populate_existing=True), error,
-                          max_attempts=max_attempts, initial_backoff=initial_backoff, max_backoff=max_backoff, now=now)
+    row = _attempt_failed(_held(session, Notification, notification_id, owner), error, max_attempts=max_attempts,
+                          initial_backoff=initial_backoff, max_backoff=max_backoff, now=now)
     session.flush()
     return row
 
@@ -481,7 +577,7 @@ def retry_failed(session: Session, now: dt.datetime) -> tuple[int, int]:
     for model in (Delivery, Notification):
         counts.append(session.execute(
             update(model).where(model.state == DeliveryState.FAILED)
-            .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now)
+            .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, claimed_by=None, heartbeat_at=None)
         ).rowcount)
     return counts[0], counts[1]
 
@@ -489,21 +585,22 @@ def retry_failed(session: Session, now: dt.datetime) -> tuple[int, int]:
 # --- retention and housekeeping -------------------------------------------------------
 
 
-def purge_candidates(session: Session, cutoff: dt.datetime) -> list[tuple[int, str, str, list[str]]]:
-    """Done studies whose deliveries were all sent before `cutoff` (or that have none and
-    finished before it), not purged yet: (id, StudyInstanceUID, accession, instance paths)."""
-    done = session.scalars(
-        select(Study).where(Study.state == StudyState.DONE, Study.purged_at.is_(None),
-                            Study.updated_at < cutoff)
-    ).all()
-    result = []
-    for study in done:
-        deliveries = study.deliveries
-        if any(d.state != DeliveryState.SENT or d.sent_at is None or d.sent_at >= cutoff for d in deliveries):
-            continue
-        paths = [i.path for i in study.instances]
-        result.append((study.id, study.study_instance_uid, study.accession_number, paths))
-    return result
+def claim_purge(session: Session, cutoff: dt.datetime) -> PurgeWork | None:
+    """The next done study, not purged yet, whose deliveries were all sent before `cutoff`
+    (or that has none and finished before it), locked until the transaction ends so no
+    other process purges it meanwhile; None when there is none."""
+    unsent = exists().where(Delivery.study_id == Study.id,
+                            or_(Delivery.state != DeliveryState.SENT, Delivery.sent_at.is_(None),
+                                Delivery.sent_at >= cutoff))
+    study = session.scalar(
+        select(Study).where(Study.state == StudyState.DONE, Study.purged_at.is_(None), Study.updated_at < cutoff,
+                            ~unsent)
+        .order_by(Study.id).limit(1).with_for_update(skip_locked=True)
+    )
+    if study is None:
+        return None
+    paths = list(session.scalars(select(Instance.path).where(Instance.study_id == study.id)))
+    return PurgeWork(study.id, study.study_instance_uid, study.accession_number, paths)
 
 
 def record_purge(session: Session, study_id: int, now: dt.datetime) -> None:
@@ -520,6 +617,14 @@ def result_folders(session: Session) -> set[str]:
     latest = session.execute(select(Study.study_instance_uid, Study.result_series_uid)
                              .where(Study.result_series_uid.is_not(None))).all()
     return folders | {str(result_folder(study, series)) for study, series in latest}
+
+
+def studies_in_progress(session: Session, stale_seconds: float, now: dt.datetime) -> set[str]:
+    """StudyInstanceUIDs being analysed by a worker that is alive (heartbeat newer than
+    `stale_seconds`): their unrecorded result folders are work in progress, not leftovers."""
+    cutoff = now - dt.timedelta(seconds=stale_seconds)
+    return set(session.scalars(select(Study.study_instance_uid)
+                               .where(Study.state == StudyState.PROCESSING, Study.heartbeat_at >= cutoff)))
 
 
 # --- what admins see ------------------------------------------------------------------

@@ -92,10 +92,16 @@ class InstanceStore:
             raise
 
     def publish_result(self, folder: Path | str) -> None:
-        """Move a recorded result from `folder`.partial into place; nothing to do when it is there."""
+        """Move a recorded result from `folder`.partial into place; nothing to do when it is
+        there, also when another process sharing the folder moved it a moment ago."""
         target, staging = self.absolute(folder), self.absolute(_partial(Path(folder)))
         if staging.is_dir() and not target.exists():
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+                return
             fsync_folder(target.parent)
 
     def unpublished_results(self, older_than_seconds: float) -> list[Path]:

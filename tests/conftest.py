@@ -1,14 +1,21 @@
-"""Shared fixtures: synthetic studies are made once per session (they take seconds)."""
+"""Shared fixtures: synthetic studies are made once per session (they take seconds); one
+throw-away PostgreSQL cluster serves the session, with a fresh database per test."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from demo.peers import find_tool
+from demo.peers import PostgresCluster, find_tool
+from storage.db import Database
 from training.synthetic import SyntheticOptions, write_studies
+
+BACKENDS = ["sqlite", "postgresql"]
+_databases = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +82,39 @@ def require_tool(name: str) -> str:
         return find_tool(name)
     except FileNotFoundError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of the test session's own (initdb + pg_ctl, fsync off), removed
+    at the end. Its absence fails the tests that need it: `make test` installs it."""
+    try:
+        cluster = PostgresCluster(durable=False)
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres: PostgresCluster) -> str:
+    """A database at the newest schema that test databases copy (faster than migrating each)."""
+    Database(postgres.create_database("ichnode_template"), create=True).dispose()
+    return "ichnode_template"
+
+
+def new_postgres_database(cluster: PostgresCluster, template: str | None = None) -> str:
+    """The URL of a new database of its own on `cluster`: empty, or a copy of `template`."""
+    return cluster.create_database(f"test_{next(_databases)}", template=template)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database at the newest schema for one test, on each backend in turn: an SQLite file
+    that Database(url, create=True) makes, or a new PostgreSQL database with the tables."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'node.db'}"
+    return new_postgres_database(request.getfixturevalue("postgres"), request.getfixturevalue("postgres_template"))

@@ -10,11 +10,15 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from demo.peers import Browser, NodeProcess, Orthanc, WebhookReceiver, free_port, node_config, port_open, wait_for
+import pydicom
+from pynetdicom import AE
+
+from demo.peers import (Browser, NodeProcess, Orthanc, PostgresCluster, WebhookReceiver, free_port, node_config,
+                        port_open, wait_for)
 from tests.conftest import require_tool
 
-__all__ = ["Browser", "NodeProcess", "Orthanc", "WebhookReceiver", "free_port", "port_open", "wait_for", "node_config", "storescu",
-           "echoscu"]
+__all__ = ["Browser", "NodeProcess", "Orthanc", "PostgresCluster", "WebhookReceiver", "free_port", "port_open",
+           "wait_for", "node_config", "storescu", "echoscu", "c_store_status"]
 
 
 def storescu(port: int, files: list[Path], *, calling: str = "SCANNER", called: str = "ICHNODE",
@@ -31,3 +35,16 @@ def echoscu(port: int, *, calling: str = "SCANNER", called: str = "ICHNODE") -> 
     binary = require_tool("echoscu")
     return subprocess.run([binary, "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
                           capture_output=True, text=True, timeout=60)
+
+
+def c_store_status(port: int, path: Path) -> int | None:
+    """The status the node answers to one C-STORE of `path` (None: no answer)."""
+    ae = AE(ae_title="SCANNER")
+    ds = pydicom.dcmread(path)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICHNODE")
+    assert assoc.is_established
+    try:
+        return getattr(assoc.send_c_store(ds), "Status", None)
+    finally:
+        assoc.release()

@@ -1,18 +1,25 @@
-"""storage.db.Database: who may create a database, a vanished file, schema versions, and
-reads that never take the write lock. Real SQLite files."""
+"""storage.db.Database: who may create a database, a vanished file, schemas it refuses,
+processes that start together, reads that never take the write lock, and what an
+unreachable or unsupported database says. Real SQLite files and a real PostgreSQL cluster."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from demo.peers import PostgresCluster, free_port
 from node.config import parse_config
 from node.service import open_database
-from storage.db import SCHEMA_VERSION, Database, Study
+from storage.db import Database, Study
 from storage.errors import DatabaseMissing, StorageError
+from storage.schema import head
 from storage.store import InstanceStore
+from tests.conftest import BACKENDS, new_postgres_database
 
 
 def test_only_a_creating_open_makes_the_file(tmp_path: Path) -> None:
@@ -58,22 +65,48 @@ def test_a_deleted_or_replaced_file_is_noticed(tmp_path: Path) -> None:
             pass
 
 
-def test_another_schema_version_is_refused_with_what_to_do(tmp_path: Path) -> None:
-    path = tmp_path / "node.db"
-    Database(f"sqlite:///{path}", create=True).dispose()
-    with sqlite3.connect(path) as raw:
-        raw.execute("UPDATE ichnode_schema SET version = ?", (SCHEMA_VERSION + 1,))
-    with pytest.raises(StorageError, match=rf"schema {SCHEMA_VERSION + 1}, this ichnode uses schema "
-                                           rf"{SCHEMA_VERSION} and has no migration for it: stop the node, move"):
-        Database(f"sqlite:///{path}")
+def test_a_schema_revision_this_release_does_not_know_is_refused(database_url: str) -> None:
+    Database(database_url, create=True).dispose()
+    database = Database(database_url)
+    with database.write() as session:  # as a newer release would leave it
+        session.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    database.dispose()
+    for upgrade in (False, True):
+        with pytest.raises(StorageError, match=rf"holds schema revision 9999, which this ichnode does not know "
+                                               rf"\(its newest is {head()}\): a newer ichnode upgraded it"):
+            Database(database_url, upgrade=upgrade)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_processes_starting_together_create_the_schema_once(backend: str, tmp_path: Path,
+                                                            request: pytest.FixtureRequest) -> None:
+    """Four processes of a node (here threads, each with its own Database) start at once
+    on a database that is not there yet (SQLite) or empty (PostgreSQL)."""
+    url = (f"sqlite:///{tmp_path / 'node.db'}" if backend == "sqlite"
+           else new_postgres_database(request.getfixturevalue("postgres")))
+    start = threading.Barrier(4)
+
+    def open_one(_: int) -> bool:
+        start.wait()
+        database = Database(url, create=True)
+        with database.read() as session:
+            session.query(Study).count()
+        database.dispose()
+        return database.created
+
+    with ThreadPoolExecutor(4) as pool:
+        created = list(pool.map(open_one, range(4)))
+    assert sorted(created) == [False, False, False, True]
+    assert Database(url).revision == head()
 
 
 def test_a_database_of_the_first_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "node.db"
     with sqlite3.connect(path) as raw:  # tables, but no schema version: made before versions existed
         raw.execute("CREATE TABLE studies (id INTEGER PRIMARY KEY)")
-    with pytest.raises(StorageError, match="holds tables of schema 1"):
-        Database(f"sqlite:///{path}")
+    with pytest.raises(StorageError, match="holds tables of schema 1, or tables that are not ichnode's "
+                                           r"\(studies\): point storage.database_url at ichnode's own database"):
+        Database(f"sqlite:///{path}", create=True, upgrade=True)
 
 
 def test_a_reader_never_takes_the_write_lock(tmp_path: Path) -> None:
@@ -85,11 +118,41 @@ def test_a_reader_never_takes_the_write_lock(tmp_path: Path) -> None:
             other.rollback()
 
 
-def test_database_failures_reach_the_caller_as_storage_errors(tmp_path: Path) -> None:
+def test_database_failures_reach_the_caller_as_storage_errors(database_url: str) -> None:
     """Nothing above storage/ handles SQLAlchemy's exceptions: a constraint that fails is a
     StorageError that retrying cannot help."""
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}", create=True)
+    database = Database(database_url, create=True)
     with pytest.raises(StorageError) as raised:
         with database.write() as session:
             session.execute(Study.__table__.insert().values(id=1))  # missing NOT NULL columns
     assert not raised.value.retryable
+
+
+def test_an_empty_postgresql_database_is_created_only_when_asked(postgres: PostgresCluster) -> None:
+    url = new_postgres_database(postgres)
+    with pytest.raises(DatabaseMissing, match=r"has no ichnode tables; `ichnode serve` creates them on first start"):
+        Database(url)
+    database = Database(url, create=True)
+    assert database.created and database.revision == head()
+    assert database.clock_offset_seconds() == pytest.approx(0, abs=1)  # the server runs on this host
+
+
+def test_a_postgresql_database_that_does_not_exist_or_cannot_be_reached_is_named(postgres: PostgresCluster) -> None:
+    with pytest.raises(StorageError, match=r'cannot open the database postgresql\+psycopg://ich@127.0.0.1:\d+/absent: '
+                                           r'.*database "absent" does not exist'):
+        Database(postgres.url("absent"), create=True)
+    nobody = f"postgresql+psycopg://ich:secret@127.0.0.1:{free_port()}/ich"
+    with pytest.raises(StorageError, match=r"cannot open the database postgresql\+psycopg://ich:\*\*\*@127.0.0.1") as raised:
+        Database(nobody, create=True)
+    assert "secret" not in str(raised.value) and "Connection refused" in str(raised.value)
+
+
+def test_postgresql_urls_use_psycopg_and_other_backends_are_refused(postgres: PostgresCluster,
+                                                                   postgres_template: str) -> None:
+    plain = new_postgres_database(postgres, postgres_template).replace("postgresql+psycopg://", "postgresql://")
+    assert Database(plain).url.drivername == "postgresql"  # psycopg 3, though the URL names no driver
+    for url in ("postgresql+psycopg2://ich@127.0.0.1/ich", "mysql+pymysql://ich@127.0.0.1/ich"):
+        with pytest.raises(StorageError, match=r"ichnode runs on SQLite \(sqlite:///PATH\) or PostgreSQL through "
+                                               r"psycopg 3 \(postgresql\+psycopg://USER@HOST/DB\)") as raised:
+            Database(url)
+        assert not raised.value.retryable

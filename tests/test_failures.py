@@ -22,7 +22,7 @@ from node.config import Destination
 from node.delivery import DicomSender
 from node.errors import DeliveryError
 from node.triagelog import read_events
-from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
+from tests.peers import NodeProcess, Orthanc, c_store_status, free_port, node_config, storescu, wait_for
 from training.model.architectures import create_model
 from training.model.checkpoint import default_model_config, save_checkpoint
 
@@ -191,28 +191,16 @@ def test_a_stalled_pacs_delays_only_its_own_results(tmp_path: Path, positive_stu
 # --- a database that vanishes -------------------------------------------------------------
 
 
-def _c_store_status(port: int, path: Path) -> int | None:
-    ae = AE(ae_title="SCANNER")
-    ds = pydicom.dcmread(path)
-    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="ICHNODE")
-    assert assoc.is_established
-    try:
-        return getattr(assoc.send_c_store(ds), "Status", None)
-    finally:
-        assoc.release()
-
-
 def test_a_deleted_database_is_noticed_not_replaced(tmp_path: Path, negative_study: Path) -> None:
     port = free_port()
     node = NodeProcess(tmp_path, node_config(tmp_path, port=port, checkpoint=None, stable_seconds=3600), port)
     node.start()
     files = sorted((negative_study / "HEAD").glob("*.dcm"))
     try:
-        assert _c_store_status(port, files[0]) == 0x0000
+        assert c_store_status(port, files[0]) == 0x0000
         for name in ("node.db", "node.db-wal", "node.db-shm"):
             (tmp_path / name).unlink(missing_ok=True)
-        assert _c_store_status(port, files[1]) == 0xA700  # refused: it could not be recorded
+        assert c_store_status(port, files[1]) == 0xA700  # refused: it could not be recorded
         assert not (tmp_path / "node.db").exists()  # and no new, empty database was made
         wait_for(lambda: "was deleted or replaced while the node ran" in node.output(), timeout=30,
                  what="the error in the node's log")
@@ -261,12 +249,15 @@ def test_a_tls_key_that_is_not_a_key_is_named(tmp_path: Path) -> None:
     assert "node.tls_certificate" in result.stderr and "PEM" in result.stderr and "[SSL]" not in result.stderr
 
 
-def test_a_database_driver_that_is_missing_is_named(tmp_path: Path) -> None:
+def test_a_database_url_the_node_cannot_use_is_named(tmp_path: Path) -> None:
     config = tmp_path / "pg.toml"
-    config.write_text('[storage]\ndatabase_url = "postgresql+psycopg://ich@127.0.0.1/ich"\n')
+    config.write_text('[storage]\ndatabase_url = "postgresql+psycopg2://ich@127.0.0.1/ich"\n')
     result = _run_cli("status", "--config", str(config))
     assert result.returncode == 1, result.stderr
-    assert "its Python driver 'psycopg' is not installed" in result.stderr and "internal error" not in result.stderr
+    assert "postgresql+psycopg2://…: ichnode runs on SQLite" in result.stderr and "internal error" not in result.stderr
+    config.write_text(f'[storage]\ndatabase_url = "postgresql+psycopg://ich@127.0.0.1:{free_port()}/ich"\n')
+    result = _run_cli("status", "--config", str(config))
+    assert result.returncode == 1 and "cannot open the database" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:

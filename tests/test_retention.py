@@ -1,8 +1,11 @@
-"""Retention: received instances of delivered studies are deleted after retention_days."""
+"""Retention: received instances of delivered studies are deleted after retention_days,
+once, however many serve processes run it at the same time (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from node.config import parse_config
@@ -34,11 +37,11 @@ def _study(session, store: InstanceStore, uid: str, *, finished_days_ago: float,
     return paths
 
 
-def test_only_old_fully_delivered_studies_are_purged(tmp_path: Path) -> None:
+def test_only_old_fully_delivered_studies_are_purged(tmp_path: Path, database_url: str) -> None:
     config = parse_config({"storage": {"retention_days": 1.0}}, tmp_path)
     store = InstanceStore(tmp_path / "store")
     store.ensure()
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}", create=True)
+    database = Database(database_url, create=True)
     log = TriageLog(tmp_path / "triage.log")
     with database.session() as session:
         old = _study(session, store, "1.2.1", finished_days_ago=2, delivery=DeliveryState.SENT)
@@ -57,3 +60,25 @@ def test_only_old_fully_delivered_studies_are_purged(tmp_path: Path) -> None:
     events = read_events(tmp_path / "triage.log")
     assert [(e["event"], e["study_instance_uid"], e["instances"]) for e in events] == [("purged", "1.2.1", 3)]
     assert purge_delivered(config, database, store, log) == 0  # nothing twice
+
+
+def test_serve_processes_purging_at_once_purge_each_study_once(tmp_path: Path, database_url: str) -> None:
+    config = parse_config({"storage": {"retention_days": 1.0}}, tmp_path)
+    store = InstanceStore(tmp_path / "store")
+    store.ensure()
+    log = TriageLog(tmp_path / "triage.log")
+    with Database(database_url, create=True).session() as session:
+        files = [p for n in range(6) for p in _study(session, store, f"1.3.{n}", finished_days_ago=2,
+                                                      delivery=DeliveryState.SENT)]
+    start = threading.Barrier(3)
+
+    def one_process(_: int) -> int:
+        database = Database(database_url)  # each with its own connections, as three processes
+        start.wait()
+        return purge_delivered(config, database, store, log)
+
+    with ThreadPoolExecutor(3) as pool:
+        assert sum(pool.map(one_process, range(3))) == 6
+    assert not any(p.exists() for p in files)
+    events = [e["study_instance_uid"] for e in read_events(tmp_path / "triage.log") if e["event"] == "purged"]
+    assert sorted(events) == [f"1.3.{n}" for n in range(6)]

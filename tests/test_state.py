@@ -1,4 +1,5 @@
-"""storage.state: study and delivery state transitions on a real SQLite file.
+"""storage.state: study and delivery state transitions, each test on a real SQLite file and
+on a real PostgreSQL database (a throw-away cluster, tests/conftest.py).
 
 The state functions never commit (the caller owns the transaction); these tests commit
 where another session must see the change, as the node's `Database.write()` does."""
@@ -18,25 +19,28 @@ from sqlalchemy.orm import Session
 from storage.db import Database, Delivery, DeliveryState, Instance, Study, StudyState
 from storage.state import (
     ClaimedStudy,
+    DueDelivery,
     ReceivedInstance,
+    claim_delivery,
     claim_next_study,
+    claim_notification,
     defer_study,
     delivery_attempt_failed,
     delivery_sent,
-    due_deliveries,
     fail_study,
     finish_study,
     heartbeat,
     mark_ready,
-    record_instance,
-    requeue_stale,
-    result_folders,
-    due_notifications,
     notification_attempt_failed,
     notification_sent,
     queue_notifications,
+    record_instance,
+    renew_delivery,
+    requeue_stale,
+    result_folders,
     retry_failed,
     state_counts,
+    studies_in_progress,
 )
 
 T0 = dt.datetime(2024, 5, 1, 12, 0, 0)  # naive UTC, as storage.db.utcnow gives
@@ -66,9 +70,12 @@ def instance(sop: str, *, study: str = STUDY, analysable: bool = True, accession
     )
 
 
+STALE = 120  # seconds a claim on a delivery or notification lives without renewal
+
+
 @pytest.fixture()
-def database(tmp_path: Path) -> Iterator[Database]:
-    db = Database(f"sqlite:///{tmp_path}/t.db", create=True)
+def database(database_url: str) -> Iterator[Database]:
+    db = Database(database_url, create=True)
     yield db
     db.dispose()
 
@@ -386,7 +393,7 @@ def test_finishing_clears_the_retry_state(session: Session) -> None:
     assert (finished.retries, finished.retry_at, finished.last_error) == (0, None, None)
 
 
-# --- deliveries --------------------------------------------------------------------
+# --- deliveries and notifications ----------------------------------------------------
 
 
 def one_delivery(session: Session) -> int:
@@ -396,14 +403,20 @@ def one_delivery(session: Session) -> int:
     return delivery.id
 
 
+def claim(session: Session, now: dt.datetime, owner: str = "s1", **which: object) -> DueDelivery | None:
+    return claim_delivery(session, owner, now, stale_seconds=STALE, **which)
+
+
 def test_delivery_back_off_doubles_up_to_the_cap(database: Database, session: Session) -> None:
     delivery_id = one_delivery(session)
     now = at(1000)
     waits = []
     for _ in range(5):
-        row = delivery_attempt_failed(session, delivery_id, "refused", max_attempts=8,
+        due = claim(session, now + dt.timedelta(seconds=sum(waits)))
+        assert due is not None and due.id == delivery_id
+        row = delivery_attempt_failed(session, delivery_id, "s1", "refused", max_attempts=8,
                                       initial_backoff=10, max_backoff=60, now=now)
-        assert row.state == DeliveryState.PENDING
+        assert row.state == DeliveryState.PENDING and row.claimed_by is None
         waits.append((row.next_attempt_at - now).total_seconds())
     assert waits == [10, 20, 40, 60, 60]
     session.commit()
@@ -416,73 +429,128 @@ def test_delivery_back_off_doubles_up_to_the_cap(database: Database, session: Se
 
 def test_delivery_fails_at_max_attempts(session: Session) -> None:
     delivery_id = one_delivery(session)
-    states = [
-        delivery_attempt_failed(session, delivery_id, "timeout", max_attempts=3,
-                                initial_backoff=10, max_backoff=900, now=at(1000)).state
-        for _ in range(3)
-    ]
+    states = []
+    for _ in range(3):
+        assert claim(session, at(10**5)) is not None
+        states.append(delivery_attempt_failed(session, delivery_id, "s1", "timeout", max_attempts=3,
+                                              initial_backoff=10, max_backoff=900, now=at(1000)).state)
     assert states == [DeliveryState.PENDING, DeliveryState.PENDING, DeliveryState.FAILED]
     assert session.get(Delivery, delivery_id).attempts == 3
-    assert due_deliveries(session, at(10**6)) == []
+    assert claim(session, at(10**6)) is None
 
 
-def test_due_deliveries_respects_next_attempt_priority_and_destination(session: Session) -> None:
+def test_deliveries_are_claimed_by_priority_time_and_destination(session: Session) -> None:
     study_a = processing_study(session)
     finish(session, study_a.id, started_at=at(61), priority=False, destinations=("pacs",))
     ready_study(session, study="5.6.7")
     study_b = claim_next_study(session, "w1", at(61))
     finish(session, study_b.id, started_at=at(61), priority=True, destinations=("pacs", "archive"))
-    due = due_deliveries(session, at(120), destination="pacs")
-    assert [(d.study_instance_uid, d.priority_high) for d in due] == [("5.6.7", True), (STUDY, False)]
-    assert [d.destination for d in due_deliveries(session, at(120), destination="archive")] == ["archive"]
-    assert [d.destination for d in due_deliveries(session, at(120), other_than=["pacs"])] == ["archive"]
-    assert len(due_deliveries(session, at(120))) == 3
-    assert due_deliveries(session, at(119)) == []
-    sent = delivery_sent(session, due[0].id, at(121))
+    assert claim(session, at(119)) is None  # not due yet
+    first = claim(session, at(120), destination="pacs")
+    second = claim(session, at(120), destination="pacs")
+    assert [(d.study_instance_uid, d.priority_high) for d in (first, second)] == [("5.6.7", True), (STUDY, False)]
+    assert claim(session, at(120), destination="pacs") is None  # both are claimed now
+    archive = claim(session, at(120), other_than=["pacs"])
+    assert archive.destination == "archive" and archive.result_folder == "results/1.2.3.4/1.2.3.4.99"
+    sent = delivery_sent(session, first.id, "s1", at(121))
     assert sent.state == DeliveryState.SENT and sent.sent_at == at(121) and sent.attempts == 1
-    assert [d.study_instance_uid for d in due_deliveries(session, at(130), destination="pacs")] == [STUDY]
+    assert sent.claimed_by is None
+
+
+def test_a_claimed_delivery_is_taken_by_no_one_else_until_its_claim_goes_stale(database: Database) -> None:
+    with database.session() as setup:
+        delivery_id = one_delivery(setup)
+        setup.commit()
+    with database.write() as first:
+        assert claim(first, at(200), owner="serve-a").id == delivery_id
+    with database.write() as second:
+        assert claim(second, at(200 + STALE), owner="serve-b") is None  # exactly at the limit: still held
+        assert renew_delivery(second, delivery_id, "serve-a", at(300))  # serve-a renews while it sends
+        assert not renew_delivery(second, delivery_id, "serve-b", at(300))
+    with database.write() as second:
+        assert claim(second, at(300 + STALE), owner="serve-b") is None
+        taken = claim(second, at(301 + STALE), owner="serve-b")  # serve-a went silent (died mid-send)
+        assert taken.id == delivery_id and taken.taken_from == "serve-a"
+    with database.write() as late:  # serve-a's outcome comes too late: not recorded
+        assert delivery_sent(late, delivery_id, "serve-a", at(500)) is None
+        assert delivery_attempt_failed(late, delivery_id, "serve-a", "x", max_attempts=3, initial_backoff=1,
+                                       max_backoff=1, now=at(500)) is None
+    with database.write() as session:
+        assert delivery_sent(session, delivery_id, "serve-b", at(501)).attempts == 1
+    with database.read() as check:
+        row = check.get(Delivery, delivery_id)
+        assert (row.state, row.attempts, row.claimed_by) == (DeliveryState.SENT, 1, None)
+
+
+def test_racing_senders_claim_each_delivery_exactly_once(database: Database) -> None:
+    """Eight threads, each with its own transaction, as eight serve processes would."""
+    with database.session() as setup:
+        study = processing_study(setup)
+        finish(setup, study.id, started_at=at(61), destinations=("pacs", "archive"), kinds=("sc", "sr", "kos"))
+        setup.commit()
+    start = threading.Barrier(8)
+
+    def claim_all(owner: str) -> list[int]:
+        start.wait()
+        claimed = []
+        while True:
+            with database.write() as own:
+                due = claim(own, at(200), owner=owner)
+            if due is None:
+                return claimed
+            claimed.append(due.id)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(claim_all, [f"serve-{i}" for i in range(8)]))
+    claimed = [delivery_id for ids in results for delivery_id in ids]
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 6
 
 
 def test_retry_failed_deliveries_and_notifications(session: Session) -> None:
     delivery_id = one_delivery(session)
-    row = delivery_attempt_failed(session, delivery_id, "x", max_attempts=1,
+    claim(session, at(1000))
+    row = delivery_attempt_failed(session, delivery_id, "s1", "x", max_attempts=1,
                                   initial_backoff=10, max_backoff=900, now=at(1000))
     study_id = session.get(Delivery, delivery_id).study_id
     queue_notifications(session, study_id, [("http://hook/a", "{}")], at(1000))
-    (due,) = due_notifications(session, at(1000))
-    notification_attempt_failed(session, due.id, "HTTP 500", max_attempts=1, initial_backoff=10, max_backoff=900,
-                                now=at(1000))
+    due = claim_notification(session, "s1", at(1000), stale_seconds=STALE)
+    notification_attempt_failed(session, due.id, "s1", "HTTP 500", max_attempts=1, initial_backoff=10,
+                                max_backoff=900, now=at(1000))
     assert row.state == DeliveryState.FAILED
     assert retry_failed(session, at(2000)) == (1, 1)
     session.refresh(row)
     assert row.state == DeliveryState.PENDING
     assert row.attempts == 0
     assert row.next_attempt_at == at(2000)
-    assert [n.url for n in due_notifications(session, at(2000))] == ["http://hook/a"]
+    assert claim_notification(session, "s1", at(2000), stale_seconds=STALE).url == "http://hook/a"
     assert retry_failed(session, at(3000)) == (0, 0)
 
 
 def test_one_delivery_per_destination_and_object_set(session: Session) -> None:
     study = processing_study(session)
     finish(session, study.id, started_at=at(61), destinations=("pacs", "archive"), kinds=("sc", "sr", "kos"))
-    due = due_deliveries(session, at(120))
+    due = []
+    while (delivery := claim(session, at(120))) is not None:
+        due.append(delivery)
     assert sorted((d.destination, d.kind) for d in due) == sorted(
         (name, kind) for name in ("pacs", "archive") for kind in ("sc", "sr", "kos"))
     assert {d.result_folder for d in due} == {"results/1.2.3.4/1.2.3.4.99"}
 
 
-def test_notifications_are_queued_sent_and_backed_off(session: Session) -> None:
+def test_notifications_are_queued_claimed_sent_and_backed_off(session: Session) -> None:
     study = processing_study(session)
     queue_notifications(session, study.id, [("http://hook/a", '{"text": "x"}'), ("http://hook/b", "{}")], at(70))
-    due = due_notifications(session, at(70))
-    assert [(n.url, n.payload, n.study_instance_uid) for n in due] == [
+    first = claim_notification(session, "s1", at(70), stale_seconds=STALE)
+    second = claim_notification(session, "s1", at(70), stale_seconds=STALE)
+    assert [(n.url, n.payload, n.study_instance_uid) for n in (first, second)] == [
         ("http://hook/a", '{"text": "x"}', STUDY), ("http://hook/b", "{}", STUDY)]
-    assert notification_sent(session, due[0].id, at(71)).state == DeliveryState.SENT
-    failed = notification_attempt_failed(session, due[1].id, "HTTP 500", max_attempts=3, initial_backoff=10,
+    assert claim_notification(session, "s2", at(70), stale_seconds=STALE) is None
+    assert notification_sent(session, first.id, "s1", at(71)).state == DeliveryState.SENT
+    failed = notification_attempt_failed(session, second.id, "s1", "HTTP 500", max_attempts=3, initial_backoff=10,
                                          max_backoff=60, now=at(71))
     assert failed.state == DeliveryState.PENDING and failed.next_attempt_at == at(81)
-    assert due_notifications(session, at(80)) == []
-    assert [n.url for n in due_notifications(session, at(81))] == ["http://hook/b"]
+    assert claim_notification(session, "s2", at(80), stale_seconds=STALE) is None
+    assert claim_notification(session, "s2", at(81), stale_seconds=STALE).url == "http://hook/b"
 
 
 def test_result_folders_are_those_deliveries_and_studies_refer_to(session: Session) -> None:
@@ -513,6 +581,14 @@ def test_state_counts_lists_every_state(session: Session) -> None:
     assert notifications == {"pending": 1, "sent": 0, "failed": 0}
 
 
+def test_studies_in_progress_are_those_with_a_live_worker(session: Session) -> None:
+    study = processing_study(session, "w1", claimed_at=at(61))
+    assert studies_in_progress(session, 120, at(100)) == {STUDY}
+    assert studies_in_progress(session, 120, at(61 + 121)) == set()  # the worker went silent
+    finish(session, study.id, started_at=at(61))
+    assert studies_in_progress(session, 120, at(100)) == set()
+
+
 def test_a_worker_that_lost_its_study_records_nothing(database: Database, session: Session) -> None:
     study = processing_study(session, "w1", claimed_at=at(61))
     requeue_stale(session, 30, 3, at(200))  # w1 went silent; the study is ready again
@@ -525,6 +601,24 @@ def test_a_worker_that_lost_its_study_records_nothing(database: Database, sessio
     assert row.state == StudyState.PROCESSING and row.claimed_by == "w2"
     with database.read() as other:
         assert other.scalars(select(Delivery)).all() == []
+
+
+def test_instances_of_one_new_study_recorded_at_once_all_count(database: Database) -> None:
+    """Eight associations (or serve processes) record instances of one new study at the
+    same moment: one study row, every instance counted, none refused."""
+    start = threading.Barrier(8)
+
+    def record(n: int) -> int:
+        start.wait()
+        with database.write() as own:
+            return record_instance(own, instance(f"{STUDY}.1.{n}"), T0).study_id
+
+    with ThreadPoolExecutor(8) as pool:
+        study_ids = set(pool.map(record, range(8)))
+    with database.read() as check:
+        (study,) = check.scalars(select(Study)).all()
+        assert study_ids == {study.id} and study.instance_count == 8
+        assert len(check.scalars(select(Instance)).all()) == 8
 
 
 def test_a_resent_instance_does_not_reopen_a_done_study(session: Session) -> None:

@@ -1,13 +1,16 @@
 """storage.store: result series are staged, published once recorded, and what a crash
-between writing and recording leaves behind is recovered at start-up."""
+between writing and recording leaves behind is recovered at start-up, without touching
+what a live worker of another process is writing (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import time
 from pathlib import Path
 
 from node.worker import recover_results
-from storage.db import Database, Delivery, DeliveryState, Study, StudyState
+from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utcnow
 from storage.store import InstanceStore
 
 STUDY = "1.2.3"
@@ -38,20 +41,31 @@ def test_a_fresh_partial_result_is_left_to_the_worker_writing_it(tmp_path: Path)
     assert store.unpublished_results(older_than_seconds=3600) == []
 
 
-def test_recovery_publishes_recorded_results_and_deletes_the_rest(tmp_path: Path) -> None:
+def test_recovery_publishes_recorded_results_and_deletes_the_rest(tmp_path: Path, database_url: str) -> None:
     store = _store(tmp_path)
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}", create=True)
+    database = Database(database_url, create=True)
     recorded, orphan = store.result_folder(STUDY, "1.2.3.8"), store.result_folder(STUDY, "1.2.3.9")
-    store.write_result(recorded, {"0001.dcm": b"a"})
-    store.write_result(orphan, {"0001.dcm": b"b"})
-    now = dt.datetime(2026, 1, 1)
+    live = store.result_folder("1.2.4", "1.2.4.9")  # another process's worker is writing it
+    for folder in (recorded, orphan, live):
+        store.write_result(folder, {"0001.dcm": b"a"})
+        staging = store.absolute(folder).with_name(folder.name + ".partial")
+        os.utime(staging, (time.time() - 600, time.time() - 600))  # untouched for 10 minutes
+    now = utcnow()
     with database.write() as session:
         study = Study(study_instance_uid=STUDY, state=StudyState.DONE, first_received_at=now, last_received_at=now)
-        session.add(study)
+        busy = Study(study_instance_uid="1.2.4", state=StudyState.PROCESSING, first_received_at=now,
+                     last_received_at=now, claimed_by="gpu-host:77:abcdef", heartbeat_at=now)
+        session.add_all([study, busy])
         session.flush()
         session.add(Delivery(study_id=study.id, destination="pacs", kind="sc", result_folder=str(recorded),
                              state=DeliveryState.PENDING, next_attempt_at=now))
-    recover_results(database, store, stale_after_seconds=0)
+    recover_results(database, store, stale_after_seconds=120)
     assert (store.absolute(recorded) / "0001.dcm").read_bytes() == b"a"
     assert not store.absolute(orphan).exists()
+    assert store.unpublished_results(older_than_seconds=0) == [live]
+    with database.write() as session:  # that worker died: its folder is a leftover now
+        session.query(Study).filter_by(study_instance_uid="1.2.4").update(
+            {Study.heartbeat_at: now - dt.timedelta(seconds=600)})
+    recover_results(database, store, stale_after_seconds=120)
     assert store.unpublished_results(older_than_seconds=0) == []
+
