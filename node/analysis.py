@@ -264,8 +264,7 @@ def _facts(choice: SeriesChoice | None, scan: _Scan | None, assessment: Assessme
     model = predictor.config
     facts = [f"Series: {choice.reason}." if choice else "No axial CT series in the study."]
     if assessment is not None:
-        facts.append(f"Out-of-distribution score {assessment.score:.2f} (not triaged above {assessment.limit:.2f}; "
-                     f"{assessment.describe()}).")
+        facts.append(f"{assessment.describe()}.")
     if scan is not None:
         facts.append(f"{len(scan.probabilities)} slices went through the model.")
     facts.append(f"This model supports: {model.scope.describe()}.")
@@ -289,8 +288,7 @@ def _not_triaged(reasons: list[Reason], choice: SeriesChoice | None, reference: 
             manufacturer=settings.manufacturer, institution_name=settings.institution_name,
             software_version=model.provenance.code_version, sources=[None])
     if ResultKind.SR in settings.objects or not objects:  # a result always has an object set
-        unanswered = Unanswered(reasons, settings.rule, assessment.score if assessment else None,
-                                assessment.limit if assessment else None)
+        unanswered = Unanswered(reasons, settings.rule, assessment)
         objects[ResultKind.SR] = [build_not_triaged_sr(
             reference, sources, unanswered, _context(settings, predictor, texts.warnings),
             series_number=series_number + SERIES_OFFSETS[ResultKind.SR],

@@ -19,6 +19,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from node.output import SourceImage
+from training.model.inputs import Assessment
 from training.model.rule import TriageRule, Verdict
 from training.model.scope import Reason, ReasonCode
 
@@ -50,6 +51,9 @@ REASON_CODES = {
 }
 OOD_SCORE = Code("ood-score", "99ICHNODE", "Out-of-distribution score of the study")
 OOD_LIMIT = Code("ood-limit", "99ICHNODE", "Out-of-distribution score above which the study is not triaged")
+OOD_PEAK = Code("ood-peak", "99ICHNODE", "Out-of-distribution score of the study's most unusual slice")
+OOD_PEAK_LIMIT = Code("ood-peak-limit", "99ICHNODE",
+                      "Most unusual slice's score above which the study is not triaged")
 
 
 @dataclass(frozen=True)
@@ -119,8 +123,7 @@ class Unanswered:
 
     reasons: list[Reason]
     rule: TriageRule  # the rule that would have applied
-    ood_score: float | None = None
-    ood_limit: float | None = None
+    inputs: Assessment | None = None  # the out-of-distribution scores, when the model ran
 
 
 def _report(reference: Dataset, key_slices: list[SourceImage], context: ResultContext, *, value: Code,
@@ -170,9 +173,11 @@ def build_not_triaged_sr(reference: Dataset, sources: list[SourceImage], unanswe
     """The SR of a study the model did not answer for: the finding *not evaluated*, each
     reason coded, the out-of-distribution score and its limit when computed; no scores of
     ICH, which would mean nothing."""
-    measurements = [] if unanswered.ood_score is None else [
+    found = unanswered.inputs
+    measurements = [] if found is None else [
         hd.sr.Measurement(name=name, value=round(float(value), 4), unit=PROBABILITY)
-        for name, value in ((OOD_SCORE, unanswered.ood_score), (OOD_LIMIT, unanswered.ood_limit))]
+        for name, value in ((OOD_SCORE, found.score), (OOD_LIMIT, found.limit), (OOD_PEAK, found.peak),
+                            (OOD_PEAK_LIMIT, found.peak_limit))]
     return _report(reference, sources, context, value=NOT_EVALUATED, measurements=measurements,
                    reasons=unanswered.reasons, algorithm=_algorithm(unanswered.rule, ["abstain=true"], context),
                    series_number=series_number, series_description=series_description)

@@ -36,12 +36,17 @@ def test_the_gaussian_whitens_and_the_profile_scores_by_mahalanobis() -> None:
     assert np.allclose(mean, samples.mean(axis=0))
     precision = whitening @ whitening.T
     assert np.allclose(np.linalg.inv(precision), np.cov(samples.T), rtol=0.05, atol=0.05)  # little shrinkage here
-    profile = InputProfile("avgpool", mean, whitening, 5.0, "test", "test", len(samples))
+    profile = InputProfile("avgpool", mean, whitening, 5.0, 50.0, "test", "test", len(samples))
     point = samples[:3]
     expected = np.sqrt(np.einsum("ij,jk,ik->i", point - mean, precision, point - mean))
     assert np.allclose(profile.slice_scores(point), expected)
     far = profile.assess([{"avgpool": mean + 50 * mixing[0]}] * 4)
     assert far.outside and far.slices == 4 and far.score > 5.0
+    # One slice far out (metal near a clip) is enough, even when the mean stays inside.
+    inside = [{"avgpool": mean}] * 29
+    local = profile.assess(inside + [{"avgpool": mean + 100 * mixing[1]}])
+    assert local.score < 5.0 < 50.0 < local.peak and local.outside and "most unusual slice" in local.reason()
+    assert not profile.assess(inside).outside
     with pytest.raises(ValueError, match=r"descriptors at avgpool must be \[N, 6\]"):
         profile.slice_scores(np.zeros((2, 5)))
     with pytest.raises(ValueError, match="limit must be a positive number"):
@@ -57,12 +62,13 @@ def test_the_limit_is_the_conformal_rank_of_the_validation_scores(count: int, ta
 
 def test_the_profile_travels_in_the_checkpoint(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    profile = InputProfile("avgpool", rng.normal(size=512), np.tril(rng.normal(size=(512, 512))), 2.5,
+    profile = InputProfile("avgpool", rng.normal(size=512), np.tril(rng.normal(size=(512, 512))), 2.5, 7.5,
                            "some slices", "some studies", 40)
     config = dataclasses.replace(default_model_config("resnet18"), inputs=profile)
     path = save_checkpoint(tmp_path / "m.pt", create_model("resnet18"), config)
     _, loaded = load_checkpoint(path)
-    assert loaded.inputs is not None and loaded.inputs.limit == 2.5 and loaded.inputs.training_slices == 40
+    assert loaded.inputs is not None and loaded.inputs.limit == 2.5 and loaded.inputs.slice_limit == 7.5
+    assert loaded.inputs.training_slices == 40
     assert np.allclose(loaded.inputs.mean, profile.mean.astype(np.float32))
     assert np.allclose(loaded.inputs.whitening, profile.whitening.astype(np.float32))
     assert loaded.scope == config.scope
@@ -99,11 +105,14 @@ def test_fit_ood_writes_the_profile_the_scope_and_the_comparison(fitted: tuple[P
     assert "3 validation studies" in profile.limit_chosen_on
     assert config.scope.slice_thickness_mm == (4.0, 5.0) and config.scope.min_coverage_mm == 60
     compared = json.loads((report / "fit-ood.json").read_text())["methods"]
-    assert [m["name"] for m in compared] == ["energy of the logits", "maximum softmax probability",
-                                             "Mahalanobis at layer3", "Mahalanobis at avgpool"]
+    assert [m["name"] for m in compared] == [
+        "energy of the logits", "maximum softmax probability",
+        *(f"Mahalanobis at {layer}, {how}" for layer in ("layer3", "avgpool")
+          for how in ("mean", "highest slice", "mean or highest slice"))]
     for method in compared:  # each limit abstains on no more validation studies than the conformal rank allows
         assert method["validation_abstained"] == 0.0 and method["shifted"]["noise"]["studies"] == 1
-    assert "| Mahalanobis at avgpool |" in (report / "fit-ood.md").read_text()
+    assert "| Mahalanobis at avgpool, mean or highest slice |" in (report / "fit-ood.md").read_text()
+    assert profile.slice_limit > profile.limit
     assert config.provenance.metrics["input_profile"]["layer"] == "avgpool"
 
 

@@ -39,7 +39,7 @@ def _predictor(limit: float | None = None) -> Predictor:
     config = default_model_config("resnet18", Provenance(training_data="synthetic"))
     if limit is not None:
         config = dataclasses.replace(config, inputs=InputProfile(
-            "avgpool", np.zeros(512), np.eye(512), limit, "test slices", "a test", 10))
+            "avgpool", np.zeros(512), np.eye(512), limit, limit * 10, "test slices", "a test", 10))
     return Predictor(create_model("resnet18"), config, device=Device("cpu"), batch_size=8)
 
 

@@ -40,7 +40,7 @@ def _relabelled(study: Path, out: Path, body_part: str) -> list[Path]:
 def test_not_triaged_studies_reach_the_pacs_as_such(tmp_path: Path, positive_study: Path) -> None:
     torch.manual_seed(0)
     # Every study is far outside this profile (its limit is tiny): the out-of-distribution path.
-    profile = InputProfile("avgpool", np.zeros(512), np.eye(512), 1e-6, "none", "a test", 1)
+    profile = InputProfile("avgpool", np.zeros(512), np.eye(512), 1e-6, 1e-5, "none", "a test", 1)
     checkpoint = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18"),
                                  dataclasses.replace(default_model_config("resnet18"), inputs=profile))
     chest = _relabelled(positive_study, tmp_path / "chest", "CHEST")

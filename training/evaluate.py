@@ -64,7 +64,6 @@ class StudyCheck:
     reasons: tuple[Reason, ...]  # empty: triaged
     ran_model: bool  # False: the study has no CT series the node would analyse
     scope_checked: bool  # False: its DICOM headers were not readable (a cache without the source files)
-    ood_score: float | None = None
 
     @property
     def triaged(self) -> bool:
@@ -106,7 +105,7 @@ def with_inputs(checks: dict[str, StudyCheck], predictor: Predictor, eval_set: E
             continue
         assessment = profile.assess([outputs[s.image_id][1] for s in study.slices])
         extra = (Reason(ReasonCode.OUT_OF_DISTRIBUTION, assessment.reason()),) if assessment.outside else ()
-        done[study.study_id] = dataclasses.replace(check, reasons=check.reasons + extra, ood_score=assessment.score)
+        done[study.study_id] = dataclasses.replace(check, reasons=check.reasons + extra)
     return done
 
 
