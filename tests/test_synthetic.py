@@ -183,3 +183,10 @@ def test_dciodvfy_finds_no_errors(synthetic_root: Path) -> None:
         assert "CTImage" in report, report  # it recognised the IOD
         errors = [line for line in report.splitlines() if line.startswith("Error")]
         assert not errors, f"{path}: {errors}"
+
+
+def test_a_short_series_still_gets_its_bleeds(tmp_path: Path) -> None:
+    """Eight slices end below where some subtypes are placed: the bleed goes to the nearest height."""
+    labels = write_studies(tmp_path, SyntheticOptions(studies=4, seed=3, positive_fraction=1.0, min_slices=8,
+                                                      max_slices=8))
+    assert all(len(study.slice_labels) == 8 for study in labels)

@@ -91,6 +91,12 @@ def random_head(rng: np.random.Generator) -> HeadGeometry:
     )
 
 
+def _height(rng: np.random.Generator, low: float, high: float) -> float:
+    """A height in [low, high] where the subtype occurs; a short series that ends below
+    that range gets its lower end (the draw is the same whenever the range exists)."""
+    return rng.uniform(low, max(low, high))
+
+
 def random_bleed(
     rng: np.random.Generator, head: HeadGeometry, subtype: str, z_range: tuple[float, float]
 ) -> Bleed:
@@ -99,21 +105,21 @@ def random_bleed(
     angle = rng.uniform(0, 2 * np.pi)
     hu = rng.uniform(*BLEED_HU_RANGE)
     if subtype == "intraparenchymal":
-        z = rng.uniform(max(z_range[0], -0.1 * c), min(z_range[1], 0.6 * c))
+        z = _height(rng, max(z_range[0], -0.1 * c), min(z_range[1], 0.6 * c))
         reach = rng.uniform(0.15, 0.55) * np.sqrt(max(1 - (z / c) ** 2, 0.2))
         centre = (reach * a * np.cos(angle), reach * b * np.sin(angle), z)
         radii = (rng.uniform(7, 16), rng.uniform(7, 16), rng.uniform(6, 12))
     elif subtype == "epidural":
-        z = rng.uniform(max(z_range[0], 0.0), min(z_range[1], 0.6 * c))
+        z = _height(rng, max(z_range[0], 0.0), min(z_range[1], 0.6 * c))
         centre = (0.0, 0.0, z)
         radii = (rng.uniform(35, 55), rng.uniform(9, 16), 0.0)  # ball radius, max depth
     elif subtype == "subdural":
-        z = rng.uniform(max(z_range[0], 0.0), min(z_range[1], 0.55 * c))
+        z = _height(rng, max(z_range[0], 0.0), min(z_range[1], 0.55 * c))
         centre = (0.0, 0.0, z)
         # half-width in angle (as radians × 10), max thickness, half-height in z
         radii = (rng.uniform(5, 9), rng.uniform(5, 11), rng.uniform(22, 40))
     elif subtype == "subarachnoid":
-        z = rng.uniform(max(z_range[0], -0.3 * c), min(z_range[1], 0.6 * c))
+        z = _height(rng, max(z_range[0], -0.3 * c), min(z_range[1], 0.6 * c))
         reach = rng.uniform(0.55, 0.9)
         centre = (reach * a * np.cos(angle), reach * b * np.sin(angle), z)
         radii = (rng.uniform(30, 45),) * 3
