@@ -51,7 +51,7 @@ demo-model: $(INSTALLED)
 # the scope from the training config. Runs on $(DEMO_CALIBRATED).
 demo-model-inputs: $(INSTALLED)
 	for shift in contrast noise metal body; do \
-	  $(BIN)/ichnode synth --out $(DEMO_WORK)/shifted-$$shift --studies 5 --seed 8 --shift $$shift || exit 1; done
+	  $(BIN)/ichnode synth --out $(DEMO_WORK)/shifted-$$shift --studies 20 --seed 8 --shift $$shift || exit 1; done
 	$(BIN)/ichnode fit-ood --checkpoint $(DEMO_CALIBRATED) --data $(DEMO_WORK)/prepared \
 	  --validation $(DEMO_WORK)/calibration-studies $(foreach s,contrast noise metal body,--shifted $(DEMO_WORK)/shifted-$(s)) \
 	  --scope-config models/effclass-synthetic-demo.toml --report $(DEMO_WORK)/fit-ood --out $(DEMO_MODEL)

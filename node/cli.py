@@ -401,7 +401,7 @@ def _fit_ood(args: argparse.Namespace) -> int:
         print(f"  {line}")
     print(f"written to {args.out}: the same weights, with this profile"
           + (f" and the scope of {args.scope_config}" if scope else "")
-          + " (a study scoring above the limit is NOT TRIAGED when triage.abstain = true)")
+          + " (a study above either limit is NOT TRIAGED when triage.abstain = true)")
     return 0
 
 
