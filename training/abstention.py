@@ -37,7 +37,7 @@ from training.model.scope import Scope
 __all__ = ["DEFAULT_LAYER", "MethodResult", "FitResult", "fit_gaussian", "conformal_limit", "score_methods",
            "fit_ood"]
 
-# Chosen on the evidence in docs/training.md §6: the classifier's own input, the ResNet's
+# Chosen on the evidence in docs/training.md §7: the classifier's own input, the ResNet's
 # pooled features, by their mean or most unusual slice, caught the most of the shifts tried.
 DEFAULT_LAYER = "avgpool"
 
