@@ -236,19 +236,25 @@ def _gradcam(scan: _Scan, keys: list[int], predictor: Predictor, aug_smooth: boo
 
 
 def _scope(choice: SeriesChoice, read: SliceReader, predictor: Predictor,
-           clock: _Stopwatch) -> tuple[list[Reason], dict[str, Dataset]]:
-    """What the headers and the middle slices' HU say against the checkpoint's scope, and
-    the middle slices read for it (the scan uses them rather than reading them again)."""
+           clock: _Stopwatch) -> tuple[list[Reason], dict[str, Dataset], bool]:
+    """What the headers and the middle slices' HU say against the checkpoint's scope, the
+    middle slices read for it (the scan uses them rather than reading them again), and
+    whether any of those could not give HU."""
     preloaded: dict[str, Dataset] = {}
+    damaged = []
 
     def read_hu(header: SliceHeader) -> np.ndarray:
-        ds = preloaded[header.sop_instance_uid] = read(header)
-        return hu_from_dataset(ds)
+        try:
+            ds = preloaded[header.sop_instance_uid] = read(header)
+            return hu_from_dataset(ds)
+        except Exception:
+            damaged.append(header.sop_instance_uid)
+            raise
 
     started = time.perf_counter()
     reasons = scope_reasons(choice.slices, predictor.config.scope, read_hu)
     clock.since("scope", started)
-    return reasons, preloaded
+    return reasons, preloaded, bool(damaged)
 
 
 def _context(settings: AnalysisSettings, predictor: Predictor, warnings: list[str]) -> ResultContext:
@@ -341,8 +347,10 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
         choice = choose_head_series(list(headers), settings.min_slices)
     except NoAnalysableSeries as problem:
         return _no_series(headers, read, problem, predictor, settings, clock, series_number)
-    reasons, preloaded = _scope(choice, read, predictor, clock)
-    if reasons and settings.abstain:
+    reasons, preloaded, damaged = _scope(choice, read, predictor, clock)
+    # Damaged slices: the scan first finds out whether the series can be read at all (a
+    # study that cannot be read fails saying why, which tells an admin more than the scope).
+    if reasons and settings.abstain and not damaged:
         found = _first_readable(middle_slices(choice.slices, 1) + choice.slices, read, preloaded)
         if found is None:
             raise InvalidInstance(f"series {choice.series_instance_uid}: no slice of it can be read")

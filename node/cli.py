@@ -412,7 +412,7 @@ def _add_fit_ood_arguments(parser: argparse.ArgumentParser) -> None:
                              "list) or `ichnode synth` studies")
     parser.add_argument("--validation", type=Path, required=True,
                         help="studies never trained on, to fix the limit on: `ichnode synth` studies, a CQ500 "
-                             "folder or a prepare-rsna folder")
+                             "folder or a prepare-rsna folder (its validation patients)")
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write")
     parser.add_argument("--layer", default="avgpool", help="the descriptor layer of the profile (default avgpool)")
     parser.add_argument("--target-abstention", type=_probability, default=0.01,

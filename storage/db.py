@@ -289,7 +289,8 @@ class Database:
     def __init__(self, url: str, *, create: bool = False, upgrade: bool = False) -> None:
         self.url = make_url(url)
         self.backend = self.url.get_backend_name()
-        self.created = False
+        self.created = False  # this process made the tables (of several starting together, one does)
+        self._made_file = False
         self.revision = ""  # the schema revision it holds, once checked
         self.upgraded_from: str | None = None
         self._file: Path | None = None
@@ -331,7 +332,7 @@ class Database:
                 pass
             else:
                 os.close(fd)
-                self.created = True
+                self._made_file = True
         stat = self._file.stat()
         self._identity = (stat.st_dev, stat.st_ino)
 
@@ -352,10 +353,10 @@ class Database:
         try:
             with self._writer.connect() as connection, connection.begin():
                 lock_schema(connection)
-                state = prepare(connection, create=create or self.created, upgrade=upgrade, shown=self.shown)
+                state = prepare(connection, create=create or self._made_file, upgrade=upgrade, shown=self.shown)
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot open the database {self.shown}: {_reason(exc)}", retryable=False) from exc
-        self.created = self.created or state.created
+        self.created = state.created
         self.upgraded_from = state.upgraded_from
         self.revision = state.revision
 

@@ -3,6 +3,7 @@ up, and analyses what can be analysed (corpus: tests/badinput.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from node.triagelog import read_events
 from tests.badinput import build_corpus
 from tests.peers import NodeProcess, echoscu, free_port, node_config, storescu, wait_for
 from training.model.checkpoint import default_model_config, save_checkpoint
+from training.model.scope import Scope
 from training.model.architectures import create_model
 
 
@@ -36,7 +38,9 @@ def test_the_bad_input_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     cases, raw = build_corpus(tmp_path / "corpus")
     torch.manual_seed(0)
-    checkpoint = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18"), default_model_config("resnet18"))
+    # Its scope admits the corpus's 16-slice studies (64-80 mm): this test is about bad input.
+    checkpoint = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18"),
+                                 dataclasses.replace(default_model_config("resnet18"), scope=Scope(min_coverage_mm=0)))
     port = free_port()
     # The messy study loses 3 of its 16 slices: more than the default 10 % that fails a
     # study (tests/test_analysis.py), so this node accepts a quarter to show each one named.

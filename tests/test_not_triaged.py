@@ -143,3 +143,16 @@ def test_without_abstention_the_raw_verdict_is_given_and_the_findings_kept(posit
                      series_number=9900)
     assert result.triaged and result.positive and result.verdict is not None
     assert [r.code for r in result.reasons] == [ReasonCode.NOT_HEAD, ReasonCode.OUT_OF_DISTRIBUTION]
+
+
+def test_an_unreadable_series_fails_saying_why_even_out_of_scope(positive_study: Path) -> None:
+    """Broken pixels tell an admin more than the scope does: the study fails, as before."""
+    from node.errors import InvalidInstance
+
+    def broken(header: SliceHeader) -> Dataset:
+        ds = read_slice(header)
+        ds.RescaleSlope = 0
+        return ds
+
+    with pytest.raises(InvalidInstance, match="RescaleSlope 0"):
+        analyse(_headers(positive_study, body_part="ABDOMEN"), broken, _predictor(), SETTINGS, series_number=9900)

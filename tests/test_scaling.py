@@ -8,6 +8,7 @@ light): these tests check the queue, not accuracy."""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.peers import (NodeProcess, Orthanc, PostgresCluster, c_store_status, 
                          wait_for)
 from training.model.architectures import create_model
 from training.model.checkpoint import default_model_config, save_checkpoint
+from training.model.scope import Scope
 from training.synthetic import SyntheticOptions, write_studies
 
 STUDIES = 16
@@ -56,7 +58,9 @@ def cluster_of_four(tmp_path: Path, postgres: PostgresCluster):
     shared.mkdir()
     orthanc = Orthanc(tmp_path / "orthanc").start()
     torch.manual_seed(0)
-    checkpoint = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18"), default_model_config("resnet18"))
+    # Its scope admits the short studies (8 slices cover 32-40 mm, less than the default 80).
+    checkpoint = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18"),
+                                 dataclasses.replace(default_model_config("resnet18"), scope=Scope(min_coverage_mm=0)))
     processes: list[NodeProcess] = []
 
     def config(name: str, port: int, *, analyses: bool) -> tuple[Path, str]:

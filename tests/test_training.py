@@ -353,13 +353,13 @@ def test_a_reused_folder_is_rebuilt_from_the_new_data_never_mixed(training_prepa
     summary = prepare(other, out, workers=2, progress=False)
     assert summary["cache_reused"] == 0 and summary["cache_made"] == summary["cached_slices"]
     assert summary["cache_removed"] > 0  # the first data set's images that no list uses now
-    for name in ("train", "val", "test", "test_full"):
+    for name in ("train", "val", "test", "val_full", "test_full"):
         for record in read_split(out / "splits" / f"{name}.csv"):
             assert record.source.startswith(str(other))
             cached = np.asarray(Image.open(out / record.cache))
             np.testing.assert_array_equal(cached, cache_image(pydicom.dcmread(record.source)), err_msg=record.image_id)
     assert {p.name for p in (out / "cache").glob("*.png")} == {
-        Path(r.cache).name for name in ("train", "val", "test", "test_full")
+        Path(r.cache).name for name in ("train", "val", "test", "val_full", "test_full")
         for r in read_split(out / "splits" / f"{name}.csv")}
     # The same data again: everything is reused.
     assert prepare(other, out, workers=2, progress=False)["cache_made"] == 0
@@ -373,3 +373,16 @@ def test_a_label_that_is_not_0_or_1_names_its_line(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"stage_2_train.csv line 4: the label of ID_b_any is 'yes', not 0 or 1"):
         read_rsna_labels(tmp_path / "stage_2_train.csv")
     assert main(["prepare-rsna", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+
+
+def test_choices_read_the_validation_patients_and_reports_the_test_patients(training_prepared: Path) -> None:
+    """calibrate and fit-ood choose on the validation split; evaluate reports the test split."""
+    from training.datasets import load_eval_set
+    from training.model.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(input_size=224)
+    chosen_on, reported_on = (load_eval_set(training_prepared, spec, split=s) for s in ("val", "test"))
+    assert "validation split" in chosen_on.description and "held-out test split" in reported_on.description
+    assert {s.study_id for s in chosen_on.studies} == {r.patient_id for r in read_split(
+        training_prepared / "splits" / "val_full.csv")}
+    assert not {s.study_id for s in chosen_on.studies} & {s.study_id for s in reported_on.studies}

@@ -203,7 +203,7 @@ def test_the_run_is_recorded_in_the_experiment_and_the_checkpoint(reference_run:
     run = _strict_json(reference_run / "run.json")
     hashes = {p.stem: hashlib.sha256(p.read_bytes()).hexdigest()
               for p in (training_prepared / "splits").glob("*.csv")}
-    assert run["splits_sha256"] == hashes and set(hashes) == {"train", "val", "test", "test_full"}
+    assert run["splits_sha256"] == hashes and set(hashes) == {"train", "val", "test", "val_full", "test_full"}
     segment = run["segments"][0]
     assert segment["versions"]["torch"] == metadata.version("torch") and segment["processes"] == 1
     checkout = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True,

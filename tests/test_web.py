@@ -130,7 +130,7 @@ def test_the_queue_lists_each_study_with_its_verdict_and_filters(analysed: Analy
     assert [row["positive"] for row in positives] == [True]
     assert client.get("/api/queue?state=failed").json()["studies"] == []
     bad = client.get("/?verdict=maybe", headers=HTML)
-    assert bad.status_code == 400 and "verdict must be one of positive, negative, none" in bad.text
+    assert bad.status_code == 400 and "verdict must be one of positive, negative, not_triaged, none" in bad.text
 
 
 def test_the_study_page_shows_its_timeline_choices_and_the_pictures_sent(analysed: Analysed) -> None:

@@ -180,7 +180,7 @@ def fit_ood(checkpoint: Path, data: Path, validation: Path, out: Path, *, layer:
                         f"{', '.join(l for l in predictor.descriptor_layers if l != 'logits')}")
     spec = predictor.config.preprocess
     training_set = load_training_slices(Path(data), spec)
-    validation_set = load_eval_set(Path(validation), spec)
+    validation_set = load_eval_set(Path(validation), spec, split="val")
     if not training_set.slice_level:
         raise DataError(f"{data} holds no training slices to describe")
     if not any(s.slices for s in validation_set.studies):

@@ -160,7 +160,7 @@ def calibrate(checkpoint: Path, data: Path, out: Path, *, target: float = 0.95, 
     what the rule did there."""
     _check_new(checkpoint, out)  # before minutes of inference, not after
     predictor = Predictor.from_checkpoint(checkpoint, device=device, batch_size=batch_size, backend=backend)
-    eval_set = load_eval_set(Path(data), predictor.config.preprocess)
+    eval_set = load_eval_set(Path(data), predictor.config.preprocess, split="val")
     studies = [s for s in eval_set.studies if s.slices]
     if not studies:
         raise DataError(f"{data} holds no labelled studies to calibrate on")

@@ -172,16 +172,25 @@ def _prepared_kind(summary: dict) -> tuple[str, bool]:
     return kind, synthetic
 
 
-def _from_prepared(prepared: Path, spec: PreprocessSpec) -> EvalSet:
+SPLIT_NAMES = {"test": "held-out test split", "val": "validation split"}
+
+
+def _from_prepared(prepared: Path, spec: PreprocessSpec, split: str) -> EvalSet:
+    """The balanced list and every slice of the patients of one split: `test` to report,
+    `val` to choose on (an operating point, an input profile's limits)."""
     check_cache_matches(prepared, spec)
+    full = prepared / "splits" / f"{split}_full.csv"
+    if not full.is_file():
+        raise DataError(f"{prepared} has no {full.name} (every slice of the {SPLIT_NAMES[split]}'s patients): it "
+                        "was prepared by an earlier ichnode; run `ichnode prepare-rsna` again")
     summary = json.loads((prepared / "prepare.json").read_text())
     def as_slice(r: SliceRecord) -> EvalSlice:
         subtypes = tuple(r.subtypes.split(";")) if r.subtypes else ()
         return EvalSlice(r.image_id, r.patient_id, r.label, Path(r.source), prepared / r.cache,
                          subtypes if "subtypes" in summary.get("list_fields", ()) else None)
-    balanced = [as_slice(r) for r in read_split(prepared / "splits" / "test.csv")]
+    balanced = [as_slice(r) for r in read_split(prepared / "splits" / f"{split}.csv")]
     by_patient: dict[str, list[SliceRecord]] = {}
-    for record in read_split(prepared / "splits" / "test_full.csv"):
+    for record in read_split(full):
         by_patient.setdefault(record.patient_id, []).append(record)
     studies = [
         EvalStudy(patient, int(any(r.label for r in records)), [as_slice(r) for r in records])
@@ -189,7 +198,7 @@ def _from_prepared(prepared: Path, spec: PreprocessSpec) -> EvalSet:
     ]
     kind, synthetic = _prepared_kind(summary)
     description = (
-        f"{kind}, held-out test split of {prepared} (patients split 90/5/5, seed "
+        f"{kind}, {SPLIT_NAMES[split]} of {prepared} (patients split 90/5/5, seed "
         f"{summary['split_seed']}): {len(balanced)} slices balanced for slice level, "
         f"{len(studies)} patients with all their slices for patient level"
     )
@@ -262,11 +271,14 @@ def _from_cq500(root: Path, min_slices: int) -> EvalSet:
     return EvalSet(description, False, [], studies)
 
 
-def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10) -> EvalSet:
-    """A prepared folder, a folder of synthetic studies, or a CQ500 folder."""
+def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10, split: str = "test") -> EvalSet:
+    """A prepared folder (its `split`: test to report, val to choose on), a folder of
+    synthetic studies, or a CQ500 folder."""
     data = Path(data)
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
     if (data / "prepare.json").is_file():
-        return _from_prepared(data, spec)
+        return _from_prepared(data, spec, split)
     if any(data.glob("study_*/labels.json")):
         return _from_synthetic(data)
     if (data / "reads.csv").is_file():

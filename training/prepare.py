@@ -15,7 +15,7 @@ Output folder::
                          changed is read again)
     slices.csv           every usable slice
     splits/{train,val,test}.csv   balanced lists (negatives under-sampled, as the paper)
-    splits/test_full.csv          every slice of the test patients (unbalanced)
+    splits/{val,test}_full.csv    every slice of the validation and test patients (unbalanced)
     cache/<image_id>.png          windowed 3-channel uint8 image at 512² (brain, subdural,
                                   soft tissue) of every slice a list uses, made in
                                   parallel. Each PNG names the source it was made
@@ -455,8 +455,8 @@ def prepare(data: Path, out: Path, *, workers: int | None = None,
         members = set(patients)
         split = [r for r in records if r.patient_id in members]
         lists[name] = _balanced(split, rng)
-        if name == "test":
-            lists["test_full"] = split
+        if name in ("val", "test"):  # whole patients, to choose on (val) and to report on (test)
+            lists[f"{name}_full"] = split
     # Only slices some list uses are cached: the balanced lists leave most negatives out.
     needed = {r.image_id: r for split in lists.values() for r in split}
     jobs = [(r.image_id, r.source, str(out / r.cache), _cache_tag(headers[r.image_id])) for r in needed.values()]
