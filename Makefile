@@ -22,8 +22,10 @@ DEMO_CALIBRATED := $(DEMO_WORK)/calibrated.pt
 run: $(INSTALLED)
 	$(BIN)/ichnode serve --config $(CONFIG)
 
+# Two processes, each test file kept in one (its module fixtures and servers with it):
+# about 11 minutes on 2 cores.
 test: $(INSTALLED) system-packages
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(INSTALLED) system-packages
 	$(BIN)/python -m bench.run
