@@ -46,6 +46,7 @@ REASON_CODES = {
     ReasonCode.SLICE_THICKNESS: Code("slice-thickness", "99ICHNODE", "Slice thickness outside the model's scope"),
     ReasonCode.COVERAGE: Code("coverage", "99ICHNODE", "Too little of the head covered"),
     ReasonCode.AGE: Code("age", "99ICHNODE", "Patient younger than the model supports"),
+    ReasonCode.METAL: Code("metal", "99ICHNODE", "Metal inside the skull"),
     ReasonCode.OUT_OF_DISTRIBUTION: Code("out-of-distribution", "99ICHNODE",
                                          "Images outside the model's training inputs"),
 }

@@ -156,3 +156,10 @@ def test_an_unreadable_series_fails_saying_why_even_out_of_scope(positive_study:
 
     with pytest.raises(InvalidInstance, match="RescaleSlope 0"):
         analyse(_headers(positive_study, body_part="ABDOMEN"), broken, _predictor(), SETTINGS, series_number=9900)
+
+
+def test_every_reason_has_a_code_in_the_sr() -> None:
+    from node.structured import REASON_CODES
+
+    assert set(REASON_CODES) == set(ReasonCode)
+    assert len({code.value for code in REASON_CODES.values()}) == len(ReasonCode)

@@ -13,8 +13,8 @@ import pytest
 from training.errors import ConfigError
 from training.configfile import section_from_table
 from training.model.preprocess import hu_from_dataset
-from training.model.scope import (ReasonCode, Scope, age_in_years, coverage_mm, head_image_reason,
-                                  header_reasons, middle_slices, scope_reasons)
+from training.model.scope import (METAL_HU, ReasonCode, Scope, age_in_years, coverage_mm, head_image_reason,
+                                  header_reasons, metal_depth_mm, metal_reason, middle_slices, scope_reasons)
 from training.model.series import SliceHeader, read_header
 from training.synthetic import Shift, SyntheticOptions, write_studies
 
@@ -134,7 +134,8 @@ def test_the_abdomen_says_nothing_of_itself_in_its_header(shifted: dict[str, Pat
     assert header_reasons(headers, scope) == []
     reasons = scope_reasons(headers, scope, lambda h: hu_from_dataset(pydicom.dcmread(h.path)))
     assert [r.code for r in reasons] == [ReasonCode.NOT_HEAD]
-    assert scope_reasons(headers, dataclasses.replace(scope, head_image_check=False), lambda h: None) == []
+    assert scope_reasons(headers, dataclasses.replace(scope, head_image_check=False, metal_check=False),
+                         lambda h: None) == []
 
 
 def test_real_ct_a_head_passes_and_the_neck_does_not() -> None:
@@ -157,3 +158,46 @@ def test_unreadable_middle_slices_are_left_to_the_analysis(shifted: dict[str, Pa
         raise ValueError("damaged")
 
     assert scope_reasons(headers, Scope(min_coverage_mm=0), fails) == []
+
+
+def _skull(metal_at: tuple[int, int] | None = None, radius: float = 3.0) -> np.ndarray:
+    """A 256 × 256 slice at 1 mm: brain inside a 6 mm skull of 180 × 200 mm, and metal of
+    `radius` pixels at `metal_at` (row, column) when given."""
+    rows, cols = np.indices((256, 256), dtype=np.float32)
+    r = np.hypot((rows - 128) / 100, (cols - 128) / 90)
+    hu = np.where(r <= 1.0, 1400.0, -1000.0).astype(np.float32)
+    hu[np.hypot((rows - 128) / 94, (cols - 128) / 84) <= 1.0] = 35.0
+    if metal_at is not None:
+        hu[np.hypot(rows - metal_at[0], cols - metal_at[1]) <= radius] = METAL_HU + 71
+    return hu
+
+
+def test_metal_deep_inside_the_skull_is_found_and_elsewhere_is_not() -> None:
+    assert metal_depth_mm(_skull(), (1.0, 1.0)) is None  # bone alone is no metal
+    depth = metal_depth_mm(_skull((128, 110)), (1.0, 1.0))  # a clip near the circle of Willis
+    assert depth is not None and depth > 60
+    assert metal_depth_mm(_skull((128, 110)), (0.2, 0.2)) is None  # at 0.2 mm: 1 mm², 14 mm deep
+    assert metal_depth_mm(_skull((28, 128)), (1.0, 1.0)) is None  # in the skull: a burr-hole cover, no streaks inside
+    assert metal_depth_mm(_skull((20, 128)), (1.0, 1.0)) is None  # on the scalp: an electrode
+    assert metal_depth_mm(_skull((128, 110), radius=0.5), (1.0, 1.0)) is None  # one stray pixel
+
+
+def test_metal_reason_names_how_deep_and_on_how_many_slices() -> None:
+    assert metal_reason([None, None]) is None and metal_reason([]) is None
+    reason = metal_reason([None, 42.4, 61.0, None])
+    assert reason is not None and reason.code == ReasonCode.METAL
+    assert "up to 61 mm inside the skull on 2 of 4 slices" in reason.text
+
+
+def test_the_metal_study_is_out_of_scope_unless_declared(shifted: dict[str, Path]) -> None:
+    """Every slice is looked at: the clips lie away from the middle of the series."""
+    def reasons(kind: str, scope: Scope) -> list[ReasonCode]:
+        headers = sorted((read_header(p) for p in (shifted[kind] / "HEAD").glob("*.dcm")),
+                         key=lambda h: h.instance_number or 0)
+        return [r.code for r in scope_reasons(headers, scope, lambda h: hu_from_dataset(pydicom.dcmread(h.path)))]
+
+    scope = Scope(min_coverage_mm=40)
+    assert reasons("metal", scope) == [ReasonCode.METAL]
+    assert reasons("None", scope) == reasons("contrast", scope) == reasons("noise", scope) == []
+    assert reasons("metal", dataclasses.replace(scope, metal_check=False)) == []
+    assert "metal inside the skull not supported" in scope.describe()

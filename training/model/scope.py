@@ -5,7 +5,8 @@ a contrast-enhanced scan, a child's head, a 0.6 mm reconstruction, a partial stu
 abdomen sent by a misrouted auto-forward rule would get a confident verdict that is noise.
 `Scope` is the checkpoint's own declaration (written at training time, shown in the
 model card and at start-up); the checks here read the chosen series' headers and, so as
-not to trust the headers alone, the HU of its middle slices. Each failed check is a
+not to trust the headers alone, its HU: the middle slices must show a head, and no slice
+may show metal inside the skull. Each failed check is a
 `Reason` that names what was found and what the checkpoint supports. Pure functions:
 the node's analysis stage and `ichnode evaluate` run the same checks.
 """
@@ -26,7 +27,7 @@ from scipy import ndimage
 from training.model.series import SliceHeader, slice_normal
 
 __all__ = ["NOT_TRIAGED_LABEL", "ReasonCode", "Reason", "Scope", "HuReader", "scope_reasons", "header_reasons",
-           "head_image_reason", "middle_slices", "age_in_years", "coverage_mm"]
+           "head_image_reason", "metal_depth_mm", "metal_reason", "middle_slices", "age_in_years", "coverage_mm"]
 
 
 # The verdict of a study outside the scope, as the database, the triage log and the pages name it.
@@ -42,6 +43,7 @@ class ReasonCode(enum.StrEnum):
     SLICE_THICKNESS = "slice_thickness"
     COVERAGE = "coverage"
     AGE = "age"
+    METAL = "metal"  # metal inside the skull: clips, coils, electrodes
     OUT_OF_DISTRIBUTION = "out_of_distribution"  # the images lie outside the training inputs
 
 
@@ -68,6 +70,7 @@ class Scope:
     min_coverage_mm: float = 80.0  # extent of the series along the slice normal
     min_age_years: float = 18.0  # 0: any age; applied when the age is known
     head_image_check: bool = True  # skull around brain-density tissue in the middle slices
+    metal_check: bool = True  # False: scans with metal inside the skull (clips, coils) are supported
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "body_parts", tuple(str(p).upper() for p in self.body_parts))
@@ -89,7 +92,8 @@ class Scope:
         return (f"{'/'.join(self.body_parts)}; {'with or without' if self.contrast else 'without'} IV contrast; "
                 f"slices {low:g}-{high:g} mm; coverage ≥ {self.min_coverage_mm:g} mm; "
                 f"age ≥ {self.min_age_years:g} years when known; "
-                f"image check of the head {'on' if self.head_image_check else 'off'}")
+                f"image check of the head {'on' if self.head_image_check else 'off'}; "
+                f"metal inside the skull {'not supported' if self.metal_check else 'supported'}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -246,22 +250,64 @@ def head_image_reason(middle: list[tuple[np.ndarray, tuple[float, float] | None]
     return None
 
 
+# Metal inside the skull (aneurysm clips, coils, electrodes): its streaks hide and mimic
+# blood, and a model trained on scans without it has never seen them. A 12-bit CT scale
+# ends at 3071 HU and bone, petrous bone and tooth enamel included, stays below 3000 HU, so
+# a pixel at 3000 HU or more is metal or saturated by it. Only metal this deep inside the
+# skull's outline counts: past the scalp (electrodes, earrings), the skull and the teeth.
+METAL_HU = 3000.0
+MIN_METAL_DEPTH_MM = 15.0
+MIN_METAL_MM2 = 2.0  # less is a stray pixel, not an object
+
+
+def metal_depth_mm(hu: np.ndarray, pixel_spacing: tuple[float, float] | None) -> float | None:
+    """How deep inside the skull's outline the deepest metal of one slice lies (mm), or
+    None when the slice has none there. Scans without metal cost one maximum."""
+    metal = hu >= METAL_HU
+    if not metal.any():
+        return None
+    spacing = pixel_spacing or (0.5, 0.5)
+    pixel_mm2 = spacing[0] * spacing[1]
+    if metal.sum() * pixel_mm2 < MIN_METAL_MM2:
+        return None
+    depth = ndimage.distance_transform_edt(ndimage.binary_fill_holes(hu >= BONE_HU), sampling=spacing)
+    deep = metal & (depth >= MIN_METAL_DEPTH_MM)
+    if deep.sum() * pixel_mm2 < MIN_METAL_MM2:
+        return None
+    return float(depth[deep].max())
+
+
+def metal_reason(depths: list[float | None]) -> Reason | None:
+    """A Reason when any slice (its `metal_depth_mm`) shows metal inside the skull."""
+    found = [d for d in depths if d is not None]
+    if not found:
+        return None
+    return Reason(ReasonCode.METAL, f"metal (≥ {METAL_HU:g} HU) lies up to {max(found):.0f} mm inside the skull "
+                                    f"on {len(found)} of {len(depths)} slices: clips, coils or other implants, "
+                                    "whose streaks this model was not trained on")
+
+
 HuReader = Callable[[SliceHeader], np.ndarray]  # a slice's HU; raises for a slice that cannot give them
 
 
 def scope_reasons(slices: list[SliceHeader], scope: Scope, read_hu: HuReader) -> list[Reason]:
     """Everything `scope` says against an ordered series: its headers, and (when the scope
-    asks for it) the HU of its middle slices read through `read_hu`; slices that cannot be
-    read are left to the analysis, which names them."""
+    asks for them) the image checks on HU read through `read_hu`: the middle slices for a
+    head, every slice for metal (only when the headers are in scope, as a study they put
+    outside it is not triaged anyway). Slices that cannot be read are left to the
+    analysis, which names them."""
     reasons = header_reasons(slices, scope)
-    if scope.head_image_check:
-        middle = []
-        for header in middle_slices(slices):
-            try:
-                middle.append((read_hu(header), header.pixel_spacing))
-            except Exception:  # InvalidInstance, or pydicom on a damaged file
-                continue
-        found = head_image_reason(middle)
-        if found is not None:
-            reasons.append(found)
-    return reasons
+    middle_uids = {h.sop_instance_uid for h in middle_slices(slices)} if scope.head_image_check else set()
+    metal = scope.metal_check and not reasons
+    middle, depths = [], []
+    for header in slices if metal else [h for h in slices if h.sop_instance_uid in middle_uids]:
+        try:
+            hu = read_hu(header)
+        except Exception:  # InvalidInstance, or pydicom on a damaged file
+            continue
+        if header.sop_instance_uid in middle_uids:
+            middle.append((hu, header.pixel_spacing))
+        if metal:
+            depths.append(metal_depth_mm(hu, header.pixel_spacing))
+    found = [head_image_reason(middle) if scope.head_image_check else None, metal_reason(depths)]
+    return reasons + [reason for reason in found if reason is not None]
