@@ -37,7 +37,8 @@ from training.inference.predictor import Predictor
 from training.model.inputs import Assessment
 from training.model.preprocess import hu_from_dataset
 from training.model.rule import POSITIVE_LABEL, TriageRule, Verdict, key_slice_indices
-from training.model.scope import NOT_TRIAGED_LABEL, Reason, ReasonCode, middle_slices, scope_reasons
+from training.model.scope import (NOT_TRIAGED_LABEL, Reason, ReasonCode, metal_depth_mm, metal_reason,
+                                  middle_slices, scope_reasons)
 from training.model.series import SeriesChoice, SliceHeader, choose_head_series
 
 __all__ = ["SERIES_PER_ANALYSIS", "AnalysisSettings", "AnalysisResult", "SliceReader", "analyse"]
@@ -131,6 +132,7 @@ class _Scan:
     inputs: dict[int, np.ndarray] = field(default_factory=dict)
     features: dict[int, Features] = field(default_factory=dict)
     descriptors: list[np.ndarray] = field(default_factory=list)  # each slice's, for the input profile
+    metal: list[float | None] = field(default_factory=list)  # each slice's metal_depth_mm, when the scope checks it
 
     def keep(self, index: int, probability: float, network_input: np.ndarray, features: Features,
              count: int) -> None:
@@ -144,8 +146,11 @@ class _Scan:
 
 def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_slices: int,
           clock: _Stopwatch, preloaded: dict[str, Dataset]) -> _Scan:
-    """Every slice through the model; `preloaded` holds slices the scope check already read."""
+    """Every slice through the model, and through the metal check when the scope asks for it
+    (on the HU the model's input is made from, so each slice is read once); `preloaded`
+    holds slices the scope check already read."""
     scan = _Scan()
+    metal_check = predictor.config.scope.metal_check
     batch: list[tuple[SliceHeader, np.ndarray]] = []
 
     def run_batch() -> None:
@@ -164,7 +169,10 @@ def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_sli
         try:
             ds = preloaded.pop(header.sop_instance_uid, None) or read(header)
             loaded = clock.since("load", started)
-            network_input = predictor.prepare_slice(ds)
+            hu = hu_from_dataset(ds)
+            network_input = predictor.prepare_hu(hu)
+            if metal_check:
+                scan.metal.append(metal_depth_mm(hu, header.pixel_spacing))
             clock.since("preprocess", loaded)
         except Exception as exc:  # InvalidInstance, or pydicom on a damaged file
             scan.skipped[header.sop_instance_uid] = str(exc)
@@ -361,6 +369,9 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
     _check_usable(choice, scan, settings)
     probabilities = np.array(scan.probabilities, dtype=np.float32)
     model = predictor.config
+    metal = metal_reason(scan.metal)
+    if metal is not None:
+        reasons.append(metal)
     assessment = model.inputs.assess(scan.descriptors) if model.inputs is not None else None
     if assessment is not None and assessment.outside:
         reasons.append(Reason(ReasonCode.OUT_OF_DISTRIBUTION, assessment.reason()))

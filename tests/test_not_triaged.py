@@ -24,8 +24,9 @@ from training.model.architectures import create_model
 from training.model.checkpoint import Provenance, default_model_config
 from training.model.inputs import InputProfile
 from training.model.rule import TriageRule
-from training.model.scope import NOT_TRIAGED_LABEL, ReasonCode
+from training.model.scope import NOT_TRIAGED_LABEL, ReasonCode, Scope
 from training.model.series import SliceHeader, read_header
+from training.synthetic import Shift, SyntheticOptions, write_studies
 
 SETTINGS = AnalysisSettings(rule=TriageRule(slice_threshold=0.0), min_slices=10, max_unusable_fraction=0.1,
                             key_slices=2, aug_smooth=False, objects=tuple(ResultKind), manufacturer="ichnode",
@@ -33,10 +34,10 @@ SETTINGS = AnalysisSettings(rule=TriageRule(slice_threshold=0.0), min_slices=10,
                             device_name="ICHNODE")
 
 
-def _predictor(limit: float | None = None) -> Predictor:
-    """A random ResNet18; with `limit`, an input profile at its pooled features (512) that
-    every study is inside (a huge limit) or outside (a tiny one)."""
-    config = default_model_config("resnet18", Provenance(training_data="synthetic"))
+def _predictor(limit: float | None = None, scope: Scope = Scope()) -> Predictor:
+    """A random ResNet18 declaring `scope`; with `limit`, an input profile at its pooled
+    features (512) that every study is inside (a huge limit) or outside (a tiny one)."""
+    config = dataclasses.replace(default_model_config("resnet18", Provenance(training_data="synthetic")), scope=scope)
     if limit is not None:
         config = dataclasses.replace(config, inputs=InputProfile(
             "avgpool", np.zeros(512), np.eye(512), limit, limit * 10, "test slices", "a test", 10))
@@ -163,3 +164,37 @@ def test_every_reason_has_a_code_in_the_sr() -> None:
 
     assert set(REASON_CODES) == set(ReasonCode)
     assert len({code.value for code in REASON_CODES.values()}) == len(ReasonCode)
+
+
+def _clips(folder: Path, slices: int) -> list[SliceHeader]:
+    (labels,) = write_studies(folder, SyntheticOptions(studies=1, seed=23, shift=Shift.METAL, min_slices=slices,
+                                                       max_slices=slices))
+    return _headers(labels.folder)
+
+
+def test_a_study_with_clips_is_not_triaged_for_its_metal(tmp_path: Path) -> None:
+    """The clips lie below the middle of 32 slices: the scan finds them on the slices it
+    reads, each slice read once; the reason is in the result and the SR codes it. A
+    scope that supports metal gives a verdict."""
+    headers = _clips(tmp_path, 32)
+    reader = CountingReader()
+    result = analyse(headers, reader, _predictor(), SETTINGS, series_number=9900)
+    assert not result.triaged and result.verdict is None
+    (reason,) = result.reasons
+    assert reason.code == ReasonCode.METAL and "inside the skull on 6 of 32 slices" in reason.text
+    assert sorted(reader.reads) == sorted(h.sop_instance_uid for h in headers)
+    read = hd.sr.Comprehensive3DSR.from_dataset(result.objects[ResultKind.SR][0])
+    (group,) = hd.sr.MeasurementReport.from_sequence([read]).get_image_measurement_groups()
+    assert [e.value.meaning for e in group.get_qualitative_evaluations()] == ["Not Evaluated",
+                                                                               "Metal inside the skull"]
+    assert analyse(headers, read_slice, _predictor(scope=Scope(metal_check=False)), SETTINGS,
+                   series_number=9900).triaged
+
+
+def test_streaks_through_the_middle_slices_are_named_for_their_metal(tmp_path: Path) -> None:
+    """Over 22 slices the clips' streaks cross the middle slices the head check reads and
+    hide the brain's density: the reason is the metal, found before the model runs."""
+    reader = CountingReader()
+    result = analyse(_clips(tmp_path, 22), reader, _predictor(), SETTINGS, series_number=9900)
+    assert [r.code for r in result.reasons] == [ReasonCode.METAL]
+    assert "of 3 middle slices" in result.reasons[0].text and len(reader.reads) == 3

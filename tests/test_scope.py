@@ -134,8 +134,7 @@ def test_the_abdomen_says_nothing_of_itself_in_its_header(shifted: dict[str, Pat
     assert header_reasons(headers, scope) == []
     reasons = scope_reasons(headers, scope, lambda h: hu_from_dataset(pydicom.dcmread(h.path)))
     assert [r.code for r in reasons] == [ReasonCode.NOT_HEAD]
-    assert scope_reasons(headers, dataclasses.replace(scope, head_image_check=False, metal_check=False),
-                         lambda h: None) == []
+    assert scope_reasons(headers, dataclasses.replace(scope, head_image_check=False), lambda h: None) == []
 
 
 def test_real_ct_a_head_passes_and_the_neck_does_not() -> None:
@@ -189,15 +188,15 @@ def test_metal_reason_names_how_deep_and_on_how_many_slices() -> None:
     assert "up to 61 mm inside the skull on 2 of 4 slices" in reason.text
 
 
-def test_the_metal_study_is_out_of_scope_unless_declared(shifted: dict[str, Path]) -> None:
+def test_only_the_study_with_clips_shows_metal_inside_the_skull(shifted: dict[str, Path]) -> None:
     """Every slice is looked at: the clips lie away from the middle of the series."""
-    def reasons(kind: str, scope: Scope) -> list[ReasonCode]:
-        headers = sorted((read_header(p) for p in (shifted[kind] / "HEAD").glob("*.dcm")),
-                         key=lambda h: h.instance_number or 0)
-        return [r.code for r in scope_reasons(headers, scope, lambda h: hu_from_dataset(pydicom.dcmread(h.path)))]
+    def metal(kind: str) -> ReasonCode | None:
+        slices = [read_header(p) for p in sorted((shifted[kind] / "HEAD").glob("*.dcm"))]
+        found = metal_reason([metal_depth_mm(hu_from_dataset(pydicom.dcmread(h.path)), h.pixel_spacing)
+                              for h in slices])
+        return found.code if found else None
 
-    scope = Scope(min_coverage_mm=40)
-    assert reasons("metal", scope) == [ReasonCode.METAL]
-    assert reasons("None", scope) == reasons("contrast", scope) == reasons("noise", scope) == []
-    assert reasons("metal", dataclasses.replace(scope, metal_check=False)) == []
-    assert "metal inside the skull not supported" in scope.describe()
+    assert metal("metal") == ReasonCode.METAL
+    assert metal("None") is metal("contrast") is metal("noise") is metal("body") is None
+    assert "metal inside the skull not supported" in Scope().describe()
+    assert "metal inside the skull supported" in Scope(metal_check=False).describe()

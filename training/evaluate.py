@@ -22,8 +22,8 @@ from tqdm import tqdm
 from training.datasets import EvalSet, EvalSlice, EvalStudy, load_eval_set
 from training.errors import NoAnalysableSeries
 from training.model.preprocess import hu_from_dataset
-from training.model.scope import Reason, ReasonCode, Scope, scope_reasons
-from training.model.series import choose_head_series, read_header
+from training.model.scope import Reason, ReasonCode, Scope, metal_depth_mm, metal_reason, scope_reasons
+from training.model.series import SliceHeader, choose_head_series, read_header
 from training.localisation import dilate, mask_to_input, peak_inside
 from training.metrics import (
     calibration_metrics,
@@ -83,7 +83,18 @@ def _scope_check(study: EvalStudy, scope: Scope, min_slices: int) -> StudyCheck:
     except NoAnalysableSeries as problem:
         return StudyCheck((Reason(ReasonCode.NO_SERIES, str(problem)),), False, True)
     reasons = scope_reasons(choice.slices, scope, lambda h: hu_from_dataset(pydicom.dcmread(h.path)))
+    if scope.metal_check and not reasons:  # the node checks every slice for metal as its scan reads them
+        metal = metal_reason([_metal_depth(header) for header in choice.slices])
+        reasons += [metal] if metal is not None else []
     return StudyCheck(tuple(reasons), True, True)
+
+
+def _metal_depth(header: SliceHeader) -> float | None:
+    try:
+        hu = hu_from_dataset(pydicom.dcmread(header.path))
+    except Exception:  # a slice the scan would skip
+        return None
+    return metal_depth_mm(hu, header.pixel_spacing)
 
 
 def study_checks(predictor: Predictor, eval_set: EvalSet, *, min_slices: int = 10) -> dict[str, StudyCheck]:

@@ -28,7 +28,7 @@ from training.inference.settings import Backend, Device
 from training.model.architectures import architecture_spec, gradcam_split, resolve_gradcam_layer
 from training.model.checkpoint import ModelConfig, load_checkpoint
 from training.model.layers import GradcamLayer
-from training.model.preprocess import dataset_to_input, windowed_to_input
+from training.model.preprocess import dataset_to_input, hu_to_input, windowed_to_input
 
 __all__ = ["Inference", "Predictor"]
 
@@ -86,6 +86,10 @@ class Predictor:
     def prepare_slice(self, ds: Dataset) -> np.ndarray:
         """One DICOM slice → network input [3, S, S]; InvalidInstance names what is wrong."""
         return dataset_to_input(ds, self.config.preprocess)
+
+    def prepare_hu(self, hu: np.ndarray) -> np.ndarray:
+        """One slice in HU (H, W) → network input [3, S, S]: for a caller that also needs the HU."""
+        return hu_to_input(hu, self.config.preprocess)
 
     def prepare_windowed(self, channels: np.ndarray) -> np.ndarray:
         """One windowed square image [3, H, W] in [0, 1] (the training cache) → network input."""

@@ -6,7 +6,7 @@ abdomen sent by a misrouted auto-forward rule would get a confident verdict that
 `Scope` is the checkpoint's own declaration (written at training time, shown in the
 model card and at start-up); the checks here read the chosen series' headers and, so as
 not to trust the headers alone, its HU: the middle slices must show a head, and no slice
-may show metal inside the skull. Each failed check is a
+may show metal inside the skull (checked as the scan reads each slice). Each failed check is a
 `Reason` that names what was found and what the checkpoint supports. Pure functions:
 the node's analysis stage and `ichnode evaluate` run the same checks.
 """
@@ -277,13 +277,14 @@ def metal_depth_mm(hu: np.ndarray, pixel_spacing: tuple[float, float] | None) ->
     return float(depth[deep].max())
 
 
-def metal_reason(depths: list[float | None]) -> Reason | None:
-    """A Reason when any slice (its `metal_depth_mm`) shows metal inside the skull."""
+def metal_reason(depths: list[float | None], slices: str = "slices") -> Reason | None:
+    """A Reason when any slice (its `metal_depth_mm`) shows metal inside the skull;
+    `slices` names which were looked at."""
     found = [d for d in depths if d is not None]
     if not found:
         return None
     return Reason(ReasonCode.METAL, f"metal (≥ {METAL_HU:g} HU) lies up to {max(found):.0f} mm inside the skull "
-                                    f"on {len(found)} of {len(depths)} slices: clips, coils or other implants, "
+                                    f"on {len(found)} of {len(depths)} {slices}: clips, coils or other implants, "
                                     "whose streaks this model was not trained on")
 
 
@@ -291,23 +292,21 @@ HuReader = Callable[[SliceHeader], np.ndarray]  # a slice's HU; raises for a sli
 
 
 def scope_reasons(slices: list[SliceHeader], scope: Scope, read_hu: HuReader) -> list[Reason]:
-    """Everything `scope` says against an ordered series: its headers, and (when the scope
-    asks for them) the image checks on HU read through `read_hu`: the middle slices for a
-    head, every slice for metal (only when the headers are in scope, as a study they put
-    outside it is not triaged anyway). Slices that cannot be read are left to the
-    analysis, which names them."""
+    """What `scope` says against an ordered series before the model runs: its headers,
+    and (when the scope asks for it) the HU of its middle slices read through `read_hu`;
+    slices that cannot be read are left to the analysis, which names them. Metal is
+    checked on every slice as the scan reads it (`metal_depth_mm`, `metal_reason`)."""
     reasons = header_reasons(slices, scope)
-    middle_uids = {h.sop_instance_uid for h in middle_slices(slices)} if scope.head_image_check else set()
-    metal = scope.metal_check and not reasons
-    middle, depths = [], []
-    for header in slices if metal else [h for h in slices if h.sop_instance_uid in middle_uids]:
-        try:
-            hu = read_hu(header)
-        except Exception:  # InvalidInstance, or pydicom on a damaged file
-            continue
-        if header.sop_instance_uid in middle_uids:
-            middle.append((hu, header.pixel_spacing))
-        if metal:
-            depths.append(metal_depth_mm(hu, header.pixel_spacing))
-    found = [head_image_reason(middle) if scope.head_image_check else None, metal_reason(depths)]
-    return reasons + [reason for reason in found if reason is not None]
+    if scope.head_image_check:
+        middle = []
+        for header in middle_slices(slices):
+            try:
+                middle.append((read_hu(header), header.pixel_spacing))
+            except Exception:  # InvalidInstance, or pydicom on a damaged file
+                continue
+        found = head_image_reason(middle)
+        if found is not None and scope.metal_check:  # streaks can hide the brain's density: name their cause
+            found = metal_reason([metal_depth_mm(hu, spacing) for hu, spacing in middle], "middle slices") or found
+        if found is not None:
+            reasons.append(found)
+    return reasons
