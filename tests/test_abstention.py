@@ -139,7 +139,8 @@ def test_evaluate_reports_abstention_beside_the_tables(fitted: tuple[Path, Path]
     assert kinds["real MR slice (pydicom)"]["not_triaged"] == 1  # no CT series
     assert kinds["real CT of the neck (pydicom-data)"]["not_triaged"] == 1  # BodyPartExamined NECK
     assert kinds["body"]["not_triaged"] == 1  # its header is silent: the images say it
-    assert {"no_series", "not_head"} <= set(abstention["by_reason"])
+    assert kinds["metal"]["not_triaged"] == 1  # clips: every slice is checked, as the node's scan does
+    assert {"no_series", "not_head", "metal"} <= set(abstention["by_reason"])
     report = result.files["report"].read_text()
     assert "## Not triaged" in report and "an out-of-distribution set" in report
     metrics = json.loads(result.files["metrics"].read_text())
