@@ -10,8 +10,9 @@ differentiates only the network above its layer.
 
 A study the model cannot answer for is *not triaged*: before the model runs, when the
 chosen series is outside the checkpoint's scope (training/model/scope.py) or the study
-has no axial CT series at all; after it, when its slices lie outside the checkpoint's
-training inputs (training/model/inputs.py). Its result says NOT TRIAGED and why, and is
+has no axial CT series at all; while it runs, when a slice shows metal inside the skull
+(checked on the HU each slice's input is made from); after it, when its slices lie
+outside the checkpoint's training inputs (training/model/inputs.py). Its result says NOT TRIAGED and why, and is
 never flagged or "not detected" (with `settings.abstain` false, in a silent trial, the
 verdict is given and the findings only recorded).
 """

@@ -3,9 +3,9 @@ one it asked for, retried like a delivery.
 
 The message is fixed when the outcome is recorded (a row in the same transaction), so a
 restart loses none and each is sent once: the process posting it holds a claim on its
-row (node.lease), so several `serve` processes never post the same message. Its `text` line is what Slack-, Mattermost- and
-Teams-style incoming webhooks display as it is. It names no patient unless
-`log.include_patient_identifiers` is set.
+row (node.lease), so several `serve` processes never post the same message. Its `text`
+line is what Slack-, Mattermost- and Teams-style incoming webhooks display as it is. It
+names no patient unless `log.include_patient_identifiers` is set.
 """
 
 from __future__ import annotations
