@@ -31,7 +31,7 @@ from training.inference.predictor import Predictor
 from training.inference.settings import Backend, Device
 from training.metrics import roc_auc
 from training.model.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
-from training.model.inputs import InputProfile
+from training.model.inputs import InputProfile, mahalanobis
 from training.model.scope import Scope
 
 __all__ = ["DEFAULT_LAYER", "MethodResult", "FitResult", "fit_gaussian", "conformal_limit", "score_methods",
@@ -146,7 +146,7 @@ def score_methods(training: dict[str, np.ndarray], validation: StudyDescriptors,
 
         def distance(d: dict[str, np.ndarray], layer: str = layer, mean: np.ndarray = mean,
                      whitening: np.ndarray = whitening) -> np.ndarray:
-            return np.linalg.norm((d[layer] - mean) @ whitening, axis=1)
+            return mahalanobis(d[layer], mean, whitening)
 
         for statistics in (("mean",), ("highest slice",), ("mean", "highest slice")):
             scorers[f"Mahalanobis at {layer}, {' or '.join(statistics)}"] = (distance, statistics)

@@ -20,9 +20,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["METHOD", "InputProfile", "Assessment"]
+__all__ = ["METHOD", "InputProfile", "Assessment", "mahalanobis"]
 
 METHOD = "mahalanobis"  # the only scoring method a profile holds; others are compared in fitting
+
+
+def mahalanobis(descriptors: np.ndarray, mean: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance of each row of `descriptors` [N, D] from a Gaussian given by
+    its mean and whitening (whitening @ whitening.T = precision)."""
+    return np.linalg.norm((np.asarray(descriptors, dtype=np.float64) - mean) @ whitening, axis=1)
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class InputProfile:
         if descriptors.ndim != 2 or descriptors.shape[1] != self.dimensions:
             raise ValueError(f"descriptors at {self.layer} must be [N, {self.dimensions}], got "
                              f"{list(descriptors.shape)}")
-        return np.linalg.norm((descriptors - self.mean) @ self.whitening, axis=1)
+        return mahalanobis(descriptors, self.mean, self.whitening)
 
     def assess(self, descriptors: list[dict[str, np.ndarray]]) -> Assessment:
         """One study, from each slice's descriptors (as the inference pass returns them)."""
