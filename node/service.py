@@ -256,9 +256,14 @@ def _through_outages(job: Callable[..., object]) -> Callable[..., None]:
 def _scheduler(node: Node, deliveries: Deliveries) -> BackgroundScheduler:
     config = node.config
     scheduler = BackgroundScheduler(timezone="UTC")
+    # A study that went quiet because this process was down (the scanner's association
+    # cut, its re-send not yet begun) gets a whole quiet time from the moment the node
+    # listens again, rather than being analysed half-received at start-up.
+    first_check = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=config.completion.stable_seconds)
     scheduler.add_job(_through_outages(complete_quiet_studies), "interval",
                       args=[config, node.database, node.triage_log],
-                      seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True)
+                      seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True,
+                      next_run_time=first_check)
     scheduler.add_job(_through_outages(deliveries.fail_orphans), "interval", seconds=10, max_instances=1,
                       coalesce=True)
     scheduler.add_job(_DatabaseWatch(node.database), "interval", seconds=5, max_instances=1, coalesce=True)

@@ -3,8 +3,10 @@ analysing, restarted, still stores, analyses and delivers every study exactly on
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -120,3 +122,29 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
         assert {s.state for s in session.query(Study)} == {StudyState.DONE}
         # The study killed mid-analysis was claimed again after its heartbeat went stale.
         assert max(s.attempts for s in session.query(Study)) == 2
+
+
+def test_after_a_restart_a_study_gets_a_whole_quiet_time_again(tmp_path: Path, synthetic_root: Path) -> None:
+    """A study that went quiet while the node was down is not ready the moment the node is
+    back: the scanner's re-send gets `completion.stable_seconds` from the restart."""
+    stable = 8.0
+    files = sorted((sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0] / "HEAD").glob("*.dcm"))
+    port = free_port()
+    node = NodeProcess(tmp_path, node_config(tmp_path, port=port, checkpoint=None, stable_seconds=stable), port)
+    node.start()
+    try:
+        assert storescu(port, files[:5]).returncode == 0
+        node.stop()
+        sent = time.time()
+        wait_for(lambda: time.time() >= sent + stable, timeout=stable + 5, what="the study's quiet time to pass")
+        restarted = time.time()
+        node.start()
+
+        def ready() -> list[dict]:
+            return [e for e in read_events(tmp_path / "triage.log") if e["event"] == "ready"]
+
+        wait_for(lambda: bool(ready()), timeout=stable + 60, what="the study to be ready")
+    finally:
+        node.stop()
+    (event,) = ready()
+    assert dt.datetime.fromisoformat(event["time"]).timestamp() >= restarted + stable
