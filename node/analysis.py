@@ -28,7 +28,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from node.output import (ResultKind, ResultTexts, SourceImage, build_result_series, not_triaged_texts,
-                         result_texts)
+                         result_texts, source_image)
+from node.reference import result_reference
 from node.render import key_slice_image, not_triaged_image, summary_image
 from node.structured import ResultContext, Unanswered, build_kos, build_not_triaged_sr, build_sr
 from storage.errors import InvalidInstance
@@ -168,7 +169,7 @@ def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_sli
     for header in choice.slices:
         started = time.perf_counter()
         try:
-            ds = preloaded.pop(header.sop_instance_uid, None) or read(header)
+            ds = preloaded.pop(header.key, None) or read(header)
             loaded = clock.since("load", started)
             hu = hu_from_dataset(ds)
             network_input = predictor.prepare_hu(hu)
@@ -176,11 +177,10 @@ def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_sli
                 scan.metal.append(metal_depth_mm(hu, header.pixel_spacing))
             clock.since("preprocess", loaded)
         except Exception as exc:  # InvalidInstance, or pydicom on a damaged file
-            scan.skipped[header.sop_instance_uid] = str(exc)
+            scan.skipped[header.key] = str(exc)
             continue
         if scan.reference is None:
-            del ds.PixelData  # only the patient, study and series context is needed
-            scan.reference = ds
+            scan.reference = result_reference(ds)  # only the patient, study and series context is needed
         batch.append((header, network_input))
         if len(batch) == predictor.batch_size:
             run_batch()
@@ -254,10 +254,10 @@ def _scope(choice: SeriesChoice, read: SliceReader, predictor: Predictor,
 
     def read_hu(header: SliceHeader) -> np.ndarray:
         try:
-            ds = preloaded[header.sop_instance_uid] = read(header)
+            ds = preloaded[header.key] = read(header)
             return hu_from_dataset(ds)
         except Exception:
-            damaged.append(header.sop_instance_uid)
+            damaged.append(header.key)
             raise
 
     started = time.perf_counter()
@@ -332,12 +332,10 @@ def _first_readable(headers: Sequence[SliceHeader], read: SliceReader,
     context into a NOT TRIAGED result, and the instance it cites."""
     for header in headers:
         try:
-            reference = preloaded.get(header.sop_instance_uid) or read(header)
+            reference = result_reference(preloaded.get(header.key) or read(header))
         except Exception:  # an unreadable file: try the next
             continue
-        if "PixelData" in reference:
-            del reference.PixelData
-        return reference, SourceImage(header.sop_class_uid, header.sop_instance_uid)
+        return reference, source_image(header)
     return None
 
 
@@ -378,12 +376,10 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
         reasons.append(Reason(ReasonCode.OUT_OF_DISTRIBUTION, assessment.reason()))
     if reasons and settings.abstain:
         middle = middle_slices(scan.headers, 1)[0]
-        return _not_triaged(reasons, choice, scan.reference, [SourceImage(middle.sop_class_uid,
-                                                                          middle.sop_instance_uid)],
-                            predictor, settings, clock, series_number=series_number, scan=scan,
-                            assessment=assessment)
+        return _not_triaged(reasons, choice, scan.reference, [source_image(middle)], predictor, settings, clock,
+                            series_number=series_number, scan=scan, assessment=assessment)
     keys = key_slice_indices(probabilities, settings.key_slices)
-    sources = [SourceImage(scan.headers[i].sop_class_uid, scan.headers[i].sop_instance_uid) for i in keys]
+    sources = [source_image(scan.headers[i]) for i in keys]
     verdict = settings.rule.apply(probabilities)
     texts = result_texts(verdict, model.provenance, model.architecture, unusable_slices=len(scan.skipped))
     objects: dict[ResultKind, list[Dataset]] = {}

@@ -19,9 +19,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from training.model.checkpoint import Provenance
 from training.model.rule import Verdict
 from training.model.scope import NOT_TRIAGED_LABEL
+from training.model.series import SliceHeader
 
 __all__ = ["ResultKind", "ResultTexts", "SourceImage", "model_warnings", "result_texts", "not_triaged_texts",
-           "build_result_series", "encode"]
+           "build_result_series", "encode", "source_image"]
 
 DESCRIPTION_PREFIX = "AI ICH TRIAGE"
 # Each series of a result has a SeriesDescription of its own, all with the same length of
@@ -58,10 +59,18 @@ class ResultTexts:
 
 @dataclass(frozen=True)
 class SourceImage:
-    """The CT slice a result image shows, for its Source Image Sequence."""
+    """The CT slice a result image shows, for its Source Image Sequence: an instance, or
+    one frame of a multi-frame instance."""
 
     sop_class_uid: str
     sop_instance_uid: str
+    frame: int | None = None  # 1-based, for a frame of an Enhanced CT image
+    frames: int = 1  # NumberOfFrames of the instance
+
+
+def source_image(header: SliceHeader) -> SourceImage:
+    """The slice `header` describes, as results cite it."""
+    return SourceImage(header.sop_class_uid, header.sop_instance_uid, header.frame, header.frames)
 
 
 def model_warnings(provenance: Provenance) -> list[str]:
@@ -166,6 +175,8 @@ def build_result_series(
             item = Dataset()
             item.ReferencedSOPClassUID = source.sop_class_uid
             item.ReferencedSOPInstanceUID = source.sop_instance_uid
+            if source.frame is not None:
+                item.ReferencedFrameNumber = source.frame
             sc.SourceImageSequence = [item]
         result.append(sc)
     return series_uid, result

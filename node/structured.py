@@ -71,14 +71,35 @@ class ResultContext:
 
 
 def evidence_for(reference: Dataset, key_slices: list[SourceImage]) -> list[Dataset]:
-    """The key slices as datasets highdicom can cite: the analysed series' patient, study
-    and series context (from `reference`) with each slice's SOP class and instance UID."""
-    evidence = []
+    """The instances of the key slices as datasets highdicom can cite, once each (several
+    key slices may be frames of one Enhanced CT image): the analysed series' patient, study
+    and series context (from `reference`) with each instance's SOP class and UID."""
+    evidence: dict[str, Dataset] = {}
     for source in key_slices:
+        if source.sop_instance_uid in evidence:
+            continue
         ds = copy.deepcopy(reference)
         ds.SOPClassUID, ds.SOPInstanceUID = source.sop_class_uid, source.sop_instance_uid
-        evidence.append(ds)
-    return evidence
+        if source.frame is not None:
+            ds.NumberOfFrames = source.frames
+        evidence[source.sop_instance_uid] = ds
+    return list(evidence.values())
+
+
+def _frames_by_instance(key_slices: list[SourceImage]) -> dict[str, list[int]]:
+    """The cited frame numbers of each multi-frame instance, in the order cited."""
+    frames: dict[str, list[int]] = {}
+    for source in key_slices:
+        if source.frame is not None:
+            frames.setdefault(source.sop_instance_uid, []).append(source.frame)
+    return frames
+
+
+def _source_images(key_slices: list[SourceImage],
+                   evidence: list[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    frames = _frames_by_instance(key_slices)
+    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(
+        ds, referenced_frame_numbers=frames.get(ds.SOPInstanceUID)) for ds in evidence]
 
 
 def _algorithm(rule: TriageRule, parameters: list[str], context: ResultContext) -> hd.sr.AlgorithmIdentification:
@@ -142,7 +163,7 @@ def _report(reference: Dataset, key_slices: list[SourceImage], context: ResultCo
         algorithm_id=algorithm,
         qualitative_evaluations=evaluations,
         measurements=measurements or None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in evidence] or None,
+        source_images=_source_images(key_slices, evidence) or None,
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=_observer(context)),
@@ -186,12 +207,14 @@ def build_not_triaged_sr(reference: Dataset, sources: list[SourceImage], unanswe
 
 def build_kos(reference: Dataset, key_slices: list[SourceImage], context: ResultContext, *, series_number: int,
               description: str) -> hd.ko.KeyObjectSelectionDocument:
-    """A Key Object Selection document (TID 2010, "Of Interest") of the key slices."""
+    """A Key Object Selection document (TID 2010, "Of Interest") of the key slices; a key
+    slice that is a frame of an Enhanced CT image is cited with its frame number."""
     evidence = evidence_for(reference, key_slices)
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.OfInterest, referenced_objects=evidence,
         observer_device_context=_observer(context), description=description[:1024],
     )
+    _cite_frames(content, _frames_by_instance(key_slices))
     kos = hd.ko.KeyObjectSelectionDocument(
         evidence=evidence, content=content, series_instance_uid=generate_uid(), series_number=series_number,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=context.manufacturer,
@@ -199,3 +222,15 @@ def build_kos(reference: Dataset, key_slices: list[SourceImage], context: Result
     )
     kos.SeriesDescription = description[:64]
     return kos
+
+
+def _cite_frames(content: hd.ko.KeyObjectSelection, frames: dict[str, list[int]]) -> None:
+    """highdicom cites whole instances; add Referenced Frame Number to the IMAGE items of
+    multi-frame ones (PS3.3 C.17.3.3, Image Reference Macro)."""
+    for item in content[0].ContentSequence:
+        if item.ValueType != "IMAGE":
+            continue
+        referenced = item.ReferencedSOPSequence[0]
+        numbers = frames.get(referenced.ReferencedSOPInstanceUID)
+        if numbers:
+            referenced.ReferencedFrameNumber = numbers if len(numbers) > 1 else numbers[0]

@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pydicom
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from node.analysis import SERIES_PER_ANALYSIS, AnalysisResult, AnalysisSettings, analyse
@@ -47,9 +45,10 @@ from storage.state import (
 from storage.store import InstanceStore
 from training.inference.predictor import Predictor
 from training.model.checkpoint import checkpoint_digest
-from training.model.series import SliceHeader, read_header
+from training.model.series import SliceHeader, read_headers
+from training.model.slices import read_slice
 
-__all__ = ["NO_CHECKPOINT", "Worker", "analysis_settings", "recover_results"]
+__all__ = ["NO_CHECKPOINT", "Worker", "analysis_settings", "read_slice", "recover_results"]
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +72,6 @@ def analysis_settings(config: Config, predictor: Predictor | None) -> AnalysisSe
         manufacturer=config.output.manufacturer, institution_name=config.output.institution_name,
         device_uid=device_uid(config), device_name=config.node.ae_title,
     )
-
-
-def read_slice(header: SliceHeader) -> Dataset:
-    return pydicom.dcmread(header.path)
 
 
 def recover_results(database: Database, store: InstanceStore, stale_after_seconds: float) -> None:
@@ -169,7 +164,7 @@ class Worker:
         headers = []
         for path in study.instance_paths:
             try:
-                headers.append(read_header(self.store.absolute(path)))
+                headers.extend(read_headers(self.store.absolute(path)))
             except Exception as exc:  # an unreadable file must not stop the others
                 log.warning("study %s: cannot read %s: %s", study.study_instance_uid, path, exc)
         return headers

@@ -18,7 +18,7 @@ from demo.peers import (Browser, NodeProcess, Orthanc, PostgresCluster, WebhookR
 from tests.conftest import require_tool
 
 __all__ = ["Browser", "NodeProcess", "Orthanc", "PostgresCluster", "WebhookReceiver", "free_port", "port_open",
-           "wait_for", "node_config", "storescu", "echoscu", "c_store_status"]
+           "wait_for", "node_config", "storescu", "echoscu", "c_store_status", "dciodvfy_errors"]
 
 
 def storescu(port: int, files: list[Path], *, calling: str = "SCANNER", called: str = "ICHNODE",
@@ -48,3 +48,9 @@ def c_store_status(port: int, path: Path) -> int | None:
         return getattr(assoc.send_c_store(ds), "Status", None)
     finally:
         assoc.release()
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines dicom3tools' dciodvfy reports for a DICOM file (warnings pass)."""
+    report = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]

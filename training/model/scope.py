@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from training.model.series import SliceHeader, slice_normal
+from training.model.vocabulary import contrast_words, region_of_body_part, regions_in_text
 
 __all__ = ["NOT_TRIAGED_LABEL", "ReasonCode", "Reason", "Scope", "HuReader", "scope_reasons", "header_reasons",
            "head_image_reason", "metal_depth_mm", "metal_reason", "middle_slices", "age_in_years", "coverage_mm"]
@@ -106,12 +107,6 @@ class Scope:
                       "slice_thickness_mm": tuple(data.get("slice_thickness_mm", cls.slice_thickness_mm))})
 
 
-# Descriptions of other body parts (a misrouted study) and of contrast-enhanced series.
-_OTHER_BODY_PART = re.compile(r"\b(CHEST|THORAX|LUNGS?|ABD(OMEN)?|PELVIS|LIVER|KIDNEYS?|RENAL|SPINE|"
-                              r"LUMBAR|THORACIC|CARDIAC|HEART|CORONARY|KNEE|HIP|SHOULDER|EXTREMITY)\b", re.IGNORECASE)
-_HEAD_WORDS = re.compile(r"\b(HEAD|BRAIN|SKULL|CRAN\w*|NEURO)\b", re.IGNORECASE)
-_CONTRAST_WORDS = re.compile(r"\b(CTA|ANGIO\w*|PERFUSION|VENOGRAM|C\+|W/?\s*CONTRAST|WITH\s+CONTRAST|"
-                             r"POST[- ]?CONTRAST|CONTRAST[- ]ENHANCED|ENHANCED)\b", re.IGNORECASE)
 _AGE = re.compile(r"^(\d{3})([DWMY])$")
 _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25}
 
@@ -147,16 +142,30 @@ def age_in_years(patient_age: str, birth_date: str, study_date: str) -> float | 
     return (seen - born).days / 365.25 if seen >= born else None
 
 
+def _supported_regions(scope: Scope) -> set[str]:
+    return {str(region_of_body_part(part) or part) for part in scope.body_parts}
+
+
 def _body_part_reason(first: SliceHeader, scope: Scope) -> Reason | None:
+    """BodyPartExamined, the Anatomic Region Sequence and the descriptions, read through the
+    vendor vocabularies; a word the tables do not know refuses nothing (the image check of
+    the head decides)."""
+    supported = _supported_regions(scope)
     part = first.body_part.strip().upper()
-    if part and part not in scope.body_parts:
-        return Reason(ReasonCode.NOT_HEAD, f"BodyPartExamined is {part}; this model supports "
+    region = region_of_body_part(part) if part else None
+    if region is not None and str(region) not in supported:
+        return Reason(ReasonCode.NOT_HEAD, f"BodyPartExamined is {part} ({region}); this model supports "
                                            f"{', '.join(scope.body_parts)}")
+    if first.anatomic_region and first.anatomic_region not in supported:
+        return Reason(ReasonCode.NOT_HEAD, f"the Anatomic Region Sequence codes the {first.anatomic_region}; "
+                                           f"this model supports {', '.join(scope.body_parts)}")
+    if region is not None or first.anatomic_region:
+        return None
     described = " ".join(t for t in (first.description, first.protocol, first.study_description) if t)
-    other = _OTHER_BODY_PART.search(described)
-    if not part and other and not _HEAD_WORDS.search(described):
-        return Reason(ReasonCode.NOT_HEAD, f"the series is described as {described!r} ({other.group(0)}), "
-                                           "not a head")
+    named = {str(r) for r in regions_in_text(described)}
+    if named and not named & supported:
+        return Reason(ReasonCode.NOT_HEAD, f"the series is described as {described!r} "
+                                           f"({', '.join(sorted(named))}), not a head")
     return None
 
 
@@ -169,9 +178,9 @@ def _contrast_reason(slices: list[SliceHeader], scope: Scope) -> Reason | None:
                                            "non-contrast scans")
     first = slices[0]
     described = " ".join(t for t in (first.description, first.protocol) if t)
-    words = _CONTRAST_WORDS.search(described)
+    words = contrast_words(described)
     if words:
-        return Reason(ReasonCode.CONTRAST, f"the series is described as {described!r} ({words.group(0)}): "
+        return Reason(ReasonCode.CONTRAST, f"the series is described as {described!r} ({words}): "
                                            "a contrast-enhanced scan; this model supports only non-contrast scans")
     return None
 

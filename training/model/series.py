@@ -6,112 +6,23 @@ each series was chosen or passed over, for the triage log.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import pydicom
 
 from training.errors import NoAnalysableSeries
+from training.model.slices import (ANALYSABLE_CLASSES, CT_IMAGE_STORAGE, ENHANCED_CT_CLASSES, SliceHeader,
+                                   could_be_analysed, read_header, read_headers)
+from training.model.vocabulary import kernel_is_sharp, tokens
 
-__all__ = ["SliceHeader", "SeriesChoice", "read_header", "could_be_analysed", "choose_head_series", "order_slices",
-           "slice_normal"]
+__all__ = ["SliceHeader", "SeriesChoice", "read_header", "read_headers", "could_be_analysed", "choose_head_series",
+           "order_slices", "slice_normal", "CT_IMAGE_STORAGE", "ENHANCED_CT_CLASSES"]
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 # A slice normal within 30° of the patient's z axis counts as axial (gantry tilt allowed).
 AXIAL_MIN_COSINE = float(np.cos(np.radians(30)))
 PREFERRED_THICKNESS_MM = (3.0, 5.0)
-# Kernels and descriptions of sharp (bone/lung) reconstructions across vendors.
-# Siemens names sharpness by number: H30s is a soft brain kernel, H70h or Hr60 bone.
-_SHARP = re.compile(r"BONE|SHARP|LUNG|EDGE|\b[HBJQ]r?(5[5-9]|[6-9]\d)[a-z]?\b", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class SliceHeader:
-    """The header values of one instance that selection and ordering need."""
-
-    path: Path
-    sop_instance_uid: str
-    series_instance_uid: str
-    sop_class_uid: str
-    modality: str
-    image_type: tuple[str, ...] = ()
-    orientation: tuple[float, ...] | None = None
-    position: tuple[float, float, float] | None = None
-    thickness: float | None = None
-    kernel: str = ""
-    description: str = ""
-    instance_number: int | None = None
-    frames: int = 1
-    # What the scope checks (training/model/scope.py) read.
-    pixel_spacing: tuple[float, float] | None = None
-    body_part: str = ""
-    protocol: str = ""
-    study_description: str = ""
-    contrast: str = ""  # the contrast attributes present, e.g. "ContrastBolusAgent OMNIPAQUE"
-    patient_age: str = ""
-    birth_date: str = ""
-    study_date: str = ""
-
-
-def _floats(value: object, count: int) -> tuple[float, ...] | None:
-    try:
-        numbers = tuple(float(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
-
-
-# Attributes of the Contrast/Bolus module that say IV contrast was given.
-CONTRAST_ATTRIBUTES = ("ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusVolume",
-                       "ContrastBolusIngredient", "ContrastBolusStartTime")
-
-
-def _contrast(ds: pydicom.Dataset) -> str:
-    found = [f"{keyword} {ds.get(keyword)}" for keyword in CONTRAST_ATTRIBUTES if str(ds.get(keyword) or "").strip()]
-    if "ContrastBolusAgentSequence" in ds and len(ds.ContrastBolusAgentSequence):
-        found.append("ContrastBolusAgentSequence")
-    return "; ".join(found)
-
-
-def read_header(path: Path) -> SliceHeader:
-    """Read the header of a stored instance (pixel data is not loaded)."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    thickness = ds.get("SliceThickness")
-    instance_number = ds.get("InstanceNumber")
-    return SliceHeader(
-        path=Path(path),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
-        modality=str(ds.get("Modality", "")),
-        image_type=tuple(str(v).upper() for v in (ds.get("ImageType") or ())),
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-        thickness=float(thickness) if thickness not in (None, "") else None,
-        kernel=" ".join(str(k) for k in np.atleast_1d(ds.get("ConvolutionKernel") or "")),
-        description=str(ds.get("SeriesDescription", "")),
-        instance_number=int(instance_number) if instance_number not in (None, "") else None,
-        frames=int(ds.get("NumberOfFrames", 1) or 1),
-        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
-        body_part=str(ds.get("BodyPartExamined", "") or ""),
-        protocol=str(ds.get("ProtocolName", "") or ""),
-        study_description=str(ds.get("StudyDescription", "") or ""),
-        contrast=_contrast(ds),
-        patient_age=str(ds.get("PatientAge", "") or ""),
-        birth_date=str(ds.get("PatientBirthDate", "") or ""),
-        study_date=str(ds.get("StudyDate", "") or ""),
-    )
-
-
-def could_be_analysed(sop_class_uid: str, image_type: tuple[str, ...]) -> bool:
-    """Whether an instance could be one of the slices `choose_head_series` analyses: a CT
-    Image Storage object that is not a localizer. Only such an instance can change a
-    finished study's result; anything else (an Enhanced CT object, a scout, our own result
-    series sent back) would re-analyse the same slices and send a duplicate result."""
-    return sop_class_uid == CT_IMAGE_STORAGE and "LOCALIZER" not in image_type
+# Description words of sharp (bone, lung) reconstructions, when the kernel says nothing.
+_SHARP_DESCRIPTION_WORDS = {"BONE", "BONES", "LUNG", "LUNGS", "SHARP", "SKULLBASE", "OSSEOUS", "KNOCHEN"}
 
 
 @dataclass(frozen=True)
@@ -138,14 +49,12 @@ def _disqualification(slices: list[SliceHeader], min_slices: int) -> str | None:
     first = slices[0]
     if first.modality != "CT":
         return f"modality {first.modality or 'missing'}, not CT"
-    if first.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE:
-        return "Enhanced CT (multi-frame) is stored but not analysed by this version"
-    if first.sop_class_uid != CT_IMAGE_STORAGE:
-        return f"SOP class {first.sop_class_uid} is not CT Image Storage"
+    if first.sop_class_uid not in ANALYSABLE_CLASSES:
+        return f"SOP class {first.sop_class_uid} is not a CT image"
     if any("LOCALIZER" in s.image_type for s in slices):
         return "a localizer (scout)"
-    if any(s.frames != 1 for s in slices):
-        return "multi-frame images"
+    if any(s.frames != 1 and s.frame is None for s in slices):
+        return "multi-frame images without per-frame functional groups"
     if first.orientation is None:
         return "no ImageOrientationPatient"
     if abs(slice_normal(first.orientation)[2]) < AXIAL_MIN_COSINE:
@@ -156,8 +65,9 @@ def _disqualification(slices: list[SliceHeader], min_slices: int) -> str | None:
 
 
 def _is_sharp(slices: list[SliceHeader]) -> bool:
+    """A bone or lung reconstruction, by its kernel (vendor tables) or its description."""
     first = slices[0]
-    return bool(_SHARP.search(first.kernel) or _SHARP.search(first.description))
+    return bool(kernel_is_sharp(first.kernel)) or bool(_SHARP_DESCRIPTION_WORDS & set(tokens(first.description)))
 
 
 def _thickness_ok(slices: list[SliceHeader]) -> bool:
