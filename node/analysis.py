@@ -43,7 +43,7 @@ from training.model.scope import (NOT_TRIAGED_LABEL, Reason, ReasonCode, metal_d
                                   middle_slices, scope_reasons)
 from training.model.series import SeriesChoice, SliceHeader, choose_head_series
 
-__all__ = ["SERIES_PER_ANALYSIS", "AnalysisSettings", "AnalysisResult", "SliceReader", "analyse"]
+__all__ = ["SERIES_PER_ANALYSIS", "AnalysisSettings", "AnalysisResult", "SliceReader", "analyse", "failure_notice"]
 
 SliceReader = Callable[[SliceHeader], Dataset]
 # An analysis's series numbers: SC, SR and KOS follow each other; the next analysis of the
@@ -288,16 +288,21 @@ def _facts(choice: SeriesChoice | None, scan: _Scan | None, assessment: Assessme
 
 def _not_triaged(reasons: list[Reason], choice: SeriesChoice | None, reference: Dataset, sources: list[SourceImage],
                  predictor: Predictor, settings: AnalysisSettings, clock: _Stopwatch, *, series_number: int,
-                 scan: _Scan | None = None, assessment: Assessment | None = None) -> AnalysisResult:
+                 scan: _Scan | None = None, assessment: Assessment | None = None,
+                 failed: bool = False) -> AnalysisResult:
     """The result of a study the model does not answer for: a notice picture and an SR that
-    says the finding was not evaluated and why; no key slices, so no Key Object Selection."""
+    says the finding was not evaluated and why; no key slices, so no Key Object Selection.
+    `failed`: the notice of a failed analysis."""
     model = predictor.config
-    texts = not_triaged_texts([r.text for r in reasons], model.provenance, model.architecture)
+    texts = not_triaged_texts([r.text for r in reasons], model.provenance, model.architecture, failed=failed)
     started = time.perf_counter()
     objects: dict[ResultKind, list[Dataset]] = {}
     if ResultKind.SC in settings.objects:
+        headline = {"headline": "The analysis of this study failed: it was not triaged."} if failed else {}
+        facts = [f"Series: {choice.reason}." if choice else "No series was analysed."] if failed else \
+            _facts(choice, scan, assessment, predictor)
         picture = not_triaged_image(verdict_line=texts.verdict_line, reasons=[r.text for r in reasons],
-                                    facts=_facts(choice, scan, assessment, predictor), warnings=texts.warnings)
+                                    facts=facts, warnings=texts.warnings, **headline)
         _, objects[ResultKind.SC] = build_result_series(
             reference, [picture], texts=texts, series_number=series_number + SERIES_OFFSETS[ResultKind.SC],
             manufacturer=settings.manufacturer, institution_name=settings.institution_name,
@@ -324,6 +329,19 @@ def _no_series(headers: Sequence[SliceHeader], read: SliceReader, problem: NoAna
     reference, source = found
     return _not_triaged([Reason(ReasonCode.NO_SERIES, str(problem))], None, reference, [source], predictor,
                         settings, clock, series_number=series_number)
+
+
+def failure_notice(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predictor,
+                   settings: AnalysisSettings, reason: str, *, series_number: int) -> AnalysisResult | None:
+    """What a radiologist sees of a study whose analysis failed: a NOT TRIAGED picture and
+    SR saying *analysis failed* and why, attached to the study's first readable instance;
+    None when no instance can be read (nothing to attach it to)."""
+    found = _first_readable(headers, read, {})
+    if found is None:
+        return None
+    reference, source = found
+    return _not_triaged([Reason(ReasonCode.ANALYSIS_FAILED, reason)], None, reference, [source], predictor,
+                        settings, _Stopwatch(), series_number=series_number, failed=True)
 
 
 def _first_readable(headers: Sequence[SliceHeader], read: SliceReader,

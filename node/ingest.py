@@ -17,6 +17,7 @@ from storage.db import Database, utcnow
 from storage.errors import InvalidInstance, StorageError
 from storage.state import ReceivedInstance, RecordOutcome, record_instance
 from storage.store import InstanceStore, check_uid
+from training.model import attributes as attr
 from training.model.series import could_be_analysed
 
 __all__ = ["Status", "Ingest"]
@@ -36,11 +37,11 @@ class Status:
 def _received(ds: Dataset, relative: str, size: int, *, calling_aet: str, transfer_syntax_uid: str,
               uids: tuple[str, str, str, str]) -> ReceivedInstance:
     study_uid, series_uid, sop_uid, sop_class = uids
-    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
+    image_type = attr.words(ds, "ImageType")
     return ReceivedInstance(
         study_instance_uid=study_uid, series_instance_uid=series_uid, sop_instance_uid=sop_uid,
-        sop_class_uid=sop_class, modality=str(ds.get("Modality", "") or "")[:16],
-        accession_number=str(ds.get("AccessionNumber", "") or "")[:16],
+        sop_class_uid=sop_class, modality=attr.text(ds, "Modality")[:16],
+        accession_number=attr.text(ds, "AccessionNumber")[:16],
         transfer_syntax_uid=str(transfer_syntax_uid), path=relative, size=size,
         calling_aet=calling_aet, analysable=could_be_analysed(sop_class, image_type),
     )
@@ -59,7 +60,7 @@ class Ingest:
     def receive(self, ds: Dataset, encoded: bytes, *, calling_aet: str, transfer_syntax_uid: str) -> int:
         """Store `encoded` (the file as received) and record it; returns the status."""
         try:
-            uids = tuple(check_uid(k, ds.get(k)) for k in
+            uids = tuple(check_uid(k, attr.uid(ds, k)) for k in
                          ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"))
             study_uid, series_uid, sop_uid, _ = uids
         except InvalidInstance as exc:
@@ -100,8 +101,8 @@ class Ingest:
             self.triage_log.write(
                 "received", item.study_instance_uid, item.accession_number, calling_aet=item.calling_aet,
                 note="study re-opened by a new instance" if outcome.reopened else "new study",
-                patient_name=str(ds.get("PatientName", "")), patient_id=str(ds.get("PatientID", "")),
-                patient_birth_date=str(ds.get("PatientBirthDate", "")),
+                patient_name=attr.text(ds, "PatientName"), patient_id=attr.text(ds, "PatientID"),
+                patient_birth_date=attr.text(ds, "PatientBirthDate"),
             )
         except OSError as exc:
             log.error("study %s stored, but its triage log event was not written: %s", item.study_instance_uid, exc)

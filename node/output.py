@@ -119,17 +119,26 @@ def result_texts(verdict: Verdict, provenance: Provenance, architecture: str, *,
     return ResultTexts(_descriptions(verdict.label, provenance), verdict_line, rule_line, comments, warnings)
 
 
-def not_triaged_texts(reasons: list[str], provenance: Provenance, architecture: str) -> ResultTexts:
+def not_triaged_texts(reasons: list[str], provenance: Provenance, architecture: str, *,
+                      failed: bool = False) -> ResultTexts:
     """The words of a study the model did not answer for: NOT TRIAGED and why, never a
-    verdict (it is neither flagged nor "not detected")."""
+    verdict (it is neither flagged nor "not detected"). `failed`: the analysis itself
+    failed, so a radiologist knows triage did not run."""
     warnings = model_warnings(provenance)
     verdict_line = f"{DESCRIPTION_PREFIX}: {NOT_TRIAGED_LABEL}"
     why = "; ".join(reasons)
-    comments = " ".join([f"{verdict_line}: input outside what this model was trained on, so it gives no verdict "
-                         f"(neither flagged nor cleared).", f"Why: {why}.", _model_line(provenance, architecture),
-                         "NOT FOR DIAGNOSTIC USE.", *warnings])
+    if failed:
+        opening = (f"{verdict_line}: the analysis failed, so this study has no verdict (neither flagged nor "
+                   "cleared); the node's administrator has been told.")
+        derivation = "Failure notice of an ICH classifier: analysis failed, no verdict"
+    else:
+        opening = (f"{verdict_line}: input outside what this model was trained on, so it gives no verdict "
+                   "(neither flagged nor cleared).")
+        derivation = "Scope and input checks of an ICH classifier: not triaged, no verdict"
+    comments = " ".join([opening, f"Why: {why}.", _model_line(provenance, architecture), "NOT FOR DIAGNOSTIC USE.",
+                         *warnings])
     return ResultTexts(_descriptions(NOT_TRIAGED_LABEL, provenance), verdict_line, f"not triaged: {why}", comments,
-                       warnings, "Scope and input checks of an ICH classifier: not triaged, no verdict")
+                       warnings, derivation)
 
 
 def build_result_series(

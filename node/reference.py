@@ -17,7 +17,7 @@ import datetime as dt
 import re
 
 from pydicom import config as pydicom_config
-from pydicom.charset import python_encoding
+import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
 
@@ -48,6 +48,7 @@ _UID = re.compile(r"^(0|[1-9]\d*)(\.(0|[1-9]\d*))*$")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x0c\x0e-\x1a\x1c-\x1f\x7f]")  # ESC (1b) starts ISO 2022 escapes
 UTF8 = "ISO_IR 192"
 _EXTENSION = "ISO 2022 IR "
+_WRITABLE = {term.value for term in hd.enum.SpecificCharacterSetValues}
 # Code-extension terms of single-byte repertoires: the only ones allowed first of several.
 _SINGLE_BYTE_EXTENSIONS = {f"{_EXTENSION}{n}" for n in ("6", "100", "101", "109", "110", "144", "127", "126", "138",
                                                           "148", "203", "166", "13")}
@@ -96,25 +97,23 @@ def _copied(source: Dataset, keyword: str, vr: str) -> str | list[str] | None:
 
 
 def _character_set(source: Dataset) -> str | list[str]:
-    """The source's SpecificCharacterSet when DICOM defines every term and highdicom can
-    write it (a single term without code extensions, or several that all use them, the
-    first single-byte); the same repertoire without extensions for a lone "ISO 2022 IR n";
-    UTF-8 otherwise, which can encode whatever pydicom decoded."""
+    """The source's SpecificCharacterSet where highdicom can write it (one term without
+    code extensions, or several that all use them, the first single-byte); the same
+    repertoire without extensions for a lone "ISO 2022 IR n"; UTF-8 otherwise (an unknown
+    term, Korean), which encodes whatever pydicom decoded."""
     terms = [t.strip() for t in attr.text(source, "SpecificCharacterSet").split("\\")]
     if terms == [""]:
         return ""
-    if not all(term in python_encoding or term == "" for term in terms):
-        return UTF8
     if len(terms) == 1:
         term = terms[0]
         if term.startswith(_EXTENSION):
             number = term[len(_EXTENSION):]
-            plain = f"ISO_IR {number}"
-            return "" if number == "6" else (plain if plain in python_encoding else UTF8)
-        return term
+            term = "" if number == "6" else f"ISO_IR {number}"
+        return term if term == "" or term in _WRITABLE else UTF8
     first, *others = terms
-    if (first == "" or first in _SINGLE_BYTE_EXTENSIONS) and all(t.startswith(_EXTENSION) for t in others):
-        return [first or f"{_EXTENSION}6", *others]  # highdicom names the default repertoire
+    terms = [first or f"{_EXTENSION}6", *others]  # highdicom names the default repertoire
+    if terms[0] in _SINGLE_BYTE_EXTENSIONS and all(t.startswith(_EXTENSION) and t in _WRITABLE for t in terms):
+        return terms
     return UTF8
 
 

@@ -140,14 +140,16 @@ def _wrapped(text: str, width: int) -> list[str]:
     return [*lines, line] if line else lines
 
 
-def not_triaged_image(*, verdict_line: str, reasons: list[str], facts: list[str], warnings: list[str]) -> np.ndarray:
+def not_triaged_image(*, verdict_line: str, reasons: list[str], facts: list[str], warnings: list[str],
+                      headline: str = "This study was not triaged: the model's answer would mean nothing for it.",
+                      ) -> np.ndarray:
     """The one picture of a study the model did not answer for: why, with the numbers, and
     that it was neither flagged nor cleared — so nobody reads the silence as "not detected"."""
     width, height = 2 * PANEL_SIZE, PANEL_SIZE
     body = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(body)
     y = 20
-    draw.text((24, y), "This study was not triaged: the model's answer would mean nothing for it.", fill=WHITE,
+    draw.text((24, y), headline, fill=WHITE,
               font=_font(22))
     y += 44
     for reason in reasons:

@@ -49,6 +49,7 @@ REASON_CODES = {
     ReasonCode.METAL: Code("metal", "99ICHNODE", "Metal inside the skull"),
     ReasonCode.OUT_OF_DISTRIBUTION: Code("out-of-distribution", "99ICHNODE",
                                          "Images outside the model's training inputs"),
+    ReasonCode.ANALYSIS_FAILED: Code("analysis-failed", "99ICHNODE", "Analysis failed"),
 }
 OOD_SCORE = Code("ood-score", "99ICHNODE", "Out-of-distribution score of the study")
 OOD_LIMIT = Code("ood-limit", "99ICHNODE", "Out-of-distribution score above which the study is not triaged")

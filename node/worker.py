@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from node.analysis import SERIES_PER_ANALYSIS, AnalysisResult, AnalysisSettings, analyse
+from node.analysis import SERIES_PER_ANALYSIS, AnalysisResult, AnalysisSettings, analyse, failure_notice
 from node.config import Config
 from node.health import Liveness
 from node.lease import KeepAlive, claimant_id
@@ -31,6 +31,7 @@ from storage.db import Database, Session, utcnow
 from storage.errors import DatabaseMissing, IchNodeError, StorageError
 from storage.state import (
     ClaimedStudy,
+    FailureNotice,
     backoff_seconds,
     claim_next_study,
     defer_study,
@@ -44,6 +45,7 @@ from storage.state import (
 )
 from storage.store import InstanceStore
 from training.inference.predictor import Predictor
+from training.model import attributes as attr
 from training.model.checkpoint import checkpoint_digest
 from training.model.series import SliceHeader, read_headers
 from training.model.slices import read_slice
@@ -207,17 +209,43 @@ class Worker:
                               next_attempt_at=retry_at.isoformat(timespec="seconds") + "Z")
 
     def _fail(self, study: ClaimedStudy, reason: str) -> None:
+        written = self._failure_notice(study, reason)
+        notice = None
+        if written is not None:
+            result, folder = written
+            notice = FailureNotice(result.series_instance_uid, str(folder), [d.name for d in self.config.sending_to],
+                                   [str(kind) for kind in result.objects])
         with self.database.write() as session:
-            failed = fail_study(session, study.id, self.owner, reason)
+            failed = fail_study(session, study.id, self.owner, reason, notice=notice, now=utcnow())
             if failed is not None:
                 self._notify_failed(session, study.id, study.study_instance_uid, study.accession_number, reason)
         if failed is None:
+            if written is not None:
+                self.store.delete_unpublished(written[1])
             log.warning("study %s was taken from this worker meanwhile; its failure is not recorded",
                         study.study_instance_uid)
             return
-        self.triage_log.write("failed", study.study_instance_uid, study.accession_number, reason=reason)
+        if written is not None:
+            self.store.publish_result(written[1])
+        self.triage_log.write("failed", study.study_instance_uid, study.accession_number, reason=reason,
+                              failure_notice=notice.result_series_uid if notice else None)
         log.warning("study %s: %s", study.study_instance_uid, reason)
         self.recorded()
+
+    def _failure_notice(self, study: ClaimedStudy, reason: str) -> tuple[AnalysisResult, Path] | None:
+        """The NOT TRIAGED picture and SR that tell a radiologist the analysis failed,
+        written unpublished; None without a model (the node was set up to analyse nothing)
+        or when no instance of the study can be read."""
+        if self.predictor is None:
+            return None
+        try:
+            result = failure_notice(self._headers(study), read_slice, self.predictor, self.settings, reason,
+                                    series_number=self.config.output.series_number
+                                    + SERIES_PER_ANALYSIS * study.analyses)
+            return (result, self._write(study, result)) if result is not None else None
+        except Exception:  # the notice is a courtesy: its failure must not hide the study's
+            log.exception("study %s: the failure notice could not be made", study.study_instance_uid)
+            return None
 
     def _finish(self, study: ClaimedStudy, result: AnalysisResult, folder: Path) -> None:
         fields = _analysed_fields(result, self.predictor, self.settings) | {
@@ -247,8 +275,8 @@ class Worker:
     def _patient(self, result: AnalysisResult) -> dict[str, str] | None:
         """Patient identifiers for notifications, only where log.include_patient_identifiers allows."""
         ds = result.datasets[0]
-        return patient_fields(self.config.log.include_patient_identifiers, str(ds.get("PatientName", "")),
-                              str(ds.get("PatientID", "")), str(ds.get("PatientBirthDate", "")))
+        return patient_fields(self.config.log.include_patient_identifiers, attr.text(ds, "PatientName"),
+                              attr.text(ds, "PatientID"), attr.text(ds, "PatientBirthDate"))
 
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and process until `stop` is set; idle polls every worker.poll_seconds.

@@ -29,7 +29,7 @@ from sqlalchemy import and_, delete, distinct, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.db import Delivery, DeliveryState, Instance, Notification, Study, StudyState
+from storage.db import Delivery, DeliveryState, Instance, Notification, Study, StudyState, utcnow
 from storage.store import result_folder
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "DueDelivery",
     "DueNotification",
     "PurgeWork",
+    "FailureNotice",
     "record_instance",
     "mark_ready",
     "claim_next_study",
@@ -378,12 +379,18 @@ def finish_study(
     study.retries, study.retry_at = 0, None
     newer = study.last_received_at > started_at
     study.state = StudyState.RECEIVING if newer else StudyState.DONE
+    _queue_deliveries(session, study_id, result_folder, destinations, kinds, priority_high=priority_high, now=now)
+    session.flush()
+    return study
+
+
+def _queue_deliveries(session: Session, study_id: int, result_folder: str, destinations: list[str],
+                      kinds: list[str], *, priority_high: bool, now: dt.datetime) -> None:
+    """One pending delivery per destination and object set of a result folder."""
     for name in destinations:
         for kind in kinds:
             session.add(Delivery(study_id=study_id, destination=name, kind=kind, result_folder=result_folder,
                                  priority_high=priority_high, state=DeliveryState.PENDING, next_attempt_at=now))
-    session.flush()
-    return study
 
 
 def queue_notifications(session: Session, study_id: int, messages: list[tuple[str, str]], now: dt.datetime) -> None:
@@ -395,14 +402,31 @@ def queue_notifications(session: Session, study_id: int, messages: list[tuple[st
     session.flush()
 
 
-def fail_study(session: Session, study_id: int, worker_id: str, error: str) -> Study | None:
-    """The analysis cannot succeed: the study is failed with `error`. None (nothing
-    changed) when the study is no longer `worker_id`'s."""
+@dataclass(frozen=True)
+class FailureNotice:
+    """The result series that tells a radiologist a study's analysis failed, to deliver."""
+
+    result_series_uid: str
+    result_folder: str
+    destinations: list[str]
+    kinds: list[str]
+
+
+def fail_study(session: Session, study_id: int, worker_id: str, error: str, *,
+               notice: FailureNotice | None = None, now: dt.datetime | None = None) -> Study | None:
+    """The analysis cannot succeed: the study is failed with `error`, and its failure
+    `notice` (if one could be made) queued for delivery. None (nothing changed) when the
+    study is no longer `worker_id`'s."""
     study = _owned(session, study_id, worker_id)
     if study is None:
         return None
     study.state, study.last_error = StudyState.FAILED, error
     study.claimed_by, study.heartbeat_at, study.retry_at = None, None, None
+    if notice is not None:
+        study.result_series_uid = notice.result_series_uid
+        study.analyses += 1  # the notice's series numbers are taken, as an analysis's are
+        _queue_deliveries(session, study_id, notice.result_folder, notice.destinations, notice.kinds,
+                          priority_high=False, now=now or utcnow())
     session.flush()
     return study
 

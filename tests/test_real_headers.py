@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
-from node.analysis import AnalysisResult, AnalysisSettings, analyse
+from node.analysis import AnalysisResult, AnalysisSettings, analyse, failure_notice
 from node.output import ResultKind, encode
 from node.reference import COPIED, result_reference
 from tests.peers import dciodvfy_errors
@@ -172,9 +172,12 @@ def test_odd_header_values_give_valid_results(name: str, study: Path, predictor:
     result = _analysed(_variant(study, tmp_path / "series", change), predictor, tmp_path)
     assert len(result.probabilities) == 10  # no slice was dropped for a value the analysis does not need
     (sc, *_) = result.objects[ResultKind.SC]
-    if name in ("japanese", "korean", "latin-1"):  # carried through; highdicom names the default "ISO 2022 IR 6"
-        written = values["SpecificCharacterSet"]
-        assert sc.SpecificCharacterSet == (["ISO 2022 IR 6", written[1]] if isinstance(written, list) else written)
+    # Carried through where highdicom can write it (it names the default "ISO 2022 IR 6"); UTF-8 otherwise.
+    expected = {"japanese": ["ISO 2022 IR 6", "ISO 2022 IR 87"], "korean": "ISO_IR 192", "latin-1": "ISO_IR 100",
+                "unknown charset": "ISO_IR 192"}
+    if name in expected:
+        assert sc.SpecificCharacterSet == expected[name]
+    if "PatientName" in values:
         assert str(sc.PatientName) == values["PatientName"]
 
 
@@ -223,3 +226,22 @@ def test_enhanced_ct_frames_give_the_classic_slices_probabilities(
                  if "SourceImageSequence" in sc}
     assert sc_frames == keys
 
+
+
+def test_a_failed_analysis_gets_a_notice_a_radiologist_can_read(
+    study: Path, predictor: Predictor, tmp_path: Path
+) -> None:
+    headers = [h for p in sorted(study.glob("*.dcm")) for h in read_headers(p)]
+    notice = failure_notice(headers, read_slice, predictor, SETTINGS, "only 3 of 10 slices are usable",
+                            series_number=9900)
+    assert notice is not None and not notice.triaged and notice.label == NOT_TRIAGED_LABEL
+    assert set(notice.objects) == {ResultKind.SC, ResultKind.SR}  # no key slices, no KOS
+    (sc,) = notice.objects[ResultKind.SC]
+    assert "analysis failed" in sc.ImageComments and "only 3 of 10 slices" in sc.ImageComments
+    (sr,) = notice.objects[ResultKind.SR]
+    codes = {e.value for e in sr.iterall() if e.keyword == "CodeValue"}
+    assert {"analysis-failed", "373121007"} <= codes  # the reason, and the finding "Not evaluated"
+    for kind, (ds,) in notice.objects.items():
+        (tmp_path / f"{kind}.dcm").write_bytes(encode(ds))
+        assert dciodvfy_errors(tmp_path / f"{kind}.dcm") == [], kind
+    assert failure_notice([], read_slice, predictor, SETTINGS, "why", series_number=9900) is None

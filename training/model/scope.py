@@ -46,6 +46,7 @@ class ReasonCode(enum.StrEnum):
     AGE = "age"
     METAL = "metal"  # metal inside the skull: clips, coils, electrodes
     OUT_OF_DISTRIBUTION = "out_of_distribution"  # the images lie outside the training inputs
+    ANALYSIS_FAILED = "analysis_failed"  # the analysis itself failed: a failure notice, not a scope finding
 
 
 @dataclass(frozen=True)
