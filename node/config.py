@@ -167,6 +167,8 @@ class WorkerSection:
     # More unreadable slices than this share of the series fail the study: a verdict that
     # did not see them could miss a bleed.
     max_unusable_fraction: float = 0.1
+    # Claims of a study whose worker died before it is failed; an analysis that raises
+    # fails at once (unless the disk or database failed), so this counts only deaths.
     max_attempts: int = 3
     # A study whose analysis failed for a reason that may pass (disk full, database busy)
     # waits this long before it is tried again, doubling up to retry_max_seconds.

@@ -407,19 +407,18 @@ def fail_study(session: Session, study_id: int, worker_id: str, error: str) -> S
     return study
 
 
-def defer_study(session: Session, study_id: int, worker_id: str, error: str, *, retry_at: dt.datetime,
-                counts_as_attempt: bool) -> Study | None:
-    """The analysis may succeed later: ready again at `retry_at`. A failure of the
-    environment (disk full, database busy) gives its attempt back, so a long outage
-    never fails a study; an unexpected error keeps it. None when no longer ours."""
+def defer_study(session: Session, study_id: int, worker_id: str, error: str, *,
+                retry_at: dt.datetime) -> Study | None:
+    """The environment failed (disk full, database busy): ready again at `retry_at`, with
+    the attempt given back, so an outage of any length never fails a study. None when no
+    longer ours."""
     study = _owned(session, study_id, worker_id)
     if study is None:
         return None
     study.state, study.last_error, study.retry_at = StudyState.READY, error, retry_at
     study.claimed_by, study.heartbeat_at = None, None
     study.retries += 1
-    if not counts_as_attempt:
-        study.attempts -= 1
+    study.attempts -= 1
     session.flush()
     return study
 

@@ -227,7 +227,7 @@ def test_claim_takes_the_oldest_ready_study(session: Session) -> None:
 
 def test_attempts_increment_with_each_claim(session: Session) -> None:
     study = processing_study(session)
-    defer_study(session, study.id, "w1", "boom", retry_at=at(80), counts_as_attempt=True)
+    requeue_stale(session, 10, 3, at(80))  # w1 went silent
     again = claim_next_study(session, "w2", at(90))
     assert again is not None and again.id == study.id
     assert again.attempts == 2
@@ -371,7 +371,7 @@ def test_fail_study_fails_at_once(session: Session) -> None:
 
 def test_a_deferred_study_waits_for_its_time(session: Session) -> None:
     study = processing_study(session)  # attempts = 1
-    deferred = defer_study(session, study.id, "w1", "no space left", retry_at=at(100), counts_as_attempt=False)
+    deferred = defer_study(session, study.id, "w1", "no space left", retry_at=at(100))
     assert deferred.state == StudyState.READY and deferred.last_error == "no space left"
     assert (deferred.attempts, deferred.retries) == (0, 1)  # a failure of the disk uses up no attempt
     assert claim_next_study(session, "w1", at(99)) is None
@@ -379,15 +379,9 @@ def test_a_deferred_study_waits_for_its_time(session: Session) -> None:
     assert again is not None and (again.attempts, again.retries) == (1, 1)
 
 
-def test_an_unexpected_failure_keeps_its_attempt(session: Session) -> None:
-    study = processing_study(session)
-    deferred = defer_study(session, study.id, "w1", "RuntimeError: x", retry_at=at(70), counts_as_attempt=True)
-    assert deferred.attempts == 1
-
-
 def test_finishing_clears_the_retry_state(session: Session) -> None:
     study = processing_study(session)
-    defer_study(session, study.id, "w1", "no space left", retry_at=at(70), counts_as_attempt=False)
+    defer_study(session, study.id, "w1", "no space left", retry_at=at(70))
     again = claim_next_study(session, "w1", at(70))
     finished = finish(session, again.id, started_at=at(70))
     assert (finished.retries, finished.retry_at, finished.last_error) == (0, None, None)
@@ -596,7 +590,7 @@ def test_a_worker_that_lost_its_study_records_nothing(database: Database, sessio
     assert taken is not None and taken.id == study.id
     assert finish(session, study.id, started_at=at(61)) is None  # w1 finishes late
     assert fail_study(session, study.id, "w1", "late") is None
-    assert defer_study(session, study.id, "w1", "late", retry_at=at(300), counts_as_attempt=False) is None
+    assert defer_study(session, study.id, "w1", "late", retry_at=at(300)) is None
     row = study_row(database, session, study.id)
     assert row.state == StudyState.PROCESSING and row.claimed_by == "w2"
     with database.read() as other:
