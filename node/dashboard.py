@@ -55,7 +55,7 @@ from training.model.rule import NEGATIVE_LABEL, POSITIVE_LABEL
 from training.model.scope import NOT_TRIAGED_LABEL
 
 __all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "redact_url", "inputs_line",
-           "reanalysis_line"]
+           "REANALYSIS_TEXTS", "reanalysis_line"]
 
 log = logging.getLogger(__name__)
 _IMAGE_NAME = re.compile(r"sc-[0-9]{4}")
@@ -376,19 +376,22 @@ class Dashboard:
                          tuple(a.study_score for a in snapshot.recent if a.study_score is not None), days)
 
 
+# What a re-analysis request did, in words: `ichnode reanalyse` and the pages say the same.
+REANALYSIS_TEXTS = {
+    Reanalysis.QUEUED: "queued to be analysed again; new result series follow the earlier ones",
+    Reanalysis.BUSY: "left alone: it is in the queue and will be analysed anyway",
+    Reanalysis.NOTHING_LEFT: "left alone: its received instances were deleted (storage.retention_days), so there "
+                             "is nothing to analyse; send the study again to have it analysed",
+}
+
+
 def reanalysis_line(outcome: ReanalyseOutcome) -> str:
-    """One study's outcome of a re-analysis request, in words, for the CLI and the pages."""
+    """One study's outcome of a re-analysis request, for the CLI."""
     uid = outcome.study_instance_uid
+    if outcome.state is None:
+        return f"no study {uid} on this node: check the StudyInstanceUID (`ichnode status` lists the latest studies)"
     named = f"study {uid}" + (f" (accession {outcome.accession_number})" if outcome.accession_number else "")
-    state = outcome.state.value if outcome.state is not None else ""
-    if outcome.outcome == Reanalysis.QUEUED:
-        return f"{named}: {state}, queued to be analysed again; new result series follow the earlier ones"
-    if outcome.outcome == Reanalysis.BUSY:
-        return f"{named}: {state}, left alone: it is in the queue and will be analysed anyway"
-    if outcome.outcome == Reanalysis.NOTHING_LEFT:
-        return (f"{named}: {state}, left alone: its received instances were deleted (storage.retention_days), so "
-                "there is nothing to analyse; send the study again to have it analysed")
-    return f"no study {uid} on this node: check the StudyInstanceUID (`ichnode status` lists the latest studies)"
+    return f"{named}: {outcome.state.value}, {REANALYSIS_TEXTS[outcome.outcome]}"
 
 
 def redact_url(url: str) -> str:
