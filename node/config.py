@@ -148,6 +148,9 @@ class StorageSection:
 class CompletionSection:
     stable_seconds: float = 30.0
     check_interval_seconds: float = 1.0
+    # Any instance received for a failed study, even one already stored (a re-send),
+    # re-opens it; false: only a CT image not seen before does (as for a done study).
+    reopen_failed: bool = False
 
     def validate(self) -> None:
         _positive("completion.stable_seconds", self.stable_seconds)
