@@ -9,9 +9,9 @@ name this machine (Host 127.0.0.1 or localhost). Bound to any other address the
 config must carry `web.token`, and every page, /metrics and the JSON API then need it (as
 `Authorization: Bearer …`, or through the login form's session cookie). Every request that
 changes something (the retry and re-analyse buttons) needs the token wherever the pages
-listen, with a per-session CSRF value besides the cookie. /healthz and /readyz stay open: they say
-nothing about patients, and load balancers probe them without credentials. Every answer
-carries the usual security headers and is not cached.
+listen, with a per-session CSRF value besides the cookie. /healthz and /readyz stay open:
+they say nothing about patients, and load balancers probe them without credentials. Every
+answer carries the usual security headers and is not cached.
 """
 
 from __future__ import annotations
