@@ -16,7 +16,7 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from node.config import ENV_VAR, RuleSource, load_config
-from node.errors import ConfigError, IchNodeError, TrainingStopped
+from node.errors import CannotReanalyse, ConfigError, IchNodeError, TrainingStopped
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
 from training.metrics import INTERVAL_METHODS
@@ -191,6 +191,35 @@ def _retry(args: argparse.Namespace) -> int:
     print(f"re-queued {deliveries} failed deliveries and {notifications} failed notifications; "
           "a running node sends them within seconds")
     return 0
+
+
+def _reanalyse(args: argparse.Namespace) -> int:
+    from node.dashboard import reanalysis_line
+    from node.status import reanalyse, reanalyse_failed
+    from storage.state import Reanalysis
+
+    config = load_config(args.config)
+    outcomes = reanalyse_failed(config) if args.failed else reanalyse(config, args.studies)
+    if not outcomes:
+        print("no failed studies")
+        return 0
+    refused = [o for o in outcomes if o.outcome in (Reanalysis.UNKNOWN, Reanalysis.NOTHING_LEFT)]
+    for outcome in outcomes:
+        if outcome not in refused:
+            print(reanalysis_line(outcome))
+    if any(o.outcome == Reanalysis.QUEUED for o in outcomes):
+        print("a running node analyses them in turn; `ichnode log --follow` shows the results")
+    if refused:
+        raise CannotReanalyse("; ".join(reanalysis_line(o) for o in refused))
+    return 0
+
+
+def _add_reanalyse_arguments(parser: argparse.ArgumentParser) -> None:
+    chosen = parser.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("studies", nargs="*", default=[], metavar="STUDY_UID",
+                        help="StudyInstanceUID of a failed or done study (several may be named)")
+    chosen.add_argument("--failed", action="store_true", help="every failed study")
+    _add_config_argument(parser)
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -509,6 +538,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
     "log": ("print the triage log (--follow to keep watching)", _add_log_arguments, _log),
     "status": ("show the queue by state and the latest studies", _add_status_arguments, _status),
     "retry": ("re-queue failed deliveries and notifications", _add_config_argument, _retry),
+    "reanalyse": ("put failed or done studies back in the queue to be analysed again (new result series "
+                  "follow the earlier ones)", _add_reanalyse_arguments, _reanalyse),
     "db": ("manage the database's schema: `ichnode db upgrade`", _add_db_arguments, _db),
     "synth": ("write synthetic head-CT studies with labels", _add_synth_arguments, _synth),
     "prepare-rsna": ("split and cache an RSNA-layout (or synthetic) data set for training",

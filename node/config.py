@@ -148,6 +148,9 @@ class StorageSection:
 class CompletionSection:
     stable_seconds: float = 30.0
     check_interval_seconds: float = 1.0
+    # Any instance received for a failed study, even one already stored (a re-send),
+    # re-opens it; false: only a CT image not seen before does (as for a done study).
+    reopen_failed: bool = False
 
     def validate(self) -> None:
         _positive("completion.stable_seconds", self.stable_seconds)
@@ -167,6 +170,8 @@ class WorkerSection:
     # More unreadable slices than this share of the series fail the study: a verdict that
     # did not see them could miss a bleed.
     max_unusable_fraction: float = 0.1
+    # Claims of a study whose worker died before it is failed; an analysis that raises
+    # fails at once (unless the disk or database failed), so this counts only deaths.
     max_attempts: int = 3
     # A study whose analysis failed for a reason that may pass (disk full, database busy)
     # waits this long before it is tried again, doubling up to retry_max_seconds.

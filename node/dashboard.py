@@ -1,7 +1,9 @@
-"""What an admin sees: the queue, one study, the failures, the model over time.
+"""What an admin sees: the queue, one study, the failures, the model over time; and what
+an admin may do about it: retry failed sends, re-analyse studies.
 
 The web pages, /metrics and `ichnode status --json` all read through here, so a figure
-on a page, in Prometheus and in a script is the same query. Views are plain frozen
+on a page, in Prometheus and in a script is the same query; the web pages' buttons and
+`ichnode retry` / `ichnode reanalyse` make the same change. Views are plain frozen
 dataclasses (`as_json` turns one into JSON-ready data). Nothing here shows a patient's
 name, ID or birth date unless `log.include_patient_identifiers` is set, and a webhook URL
 (whose path is often its secret) is shown as its scheme and host only.
@@ -13,8 +15,10 @@ import dataclasses
 import datetime as dt
 import enum
 import io
+import logging
 import re
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +31,19 @@ from node.config import Config
 from node.errors import InvalidInstance
 from node.history import Analysis, Day, TriageHistory
 from node.output import model_warnings
-from node.triagelog import PATIENT_KEYS, LogReader, describe
+from node.triagelog import PATIENT_KEYS, LogReader, TriageLog, describe
 from storage.db import Database, Delivery, Notification, Study, StudyState, utcnow
 from storage.state import (
     QueueFigures,
+    ReanalyseOutcome,
+    Reanalysis,
     failed_outgoing,
     failed_studies,
+    failed_study_uids,
     find_studies,
     outgoing_of,
     queue_figures,
+    reanalyse_study,
     retry_failed,
     state_counts,
     study_by_uid,
@@ -46,8 +54,10 @@ from training.model.inputs import InputProfile
 from training.model.rule import NEGATIVE_LABEL, POSITIVE_LABEL
 from training.model.scope import NOT_TRIAGED_LABEL
 
-__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "redact_url", "inputs_line"]
+__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "redact_url", "inputs_line",
+           "REANALYSIS_TEXTS", "reanalysis_line"]
 
+log = logging.getLogger(__name__)
 _IMAGE_NAME = re.compile(r"sc-[0-9]{4}")
 
 
@@ -243,6 +253,8 @@ class Dashboard:
         self.store = store
         self.history = history
         self.model_info = model
+        self.triage_log = TriageLog(config.log.path,
+                                    include_patient_identifiers=config.log.include_patient_identifiers)
 
     def queue(self, chosen: QueueFilter = QueueFilter()) -> QueueView:
         latest = self.history.refresh().latest()
@@ -330,11 +342,56 @@ class Dashboard:
         with self.database.write() as session:
             return retry_failed(session, utcnow())
 
+    def reanalyse(self, study_instance_uids: Sequence[str], by: str) -> list[ReanalyseOutcome]:
+        """What `ichnode reanalyse` and the Re-analyse buttons do: each done or failed study
+        back in the queue, logged with who asked (`by`: cli or web)."""
+        with self.database.write() as session:
+            outcomes = [reanalyse_study(session, uid, utcnow()) for uid in study_instance_uids]
+        self._log_reanalyses(outcomes, by)
+        return outcomes
+
+    def reanalyse_failed(self, by: str) -> list[ReanalyseOutcome]:
+        """Every failed study back in the queue (`ichnode reanalyse --failed`)."""
+        with self.database.write() as session:
+            outcomes = [reanalyse_study(session, uid, utcnow()) for uid in failed_study_uids(session)]
+        self._log_reanalyses(outcomes, by)
+        return outcomes
+
+    def _log_reanalyses(self, outcomes: list[ReanalyseOutcome], by: str) -> None:
+        for outcome in outcomes:
+            if outcome.outcome != Reanalysis.QUEUED:
+                continue
+            uid, was = outcome.study_instance_uid, outcome.state.value
+            log.info("study %s queued to be analysed again (it was %s), asked from the %s", uid, was, by)
+            try:
+                self.triage_log.write("reanalyse", uid, outcome.accession_number, by=by, previous_state=was)
+            except OSError as exc:
+                log.error("study %s queued to be analysed again, but its triage log event was not written: %s",
+                          uid, exc)
+
     def model(self) -> ModelView:
         snapshot = self.history.refresh()
         days = self.config.web.history_days
         return ModelView(self.model_info, tuple(snapshot.days(utcnow().date(), days)),
                          tuple(a.study_score for a in snapshot.recent if a.study_score is not None), days)
+
+
+# What a re-analysis request did, in words: `ichnode reanalyse` and the pages say the same.
+REANALYSIS_TEXTS = {
+    Reanalysis.QUEUED: "queued to be analysed again; new result series follow the earlier ones",
+    Reanalysis.BUSY: "left alone: it is in the queue and will be analysed anyway",
+    Reanalysis.NOTHING_LEFT: "left alone: its received instances were deleted (storage.retention_days), so there "
+                             "is nothing to analyse; send the study again to have it analysed",
+}
+
+
+def reanalysis_line(outcome: ReanalyseOutcome) -> str:
+    """One study's outcome of a re-analysis request, for the CLI."""
+    uid = outcome.study_instance_uid
+    if outcome.state is None:
+        return f"no study {uid} on this node: check the StudyInstanceUID (`ichnode status` lists the latest studies)"
+    named = f"study {uid}" + (f" (accession {outcome.accession_number})" if outcome.accession_number else "")
+    return f"{named}: {outcome.state.value}, {REANALYSIS_TEXTS[outcome.outcome]}"
 
 
 def redact_url(url: str) -> str:

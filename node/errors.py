@@ -17,7 +17,8 @@ property of each error: the worker and the sender try again later when it is tru
     ├── DataError                     training.errors   a data folder that cannot be used
     ├── SyntheticDataError            training.errors   impossible synthetic-study options
     ├── TrainingStopped               training.errors   training stopped on request, state saved
-    └── DeliveryError                 node.errors       retried: a destination did not take a result
+    ├── DeliveryError                 node.errors       retried: a destination did not take a result
+    └── CannotReanalyse               node.errors       a study named for re-analysis: unknown, or purged
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from training import errors as _training_errors
 from training.errors import *  # noqa: F403
 
 # Every error importable from here, so that the CLI and the node's modules need one import.
-__all__ = [*_storage_errors.__all__, *_training_errors.__all__, "DeliveryError"]
+__all__ = [*_storage_errors.__all__, *_training_errors.__all__, "DeliveryError", "CannotReanalyse"]
 
 
 class DeliveryError(IchNodeError):
     """A destination refused a result or could not be reached."""
 
     retryable = True
+
+
+class CannotReanalyse(IchNodeError):
+    """A study an admin named for re-analysis is not on the node, or has no instances left."""

@@ -51,11 +51,12 @@ class Ingest:
     """Stores received instances durably and keeps the study state up to date."""
 
     def __init__(self, store: InstanceStore, database: Database, triage_log: TriageLog,
-                 *, min_free_mb: float = 0.0) -> None:
+                 *, min_free_mb: float = 0.0, reopen_failed: bool = False) -> None:
         self.store = store
         self.database = database
         self.triage_log = triage_log
         self.min_free_mb = min_free_mb
+        self.reopen_failed = reopen_failed  # completion.reopen_failed: a re-send re-opens a failed study
 
     def receive(self, ds: Dataset, encoded: bytes, *, calling_aet: str, transfer_syntax_uid: str) -> int:
         """Store `encoded` (the file as received) and record it; returns the status."""
@@ -80,7 +81,7 @@ class Ingest:
             item = _received(ds, str(relative), size, calling_aet=calling_aet,
                              transfer_syntax_uid=transfer_syntax_uid, uids=uids)  # type: ignore[arg-type]
             with self.database.write() as session:
-                outcome = record_instance(session, item, utcnow())
+                outcome = record_instance(session, item, utcnow(), reopen_failed=self.reopen_failed)
         except StorageError as exc:
             log.error("could not store or record %s of study %s: %s (status 0xA700)", sop_uid, study_uid, exc)
             return Status.OUT_OF_RESOURCES
@@ -97,10 +98,14 @@ class Ingest:
                         "own study", item.sop_instance_uid, item.study_instance_uid, outcome.sop_uid_also_in)
         if not (outcome.new_study or outcome.reopened):
             return
+        note = "new study"
+        if outcome.reopened:
+            note = "failed study re-opened by an instance sent again (completion.reopen_failed)" \
+                if outcome.duplicate else "study re-opened by a new instance"
         try:
             self.triage_log.write(
                 "received", item.study_instance_uid, item.accession_number, calling_aet=item.calling_aet,
-                note="study re-opened by a new instance" if outcome.reopened else "new study",
+                note=note,
                 patient_name=attr.text(ds, "PatientName"), patient_id=attr.text(ds, "PatientID"),
                 patient_birth_date=attr.text(ds, "PatientBirthDate"),
             )

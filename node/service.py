@@ -301,7 +301,8 @@ def serve(config: Config) -> None:
     deliveries = Deliveries(config, node.database, node.store,
                             DicomSender(config.calling_ae_title, config.delivery.timeout_seconds), node.triage_log)
     notifier = Notifier(config, node.database, node.triage_log)
-    ingest = Ingest(node.store, node.database, node.triage_log, min_free_mb=config.storage.min_free_mb)
+    ingest = Ingest(node.store, node.database, node.triage_log, min_free_mb=config.storage.min_free_mb,
+                    reopen_failed=config.completion.reopen_failed)
     server = start_scp(config.node, ingest)
     scheduler = _scheduler(node, deliveries)
     scheduler.start()

@@ -1,21 +1,24 @@
-"""`ichnode status` and `ichnode retry`: the queue as an admin needs to see and steer it.
+"""`ichnode status`, `ichnode retry` and `ichnode reanalyse`: the queue as an admin needs
+to see and steer it.
 
-Both open the existing database and never create one: a missing database is an error
+All open the existing database and never create one: a missing database is an error
 naming it, not a new empty queue. `status` reads through the same Dashboard query as
 the web pages, so `--json` gives a script exactly what the queue page shows."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TextIO
 
 from node.config import Config
 from node.dashboard import Dashboard, ModelInfo, QueueFilter, QueueView, as_json
 from node.history import TriageHistory
 from storage.db import Database
+from storage.state import ReanalyseOutcome
 from storage.store import InstanceStore
 
-__all__ = ["queue_view", "print_status", "retry_deliveries"]
+__all__ = ["queue_view", "print_status", "retry_deliveries", "reanalyse", "reanalyse_failed"]
 
 
 def _dashboard(config: Config) -> Dashboard:
@@ -57,3 +60,13 @@ def retry_deliveries(config: Config) -> tuple[int, int]:
     """Failed deliveries and notifications pending again: (deliveries, notifications);
     the retry button of the web pages does the same."""
     return _dashboard(config).retry()
+
+
+def reanalyse(config: Config, study_instance_uids: Sequence[str]) -> list[ReanalyseOutcome]:
+    """Each named done or failed study back in the queue; the Re-analyse button does the same."""
+    return _dashboard(config).reanalyse(study_instance_uids, by="cli")
+
+
+def reanalyse_failed(config: Config) -> list[ReanalyseOutcome]:
+    """Every failed study back in the queue."""
+    return _dashboard(config).reanalyse_failed(by="cli")

@@ -1,7 +1,8 @@
 """The triage log: one JSON line per event, for admins and their tools.
 
 Events: received, ready, analysed, deferred (an analysis to be tried again later),
-delivered, delivery_failed, notified, notify_failed, failed, purged. Each line is keyed
+delivered, delivery_failed, notified, notify_failed, failed, purged, reanalyse (an admin
+put a done or failed study back in the queue). Each line is keyed
 by StudyInstanceUID and AccessionNumber and carries no patient name, ID or birth date
 unless `log.include_patient_identifiers` is set. Lines are appended with one write each,
 so several processes can share the file. A line torn by a crash or a full disk costs only
@@ -26,7 +27,7 @@ __all__ = ["EVENTS", "PATIENT_KEYS", "TriageLog", "LogReader", "read_events", "f
            "print_events"]
 
 EVENTS = ("received", "ready", "analysed", "deferred", "delivered", "delivery_failed", "notified", "notify_failed",
-          "failed", "purged")
+          "failed", "purged", "reanalyse")
 PATIENT_KEYS = ("patient_name", "patient_id", "patient_birth_date")
 
 
@@ -261,6 +262,9 @@ def describe(record: dict) -> str:
         return f"{target}{record.get('reason', '')}"
     if event == "deferred":
         return f"{record.get('reason', '')}; next attempt at {record.get('next_attempt_at')}"
+    if event == "reanalyse":
+        return (f"{record.get('previous_state', '?')} study queued to be analysed again (asked from the "
+                f"{record.get('by', '?')})")
     return ""
 
 

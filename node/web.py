@@ -8,10 +8,10 @@ Security: by default the pages listen on 127.0.0.1 only, and answer only request
 name this machine (Host 127.0.0.1 or localhost). Bound to any other address the
 config must carry `web.token`, and every page, /metrics and the JSON API then need it (as
 `Authorization: Bearer …`, or through the login form's session cookie). Every request that
-changes something (the retry button) needs the token wherever the pages listen, with a
-per-session CSRF value besides the cookie. /healthz and /readyz stay open: they say
-nothing about patients, and load balancers probe them without credentials. Every answer
-carries the usual security headers and is not cached.
+changes something (the retry and re-analyse buttons) needs the token wherever the pages
+listen, with a per-session CSRF value besides the cookie. /healthz and /readyz stay open:
+they say nothing about patients, and load balancers probe them without credentials. Every
+answer carries the usual security headers and is not cached.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node import plots
 from node.config import Config
-from node.dashboard import Dashboard, QueueFilter, VerdictFilter, as_json
+from node.dashboard import REANALYSIS_TEXTS, Dashboard, QueueFilter, VerdictFilter, as_json
 from node.errors import ConfigError, IchNodeError
 from node.health import Readiness
 from node.metrics import registry
+from storage.state import Reanalysis
 from training.report import format_interval
 
 __all__ = ["create_app", "WebServer"]
@@ -116,7 +117,8 @@ class Access:
         """None when the request may change state; else the 401/403 answer saying why."""
         if not self.token:
             return PlainTextResponse("web.token is not set in the node's config: nothing can be changed from "
-                                     "the web pages (use `ichnode retry` on the node)", status_code=403)
+                                     "the web pages (use `ichnode retry` or `ichnode reanalyse` on the node)",
+                                     status_code=403)
         if self._bearer(request) is not None:
             return None if self.signed_in(request) else PlainTextResponse("wrong token", status_code=403)
         given = form.get("token", "")
@@ -189,7 +191,8 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
         if view is None:
             return page(request, "error.html", refresh=False, status_code=404,
                         message=f"no study {request.path_params['uid']} on this node")
-        return page(request, "study.html", view=view)
+        reanalysed = REANALYSIS_TEXTS.get(request.query_params.get("reanalysed", ""))
+        return page(request, "study.html", view=view, reanalysed=reanalysed)
 
     @guarded
     async def study_json(request: Request) -> Response:
@@ -210,21 +213,53 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
         view = await run_in_threadpool(dashboard.failures)
         counts = request.query_params.get("retried", "").split(",")
         retried = tuple(map(int, counts)) if len(counts) == 2 and all(c.isdigit() for c in counts) else None
-        return page(request, "failures.html", view=view, retried=retried)
+        queued = request.query_params.get("reanalysed", "")
+        return page(request, "failures.html", view=view, retried=retried,
+                    reanalysed=int(queued) if queued.isdigit() else None,
+                    reopen_failed=config.completion.reopen_failed)
 
-    async def retry(request: Request) -> Response:
+    async def refused_change(request: Request, what: str) -> Response | None:
+        """The 401/403 answer (logged with the caller's address) when the request may not
+        change anything; None when it may."""
         form = {k: str(v) for k, v in (await request.form()).items()}
         refused = access.check_change(request, form)
         if refused is not None:
-            log.warning("refused a retry request from %s: %s", request.client.host if request.client else "?",
+            log.warning("refused a %s request from %s: %s", what, request.client.host if request.client else "?",
                         refused.body.decode())
+        return refused
+
+    def wants_json(request: Request) -> bool:
+        return "application/json" in request.headers.get("accept", "")
+
+    async def retry(request: Request) -> Response:
+        if (refused := await refused_change(request, "retry")) is not None:
             return refused
         deliveries, notifications = await run_in_threadpool(dashboard.retry)
         log.info("retry from the web pages: %d deliveries and %d notifications pending again",
                  deliveries, notifications)
-        if "application/json" in request.headers.get("accept", ""):
+        if wants_json(request):
             return JSONResponse({"deliveries": deliveries, "notifications": notifications})
         return RedirectResponse(f"/failures?retried={deliveries},{notifications}", status_code=303)
+
+    async def reanalyse(request: Request) -> Response:
+        if (refused := await refused_change(request, "re-analyse")) is not None:
+            return refused
+        uid = request.path_params["uid"]
+        (outcome,) = await run_in_threadpool(dashboard.reanalyse, [uid], "web")
+        if outcome.outcome == Reanalysis.UNKNOWN:
+            return PlainTextResponse(f"no study {uid} on this node", status_code=404)
+        if wants_json(request):
+            return JSONResponse(as_json(outcome))
+        return RedirectResponse(f"/studies/{uid}?reanalysed={outcome.outcome}", status_code=303)
+
+    async def reanalyse_failed(request: Request) -> Response:
+        if (refused := await refused_change(request, "re-analyse")) is not None:
+            return refused
+        outcomes = await run_in_threadpool(dashboard.reanalyse_failed, "web")
+        queued = sum(o.outcome == Reanalysis.QUEUED for o in outcomes)
+        if wants_json(request):
+            return JSONResponse({"queued": queued})
+        return RedirectResponse(f"/failures?reanalysed={queued}", status_code=303)
 
     @guarded
     async def model(request: Request) -> Response:
@@ -283,8 +318,10 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
         Route("/studies/{uid}", study),
         Route("/api/studies/{uid}", study_json),
         Route("/studies/{uid}/images/{name}.png", image),
+        Route("/studies/{uid}/reanalyse", reanalyse, methods=["POST"]),
         Route("/failures", failures),
         Route("/failures/retry", retry, methods=["POST"]),
+        Route("/failures/reanalyse", reanalyse_failed, methods=["POST"]),
         Route("/model", model),
         Route("/model/{name}.png", plot),
         Route("/metrics", prometheus),

@@ -3,9 +3,12 @@ series, record the outcome, log it. Analysis itself is the pure stage in `node.a
 
 What happens to a study whose analysis failed depends on the error, not on where it was
 raised: a retryable error (disk full, database busy) sends it back to the queue after a
-growing wait without using up an attempt; an unexpected error is tried again
-`worker.max_attempts` times; anything else (no head series, unusable pixels) fails it at
-once with the reason.
+growing wait without using up an attempt; anything else fails it at once with the
+reason: an error raised on purpose (no head series, unusable pixels) with its message,
+an unexpected one with its type and message (the traceback goes to the node's log), since
+trying the same input again would fail the same way. An admin re-runs a failed study
+with `ichnode reanalyse` or the pages' Re-analyse button. `worker.max_attempts` bounds
+only the claims of a study whose worker died (`requeue_stale`).
 """
 
 from __future__ import annotations
@@ -180,27 +183,23 @@ class Worker:
         return folder
 
     def _failed(self, study: ClaimedStudy, exc: Exception) -> None:
-        """Retry later, or fail for good, by what the error says about itself."""
+        """Try again later only when the environment failed (disk, database); otherwise the
+        same input would fail the same way, so the study fails now with the reason."""
         if isinstance(exc, IchNodeError):
-            if exc.retryable:  # the environment failed (disk, database): no attempt is used up
-                self._defer(study, str(exc), counts_as_attempt=False)
+            if exc.retryable:
+                self._defer(study, str(exc))
             else:
                 self._fail(study, str(exc))
             return
         log.exception("study %s: analysis failed unexpectedly", study.study_instance_uid)
-        reason = f"{type(exc).__name__}: {exc}"
-        if study.attempts >= self.config.worker.max_attempts:
-            self._fail(study, f"{reason} (attempt {study.attempts} of {self.config.worker.max_attempts})")
-        else:
-            self._defer(study, reason, counts_as_attempt=True)
+        self._fail(study, f"{type(exc).__name__}: {exc}")
 
-    def _defer(self, study: ClaimedStudy, reason: str, *, counts_as_attempt: bool) -> None:
+    def _defer(self, study: ClaimedStudy, reason: str) -> None:
         settings = self.config.worker
         wait = backoff_seconds(study.retries + 1, settings.retry_initial_seconds, settings.retry_max_seconds)
         retry_at = utcnow() + dt.timedelta(seconds=wait)
         with self.database.write() as session:
-            deferred = defer_study(session, study.id, self.owner, reason, retry_at=retry_at,
-                                   counts_as_attempt=counts_as_attempt)
+            deferred = defer_study(session, study.id, self.owner, reason, retry_at=retry_at)
         if deferred is None:
             log.warning("study %s was taken from this worker meanwhile", study.study_instance_uid)
             return

@@ -1,6 +1,7 @@
 """Study and delivery state transitions, and every query the rest of the project needs.
 
-Study:        receiving → ready → processing → done | failed   (a new CT image re-opens)
+Study:        receiving → ready → processing → done | failed   (a new CT image re-opens;
+              `reanalyse` makes done or failed ready)
 Delivery:     pending → sent | failed                      (`retry` makes failed pending)
 Notification: pending → sent | failed                      (the same back-off and retry)
 
@@ -36,6 +37,8 @@ __all__ = [
     "ReceivedInstance",
     "RecordOutcome",
     "ReadyStudy",
+    "Reanalysis",
+    "ReanalyseOutcome",
     "StaleStudy",
     "ClaimedStudy",
     "DueDelivery",
@@ -50,6 +53,7 @@ __all__ = [
     "finish_study",
     "fail_study",
     "defer_study",
+    "reanalyse_study",
     "queue_notifications",
     "claim_delivery",
     "renew_delivery",
@@ -71,6 +75,7 @@ __all__ = [
     "study_by_uid",
     "outgoing_of",
     "failed_studies",
+    "failed_study_uids",
     "failed_outgoing",
     "backoff_seconds",
 ]
@@ -109,6 +114,23 @@ class ReadyStudy:
     accession_number: str
     instances: int
     series: int
+
+
+class Reanalysis(enum.StrEnum):
+    """What `reanalyse_study` did with one study."""
+
+    QUEUED = "queued"  # it was done or failed: ready again
+    BUSY = "busy"  # receiving, ready or processing: it will be analysed anyway, left alone
+    NOTHING_LEFT = "nothing_left"  # its received instances were deleted (retention): nothing to analyse
+    UNKNOWN = "unknown"  # no study with that StudyInstanceUID
+
+
+@dataclass(frozen=True)
+class ReanalyseOutcome:
+    study_instance_uid: str
+    accession_number: str
+    state: StudyState | None  # as found; None when there is no such study
+    outcome: Reanalysis
 
 
 @dataclass(frozen=True)
@@ -209,9 +231,14 @@ def _get_or_create_study(session: Session, item: ReceivedInstance, now: dt.datet
     return study, True
 
 
-def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime) -> RecordOutcome:
+def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime, *,
+                    reopen_failed: bool = False) -> RecordOutcome:
     """Record a stored instance (idempotent per study, series and SOPInstanceUID) and
-    update its study."""
+    update its study.
+
+    Only an analysable image not seen before re-opens a finished study: a re-send could
+    not change the result. With `reopen_failed` (completion.reopen_failed) any instance
+    re-opens a failed study, so a site can re-run one by sending it again."""
     study, new_study = _get_or_create_study(session, item, now)
     # One query finds the instance itself and any namesake in another study.
     same_uid = session.scalars(select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid)).all()
@@ -219,8 +246,9 @@ def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime) 
                      and i.series_instance_uid == item.series_instance_uid), None)
     elsewhere = next((i.study_id for i in same_uid if i.study_id != study.id), None)
     reopened = False
-    if study.state in (StudyState.DONE, StudyState.FAILED) and item.analysable and existing is None:
-        # Only an analysable image not seen before re-opens a finished study; a re-send does not.
+    new_image = item.analysable and existing is None
+    if (study.state in (StudyState.DONE, StudyState.FAILED) and new_image) or \
+            (study.state == StudyState.FAILED and reopen_failed):
         study.state, study.attempts, study.last_error = StudyState.RECEIVING, 0, None
         study.retries, study.retry_at = 0, None
         reopened = True
@@ -431,21 +459,45 @@ def fail_study(session: Session, study_id: int, worker_id: str, error: str, *,
     return study
 
 
-def defer_study(session: Session, study_id: int, worker_id: str, error: str, *, retry_at: dt.datetime,
-                counts_as_attempt: bool) -> Study | None:
-    """The analysis may succeed later: ready again at `retry_at`. A failure of the
-    environment (disk full, database busy) gives its attempt back, so a long outage
-    never fails a study; an unexpected error keeps it. None when no longer ours."""
+def defer_study(session: Session, study_id: int, worker_id: str, error: str, *,
+                retry_at: dt.datetime) -> Study | None:
+    """The environment failed (disk full, database busy): ready again at `retry_at`, with
+    the attempt given back, so an outage of any length never fails a study. None when no
+    longer ours."""
     study = _owned(session, study_id, worker_id)
     if study is None:
         return None
     study.state, study.last_error, study.retry_at = StudyState.READY, error, retry_at
     study.claimed_by, study.heartbeat_at = None, None
     study.retries += 1
-    if not counts_as_attempt:
-        study.attempts -= 1
+    study.attempts -= 1
     session.flush()
     return study
+
+
+def reanalyse_study(session: Session, study_instance_uid: str, now: dt.datetime) -> ReanalyseOutcome:
+    """Put a done or failed study back in the queue (an admin asked): ready, with fresh
+    attempts and retries and no error. `analyses` is kept, so the new result series are
+    numbered after the earlier ones. A study still in the queue, or whose received
+    instances retention deleted, is left as it is."""
+    study = _study_for_update(session, study_instance_uid)
+    if study is None:
+        return ReanalyseOutcome(study_instance_uid, "", None, Reanalysis.UNKNOWN)
+    found = study.state
+    has_instances = exists().where(Instance.study_id == Study.id)
+    changed = session.execute(
+        update(Study)
+        .where(Study.id == study.id, Study.state.in_([StudyState.DONE, StudyState.FAILED]), has_instances)
+        .values(state=StudyState.READY, attempts=0, retries=0, retry_at=None, last_error=None, updated_at=now)
+    ).rowcount
+    session.flush()
+    if changed == 1:
+        outcome = Reanalysis.QUEUED
+    elif found in (StudyState.DONE, StudyState.FAILED):
+        outcome = Reanalysis.NOTHING_LEFT
+    else:
+        outcome = Reanalysis.BUSY
+    return ReanalyseOutcome(study.study_instance_uid, study.accession_number, found, outcome)
 
 
 # --- deliveries and notifications ---------------------------------------------------
@@ -730,6 +782,12 @@ def outgoing_of(session: Session, study_ids: Collection[int]) -> tuple[dict[int,
 def failed_studies(session: Session, limit: int) -> list[Study]:
     return list(session.scalars(select(Study).where(Study.state == StudyState.FAILED)
                                 .order_by(Study.updated_at.desc()).limit(limit)))
+
+
+def failed_study_uids(session: Session) -> list[str]:
+    """Every failed study, oldest failure first."""
+    return list(session.scalars(select(Study.study_instance_uid).where(Study.state == StudyState.FAILED)
+                                .order_by(Study.updated_at, Study.id)))
 
 
 def failed_outgoing(session: Session, limit: int) -> tuple[list[tuple[Delivery, Study]],

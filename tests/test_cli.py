@@ -10,7 +10,7 @@ import pytest
 
 
 
-CONTRACT = ["serve", "worker", "log", "status", "retry", "synth", "train", "evaluate", "prepare-rsna"]
+CONTRACT = ["serve", "worker", "log", "status", "retry", "reanalyse", "synth", "train", "evaluate", "prepare-rsna"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -55,6 +55,7 @@ def test_synth_bad_option_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_worker_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    tmp_path.mkdir(exist_ok=True)
     config = tmp_path / "node.toml"
     config.write_text(f'[storage]\nroot = "{tmp_path}/store"\ndatabase_url = "sqlite:///{tmp_path}/n.db"\n')
     result = _run("worker", "--config", str(config))
@@ -78,6 +79,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_retry_requeues_failed_deliveries(tmp_path: Path) -> None:
     from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utcnow
 
+    tmp_path.mkdir(exist_ok=True)
     config = tmp_path / "node.toml"
     config.write_text(f'[storage]\nroot = "{tmp_path}/store"\ndatabase_url = "sqlite:///{tmp_path}/n.db"\n')
     database = Database(f"sqlite:///{tmp_path}/n.db", create=True)
@@ -96,3 +98,77 @@ def test_retry_requeues_failed_deliveries(tmp_path: Path) -> None:
         assert delivery.state == DeliveryState.PENDING and delivery.attempts == 0
     status = _run("status", "--config", str(config))
     assert "pending 1" in status.stdout and "done 1" in status.stdout
+
+
+def _node_with_studies(tmp_path: Path, states: dict[str, str]) -> Path:
+    """A config and a database holding one study (with one instance) per StudyInstanceUID,
+    in the state given."""
+    from storage.db import Database, Instance, Study, StudyState, utcnow
+
+    tmp_path.mkdir(exist_ok=True)
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\nroot = "{tmp_path}/store"\ndatabase_url = "sqlite:///{tmp_path}/n.db"\n'
+                      f'[log]\npath = "{tmp_path}/triage.log"\n')
+    database = Database(f"sqlite:///{tmp_path}/n.db", create=True)
+    with database.write() as session:
+        for uid, state in states.items():
+            study = Study(study_instance_uid=uid, accession_number=f"A{uid}", state=StudyState(state),
+                          first_received_at=utcnow(), last_received_at=utcnow(), instance_count=1, attempts=2,
+                          analyses=1 if state == "done" else 0,
+                          last_error="RuntimeError: boom" if state == "failed" else None)
+            session.add(study)
+            session.flush()
+            session.add(Instance(sop_instance_uid=f"{uid}.1", study_id=study.id, series_instance_uid=f"{uid}.0",
+                                 sop_class_uid="1.2.840.10008.5.1.4.1.1.2", modality="CT",
+                                 transfer_syntax_uid="1.2.840.10008.1.2.1", path="x.dcm", size=1,
+                                 calling_aet="SCANNER", received_at=utcnow()))
+    database.dispose()
+    return config
+
+
+def _states(tmp_path: Path) -> dict[str, tuple[str, int, str | None, int]]:
+    from storage.db import Database, Study
+
+    database = Database(f"sqlite:///{tmp_path}/n.db")
+    with database.read() as session:
+        return {s.study_instance_uid: (s.state.value, s.attempts, s.last_error, s.analyses)
+                for s in session.query(Study).order_by(Study.study_instance_uid)}
+
+
+def test_reanalyse_queues_failed_and_done_studies_and_leaves_the_queue_alone(tmp_path: Path) -> None:
+    from node.triagelog import read_events
+
+    config = _node_with_studies(tmp_path, {"1.1": "failed", "1.2": "done", "1.3": "processing"})
+    result = _run("reanalyse", "1.1", "1.2", "1.3", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "study 1.1 (accession A1.1): failed, queued to be analysed again; new result series follow " \
+                       "the earlier ones"
+    assert lines[1].startswith("study 1.2 (accession A1.2): done, queued to be analysed again")
+    assert lines[2] == "study 1.3 (accession A1.3): processing, left alone: it is in the queue and will be " \
+                       "analysed anyway"
+    states = _states(tmp_path)
+    assert states["1.1"] == ("ready", 0, None, 0) and states["1.2"] == ("ready", 0, None, 1)
+    assert states["1.3"] == ("processing", 2, None, 0)
+    events = [(e["event"], e["study_instance_uid"], e.get("by"), e.get("previous_state"))
+              for e in read_events(tmp_path / "triage.log")]
+    assert events == [("reanalyse", "1.1", "cli", "failed"), ("reanalyse", "1.2", "cli", "done")]
+
+    unknown = _run("reanalyse", "1.1", "9.9", "--config", str(config))
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert "study 1.1 (accession A1.1): ready, left alone" in unknown.stdout
+    assert "ichnode reanalyse: no study 9.9 on this node: check the StudyInstanceUID" in unknown.stderr
+
+    neither = _run("reanalyse", "--config", str(config))
+    assert neither.returncode == 2 and "one of the arguments STUDY_UID --failed is required" in neither.stderr
+
+
+def test_reanalyse_failed_takes_every_failed_study(tmp_path: Path) -> None:
+    config = _node_with_studies(tmp_path, {"1.1": "done"})
+    none = _run("reanalyse", "--failed", "--config", str(config))
+    assert none.returncode == 0 and none.stdout == "no failed studies\n"
+    config = _node_with_studies(tmp_path / "more", {"2.1": "failed", "2.2": "failed", "2.3": "done"})
+    result = _run("reanalyse", "--failed", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("failed, queued to be analysed again") == 2
+    assert [state for state, *_ in _states(tmp_path / "more").values()] == ["ready", "ready", "done"]

@@ -38,6 +38,7 @@ def test_repo_config_loads_with_documented_defaults() -> None:
     assert config.node.allowed_calling_aets == ()
     assert config.completion.stable_seconds == 30.0
     assert isinstance(config.completion.stable_seconds, float)
+    assert config.completion.reopen_failed is False
     assert config.triage.slice_threshold == 0.8
     assert config.triage.positive_fraction == 0.05
     assert config.triage.min_positive_slices == 1
@@ -100,6 +101,7 @@ def test_unknown_section_or_key_is_named(data: dict[str, Any], named: str) -> No
         ({"completion": {"stable_seconds": "30"}}, "completion.stable_seconds"),
         ({"completion": {"stable_seconds": True}}, "completion.stable_seconds"),
         ({"worker": {"enabled_in_serve": 1}}, "worker.enabled_in_serve"),
+        ({"completion": {"reopen_failed": "yes"}}, "completion.reopen_failed"),
         ({"node": {"ae_title": 5}}, "node.ae_title"),
         ({"node": {"allowed_calling_aets": "SCANNER"}}, "node.allowed_calling_aets"),
         ({"node": {"allowed_calling_aets": ["OK", 3]}}, "node.allowed_calling_aets[1]"),

@@ -1,9 +1,11 @@
 """Retryable against permanent failures, with a real full disk: the storage root is a small
 tmpfs that fills up while the result series is written; once space comes back the study
-completes and its result reaches the PACS (Orthanc) exactly once."""
+completes and its result reaches the PACS (Orthanc) exactly once. An unexpected error
+(a bug) fails the study at once instead."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,8 @@ from node.delivery import Deliveries, DicomSender
 from node.ingest import Ingest, Status
 from node.triagelog import TriageLog, read_events
 from node.worker import Worker
-from storage.db import Database, Study, StudyState
+from storage.db import Database, Study, StudyState, utcnow
+from storage.state import ClaimedStudy
 from storage.store import InstanceStore
 from tests.peers import Orthanc, wait_for
 from training.inference.predictor import Predictor
@@ -104,3 +107,36 @@ def test_a_full_disk_defers_the_study_until_space_comes_back(small_disk: Path, t
         assert not list(small_disk.glob("results/*/*.partial"))
     finally:
         pacs.stop()
+
+
+class _BuggyWorker(Worker):
+    """A worker whose analysis meets a bug: an exception the project never raises on purpose."""
+
+    def _headers(self, study: ClaimedStudy) -> list:
+        raise KeyError("SliceThickness")
+
+
+def test_an_unexpected_error_fails_the_study_at_once_with_its_traceback_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = parse_config({
+        "storage": {"root": str(tmp_path / "store"), "database_url": f"sqlite:///{tmp_path / 'node.db'}"},
+        "model": {"device": "cpu"},
+        "log": {"path": str(tmp_path / "triage.log")},
+    }, tmp_path)
+    database = Database(config.storage.database_url, create=True)
+    with database.write() as session:
+        session.add(Study(study_instance_uid="1.2.3", accession_number="ACC7", state=StudyState.READY,
+                          first_received_at=utcnow(), last_received_at=utcnow()))
+    predictor = Predictor(create_model("resnet18"), default_model_config("resnet18"), device=Device("cpu"))
+    worker = _BuggyWorker(config, database, InstanceStore(config.storage.root), predictor,
+                          TriageLog(config.log.path))
+    with caplog.at_level(logging.ERROR, logger="node.worker"):
+        assert worker.run_once()
+    assert not worker.run_once()  # not queued again: the same input would fail the same way
+    with database.read() as session:
+        study = session.query(Study).one()
+        assert (study.state, study.attempts, study.last_error) == (StudyState.FAILED, 1, "KeyError: 'SliceThickness'")
+    events = [(e["event"], e.get("reason")) for e in read_events(config.log.path)]
+    assert events == [("failed", "KeyError: 'SliceThickness'")]
+    (logged,) = [r for r in caplog.records if "analysis failed unexpectedly" in r.getMessage()]
+    assert "1.2.3" in logged.getMessage() and logged.exc_info is not None  # the traceback is in the node's log

@@ -21,6 +21,7 @@ from storage.state import (
     ClaimedStudy,
     DueDelivery,
     ReceivedInstance,
+    Reanalysis,
     claim_delivery,
     claim_next_study,
     claim_notification,
@@ -28,13 +29,16 @@ from storage.state import (
     delivery_attempt_failed,
     delivery_sent,
     fail_study,
+    failed_study_uids,
     finish_study,
     heartbeat,
     mark_ready,
     notification_attempt_failed,
     notification_sent,
     queue_notifications,
+    reanalyse_study,
     record_instance,
+    record_purge,
     renew_delivery,
     requeue_stale,
     result_folders,
@@ -227,7 +231,7 @@ def test_claim_takes_the_oldest_ready_study(session: Session) -> None:
 
 def test_attempts_increment_with_each_claim(session: Session) -> None:
     study = processing_study(session)
-    defer_study(session, study.id, "w1", "boom", retry_at=at(80), counts_as_attempt=True)
+    requeue_stale(session, 10, 3, at(80))  # w1 went silent
     again = claim_next_study(session, "w2", at(90))
     assert again is not None and again.id == study.id
     assert again.attempts == 2
@@ -371,7 +375,7 @@ def test_fail_study_fails_at_once(session: Session) -> None:
 
 def test_a_deferred_study_waits_for_its_time(session: Session) -> None:
     study = processing_study(session)  # attempts = 1
-    deferred = defer_study(session, study.id, "w1", "no space left", retry_at=at(100), counts_as_attempt=False)
+    deferred = defer_study(session, study.id, "w1", "no space left", retry_at=at(100))
     assert deferred.state == StudyState.READY and deferred.last_error == "no space left"
     assert (deferred.attempts, deferred.retries) == (0, 1)  # a failure of the disk uses up no attempt
     assert claim_next_study(session, "w1", at(99)) is None
@@ -379,18 +383,126 @@ def test_a_deferred_study_waits_for_its_time(session: Session) -> None:
     assert again is not None and (again.attempts, again.retries) == (1, 1)
 
 
-def test_an_unexpected_failure_keeps_its_attempt(session: Session) -> None:
-    study = processing_study(session)
-    deferred = defer_study(session, study.id, "w1", "RuntimeError: x", retry_at=at(70), counts_as_attempt=True)
-    assert deferred.attempts == 1
-
-
 def test_finishing_clears_the_retry_state(session: Session) -> None:
     study = processing_study(session)
-    defer_study(session, study.id, "w1", "no space left", retry_at=at(70), counts_as_attempt=False)
+    defer_study(session, study.id, "w1", "no space left", retry_at=at(70))
     again = claim_next_study(session, "w1", at(70))
     finished = finish(session, again.id, started_at=at(70))
     assert (finished.retries, finished.retry_at, finished.last_error) == (0, None, None)
+
+
+# --- re-running a study ------------------------------------------------------------
+
+
+def test_reanalyse_puts_a_failed_study_back_in_the_queue(database: Database, session: Session) -> None:
+    study = processing_study(session)
+    defer_study(session, study.id, "w1", "no space left", retry_at=at(70))
+    claim_next_study(session, "w1", at(70))
+    fail_study(session, study.id, "w1", "RuntimeError: boom")
+    session.commit()
+    outcome = reanalyse_study(session, STUDY, at(500))
+    assert (outcome.outcome, outcome.state, outcome.accession_number) == (Reanalysis.QUEUED, StudyState.FAILED,
+                                                                           "ACC1")
+    row = study_row(database, session, study.id)
+    assert row.state == StudyState.READY and row.updated_at == at(500)
+    assert (row.attempts, row.retries, row.retry_at, row.last_error) == (0, 0, None, None)
+    again = claim_next_study(session, "w2", at(501))
+    assert again is not None and again.id == study.id and again.attempts == 1
+
+
+def test_reanalyse_keeps_the_count_of_analyses_so_new_results_are_numbered_after(session: Session) -> None:
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61))
+    assert reanalyse_study(session, STUDY, at(200)).outcome == Reanalysis.QUEUED
+    again = claim_next_study(session, "w1", at(201))
+    assert again is not None and again.analyses == 1
+    assert session.get(Study, study.id, populate_existing=True).verdict == "positive"  # until the new one
+
+
+def test_reanalyse_leaves_a_study_still_in_the_queue_alone(database: Database, session: Session) -> None:
+    study_id = receive(session, "1.2.3.4.1.1", T0)
+    assert reanalyse_study(session, STUDY, at(1)).outcome == Reanalysis.BUSY
+    assert study_row(database, session, study_id).state == StudyState.RECEIVING
+    mark_ready(session, 30, at(60))
+    assert (reanalyse_study(session, STUDY, at(61)).state, study_row(database, session, study_id).state) == \
+        (StudyState.READY, StudyState.READY)
+    claimed = claim_next_study(session, "w1", at(62))
+    outcome = reanalyse_study(session, STUDY, at(63))
+    assert (outcome.outcome, outcome.state) == (Reanalysis.BUSY, StudyState.PROCESSING)
+    row = study_row(database, session, study_id)
+    assert (row.state, row.claimed_by, row.attempts) == (StudyState.PROCESSING, "w1", claimed.attempts)
+
+
+def test_reanalyse_names_an_unknown_study(session: Session) -> None:
+    outcome = reanalyse_study(session, "9.9.9", T0)
+    assert (outcome.study_instance_uid, outcome.state, outcome.outcome) == ("9.9.9", None, Reanalysis.UNKNOWN)
+
+
+def test_reanalyse_leaves_a_study_whose_instances_retention_deleted(database: Database, session: Session) -> None:
+    study = processing_study(session)
+    finish(session, study.id, started_at=at(61))
+    record_purge(session, study.id, at(300))
+    assert reanalyse_study(session, STUDY, at(400)).outcome == Reanalysis.NOTHING_LEFT
+    assert study_row(database, session, study.id).state == StudyState.DONE
+
+
+def test_racing_reanalyses_queue_a_study_once(database: Database) -> None:
+    with database.session() as setup:
+        study = processing_study(setup)
+        fail_study(setup, study.id, "w1", "no series")
+        setup.commit()
+    start = threading.Barrier(4)
+
+    def reanalyse(_: int) -> Reanalysis:
+        start.wait()
+        with database.write() as own:
+            return reanalyse_study(own, STUDY, at(500)).outcome
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(reanalyse, range(4)))
+    assert sorted(outcomes) == sorted([Reanalysis.QUEUED] + [Reanalysis.BUSY] * 3)
+
+
+def test_failed_study_uids_lists_every_failed_study_oldest_first(session: Session) -> None:
+    for n, uid in enumerate(("5.1", "5.2", "5.3")):
+        ready_study(session, 1, study=uid)
+        claimed = claim_next_study(session, "w1", at(61 + n))
+        if uid != "5.2":
+            fail_study(session, claimed.id, "w1", "no series")
+        session.commit()
+    assert failed_study_uids(session) == ["5.1", "5.3"]
+
+
+def test_a_resent_instance_reopens_a_failed_study_only_with_reopen_failed(session: Session) -> None:
+    study = processing_study(session)
+    fail_study(session, study.id, "w1", "RuntimeError: boom")
+    session.commit()
+    first = session.scalars(select(Instance)).first()
+    plain = record_instance(session, instance(first.sop_instance_uid), at(300))
+    session.commit()
+    assert plain.duplicate and not plain.reopened
+    assert session.get(Study, study.id).state == StudyState.FAILED
+    resent = record_instance(session, instance(first.sop_instance_uid), at(301), reopen_failed=True)
+    session.commit()
+    assert resent.duplicate and resent.reopened
+    row = session.get(Study, study.id)
+    assert (row.state, row.attempts, row.last_error, row.instance_count) == (StudyState.RECEIVING, 0, None, 3)
+
+
+def test_reopen_failed_re_opens_a_failed_study_with_any_instance_but_never_a_done_one(session: Session) -> None:
+    study = processing_study(session)
+    fail_study(session, study.id, "w1", "no series")
+    session.commit()
+    sr = record_instance(session, instance("1.2.3.4.9.9", analysable=False), at(300), reopen_failed=True)
+    session.commit()
+    assert sr.reopened and session.get(Study, study.id).state == StudyState.RECEIVING
+    mark_ready(session, 30, at(400))
+    again = claim_next_study(session, "w1", at(401))
+    finish(session, again.id, started_at=at(401))
+    first = session.scalars(select(Instance)).first()
+    resent = record_instance(session, instance(first.sop_instance_uid), at(500), reopen_failed=True)
+    session.commit()
+    assert not resent.reopened and session.get(Study, study.id).state == StudyState.DONE
 
 
 # --- deliveries and notifications ----------------------------------------------------
@@ -596,7 +708,7 @@ def test_a_worker_that_lost_its_study_records_nothing(database: Database, sessio
     assert taken is not None and taken.id == study.id
     assert finish(session, study.id, started_at=at(61)) is None  # w1 finishes late
     assert fail_study(session, study.id, "w1", "late") is None
-    assert defer_study(session, study.id, "w1", "late", retry_at=at(300), counts_as_attempt=False) is None
+    assert defer_study(session, study.id, "w1", "late", retry_at=at(300)) is None
     row = study_row(database, session, study.id)
     assert row.state == StudyState.PROCESSING and row.claimed_by == "w2"
     with database.read() as other:

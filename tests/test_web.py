@@ -13,8 +13,11 @@ import io
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pydicom
@@ -30,10 +33,10 @@ from node.health import Liveness, Readiness
 from node.history import TriageHistory
 from node.ingest import Ingest, Status
 from node.service import complete_quiet_studies
-from node.triagelog import TriageLog
+from node.triagelog import TriageLog, read_events
 from node.web import create_app
 from node.worker import Worker
-from storage.db import Database
+from storage.db import Database, Study, StudyState
 from storage.store import InstanceStore
 from tests.peers import free_port, wait_for
 from training.inference.predictor import Predictor
@@ -144,6 +147,7 @@ def test_the_study_page_shows_its_timeline_choices_and_the_pictures_sent(analyse
     view = client.get(f"/api/studies/{uid}").json()
     assert view["analysis"]["series_reason"] and view["images"]
     assert [e["event"] for e in view["timeline"]][:3] == ["received", "ready", "analysed"]
+    assert f'action="/studies/{uid}/reanalyse"' in page.text  # a done study can be re-run
     for name in view["images"]:
         assert f'/studies/{uid}/images/{name}.png' in page.text
         picture = client.get(f"/studies/{uid}/images/{name}.png")
@@ -222,6 +226,102 @@ def test_retry_needs_the_token(analysed: Analysed) -> None:
     refused = without.post("/failures/retry")
     assert refused.status_code == 403 and "web.token is not set" in refused.text
     assert without.get("/failures", headers=HTML).status_code == 200  # reads stay open on loopback
+
+
+@pytest.fixture
+def changed(analysed: Analysed, tmp_path: Path) -> Iterator[Analysed]:
+    """The analysed node with a database and triage log of this test's own, to change."""
+    with closing(sqlite3.connect(analysed.database.url.database)) as source, \
+            closing(sqlite3.connect(tmp_path / "node.db")) as copy:
+        source.backup(copy)
+    config = analysed.config
+    config = dataclasses.replace(
+        config, storage=dataclasses.replace(config.storage, database_url=f"sqlite:///{tmp_path / 'node.db'}"),
+        log=dataclasses.replace(config.log, path=tmp_path / "triage.log"))
+    database = Database(config.storage.database_url)
+    yield dataclasses.replace(analysed, config=config, database=database)
+    database.dispose()
+
+
+def _study_states(node: Analysed) -> dict[str, StudyState]:
+    with node.database.read() as session:
+        return {s.study_instance_uid: s.state for s in session.query(Study)}
+
+
+def _fail_every_study(node: Analysed) -> list[str]:
+    with node.database.write() as session:
+        session.query(Study).update({Study.state: StudyState.FAILED, Study.last_error: "RuntimeError: boom"})
+    return sorted(_study_states(node))
+
+
+def test_reanalyse_needs_the_token_and_puts_the_study_back_in_the_queue(changed: Analysed) -> None:
+    client = changed.app()
+    uid = sorted(_study_states(changed))[0]
+    assert client.post(f"/studies/{uid}/reanalyse").status_code == 401
+    assert client.post(f"/studies/{uid}/reanalyse", data={"token": "not-the-token-at-all"}).status_code == 403
+    refused = changed.app(token="").post(f"/studies/{uid}/reanalyse")
+    assert refused.status_code == 403 and "`ichnode reanalyse` on the node" in refused.text
+    assert _study_states(changed)[uid] == StudyState.DONE
+
+    done = client.post(f"/studies/{uid}/reanalyse", data={"token": TOKEN}, follow_redirects=False)
+    assert done.status_code == 303 and done.headers["location"] == f"/studies/{uid}?reanalysed=queued"
+    assert _study_states(changed)[uid] == StudyState.READY
+    page = client.get(done.headers["location"], headers=HTML)
+    assert "Re-analyse: queued to be analysed again" in page.text
+    assert f'action="/studies/{uid}/reanalyse"' not in page.text  # no button while it waits in the queue
+    (event,) = [e for e in read_events(changed.config.log.path) if e["event"] == "reanalyse"]
+    assert (event["study_instance_uid"], event["by"], event["previous_state"]) == (uid, "web", "done")
+
+    again = client.post(f"/studies/{uid}/reanalyse", headers={"authorization": f"Bearer {TOKEN}",
+                                                             "accept": "application/json"})
+    assert again.json() == {"study_instance_uid": uid, "accession_number": again.json()["accession_number"],
+                            "state": "ready", "outcome": "busy"}
+    missing = client.post("/studies/1.2.3.4/reanalyse", data={"token": TOKEN})
+    assert missing.status_code == 404 and "no study 1.2.3.4" in missing.text
+
+
+def test_reanalyse_needs_the_csrf_value_besides_the_session(changed: Analysed) -> None:
+    client = changed.app(host="0.0.0.0")
+    client.post("/login", data={"token": TOKEN})
+    uid = _fail_every_study(changed)[0]
+    page = client.get(f"/studies/{uid}", headers=HTML)
+    assert f'action="/studies/{uid}/reanalyse"' in page.text
+    assert client.post(f"/studies/{uid}/reanalyse").status_code == 403  # the cookie alone changes nothing
+    assert client.post("/failures/reanalyse").status_code == 403
+    assert set(_study_states(changed).values()) == {StudyState.FAILED}
+    csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+    done = client.post(f"/studies/{uid}/reanalyse", data={"csrf": csrf}, follow_redirects=False)
+    assert done.status_code == 303 and _study_states(changed)[uid] == StudyState.READY
+
+
+def test_the_failures_page_re_analyses_one_or_every_failed_study(changed: Analysed) -> None:
+    client = changed.app()
+    first, second = _fail_every_study(changed)
+    page = client.get("/failures", headers=HTML)
+    for uid in (first, second):
+        assert f'action="/studies/{uid}/reanalyse"' in page.text
+    assert 'action="/failures/reanalyse"' in page.text and "ichnode reanalyse --failed" in page.text
+    assert "sent again" not in page.text and "Sending" not in page.text  # re-sending does nothing here
+
+    one = client.post(f"/studies/{first}/reanalyse", data={"token": TOKEN}, follow_redirects=False)
+    assert one.status_code == 303 and _study_states(changed) == {first: StudyState.READY, second: StudyState.FAILED}
+    every = client.post("/failures/reanalyse", data={"token": TOKEN}, follow_redirects=False)
+    assert every.status_code == 303 and every.headers["location"] == "/failures?reanalysed=1"
+    assert set(_study_states(changed).values()) == {StudyState.READY}
+    assert "Queued to be analysed again: 1 failed study." in client.get(every.headers["location"], headers=HTML).text
+    none = client.post("/failures/reanalyse", headers={"authorization": f"Bearer {TOKEN}",
+                                                       "accept": "application/json"})
+    assert none.json() == {"queued": 0}
+    assert 'action="/failures/reanalyse"' not in client.get("/failures", headers=HTML).text  # nothing failed
+
+
+def test_the_failures_page_names_a_re_send_only_when_reopen_failed_is_on(changed: Analysed) -> None:
+    _fail_every_study(changed)
+    config = changed.config
+    reopening = dataclasses.replace(config, completion=dataclasses.replace(config.completion, reopen_failed=True))
+    client = TestClient(create_app(reopening, *changed.parts(reopening)), base_url="http://127.0.0.1:8080")
+    page = client.get("/failures", headers=HTML)
+    assert "images again also re-opens it (completion.reopen_failed)" in page.text
 
 
 def test_on_loopback_only_this_machine_s_names_are_answered(analysed: Analysed) -> None:
