@@ -20,9 +20,10 @@ from torch.utils.data import Dataset, Sampler
 
 from training.errors import DataError, NoAnalysableSeries
 from training.inference.predictor import Predictor
-from training.prepare import SliceRecord, load_cached_image, read_split
+from training.model import attributes as attr
 from training.model.preprocess import PreprocessSpec, windowed_to_input
 from training.model.series import choose_head_series, read_header
+from training.prepare import SliceRecord, load_cached_image, read_split
 
 __all__ = [
     "CachedSlices",
@@ -249,7 +250,7 @@ def _from_cq500(root: Path, min_slices: int) -> EvalSet:
             header = read_header(path)
         except Exception:  # unreadable files are left out
             continue
-        patient = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
+        patient = attr.text(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]), "PatientID")
         by_patient.setdefault(patient, []).append(header)
     studies, skipped = [], []
     for name, label in sorted(labels.items()):

@@ -54,7 +54,14 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from training.errors import DataError
-from training.model.preprocess import PAPER_WINDOWS, hu_from_dataset, pad_to_square, resize_bilinear, window_channels
+from training.model import attributes as attr
+from training.model.preprocess import (
+    PAPER_WINDOWS,
+    hu_from_dataset,
+    pad_to_square,
+    resize_bilinear,
+    window_channels,
+)
 from training.synthetic import is_synthetic_dataset
 
 __all__ = [
@@ -144,11 +151,8 @@ def read_rsna_labels(csv_path: Path) -> RsnaLabels:
 
 
 def _slice_normal(ds: pydicom.Dataset) -> np.ndarray | None:
-    try:
-        orientation = [float(v) for v in ds.ImageOrientationPatient]
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return np.cross(orientation[:3], orientation[3:])
+    orientation = attr.numbers(ds, "ImageOrientationPatient", 6)
+    return None if orientation is None else np.cross(orientation[:3], orientation[3:])
 
 
 def cache_image(ds: pydicom.Dataset) -> np.ndarray:
@@ -179,20 +183,20 @@ def _header_fields(image_id: str, ds: pydicom.Dataset) -> dict:
     # RSNA 2019's UIDs ("ID_…") are not valid UIDs; pydicom would warn once per file.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        missing = [k for k in ("PatientID", "SeriesInstanceUID") if not ds.get(k)]
+        missing = [k for k in ("PatientID", "SeriesInstanceUID") if not attr.text(ds, k)]
         if missing:  # patients and series order need both
             return {"error": f"no {' or '.join(missing)} (truncated or incomplete file)"}
         normal = _slice_normal(ds)
-        position = ds.get("ImagePositionPatient")
-        if normal is not None and position:
-            order = float(np.dot(normal, [float(v) for v in position]))
+        position = attr.numbers(ds, "ImagePositionPatient", 3)
+        if normal is not None and position is not None:
+            order = float(np.dot(normal, position))
         else:
-            order = float(ds.get("InstanceNumber", 0) or 0)
-        sop_uid = str(ds.get("SOPInstanceUID", ""))
+            order = float(attr.integer(ds, "InstanceNumber") or 0)
+        sop_uid = attr.text(ds, "SOPInstanceUID")
         return {
-            "patient_id": str(ds.PatientID),
-            "study_uid": str(ds.get("StudyInstanceUID", "")),
-            "series_uid": str(ds.get("SeriesInstanceUID", "")),
+            "patient_id": attr.text(ds, "PatientID"),
+            "study_uid": attr.text(ds, "StudyInstanceUID"),
+            "series_uid": attr.text(ds, "SeriesInstanceUID"),
             "sop_instance_uid": sop_uid,
             "position": order,
             "synthetic": is_synthetic_dataset(ds),

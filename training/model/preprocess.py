@@ -16,6 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from storage.errors import InvalidInstance
+from training.model import attributes as attr
 
 __all__ = [
     "Window",
@@ -143,22 +144,16 @@ def normalise(channels: np.ndarray, mean: float, std: float) -> np.ndarray:
     return ((channels - np.float32(mean)) / np.float32(std)).astype(np.float32)
 
 
-def _number(ds: Dataset, keyword: str, default: float) -> float:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return default
-    if not isinstance(value, (int, float)):  # multi-valued: the first value applies
-        value = value[0]
-    return float(value)
-
-
 def _rescale(ds: Dataset, uid: str) -> tuple[float, float]:
-    """(RescaleSlope, RescaleIntercept), missing meaning 1 and 0; a slope of 0 would make
-    every pixel the same HU, and NaN or infinity no HU at all."""
+    """(RescaleSlope, RescaleIntercept), missing meaning 1 and 0; a value that is not a
+    number, a slope of 0 (every pixel the same HU) and NaN or infinity (no HU at all)
+    are refused."""
     try:
-        slope, intercept = _number(ds, "RescaleSlope", 1.0), _number(ds, "RescaleIntercept", 0.0)
-    except (TypeError, ValueError, IndexError) as exc:
+        slope, intercept = attr.number_or_error(ds, "RescaleSlope"), attr.number_or_error(ds, "RescaleIntercept")
+    except attr.MalformedAttribute as exc:
         raise InvalidInstance(f"instance {uid}: RescaleSlope/RescaleIntercept are not numbers: {exc}") from exc
+    slope = 1.0 if slope is None else slope
+    intercept = 0.0 if intercept is None else intercept
     if not math.isfinite(slope) or slope == 0:
         raise InvalidInstance(f"instance {uid}: RescaleSlope {slope:g} cannot map pixels to HU "
                               "(it must be finite and non-zero)")
