@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -37,10 +38,10 @@ from training.errors import NoAnalysableSeries
 from training.inference.gradcam import Features
 from training.inference.predictor import Predictor
 from training.model.inputs import Assessment
-from training.model.preprocess import hu_from_dataset
+from training.model.preprocess import hu_from_dataset, square_pixels
 from training.model.rule import POSITIVE_LABEL, TriageRule, Verdict, key_slice_indices
-from training.model.scope import (NOT_TRIAGED_LABEL, Reason, ReasonCode, metal_depth_mm, metal_reason,
-                                  middle_slices, scope_reasons)
+from training.model.scope import (NOT_TRIAGED_LABEL, Reason, ReasonCode, header_reasons, metal_depth_mm,
+                                  metal_reason, middle_slices, scope_reasons)
 from training.model.series import SeriesChoice, SliceHeader, choose_head_series
 
 __all__ = ["SERIES_PER_ANALYSIS", "AnalysisSettings", "AnalysisResult", "SliceReader", "analyse", "failure_notice"]
@@ -147,11 +148,11 @@ class _Scan:
 
 
 def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_slices: int,
-          clock: _Stopwatch, preloaded: dict[str, Dataset]) -> _Scan:
+          clock: _Stopwatch, preloaded: dict[str, Dataset], unreadable: Mapping[str, str]) -> _Scan:
     """Every slice through the model, and through the metal check when the scope asks for it
     (on the HU the model's input is made from, so each slice is read once); `preloaded`
-    holds slices the scope check already read."""
-    scan = _Scan()
+    holds slices the scope check already read; `unreadable` files are left out from the start."""
+    scan = _Scan(skipped=dict(unreadable))
     metal_check = predictor.config.scope.metal_check
     batch: list[tuple[SliceHeader, np.ndarray]] = []
 
@@ -171,10 +172,10 @@ def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_sli
         try:
             ds = preloaded.pop(header.key, None) or read(header)
             loaded = clock.since("load", started)
-            hu = hu_from_dataset(ds)
+            hu, spacing = square_pixels(hu_from_dataset(ds), header.pixel_spacing)
             network_input = predictor.prepare_hu(hu)
             if metal_check:
-                scan.metal.append(metal_depth_mm(hu, header.pixel_spacing))
+                scan.metal.append(metal_depth_mm(hu, spacing))
             clock.since("preprocess", loaded)
         except Exception as exc:  # InvalidInstance, or pydicom on a damaged file
             scan.skipped[header.key] = str(exc)
@@ -189,9 +190,10 @@ def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_sli
     return scan
 
 
-def _check_usable(choice: SeriesChoice, scan: _Scan, settings: AnalysisSettings) -> None:
-    """Too few usable slices, or too many left out, and a verdict would mean nothing."""
-    total, usable = len(choice.slices), len(scan.probabilities)
+def _check_usable(choice: SeriesChoice, scan: _Scan, settings: AnalysisSettings, unreadable: int) -> None:
+    """Too few usable slices, or too many left out, and a verdict would mean nothing. Files
+    of the study that could not be read at all count against the series: they may be its."""
+    total, usable = len(choice.slices) + unreadable, len(scan.probabilities)
     first = next(iter(scan.skipped.values()), "none")
     if usable < settings.min_slices:
         raise InvalidInstance(
@@ -358,18 +360,24 @@ def _first_readable(headers: Sequence[SliceHeader], read: SliceReader,
 
 
 def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predictor,
-            settings: AnalysisSettings, *, series_number: int) -> AnalysisResult:
+            settings: AnalysisSettings, *, series_number: int,
+            unreadable: Mapping[str, str] = MappingProxyType({})) -> AnalysisResult:
     """Choose the head series, check it against the checkpoint's scope, run the model on it
     slice by slice, check its slices against the checkpoint's training inputs, apply the
     rule, explain the key slices and build the object sets `settings.objects` asks for,
     each a series of its own numbered from `series_number` (SC, then SR, then KOS).
 
+    `unreadable` names the study's files whose header could not be read (file → why): each
+    is counted among the slices left out.
+
     Raises InvalidInstance when too few slices of the series can be used (final for the
     study), and NoAnalysableSeries when no instance of the study can be read at all.
     """
     clock = _Stopwatch()
+    scope = predictor.config.scope
     try:
-        choice = choose_head_series(list(headers), settings.min_slices)
+        choice = choose_head_series(list(headers), settings.min_slices,
+                                    lambda slices: [r.text for r in header_reasons(slices, scope)])
     except NoAnalysableSeries as problem:
         return _no_series(headers, read, problem, predictor, settings, clock, series_number)
     reasons, preloaded, damaged = _scope(choice, read, predictor, clock)
@@ -382,8 +390,8 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
         reference, source = found
         return _not_triaged(reasons, choice, reference, [source], predictor, settings, clock,
                             series_number=series_number)
-    scan = _scan(choice, read, predictor, settings.key_slices, clock, preloaded)
-    _check_usable(choice, scan, settings)
+    scan = _scan(choice, read, predictor, settings.key_slices, clock, preloaded, unreadable)
+    _check_usable(choice, scan, settings, len(unreadable))
     probabilities = np.array(scan.probabilities, dtype=np.float32)
     model = predictor.config
     metal = metal_reason(scan.metal)
@@ -415,7 +423,8 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
     if ResultKind.SR in settings.objects:
         objects[ResultKind.SR] = [build_sr(scan.reference, sources, verdict, context,
                                            series_number=series_number + SERIES_OFFSETS[ResultKind.SR],
-                                           series_description=texts.descriptions[ResultKind.SR])]
+                                           series_description=texts.descriptions[ResultKind.SR],
+                                           left_out=len(scan.skipped))]
     if ResultKind.KOS in settings.objects:
         objects[ResultKind.KOS] = [build_kos(scan.reference, sources, context,
                                              series_number=series_number + SERIES_OFFSETS[ResultKind.KOS],

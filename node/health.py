@@ -69,6 +69,13 @@ class Readiness:
 
     def _storage(self) -> Check:
         root = self.store.root
+        try:
+            no_inodes = self.store.free_inodes() == 0
+        except OSError:
+            no_inodes = False  # the probe below names what is wrong with the folder
+        if no_inodes:
+            return Check("storage", False, f"no free inodes on the file system of {root}: space is free, but no "
+                                           "file can be created, so stores are refused")
         probe = root / f".ready-{uuid.uuid4().hex}"
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -79,11 +86,11 @@ class Readiness:
                 probe.unlink(missing_ok=True)
         except OSError as exc:
             return Check("storage", False, f"storage.root {root} cannot be written: {exc.strerror or exc}")
-        free = self.store.free_mb()
+        free, inodes = self.store.free_mb(), self.store.free_inodes()
         if free < self.min_free_mb:
             return Check("storage", False, f"{free:.0f} MiB free on the disk of {root}, below storage.min_free_mb "
                                            f"= {self.min_free_mb}: stores are refused")
-        return Check("storage", True, f"{free:.0f} MiB free")
+        return Check("storage", True, f"{free:.0f} MiB free" + (f", {inodes} inodes free" if inodes is not None else ""))
 
     def _model(self) -> Check:
         if self.model_loaded:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from pydicom import config as pydicom_config
 import highdicom as hd
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
 

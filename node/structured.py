@@ -34,6 +34,7 @@ SCORE_MAX = Code("score-max", "99ICHNODE", "Maximum slice probability of ICH")
 SCORE_TOP = Code("score-top3", "99ICHNODE", "Mean of the three highest slice probabilities of ICH")
 POSITIVE_SLICES = Code("positive-slices", "99ICHNODE", "Slices above the slice threshold")
 ANALYSED_SLICES = Code("analysed-slices", "99ICHNODE", "Slices analysed")
+LEFT_OUT_SLICES = Code("left-out-slices", "99ICHNODE", "Slices left out of the analysis")
 PROBABILITY = codes.UCUM.NoUnits
 SLICES = Code("{slices}", "UCUM", "slices")
 # A study outside what the model supports: the finding was not evaluated, and why.
@@ -113,9 +114,10 @@ def _algorithm(rule: TriageRule, parameters: list[str], context: ResultContext) 
                                          parameters=[*rule_parameters, *parameters], manufacturer=context.manufacturer)
 
 
-def _measurements(verdict: Verdict) -> list[hd.sr.Measurement]:
+def _measurements(verdict: Verdict, left_out: int) -> list[hd.sr.Measurement]:
     values = [(SCORE_MAX, verdict.study_score, PROBABILITY), (SCORE_TOP, verdict.top_k_score, PROBABILITY),
-              (POSITIVE_SLICES, verdict.positive_slices, SLICES), (ANALYSED_SLICES, verdict.total_slices, SLICES)]
+              (POSITIVE_SLICES, verdict.positive_slices, SLICES), (ANALYSED_SLICES, verdict.total_slices, SLICES),
+              (LEFT_OUT_SLICES, left_out, SLICES)]
     return [hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit) for name, value, unit in values]
 
 
@@ -182,10 +184,11 @@ def _report(reference: Dataset, key_slices: list[SourceImage], context: ResultCo
 
 
 def build_sr(reference: Dataset, key_slices: list[SourceImage], verdict: Verdict, context: ResultContext, *,
-             series_number: int, series_description: str) -> hd.sr.Comprehensive3DSR:
-    """The IHE AI Results SR of a verdict: the coded finding, the scores, the key slices."""
+             series_number: int, series_description: str, left_out: int = 0) -> hd.sr.Comprehensive3DSR:
+    """The IHE AI Results SR of a verdict: the coded finding, the scores, the slices left
+    out of the analysis (the verdict did not see them), the key slices."""
     return _report(reference, key_slices, context, value=codes.SCT.Suspected if verdict.positive else NOT_DETECTED,
-                   measurements=_measurements(verdict), reasons=[],
+                   measurements=_measurements(verdict, left_out), reasons=[],
                    algorithm=_algorithm(verdict.rule, [f"required_slices={verdict.required_slices}"], context),
                    series_number=series_number, series_description=series_description)
 

@@ -13,12 +13,14 @@ only the claims of a study whose worker died (`requeue_stale`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydicom.uid import generate_uid
@@ -27,6 +29,7 @@ from node.analysis import SERIES_PER_ANALYSIS, AnalysisResult, AnalysisSettings,
 from node.config import Config
 from node.health import Liveness
 from node.lease import KeepAlive, claimant_id
+from node.privacy import redact
 from node.notify import analysed_message, failed_message, messages_for, patient_fields
 from node.output import encode
 from node.triagelog import TriageLog
@@ -101,6 +104,19 @@ def recover_results(database: Database, store: InstanceStore, stale_after_second
             log.warning("deleted result series %s: written before a crash, never recorded", folder)
 
 
+@contextlib.contextmanager
+def _library_warnings_logged(study_uid: str) -> Iterator[None]:
+    """pydicom's and highdicom's warnings during an analysis go to the node's log, one line
+    each with quoted values redacted, instead of to stderr with a patient's name in them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                log.warning("study %s: %s: %s", study_uid, warning.category.__name__, redact(str(warning.message)))
+
+
 class Worker:
     """Claims ready studies one at a time and records what came of each."""
 
@@ -131,9 +147,11 @@ class Worker:
         with KeepAlive(lambda: self._beat(study.id), self.config.worker.heartbeat_seconds,
                        f"study {study.study_instance_uid}"):
             try:
-                result = analyse(self._headers(study), read_slice, self.predictor, self.settings,
-                                 series_number=self.config.output.series_number
-                                 + SERIES_PER_ANALYSIS * study.analyses)
+                headers, unreadable = self._headers(study)
+                with _library_warnings_logged(study.study_instance_uid):
+                    result = analyse(headers, read_slice, self.predictor, self.settings, unreadable=unreadable,
+                                     series_number=self.config.output.series_number
+                                     + SERIES_PER_ANALYSIS * study.analyses)
                 folder = self._write(study, result)
             except Exception as exc:
                 self._failed(study, exc)
@@ -165,14 +183,17 @@ class Worker:
         queue_notifications(session, study_id, messages_for(self.config.notifying, failed_message(
             uid, accession, reason)), utcnow())
 
-    def _headers(self, study: ClaimedStudy) -> list[SliceHeader]:
-        headers = []
+    def _headers(self, study: ClaimedStudy) -> tuple[list[SliceHeader], dict[str, str]]:
+        """The slices of the study's instances, and the files whose header cannot be read
+        (file name → why), which the analysis counts among the slices left out."""
+        headers, unreadable = [], {}
         for path in study.instance_paths:
             try:
                 headers.extend(read_headers(self.store.absolute(path)))
             except Exception as exc:  # an unreadable file must not stop the others
+                unreadable[Path(path).name] = f"the file cannot be read ({type(exc).__name__})"
                 log.warning("study %s: cannot read %s: %s", study.study_instance_uid, path, exc)
-        return headers
+        return headers, unreadable
 
     def _write(self, study: ClaimedStudy, result: AnalysisResult) -> Path:
         started = time.perf_counter()
@@ -192,7 +213,7 @@ class Worker:
                 self._fail(study, str(exc))
             return
         log.exception("study %s: analysis failed unexpectedly", study.study_instance_uid)
-        self._fail(study, f"{type(exc).__name__}: {exc}")
+        self._fail(study, redact(f"{type(exc).__name__}: {exc}"))  # a library may quote a header value
 
     def _defer(self, study: ClaimedStudy, reason: str) -> None:
         settings = self.config.worker
@@ -238,7 +259,7 @@ class Worker:
         if self.predictor is None:
             return None
         try:
-            result = failure_notice(self._headers(study), read_slice, self.predictor, self.settings, reason,
+            result = failure_notice(self._headers(study)[0], read_slice, self.predictor, self.settings, reason,
                                     series_number=self.config.output.series_number
                                     + SERIES_PER_ANALYSIS * study.analyses)
             return (result, self._write(study, result)) if result is not None else None

@@ -70,6 +70,20 @@ class InstanceStore:
         """Free space on the disk holding the store, in MiB."""
         return shutil.disk_usage(self.root).free / 2**20
 
+    def free_inodes(self) -> int | None:
+        """Files that can still be created on the store's file system; None where the file
+        system does not count them (f_files 0: btrfs, some network file systems)."""
+        stats = os.statvfs(self.root)
+        return stats.f_favail if stats.f_files else None
+
+    def _full(self) -> str:
+        """Why a write met ENOSPC: no free inodes, or no space."""
+        try:
+            inodes = self.free_inodes()
+        except OSError:
+            inodes = None
+        return "no free inodes (files) left" if inodes == 0 else "no space left"
+
     def delete(self, relative: Path | str) -> None:
         """Remove a stored file (absent already is fine) and its folder once empty."""
         path = self.absolute(relative)
@@ -126,7 +140,7 @@ class InstanceStore:
             atomic_write(target, lambda handle: handle.write(data))
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise StorageFull(f"no space left on the disk of {self.root} writing {relative}") from exc
+                raise StorageFull(f"{self._full()} on the disk of {self.root} writing {relative}") from exc
             raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
         return len(data)
 

@@ -15,7 +15,15 @@ import pytest
 from pydicom.uid import generate_uid
 
 from node.triagelog import read_events
-from tests.peers import NodeProcess, Orthanc, dciodvfy_errors, free_port, node_config, storescu, wait_for
+from tests.peers import (
+    NodeProcess,
+    Orthanc,
+    dciodvfy_errors,
+    free_port,
+    node_config,
+    storescu,
+    wait_for,
+)
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 DEMO_MODEL = Path(__file__).parent.parent / "models" / "effclass-synthetic-demo.pt"

@@ -66,14 +66,12 @@ def orthanc(tmp_path: Path):
     pacs.stop()
 
 
-def _enhanced_ct_object(study: Path, path: Path) -> Path:
-    """A two-frame Enhanced CT Image Storage object in the study, as some scanners also send."""
+def _scout(study: Path, path: Path) -> Path:
+    """A localizer of the study in a series of its own, as scanners send one after the axial series."""
     ds = pydicom.dcmread(_study_files(study)[0])
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.NumberOfFrames = 2
-    ds.PixelData = ds.PixelData * 2
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -93,17 +91,17 @@ def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: P
         study_uid = labels["study_instance_uid"]
         wait_for(lambda: _events(tmp_path, study_uid).count("delivered") == 3, timeout=300,
                  what="the delivered events of SC, SR and KOS")
-        # An Enhanced CT object (which this version stores but never analyses) arriving for
-        # the done study is recorded without re-opening it: no second result series.
-        enhanced = _enhanced_ct_object(positive_study, tmp_path / "enhanced.dcm")
-        assert storescu(port, [enhanced]).returncode == 0
+        # A scout arriving for the done study (it could not change the result) is recorded
+        # without re-opening it: no second result series.
+        scout = _scout(positive_study, tmp_path / "scout.dcm")
+        assert storescu(port, [scout]).returncode == 0
         database = Database(f"sqlite:///{tmp_path / 'node.db'}")
 
         def recorded() -> bool:
             with database.read() as session:
                 return session.query(Instance).count() == len(files) + 1
 
-        wait_for(recorded, timeout=60, what="the Enhanced CT object in the database")
+        wait_for(recorded, timeout=60, what="the scout in the database")
         with database.read() as session:
             assert session.query(Study).one().state == StudyState.DONE
         series = _result_series(orthanc, study_uid)
@@ -111,7 +109,7 @@ def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: P
         in_pacs = [orthanc.get(f"/series/{uid}") for uid in pacs_study["Series"]]
     finally:
         node.stop()
-    files.append(enhanced)
+    files.append(scout)
 
     # The PACS holds the study with the three result series and nothing more: SC, SR, KOS.
     assert pacs_study["MainDicomTags"]["StudyInstanceUID"] == study_uid

@@ -13,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from node.errors import InvalidInstance
 from training.model.preprocess import (
     PAPER_WINDOWS,
+    square_pixels,
     PreprocessSpec,
     Window,
     apply_window,
@@ -189,3 +190,15 @@ def test_unusable_slices_raise_invalid_instance(change, message: str) -> None:
     change(ds)
     with pytest.raises(InvalidInstance, match=message):
         hu_from_dataset(ds)
+
+
+def test_non_square_pixels_are_resampled_to_square_at_the_finer_spacing() -> None:
+    hu = np.zeros((100, 200), dtype=np.float32)
+    hu[40:60, 90:110] = 80.0  # 20 × 20 pixels: 20 mm tall, 10 mm wide at (1.0, 0.5) mm
+    square, spacing = square_pixels(hu, (1.0, 0.5))
+    assert square.shape == (200, 200) and spacing == (0.5, 0.5)
+    rows, columns = np.nonzero(square > 40)
+    assert 38 <= rows.max() - rows.min() + 1 <= 42 and 18 <= columns.max() - columns.min() + 1 <= 22  # 20 × 10 mm
+    same, kept = square_pixels(hu, (0.5, 0.5))
+    assert same is hu and kept == (0.5, 0.5)
+    assert square_pixels(hu, None)[0] is hu

@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 from node.analysis import AnalysisResult, AnalysisSettings, analyse, failure_notice
 from node.output import ResultKind, encode
 from node.reference import COPIED, result_reference
+from storage.errors import InvalidInstance
 from tests.peers import dciodvfy_errors
 from training.inference.predictor import Predictor
 from training.inference.settings import Device
@@ -245,3 +246,23 @@ def test_a_failed_analysis_gets_a_notice_a_radiologist_can_read(
         (tmp_path / f"{kind}.dcm").write_bytes(encode(ds))
         assert dciodvfy_errors(tmp_path / f"{kind}.dcm") == [], kind
     assert failure_notice([], read_slice, predictor, SETTINGS, "why", series_number=9900) is None
+
+
+def test_every_slice_left_out_is_counted_and_the_fraction_rule_applies_to_all(
+    study: Path, predictor: Predictor
+) -> None:
+    headers = [h for p in sorted(study.glob("*.dcm")) for h in read_headers(p)]
+    unreadable = {"broken.dcm": "the file cannot be read (InvalidDicomError)"}
+    settings = dataclasses.replace(SETTINGS, max_unusable_fraction=0.1)
+    result = analyse(headers, read_slice, predictor, settings, series_number=9900, unreadable=unreadable)
+    assert result.skipped_slices == unreadable and len(result.probabilities) == 10
+    (sc, *_) = result.objects[ResultKind.SC]
+    assert "1 unreadable slices of the series were left out" in sc.ImageComments
+    (sr,) = result.objects[ResultKind.SR]
+    left_out = [item for item in sr.iterall() if item.keyword == "ConceptNameCodeSequence"
+                and item.value[0].CodeValue == "left-out-slices"]
+    assert left_out  # the SR says how many slices the verdict did not see
+    # Two of twelve files left out is more than 10 %: no verdict on what remains.
+    with pytest.raises(InvalidInstance, match="2 of 12 slices are unusable"):
+        analyse(headers, read_slice, predictor, settings, series_number=9900,
+                unreadable={**unreadable, "other.dcm": "the file cannot be read (InvalidDicomError)"})

@@ -74,7 +74,7 @@ def test_localizer_is_passed_over() -> None:
     head = make_series("1.2")
     choice = choose_head_series(scout + head, 10)
     assert choice.series_instance_uid == "1.2"
-    assert choice.passed_over == {"1.1": "a localizer (scout)"}
+    assert choice.passed_over["1.1"].endswith(": a localizer (scout)")
 
 
 def test_non_ct_modality_is_passed_over() -> None:
@@ -90,7 +90,7 @@ def test_ct_modality_with_other_sop_class_is_passed_over() -> None:
     secondary = make_series("1.1", 30, sop_class_uid="1.2.840.10008.5.1.4.1.1.7")
     choice = choose_head_series(secondary + make_series("1.2"), 10)
     assert choice.series_instance_uid == "1.2"
-    assert "1.2.840.10008.5.1.4.1.1.7" in choice.passed_over["1.1"]
+    assert "Secondary Capture Image Storage is not a CT image" in choice.passed_over["1.1"]
 
 
 def test_series_with_too_few_slices_is_passed_over() -> None:
@@ -111,7 +111,7 @@ def test_sagittal_series_is_not_axial() -> None:
     head = make_series("1.2")
     choice = choose_head_series(sagittal + head, 10)
     assert choice.series_instance_uid == "1.2"
-    assert choice.passed_over["1.1"] == "not axial"
+    assert choice.passed_over["1.1"].endswith(": not axial")
 
 
 def test_missing_orientation_is_passed_over() -> None:
@@ -139,7 +139,8 @@ def test_soft_kernel_preferred_over_bone(bone: dict[str, str]) -> None:
     soft = make_series("1.2", 20, kernel="H30s")
     choice = choose_head_series(sharp + soft, 10)
     assert choice.series_instance_uid == "1.2"
-    assert choice.passed_over == {"1.1": "another qualifying series was preferred"}
+    assert list(choice.passed_over) == ["1.1"]
+    assert choice.passed_over["1.1"].endswith(": another qualifying series was preferred")
     assert "soft-tissue" in choice.reason
 
 
@@ -155,7 +156,7 @@ def test_among_soft_kernels_3_to_5_mm_preferred_over_1_mm() -> None:
     thick = make_series("1.2", 25, thickness=5.0)
     choice = choose_head_series(thin + thick, 10)
     assert choice.series_instance_uid == "1.2"
-    assert choice.passed_over["1.1"] == "another qualifying series was preferred"
+    assert choice.passed_over["1.1"].endswith(": another qualifying series was preferred")
 
 
 def test_thin_series_reason_says_outside_preferred_thickness() -> None:
@@ -173,10 +174,10 @@ def test_nothing_qualifies_raises_with_every_reason() -> None:
     with pytest.raises(NoAnalysableSeries) as info:
         choose_head_series(headers, 10)
     message = str(info.value)
-    assert "1.1: a localizer (scout)" in message
-    assert "1.2: not axial" in message
-    assert "1.3: 4 slices" in message
-    assert "1.4: modality MR" in message
+    assert "1.1: CT 'HEAD', 2 slices, 5 mm: a localizer (scout)" in message
+    assert "1.2: CT 'HEAD', 30 slices, 5 mm: not axial" in message
+    assert "1.3: CT 'HEAD', 4 slices, 5 mm: 4 slices, fewer than worker.min_slices" in message
+    assert "1.4: MR 'HEAD', 30 slices, 5 mm: modality MR" in message
 
 
 def test_no_instances_raises() -> None:
@@ -278,8 +279,8 @@ def test_choose_head_series_on_synthetic_study(synthetic_study: Path) -> None:
 
     choice = choose_head_series(headers, 10)
     assert choice.series_instance_uid == labels["head_series_instance_uid"] == by_folder["HEAD"]
-    assert choice.passed_over[by_folder["SCOUT"]] == "a localizer (scout)"
-    assert choice.passed_over[by_folder["BONE"]] == "another qualifying series was preferred"
+    assert choice.passed_over[by_folder["SCOUT"]].endswith(": a localizer (scout)")
+    assert choice.passed_over[by_folder["BONE"]].endswith(": another qualifying series was preferred")
     assert [s.sop_instance_uid for s in choice.slices] == [
         s["sop_instance_uid"] for s in labels["slices"]
     ]
@@ -292,3 +293,16 @@ def test_feet_first_orientations_still_go_inferior_to_superior(orientation: tupl
     series = make_series("1.1", 12, orientation=orientation)
     ordered, _ = order_slices(shuffled(series))
     assert [s.position[2] for s in ordered] == [5.0 * i for i in range(12)]
+
+
+def test_a_series_inside_the_scope_is_preferred_and_the_other_named_with_its_reasons() -> None:
+    thin = make_series("1.1", 40, thickness=3.0, description="HEAD 3mm")
+    thick = make_series("1.2", 24, thickness=5.0, description="HEAD 5mm")
+
+    def judge(slices: list[SliceHeader]) -> list[str]:
+        return [f"slices are {slices[0].thickness:g} mm thick"] if slices[0].thickness < 4 else []
+
+    assert choose_head_series(thin + thick, 10).series_instance_uid == "1.1"  # without a scope: more slices
+    choice = choose_head_series(thin + thick, 10, judge)
+    assert choice.series_instance_uid == "1.2"
+    assert choice.passed_over["1.1"] == "CT 'HEAD 3mm', 40 slices, 3 mm: outside the model's scope: slices are 3 mm thick"

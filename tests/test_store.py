@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from node.health import Readiness
 from node.worker import recover_results
 from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utcnow
+from storage.errors import StorageFull
 from storage.store import InstanceStore
 
 STUDY = "1.2.3"
@@ -69,3 +74,27 @@ def test_recovery_publishes_recorded_results_and_deletes_the_rest(tmp_path: Path
     recover_results(database, store, stale_after_seconds=120)
     assert store.unpublished_results(older_than_seconds=0) == []
 
+
+
+def test_a_file_system_out_of_inodes_is_reported_as_such(tmp_path: Path) -> None:
+    """A real tmpfs with 40 inodes: stores fail with "no free inodes", and /readyz's storage
+    check names the inodes while bytes are still free."""
+    mount = tmp_path / "store"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=40,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
+    try:
+        store = InstanceStore(mount)
+        with pytest.raises(StorageFull, match="no free inodes"):
+            for number in range(100):
+                store.write(Path("instances") / f"{number}.dcm", b"x")
+        assert store.free_mb() > 1 and store.free_inodes() == 0
+        readiness = Readiness(database=None, store=store, min_free_mb=0, model_loaded=True,  # type: ignore[arg-type]
+                              model_configured=True, scheduler_running=lambda: True, worker=None,
+                              worker_stale_seconds=60)
+        storage = readiness._storage()  # the database check is not what this test is about
+        assert not storage.ok and "no free inodes" in storage.detail
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)

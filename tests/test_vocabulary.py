@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from training.model.vocabulary import (BODY_PART_WORDS, CONTRAST_WORDS, NON_CONTRAST_WORDS, REGION_CODES, Region,
-                                       contrast_words, kernel_is_sharp, region_of_body_part, region_of_code,
-                                       regions_in_text, tokens)
+from training.model.vocabulary import (
+    BODY_PART_WORDS,
+    CONTRAST_WORDS,
+    NON_CONTRAST_WORDS,
+    REGION_CODES,
+    Region,
+    contrast_words,
+    kernel_is_sharp,
+    region_of_body_part,
+    region_of_code,
+    regions_in_text,
+    tokens,
+)
 
 
 @pytest.mark.parametrize(("word", "region"), sorted(BODY_PART_WORDS.items()))

@@ -19,6 +19,8 @@ from storage.errors import InvalidInstance
 from training.model import attributes as attr
 
 __all__ = [
+    "square_pixels",
+    "resize_bilinear_rect",
     "Window",
     "PAPER_WINDOWS",
     "PreprocessSpec",
@@ -131,12 +133,33 @@ def resize_bilinear(channels: np.ndarray, size: int) -> np.ndarray:
     _, height, width = channels.shape
     if height == size and width == size:
         return channels
-    y0, y1, wy = _bilinear_axis(height, size)
-    x0, x1, wx = _bilinear_axis(width, size)
+    return resize_bilinear_rect(channels, size, size)
+
+
+def resize_bilinear_rect(channels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a (C, H, W) float image to (C, height, width)."""
+    _, source_height, source_width = channels.shape
+    y0, y1, wy = _bilinear_axis(source_height, height)
+    x0, x1, wx = _bilinear_axis(source_width, width)
     rows_top, rows_bottom = channels[:, y0, :], channels[:, y1, :]
     top = rows_top[:, :, x0] * (1 - wx) + rows_top[:, :, x1] * wx
     bottom = rows_bottom[:, :, x0] * (1 - wx) + rows_bottom[:, :, x1] * wx
     return (top * (1 - wy)[:, None] + bottom * wy[:, None]).astype(np.float32)
+
+
+def square_pixels(hu: np.ndarray, pixel_spacing: tuple[float, float] | None,
+                  ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """A slice whose pixels are not square (PixelSpacing row ≠ column spacing) resampled
+    so that they are, at the finer spacing, with its new spacing: otherwise the head would
+    reach the model, and the pictures, stretched. Square or unknown spacing is returned as is."""
+    if pixel_spacing is None or math.isclose(pixel_spacing[0], pixel_spacing[1], rel_tol=1e-3):
+        return hu, pixel_spacing
+    row_mm, column_mm = pixel_spacing  # between rows (vertical), between columns (horizontal)
+    finest = min(row_mm, column_mm)
+    height, width = hu.shape
+    resampled = resize_bilinear_rect(hu[None].astype(np.float32), max(1, round(height * row_mm / finest)),
+                                     max(1, round(width * column_mm / finest)))[0]
+    return resampled, (finest, finest)
 
 
 def normalise(channels: np.ndarray, mean: float, std: float) -> np.ndarray:

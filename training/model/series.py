@@ -6,9 +6,11 @@ each series was chosen or passed over, for the triage log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from pydicom.uid import UID
 
 from training.errors import NoAnalysableSeries
 from training.model.slices import (ANALYSABLE_CLASSES, CT_IMAGE_STORAGE, ENHANCED_CT_CLASSES, SliceHeader,
@@ -50,11 +52,12 @@ def _disqualification(slices: list[SliceHeader], min_slices: int) -> str | None:
     if first.modality != "CT":
         return f"modality {first.modality or 'missing'}, not CT"
     if first.sop_class_uid not in ANALYSABLE_CLASSES:
-        return f"SOP class {first.sop_class_uid} is not a CT image"
+        return f"{UID(first.sop_class_uid).name or first.sop_class_uid} is not a CT image"
     if any("LOCALIZER" in s.image_type for s in slices):
         return "a localizer (scout)"
     if any(s.frames != 1 and s.frame is None for s in slices):
-        return "multi-frame images without per-frame functional groups"
+        kind = "an Enhanced CT image" if first.sop_class_uid in ENHANCED_CT_CLASSES else "a multi-frame image"
+        return f"{kind} without per-frame functional groups"
     if first.orientation is None:
         return "no ImageOrientationPatient"
     if abs(slice_normal(first.orientation)[2]) < AXIAL_MIN_COSINE:
@@ -76,8 +79,21 @@ def _thickness_ok(slices: list[SliceHeader]) -> bool:
     return thickness is not None and low <= thickness <= high
 
 
-def choose_head_series(headers: list[SliceHeader], min_slices: int) -> SeriesChoice:
-    """The axial CT series to analyse; prefers soft-tissue kernels and 3-5 mm slices.
+ScopeJudge = Callable[[list[SliceHeader]], list[str]]  # what a checkpoint's scope says against a series
+
+
+def _describe(slices: list[SliceHeader]) -> str:
+    """A series as people name it: modality, description, slices and thickness."""
+    first = slices[0]
+    thickness = f", {first.thickness:g} mm" if first.thickness else ""
+    return f"{first.modality or '?'} {first.description or '(no description)'!r}, {len(slices)} slices{thickness}"
+
+
+def choose_head_series(headers: list[SliceHeader], min_slices: int,
+                       judge: ScopeJudge | None = None) -> SeriesChoice:
+    """The axial CT series to analyse. Prefers, in turn: series the checkpoint's scope
+    admits (`judge` gives what the scope says against a series), soft-tissue kernels,
+    3-5 mm slices, more slices.
 
     Raises NoAnalysableSeries listing why every series was passed over.
     """
@@ -85,20 +101,24 @@ def choose_head_series(headers: list[SliceHeader], min_slices: int) -> SeriesCho
     for header in headers:
         by_series.setdefault(header.series_instance_uid, []).append(header)
     passed_over: dict[str, str] = {}
+    out_of_scope: dict[str, list[str]] = {}
     candidates = []
     for uid, slices in by_series.items():
         problem = _disqualification(slices, min_slices)
         if problem:
-            passed_over[uid] = problem
-        else:
-            candidates.append((not _is_sharp(slices), _thickness_ok(slices), len(slices), uid))
+            passed_over[uid] = f"{_describe(slices)}: {problem}"
+            continue
+        out_of_scope[uid] = judge(order_slices(slices)[0]) if judge is not None else []
+        candidates.append((not out_of_scope[uid], not _is_sharp(slices), _thickness_ok(slices), len(slices), uid))
     if not candidates:
         details = "; ".join(f"{uid}: {why}" for uid, why in passed_over.items()) or "no instances"
-        raise NoAnalysableSeries(f"no axial head CT series to analyse ({details})")
+        raise NoAnalysableSeries(f"no axial head CT series to analyse: {details}")
     candidates.sort(reverse=True)
-    soft, thickness_ok, count, uid = candidates[0]
-    for _, _, _, other in candidates[1:]:
-        passed_over[other] = "another qualifying series was preferred"
+    in_scope, soft, thickness_ok, count, uid = candidates[0]
+    for other_in_scope, _, _, _, other in candidates[1:]:
+        why = ("outside the model's scope: " + "; ".join(out_of_scope[other])) if not other_in_scope \
+            else "another qualifying series was preferred"
+        passed_over[other] = f"{_describe(by_series[other])}: {why}"
     slices = by_series[uid]
     ordered, ordering = order_slices(slices)
     reason = (
