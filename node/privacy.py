@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from pydicom.datadict import tag_for_keyword
+
 __all__ = ["REDACTED", "redact"]
 
 REDACTED = "…"
@@ -21,8 +23,14 @@ _PERSON_NAME = re.compile(r"\b[^\s^=]+(\^[^\s^=]*)+")
 _DATE = re.compile(r"(?<![\d.])(1[89]|20)\d{2}-?(0\d|1[0-2])-?[0-3]\d(?![\d.])")  # not inside a UID
 
 
+def _unless_keyword(match: re.Match[str]) -> str:
+    """A quoted DICOM keyword ('SliceThickness') names an attribute, not a patient: kept."""
+    return match.group(0) if tag_for_keyword(match.group(0)[1:-1]) is not None else REDACTED
+
+
 def redact(text: str) -> str:
-    """`text` without quoted values, person names in DICOM form and dates."""
-    text = _QUOTED.sub(REDACTED, text)
+    """`text` without quoted values (but for DICOM keywords), person names in DICOM form
+    and dates."""
+    text = _QUOTED.sub(_unless_keyword, text)
     text = _PERSON_NAME.sub(REDACTED, text)
     return _DATE.sub(REDACTED, text)

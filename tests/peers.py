@@ -7,10 +7,13 @@ Everything listens on loopback at free ports; every wait polls with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 
 from demo.peers import (Browser, NodeProcess, Orthanc, PostgresCluster, WebhookReceiver, free_port, node_config,
@@ -18,7 +21,7 @@ from demo.peers import (Browser, NodeProcess, Orthanc, PostgresCluster, WebhookR
 from tests.conftest import require_tool
 
 __all__ = ["Browser", "NodeProcess", "Orthanc", "PostgresCluster", "WebhookReceiver", "free_port", "port_open",
-           "wait_for", "node_config", "storescu", "echoscu", "c_store_status", "dciodvfy_errors"]
+           "wait_for", "node_config", "storescu", "echoscu", "c_store_status", "dciodvfy_errors", "tmpfs"]
 
 
 def storescu(port: int, files: list[Path], *, calling: str = "SCANNER", called: str = "ICHNODE",
@@ -54,3 +57,18 @@ def dciodvfy_errors(path: Path) -> list[str]:
     """The error lines dicom3tools' dciodvfy reports for a DICOM file (warnings pass)."""
     report = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at `mount` with `options` (size=, nr_inodes=) for the block;
+    skips the test where mounting needs a root this run does not have."""
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)

@@ -19,6 +19,9 @@ def test_quoted_values_names_and_dates_are_redacted(text: str, gone: str) -> Non
     assert gone not in redacted and REDACTED in redacted
 
 
-def test_what_names_no_patient_is_kept() -> None:
-    text = "InvalidInstance: series 1.2.20240418.3: only 3 of 40 slices are usable, fewer than worker.min_slices = 10"
+@pytest.mark.parametrize("text", [
+    "InvalidInstance: series 1.2.20240418.3: only 3 of 40 slices are usable, fewer than worker.min_slices = 10",
+    "KeyError: 'SliceThickness'",
+])
+def test_what_names_no_patient_is_kept(text: str) -> None:
     assert redact(text) == text

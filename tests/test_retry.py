@@ -6,7 +6,6 @@ completes and its result reaches the PACS (Orthanc) exactly once. An unexpected 
 from __future__ import annotations
 
 import logging
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from node.worker import Worker
 from storage.db import Database, Study, StudyState, utcnow
 from storage.state import ClaimedStudy
 from storage.store import InstanceStore
-from tests.peers import Orthanc, wait_for
+from tests.peers import Orthanc, tmpfs, wait_for
 from training.inference.predictor import Predictor
 from training.inference.settings import Device
 from training.model.architectures import create_model
@@ -32,16 +31,8 @@ import pydicom
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB tmpfs: room for a study, and for a result series only when it is not full."""
-    mount = tmp_path / "store"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "store", "size=24m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def _fill(folder: Path, leave_bytes: int) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from node.worker import recover_results
 from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utcnow
 from storage.errors import StorageFull
 from storage.store import InstanceStore
+from tests.peers import tmpfs
 
 STUDY = "1.2.3"
 
@@ -79,13 +79,7 @@ def test_recovery_publishes_recorded_results_and_deletes_the_rest(tmp_path: Path
 def test_a_file_system_out_of_inodes_is_reported_as_such(tmp_path: Path) -> None:
     """A real tmpfs with 40 inodes: stores fail with "no free inodes", and /readyz's storage
     check names the inodes while bytes are still free."""
-    mount = tmp_path / "store"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=40,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs needs root: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "store", "size=8m,nr_inodes=40") as mount:
         store = InstanceStore(mount)
         with pytest.raises(StorageFull, match="no free inodes"):
             for number in range(100):
@@ -96,5 +90,3 @@ def test_a_file_system_out_of_inodes_is_reported_as_such(tmp_path: Path) -> None
                               worker_stale_seconds=60)
         storage = readiness._storage()  # the database check is not what this test is about
         assert not storage.ok and "no free inodes" in storage.detail
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
