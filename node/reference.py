@@ -91,6 +91,8 @@ def _copied(source: Dataset, keyword: str, vr: str) -> str | list[str] | None:
     parts = found.split("\\") if vr in ("LO", "CS") and keyword == "SoftwareVersions" else [found]
     if not all(_valid(vr, part) for part in parts):
         return None
+    if "\ufffd" in found:  # bytes its character set cannot decode: a re-encoded copy would be another name
+        return None
     if keyword == "PatientSex" and found not in _SEXES:
         return None
     return parts if len(parts) > 1 else parts[0]

@@ -154,6 +154,7 @@ ODD_VALUES = {
     "unknown charset": {"SpecificCharacterSet": "ISO_IR 999"},
     "instance number text": {"InstanceNumber": "abc"}, "thickness text": {"SliceThickness": "x.5"},
     "kernel multi-valued": {"ConvolutionKernel": ["Hr38", "3"]},
+    "name not UTF-8": {"SpecificCharacterSet": "ISO_IR 192", "PatientName": b"M\xfcller^J\xfcrgen"},
 }
 
 
@@ -163,10 +164,11 @@ def test_odd_header_values_give_valid_results(name: str, study: Path, predictor:
 
     def change(ds: Dataset) -> None:
         for keyword, value in values.items():
-            if keyword in ("InstanceNumber", "SliceThickness", "StudyTime", "PatientBirthDate"):
+            if keyword in ("InstanceNumber", "SliceThickness", "StudyTime", "PatientBirthDate", "PatientName") \
+                    and not isinstance(value, list) and (keyword != "PatientName" or isinstance(value, bytes)):
                 tag = Tag(keyword)
-                vr = pydicom.datadict.dictionary_VR(tag)
-                _raw(ds, int(tag), vr, value.encode() + (b" " if len(value) % 2 else b""))
+                raw = value if isinstance(value, bytes) else value.encode()
+                _raw(ds, int(tag), pydicom.datadict.dictionary_VR(tag), raw + (b" " if len(raw) % 2 else b""))
             else:
                 setattr(ds, keyword, value)
 
@@ -178,8 +180,10 @@ def test_odd_header_values_give_valid_results(name: str, study: Path, predictor:
                 "unknown charset": "ISO_IR 192"}
     if name in expected:
         assert sc.SpecificCharacterSet == expected[name]
-    if "PatientName" in values:
+    if isinstance(values.get("PatientName"), str):
         assert str(sc.PatientName) == values["PatientName"]
+    if name == "name not UTF-8":  # the name as its bytes meant it, or empty: never another name
+        assert str(sc.PatientName) in ("", "Müller^Jürgen")
 
 
 def test_the_reference_keeps_valid_values_and_empties_invalid_type_2() -> None:
@@ -266,3 +270,11 @@ def test_every_slice_left_out_is_counted_and_the_fraction_rule_applies_to_all(
     with pytest.raises(InvalidInstance, match="2 of 12 slices are unusable"):
         analyse(headers, read_slice, predictor, settings, series_number=9900,
                 unreadable={**unreadable, "other.dcm": "the file cannot be read (InvalidDicomError)"})
+
+
+def test_a_name_its_character_set_cannot_decode_is_left_empty_not_mangled() -> None:
+    source = Dataset()
+    source.SpecificCharacterSet = "ISO_IR 192"
+    source.PatientName = "M\ufffdller^J"  # what pydicom decodes bytes it cannot read to
+    source.StudyInstanceUID = "1.2.3"
+    assert result_reference(source).PatientName == ""
