@@ -148,10 +148,14 @@ class StorageSection:
 class CompletionSection:
     stable_seconds: float = 30.0
     check_interval_seconds: float = 1.0
+    # A study whose association was still open when its serve process died waits this
+    # long for the sender to send it again before it may be ready.
+    resend_wait_seconds: float = 300.0
 
     def validate(self) -> None:
         _positive("completion.stable_seconds", self.stable_seconds)
         _positive("completion.check_interval_seconds", self.check_interval_seconds)
+        _positive("completion.resend_wait_seconds", self.resend_wait_seconds)
 
 
 @dataclass(frozen=True)
