@@ -151,10 +151,14 @@ class CompletionSection:
     # Any instance received for a failed study, even one already stored (a re-send),
     # re-opens it; false: only a CT image not seen before does (as for a done study).
     reopen_failed: bool = False
+    # A study whose association was still open when its serve process died waits this
+    # long for the sender to send it again before it may be ready.
+    resend_wait_seconds: float = 300.0
 
     def validate(self) -> None:
         _positive("completion.stable_seconds", self.stable_seconds)
         _positive("completion.check_interval_seconds", self.check_interval_seconds)
+        _positive("completion.resend_wait_seconds", self.resend_wait_seconds)
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,31 @@ The SCP's C-STORE handler only calls `Ingest.receive`; every failure becomes a D
 status here, so no exception reaches pynetdicom. Success means the instance is on disk
 and recorded in its study, so it will be analysed; anything less is 0xA700, and the
 sender keeps the instance and tries again.
+
+A study is not quiet while the association that sent its latest instance is open: a
+sender slowed down (a busy scanner, a busy node) would otherwise pause longer than
+completion.stable_seconds between two instances, and the study would be analysed
+half-received and then again. Each instance holds its study for
+completion.resend_wait_seconds, this process renews the holds of what its open
+associations are sending, and the end of an association (or its moving on to another
+study) releases the hold, so the quiet time counts from there. A hold written before a
+crash cut the association outlives the crash: the sender's re-send finds the study
+still waiting for it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import threading
+from collections.abc import Hashable
 
 from pydicom.dataset import Dataset
 
 from node.triagelog import TriageLog
 from storage.db import Database, utcnow
 from storage.errors import InvalidInstance, StorageError
-from storage.state import ReceivedInstance, RecordOutcome, record_instance
+from storage.state import ReceivedInstance, RecordOutcome, hold_studies, record_instance, release_hold
 from storage.store import InstanceStore, check_uid
 from training.model import attributes as attr
 from training.model.series import could_be_analysed
@@ -51,15 +64,23 @@ class Ingest:
     """Stores received instances durably and keeps the study state up to date."""
 
     def __init__(self, store: InstanceStore, database: Database, triage_log: TriageLog,
-                 *, min_free_mb: float = 0.0, reopen_failed: bool = False) -> None:
+                 *, min_free_mb: float = 0.0, reopen_failed: bool = False,
+                 resend_wait_seconds: float = 300.0) -> None:
         self.store = store
         self.database = database
         self.triage_log = triage_log
         self.min_free_mb = min_free_mb
         self.reopen_failed = reopen_failed  # completion.reopen_failed: a re-send re-opens a failed study
+        self.hold = dt.timedelta(seconds=resend_wait_seconds)
+        self._sending: dict[Hashable, str] = {}  # open association → the study of its latest instance
+        # Taken around every change of a hold too, so a renewal never restores a hold that
+        # the end of its association has just released.
+        self._sending_lock = threading.Lock()
 
-    def receive(self, ds: Dataset, encoded: bytes, *, calling_aet: str, transfer_syntax_uid: str) -> int:
-        """Store `encoded` (the file as received) and record it; returns the status."""
+    def receive(self, ds: Dataset, encoded: bytes, *, calling_aet: str, transfer_syntax_uid: str,
+                association: Hashable | None = None) -> int:
+        """Store `encoded` (the file as received) and record it; returns the status.
+        `association`: the open association it came on, which holds its study."""
         try:
             uids = tuple(check_uid(k, attr.uid(ds, k)) for k in
                          ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"))
@@ -81,7 +102,9 @@ class Ingest:
             item = _received(ds, str(relative), size, calling_aet=calling_aet,
                              transfer_syntax_uid=transfer_syntax_uid, uids=uids)  # type: ignore[arg-type]
             with self.database.write() as session:
-                outcome = record_instance(session, item, utcnow(), reopen_failed=self.reopen_failed)
+                now = utcnow()
+                outcome = record_instance(session, item, now, reopen_failed=self.reopen_failed,
+                                          held_until=None if association is None else now + self.hold)
         except StorageError as exc:
             log.error("could not store or record %s of study %s: %s (status 0xA700)", sop_uid, study_uid, exc)
             return Status.OUT_OF_RESOURCES
@@ -89,7 +112,48 @@ class Ingest:
             log.warning("refused an undecodable instance from %s: %s (status 0xC210)", calling_aet, exc)
             return Status.CANNOT_UNDERSTAND
         self._log_outcome(ds, outcome, item)
+        if association is not None:
+            self._sent(association, study_uid)
         return Status.SUCCESS
+
+    def association_ended(self, association: Hashable) -> None:
+        """The association is over: the study it was sending is no longer held by it."""
+        with self._sending_lock:
+            study_uid = self._sending.pop(association, None)
+            if study_uid is not None:
+                self._release(study_uid)
+
+    def renew_holds(self) -> None:
+        """Hold what the open associations are sending for completion.resend_wait_seconds
+        from now (every completion.check_interval_seconds): an association that lasts
+        longer keeps its hold, and a study this process is receiving too keeps it when
+        another process's association ends."""
+        with self._sending_lock:
+            studies = set(self._sending.values())
+            if studies:
+                with self.database.write() as session:
+                    hold_studies(session, studies, utcnow() + self.hold)
+
+    def _sent(self, association: Hashable, study_uid: str) -> None:
+        """The association's latest instance is of `study_uid`: a sender that moved on to
+        another study has finished the one before, which is no longer held by it."""
+        with self._sending_lock:
+            previous = self._sending.get(association)
+            self._sending[association] = study_uid
+            if previous is not None and previous != study_uid:
+                self._release(previous)
+
+    def _release(self, study_uid: str) -> None:
+        """Release the hold on `study_uid` unless another open association of this process
+        is sending it; the caller holds the lock."""
+        if study_uid in self._sending.values():
+            return
+        try:
+            with self.database.write() as session:
+                release_hold(session, study_uid, utcnow())
+        except StorageError as exc:
+            log.warning("study %s: its association ended, but its hold could not be released (%s); it waits at "
+                        "most completion.resend_wait_seconds", study_uid, exc)
 
     def _log_outcome(self, ds: Dataset, outcome: RecordOutcome, item: ReceivedInstance) -> None:
         """Log what an admin should know; the instance is stored whatever happens here."""

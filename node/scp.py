@@ -19,7 +19,7 @@ from node.errors import ConfigError
 from node.guard import GuardedAssociationServer, start_guarded_server
 from node.ingest import Ingest, Status
 
-__all__ = ["build_ae", "handle_store", "handle_echo", "tls_context", "start_scp"]
+__all__ = ["build_ae", "handle_store", "handle_association_end", "handle_echo", "tls_context", "start_scp"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,14 @@ def handle_store(event: Event, ingest: Ingest) -> int:
         encoded,
         calling_aet=event.assoc.requestor.ae_title,
         transfer_syntax_uid=event.context.transfer_syntax,
+        association=event.assoc,
     )
+
+
+def handle_association_end(event: Event, ingest: Ingest) -> None:
+    """The connection closed (after a release, an abort, a network timeout or a dropped
+    connection alike): the study the association was sending is quiet from now."""
+    ingest.association_ended(event.assoc)
 
 
 def handle_echo(event: Event) -> int:
@@ -97,7 +104,8 @@ def start_scp(node: NodeSection, ingest: Ingest) -> GuardedAssociationServer:
     """Listen on node.host:node.port in background threads, behind the guard against
     unauthenticated and stalled peers (node.guard); returns the server."""
     ae = build_ae(node)
-    handlers = [(evt.EVT_C_STORE, handle_store, [ingest]), (evt.EVT_C_ECHO, handle_echo)]
+    handlers = [(evt.EVT_C_STORE, handle_store, [ingest]), (evt.EVT_C_ECHO, handle_echo),
+                (evt.EVT_CONN_CLOSE, handle_association_end, [ingest])]
     context = tls_context(node)
     server = start_guarded_server(ae, node, handlers, context)
     log.info("listening as %s on %s:%d%s", node.ae_title, node.host, node.port,

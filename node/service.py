@@ -253,7 +253,7 @@ def _through_outages(job: Callable[..., object]) -> Callable[..., None]:
     return run
 
 
-def _scheduler(node: Node, deliveries: Deliveries) -> BackgroundScheduler:
+def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries) -> BackgroundScheduler:
     config = node.config
     scheduler = BackgroundScheduler(timezone="UTC")
     # A study that went quiet because this process was down (the scanner's association
@@ -264,6 +264,8 @@ def _scheduler(node: Node, deliveries: Deliveries) -> BackgroundScheduler:
                       args=[config, node.database, node.triage_log],
                       seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True,
                       next_run_time=first_check)
+    scheduler.add_job(_through_outages(ingest.renew_holds), "interval",
+                      seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True)
     scheduler.add_job(_through_outages(deliveries.fail_orphans), "interval", seconds=10, max_instances=1,
                       coalesce=True)
     scheduler.add_job(_DatabaseWatch(node.database), "interval", seconds=5, max_instances=1, coalesce=True)
@@ -302,9 +304,10 @@ def serve(config: Config) -> None:
                             DicomSender(config.calling_ae_title, config.delivery.timeout_seconds), node.triage_log)
     notifier = Notifier(config, node.database, node.triage_log)
     ingest = Ingest(node.store, node.database, node.triage_log, min_free_mb=config.storage.min_free_mb,
-                    reopen_failed=config.completion.reopen_failed)
+                    reopen_failed=config.completion.reopen_failed,
+                    resend_wait_seconds=config.completion.resend_wait_seconds)
     server = start_scp(config.node, ingest)
-    scheduler = _scheduler(node, deliveries)
+    scheduler = _scheduler(node, ingest, deliveries)
     scheduler.start()
     threads = [*deliveries.start(stop), notifier.start(stop)]
     worker = None

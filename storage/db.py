@@ -112,6 +112,9 @@ class Study(Base):
     )
     first_received_at: Mapped[dt.datetime] = mapped_column(DateTime)
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    # An association that sent the study's latest instance is still open (or was when its
+    # process died): the study is not quiet before this time, whatever its quiet time.
+    held_until: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     # Claiming and liveness of the worker that analyses it.
     claimed_by: Mapped[str | None] = mapped_column(String(128), default=None)

@@ -26,7 +26,7 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, distinct, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, distinct, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -46,6 +46,8 @@ __all__ = [
     "PurgeWork",
     "FailureNotice",
     "record_instance",
+    "hold_studies",
+    "release_hold",
     "mark_ready",
     "claim_next_study",
     "heartbeat",
@@ -232,13 +234,16 @@ def _get_or_create_study(session: Session, item: ReceivedInstance, now: dt.datet
 
 
 def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime, *,
-                    reopen_failed: bool = False) -> RecordOutcome:
+                    reopen_failed: bool = False, held_until: dt.datetime | None = None) -> RecordOutcome:
     """Record a stored instance (idempotent per study, series and SOPInstanceUID) and
     update its study.
 
     Only an analysable image not seen before re-opens a finished study: a re-send could
     not change the result. With `reopen_failed` (completion.reopen_failed) any instance
-    re-opens a failed study, so a site can re-run one by sending it again."""
+    re-opens a failed study, so a site can re-run one by sending it again. `held_until`:
+    the instance came on an association that stays open, so the study is not quiet before
+    then (`hold_studies`, `release_hold`); written with the instance, so a hold outlives a
+    crash that cuts the association."""
     study, new_study = _get_or_create_study(session, item, now)
     # One query finds the instance itself and any namesake in another study.
     same_uid = session.scalars(select(Instance).where(Instance.sop_instance_uid == item.sop_instance_uid)).all()
@@ -276,25 +281,50 @@ def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime, 
     if item.accession_number and not study.accession_number:
         study.accession_number = item.accession_number
     study.last_received_at = now
+    if held_until is not None:
+        study.held_until = held_until
     session.flush()
     other = None if existing is not None or elsewhere is None else session.get(Study, elsewhere).study_instance_uid
     return RecordOutcome(study.id, new_study, reopened, existing is not None, other)
 
 
+def hold_studies(session: Session, study_uids: Collection[str], until: dt.datetime) -> None:
+    """Renew the holds of studies that this process's open associations are sending: a
+    hold another process's ended association released is restored, and the holds of a
+    process that dies expire by themselves at `until`. One row at a time, in UID order,
+    so two processes renewing the same studies never deadlock."""
+    for study_uid in sorted(study_uids):
+        session.execute(update(Study).where(Study.study_instance_uid == study_uid).values(held_until=until))
+    session.flush()
+
+
+def release_hold(session: Session, study_uid: str, now: dt.datetime) -> None:
+    """The association sending the study ended (or moved on to another study): its quiet
+    time counts from now."""
+    session.execute(update(Study).where(Study.study_instance_uid == study_uid).values(held_until=None))
+    session.execute(update(Study).where(Study.study_instance_uid == study_uid, Study.state == StudyState.RECEIVING,
+                                        Study.last_received_at < now).values(last_received_at=now))
+    session.flush()
+
+
+def _quiet(cutoff: dt.datetime, now: dt.datetime) -> ColumnElement[bool]:
+    """Receiving, nothing received since `cutoff`, and no open association holding it."""
+    return and_(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff,
+                or_(Study.held_until.is_(None), Study.held_until <= now))
+
+
 def mark_ready(session: Session, stable_seconds: float, now: dt.datetime) -> list[ReadyStudy]:
-    """Receiving studies quiet for `stable_seconds` become ready; returns them."""
+    """Receiving studies quiet for `stable_seconds` and held by no open association
+    become ready; returns them."""
     cutoff = now - dt.timedelta(seconds=stable_seconds)
     candidates = session.scalars(
-        select(Study).where(Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff)
+        select(Study).where(_quiet(cutoff, now))
         .with_for_update(skip_locked=True)  # a study another process is recording into is not quiet
     ).all()
     ready = []
     for study in candidates:
         changed = session.execute(
-            update(Study)
-            .where(Study.id == study.id, Study.state == StudyState.RECEIVING,
-                   Study.last_received_at <= cutoff)
-            .values(state=StudyState.READY)
+            update(Study).where(Study.id == study.id, _quiet(cutoff, now)).values(state=StudyState.READY)
         ).rowcount
         if changed:
             series = session.scalar(

@@ -35,7 +35,8 @@ from tests.conftest import BACKENDS, new_postgres_database
 DATA = Path(__file__).parent / "data"
 QUEUE_TABLES = ("studies", "instances", "deliveries", "notifications")
 SCHEMA_3_TABLES = (*QUEUE_TABLES, "ichnode_schema")
-NEW_COLUMNS = {"deliveries": {"claimed_by", "heartbeat_at"}, "notifications": {"claimed_by", "heartbeat_at"}}
+NEW_COLUMNS = {"deliveries": {"claimed_by", "heartbeat_at"}, "notifications": {"claimed_by", "heartbeat_at"},
+               "studies": {"held_until"}}
 
 
 def _schema_3_database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:

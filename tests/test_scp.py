@@ -7,16 +7,18 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage
 
 from node.config import NodeSection
 from node.ingest import Ingest, Status
 from node.scp import start_scp
 from node.triagelog import TriageLog, read_events
-from storage.db import Database, Instance
+from storage.db import Database, Instance, Study
 from storage.store import InstanceStore
-from tests.peers import free_port
+from tests.peers import free_port, wait_for
 
 
 @pytest.fixture
@@ -97,3 +99,44 @@ def test_below_the_free_disk_floor_stores_are_refused(scp) -> None:
     assert not list(store.root.rglob("*.dcm"))
     ingest.min_free_mb = 0
     assert _send(port, ds) == Status.SUCCESS
+
+
+def _associate(port: int, ds: pydicom.Dataset) -> Association:
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ICHNODE")
+    assert assoc.is_established
+    return assoc
+
+
+def _held(database: Database) -> dict[str, bool]:
+    """Each study's UID → whether an open association holds it."""
+    with database.read() as session:
+        return {s.study_instance_uid: s.held_until is not None for s in session.query(Study)}
+
+
+@pytest.mark.parametrize("end", ["release", "abort"])
+def test_an_open_association_holds_its_study_until_it_ends(scp, end: str) -> None:
+    """A study is not quiet while the association sending it is open, however long the
+    sender pauses; released or aborted, the association lets it go."""
+    port, _, database, _, _ = scp
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assoc = _associate(port, ds)
+    assert assoc.send_c_store(ds).Status == Status.SUCCESS
+    assert _held(database) == {ds.StudyInstanceUID: True}
+    getattr(assoc, end)()
+    wait_for(lambda: _held(database) == {ds.StudyInstanceUID: False}, timeout=30, what=f"the hold to go at {end}")
+
+
+def test_a_sender_moving_on_to_another_study_lets_the_first_go(scp) -> None:
+    port, _, database, _, _ = scp
+    first = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    second = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    second.StudyInstanceUID, second.SOPInstanceUID = generate_uid(), generate_uid()
+    assoc = _associate(port, first)
+    try:
+        assert assoc.send_c_store(first).Status == Status.SUCCESS
+        assert assoc.send_c_store(second).Status == Status.SUCCESS
+        assert _held(database) == {first.StudyInstanceUID: False, second.StudyInstanceUID: True}
+    finally:
+        assoc.release()

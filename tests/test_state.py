@@ -32,6 +32,7 @@ from storage.state import (
     failed_study_uids,
     finish_study,
     heartbeat,
+    hold_studies,
     mark_ready,
     notification_attempt_failed,
     notification_sent,
@@ -39,6 +40,7 @@ from storage.state import (
     reanalyse_study,
     record_instance,
     record_purge,
+    release_hold,
     renew_delivery,
     requeue_stale,
     result_folders,
@@ -177,6 +179,59 @@ def test_new_instance_puts_ready_study_back_to_receiving(session: Session) -> No
     assert study.state == StudyState.RECEIVING
     assert mark_ready(session, 30, at(99)) == []
     assert [s.study_instance_uid for s in mark_ready(session, 30, at(100))] == [STUDY]
+
+
+def held(session: Session, sop: str, now: dt.datetime, until: dt.datetime) -> None:
+    """An instance of STUDY arriving on an association that holds the study until `until`."""
+    record_instance(session, instance(sop), now, held_until=until)
+    session.commit()
+
+
+def ready_uids(session: Session, now: dt.datetime) -> list[str]:
+    ready = [s.study_instance_uid for s in mark_ready(session, 30, now)]
+    session.commit()
+    return ready
+
+
+def test_a_study_is_not_quiet_while_its_association_is_open(session: Session) -> None:
+    """A sender pausing longer than the quiet time (a busy scanner, a busy node) does not
+    make its study ready; the quiet time counts from the end of its association."""
+    held(session, "1.2.3.4.1.1", T0, until=at(300))
+    assert ready_uids(session, at(100)) == []  # quiet for 100 s, but its association is open
+    release_hold(session, STUDY, at(200))
+    session.commit()
+    assert ready_uids(session, at(229)) == []
+    assert ready_uids(session, at(230)) == [STUDY]
+
+
+def test_a_study_cut_off_by_a_crash_waits_for_its_resend(session: Session) -> None:
+    """The hold written with the last instance outlives the process that died with the
+    association open: the study waits for the sender's re-send, not just its quiet time."""
+    held(session, "1.2.3.4.1.1", T0, until=at(300))
+    assert ready_uids(session, at(99)) == []
+    held(session, "1.2.3.4.1.2", at(100), until=at(400))  # the re-send, on a new association
+    hold_studies(session, [STUDY], at(700))  # renewed by the receiving process while it lasts
+    session.commit()
+    assert ready_uids(session, at(450)) == []
+    release_hold(session, STUDY, at(500))
+    session.commit()
+    assert ready_uids(session, at(530)) == [STUDY]
+
+
+def test_a_hold_nobody_renews_expires(session: Session) -> None:
+    """A sender that never sends again: the study is ready once the hold of its dead
+    association (completion.resend_wait_seconds) has run out."""
+    held(session, "1.2.3.4.1.1", T0, until=at(300))
+    assert ready_uids(session, at(299)) == []
+    assert ready_uids(session, at(300)) == [STUDY]
+
+
+def test_a_released_hold_does_not_send_an_analysed_study_back(session: Session) -> None:
+    """Only a new instance during the analysis sends the study back to receiving, not the
+    end of an association that finished sending before the claim."""
+    study = processing_study(session)
+    release_hold(session, STUDY, at(90))
+    assert finish(session, study.id, started_at=at(61)).state == StudyState.DONE
 
 
 # --- claiming and liveness ---------------------------------------------------------
