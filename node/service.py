@@ -17,9 +17,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,12 +41,12 @@ from node.triagelog import TriageLog
 from node.web import WebServer, create_app
 from node.worker import NO_CHECKPOINT, Worker, recover_results
 from storage.db import Database, utcnow
-from storage.state import claim_purge, mark_ready, record_purge
-from storage.store import InstanceStore
+from storage.state import claim_purge, claim_store_marker, mark_ready, record_purge, store_marker
+from storage.store import MARKER_FILE, InstanceStore
 from training.inference.predictor import Predictor
 
 __all__ = ["Node", "complete_quiet_studies", "purge_delivered", "load_predictor", "open_database",
-           "upgrade_database", "serve", "run_worker"]
+           "upgrade_database", "check_storage_root", "serve", "run_worker"]
 
 # Hosts whose clocks differ by more than this are warned about at start-up: quiet times and
 # heartbeats written by one host are read by another.
@@ -95,6 +97,36 @@ def upgrade_database(config: Config) -> Database:
     tables on a first start)."""
     store = InstanceStore(config.storage.root)
     return open_database(config, store, upgrade=True)
+
+
+def check_storage_root(database: Database, store: InstanceStore, *, wait_seconds: float = 10.0) -> None:
+    """Refuse to start on a storage.root that is not the folder this database's files are
+    in (another host's mount, an empty mount point, a typo): such a process would claim
+    studies and deliveries whose files it cannot see and fail them for good. The first
+    process on a new (or upgraded) database records a marker and writes it into its
+    folder; every later one must find the same marker there."""
+    with database.read() as session:
+        recorded = store_marker(session)
+    found = store.marker()
+    if recorded is None:
+        marker = found or secrets.token_hex(16)
+        with database.write() as session:
+            recorded = claim_store_marker(session, marker)
+        if recorded == marker and found is None:
+            store.write_marker(marker)
+            found = marker
+    deadline = time.monotonic() + wait_seconds
+    while found is None and time.monotonic() < deadline:  # a process starting beside this one may be writing it
+        time.sleep(0.2)
+        found = store.marker()
+    if found != recorded:
+        what = "has no marker" if found is None else f"holds marker {found}"
+        raise ConfigError(
+            f"storage.root {store.root} is not the storage folder of database {database.shown}: the folder "
+            f"{what} ({MARKER_FILE}), the database expects {recorded}. Mount the shared storage folder at "
+            "storage.root (or correct the key); this process claims no work until then. Only if the old "
+            f"folder is lost for good and this one replaces it, write {recorded} into {store.root / MARKER_FILE}")
+    log.info("storage.root %s is the database's storage folder (marker %s)", store.root, recorded)
 
 
 def _check_clock(database: Database) -> None:
@@ -174,6 +206,7 @@ class Node:
         except OSError as exc:
             raise ConfigError(f"log.path {config.log.path} cannot be written: {exc.strerror or exc}") from exc
         database = open_database(config, store)
+        check_storage_root(database, store)
         _check_clock(database)
         recover_results(database, store, config.worker.stale_after_seconds)
         predictor = load_predictor(config)

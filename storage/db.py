@@ -59,6 +59,7 @@ from storage.errors import DatabaseMissing, StorageError
 from storage.schema import lock_schema, prepare
 
 __all__ = [
+    "StoreMarker",
     "StudyState",
     "DeliveryState",
     "Base",
@@ -211,6 +212,16 @@ class SchemaVersion(Base):
     __tablename__ = "ichnode_schema"
 
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class StoreMarker(Base):
+    """The marker of the storage folder this database's paths are relative to; the same
+    value is in `.ichnode-store` in that folder (storage/store.py)."""
+
+    __tablename__ = "ichnode_store"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # always 1: one row
+    marker: Mapped[str] = mapped_column(String(64), nullable=False)
 
 
 def anchor_sqlite_url(url: str, base: Path) -> str:

@@ -30,7 +30,7 @@ from sqlalchemy import ColumnElement, and_, delete, distinct, exists, func, or_,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.db import Delivery, DeliveryState, Instance, Notification, Study, StudyState, utcnow
+from storage.db import Delivery, DeliveryState, Instance, Notification, StoreMarker, Study, StudyState, utcnow
 from storage.store import result_folder
 
 __all__ = [
@@ -45,6 +45,8 @@ __all__ = [
     "DueNotification",
     "PurgeWork",
     "FailureNotice",
+    "store_marker",
+    "claim_store_marker",
     "record_instance",
     "hold_studies",
     "release_hold",
@@ -829,3 +831,25 @@ def failed_outgoing(session: Session, limit: int) -> tuple[list[tuple[Delivery, 
             .where(model.state == DeliveryState.FAILED).order_by(model.id.desc()).limit(limit))]
 
     return failed(Delivery), failed(Notification)
+
+
+# --- the storage folder's marker ------------------------------------------------------
+
+
+def store_marker(session: Session) -> str | None:
+    """The marker of the storage folder this database belongs to, once one was claimed."""
+    return session.scalar(select(StoreMarker.marker).limit(1))
+
+
+def claim_store_marker(session: Session, marker: str) -> str:
+    """Record `marker` as the database's storage folder marker unless one is recorded;
+    returns the one that holds (another process's, if it claimed first)."""
+    held = store_marker(session)
+    if held is not None:
+        return held
+    try:
+        with session.begin_nested():
+            session.add(StoreMarker(id=1, marker=marker))  # one row: a second claim meets the key
+    except IntegrityError:  # another process claimed first; its row is committed
+        pass
+    return store_marker(session)

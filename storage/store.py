@@ -66,6 +66,23 @@ class InstanceStore:
         folder = self.root / "instances"
         return folder.is_dir() and any(folder.iterdir())
 
+    def marker(self) -> str | None:
+        """The storage folder's marker (`MARKER_FILE`), or None when it has none."""
+        try:
+            return (self.root / MARKER_FILE).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.root / MARKER_FILE}: {exc.strerror or exc}") from exc
+
+    def write_marker(self, marker: str) -> None:
+        """Mark the folder as the one a database's paths are relative to."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(self.root / MARKER_FILE, lambda handle: handle.write(marker.encode() + b"\n"))
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.root / MARKER_FILE}: {exc.strerror or exc}") from exc
+
     def free_mb(self) -> float:
         """Free space on the disk holding the store, in MiB."""
         return shutil.disk_usage(self.root).free / 2**20
@@ -143,6 +160,10 @@ class InstanceStore:
                 raise StorageFull(f"{self._full()} on the disk of {self.root} writing {relative}") from exc
             raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from exc
         return len(data)
+
+
+# The file in storage.root whose value the database also holds (storage.state.store_marker).
+MARKER_FILE = ".ichnode-store"
 
 
 def _partial(folder: Path, *, undo: bool = False) -> Path:

@@ -14,11 +14,12 @@ from sqlalchemy import text
 
 from demo.peers import PostgresCluster, free_port
 from node.config import parse_config
-from node.service import open_database
+from node.errors import ConfigError
+from node.service import check_storage_root, open_database
 from storage.db import Database, Study
 from storage.errors import DatabaseMissing, StorageError
 from storage.schema import head
-from storage.store import InstanceStore
+from storage.store import MARKER_FILE, InstanceStore
 from tests.conftest import BACKENDS, new_postgres_database
 
 
@@ -156,3 +157,27 @@ def test_postgresql_urls_use_psycopg_and_other_backends_are_refused(postgres: Po
                                                r"psycopg 3 \(postgresql\+psycopg://USER@HOST/DB\)") as raised:
             Database(url)
         assert not raised.value.retryable
+
+
+def test_a_storage_root_that_is_not_the_databases_folder_is_refused(database_url: str, tmp_path: Path) -> None:
+    """The first process marks its folder; a process whose storage.root is another folder
+    (an empty mount point, another host's disk) is refused before it claims any work."""
+    database = Database(database_url, create=True)
+    shared = InstanceStore(tmp_path / "shared")
+    check_storage_root(database, shared)
+    marker = (tmp_path / "shared" / MARKER_FILE).read_text().strip()
+    check_storage_root(Database(database_url), InstanceStore(tmp_path / "shared"))  # the same folder again
+    with pytest.raises(ConfigError, match=r"storage.root .*empty-mount.* has no marker"):
+        check_storage_root(Database(database_url), InstanceStore(tmp_path / "empty-mount"), wait_seconds=0.5)
+    other = InstanceStore(tmp_path / "other")
+    other.write_marker("f" * 32)
+    with pytest.raises(ConfigError, match=f"holds marker f{{32}} .*expects {marker}"):
+        check_storage_root(Database(database_url), other, wait_seconds=0.5)
+
+
+def test_processes_starting_together_on_one_folder_agree_on_its_marker(database_url: str, tmp_path: Path) -> None:
+    Database(database_url, create=True)
+    with ThreadPoolExecutor(4) as pool:
+        for done in [pool.submit(check_storage_root, Database(database_url), InstanceStore(tmp_path / "shared"))
+                     for _ in range(4)]:
+            done.result()  # none refused
