@@ -7,9 +7,11 @@ import datetime as dt
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
+import pytest
 import torch
 from pynetdicom import AE
 
@@ -17,8 +19,12 @@ from node.triagelog import read_events
 from storage.db import Database, Instance, Study, StudyState
 from tests.conftest import load_labels
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, wait_for
+from tests.stress import CpuStress
 from training.model.checkpoint import default_model_config, save_checkpoint
 from training.model.architectures import create_model
+
+# The longest a node start may take on a machine whose CPUs are all busy.
+STARTUP_SECONDS = 600
 
 
 def _send_until_refused(port: int, files: list[Path], acknowledged: list[str], lock: threading.Lock) -> None:
@@ -44,12 +50,27 @@ def _send_until_refused(port: int, files: list[Path], acknowledged: list[str], l
             assoc.release()
 
 
+def _start(node: NodeProcess) -> None:
+    """Start the node and wait until it listens: with every CPU busy, loading the model
+    takes minutes rather than seconds."""
+    node.start(wait=False)
+    node.wait_listening(timeout=STARTUP_SECONDS)
+
+
 def _database(folder: Path) -> Database:
     return Database(f"sqlite:///{folder / 'node.db'}")
 
 
+@pytest.fixture
+def busy_cpus() -> Iterator[CpuStress]:
+    """Every CPU busy beside the node (a load of about twice the core count): exactly once
+    must not depend on the node getting a CPU the moment it wants one."""
+    with CpuStress() as stress:
+        yield stress
+
+
 def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
-    tmp_path: Path, synthetic_root: Path
+    tmp_path: Path, synthetic_root: Path, busy_cpus: CpuStress
 ) -> None:
     torch.manual_seed(0)
     checkpoint = save_checkpoint(tmp_path / "effclass.pt", create_model("effclass"), default_model_config("effclass"))
@@ -60,8 +81,9 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
     config = node_config(tmp_path, port=port, checkpoint=checkpoint, stable_seconds=2,
                          heartbeat_seconds=1, stale_after_seconds=3,
                          destinations=[("pacs", "PACS", pacs.dicom_port)])
-    node = NodeProcess(tmp_path, config, port).start()
+    node = NodeProcess(tmp_path, config, port)
     try:
+        _start(node)
         # 1. Two associations sending two studies; SIGKILL once some are stored.
         acknowledged: list[str] = []
         lock = threading.Lock()
@@ -83,7 +105,7 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
             assert pydicom.dcmread(tmp_path / "store" / stored[uid]).SOPInstanceUID == uid
 
         # 2. Restart; the scanner sends again (re-sends are idempotent).
-        node.start()
+        _start(node)
         for study_files in files:
             assert storescu(port, study_files).returncode == 0
         uids = [load_labels(s)["study_instance_uid"] for s in studies]
@@ -96,7 +118,7 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
 
         wait_for(processing, timeout=120, what="a study being analysed", every=0.05)
         node.stop(signal.SIGKILL)
-        node.start()
+        _start(node)
 
         def delivered(uid: str) -> bool:
             return {e["kind"] for e in read_events(tmp_path / "triage.log")
