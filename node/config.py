@@ -348,6 +348,15 @@ class WebSection:
     tls: bool = False
     refresh_seconds: int = 15  # pages reload themselves this often; 0: never
     history_days: int = 30  # the model page's window (studies per day, positive rate, scores)
+    # A sign-in lasts this long at most, and ends sooner after this long without a request.
+    session_hours: float = 12.0
+    session_idle_minutes: float = 60.0
+    # Open HTTP connections; more are answered 503 and closed at once, so that the pages
+    # never hold more than this many descriptors (docs/monitoring.md, the descriptor budget).
+    max_connections: int = 64
+    # A connection must complete each request (head and body) this long after it opened or
+    # after its previous answer; one that is slower, or idle, is closed.
+    request_timeout_seconds: float = 10.0
 
     @property
     def loopback(self) -> bool:
@@ -378,6 +387,10 @@ class WebSection:
             raise ConfigError(f"web.refresh_seconds must be ≥ 0, got {self.refresh_seconds}")
         if not 1 <= self.history_days <= 366:
             raise ConfigError(f"web.history_days must be 1-366, got {self.history_days}")
+        _positive("web.session_hours", self.session_hours)
+        _positive("web.session_idle_minutes", self.session_idle_minutes)
+        _positive("web.max_connections", self.max_connections)
+        _positive("web.request_timeout_seconds", self.request_timeout_seconds)
 
 
 @dataclass(frozen=True)

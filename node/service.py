@@ -38,7 +38,8 @@ from node.notify import Notifier
 from node.output import model_warnings
 from node.scp import start_scp, tls_context
 from node.triagelog import TriageLog
-from node.web import WebServer, create_app
+from node.web import create_app
+from node.webserver import WebServer
 from node.worker import NO_CHECKPOINT, Worker, recover_results
 from storage.db import Database, utcnow
 from storage.state import claim_purge, claim_store_marker, mark_ready, record_purge, store_marker

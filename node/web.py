@@ -9,23 +9,25 @@ name this machine (Host 127.0.0.1 or localhost). Bound to any other address the
 config must carry `web.token`, and every page, /metrics and the JSON API then need it (as
 `Authorization: Bearer …`, or through the login form's session cookie). Every request that
 changes something (the retry and re-analyse buttons) needs the token wherever the pages
-listen, with a per-session CSRF value besides the cookie. /healthz and /readyz stay open:
+listen, with the session's CSRF value besides the cookie. /healthz and /readyz stay open:
 they say nothing about patients, and load balancers probe them without credentials. Every
-answer carries the usual security headers and is not cached.
+answer carries the usual security headers and is not cached. A request body may be at most
+FORM_LIMIT bytes, and credentials in headers are checked before a form is parsed, so that
+no unauthenticated peer makes the node buffer or parse megabytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import re
-import threading
+import secrets
 import time
 import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -40,17 +42,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from node import plots
 from node.config import Config
 from node.dashboard import REANALYSIS_TEXTS, Dashboard, QueueFilter, VerdictFilter, as_json
-from node.errors import ConfigError, IchNodeError
+from node.errors import IchNodeError
 from node.health import Readiness
 from node.metrics import registry
 from storage.state import Reanalysis
 from training.report import format_interval
 
-__all__ = ["create_app", "WebServer"]
+__all__ = ["FORM_LIMIT", "Sessions", "create_app"]
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SESSION_COOKIE = "ichnode_session"
+# The pages' forms carry a token or a CSRF value: a few hundred bytes.
+FORM_LIMIT = 16 * 1024
 _LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9._~/%-]*")
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; img-src 'self'; style-src 'self'; form-action 'self'; "
@@ -85,57 +89,155 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class BodyLimit:
+    """Reads each request's body, at most `limit` bytes, before the app sees it. A larger one
+    is answered 413 and the connection closed: unread when Content-Length says so, read no
+    further than the limit when it comes chunked."""
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            await self.too_large(scope, receive, send)
+            return
+        body = bytearray()
+        more_body = True
+        while more_body:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the peer left, or was closed for being too slow: nobody to answer
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self.too_large(scope, receive, send)
+                return
+            more_body = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = PlainTextResponse(f"a request body may be at most {self.limit} bytes", status_code=413,
+                                   headers={"connection": "close"})
+        await answer(scope, receive, send)
+
+
+@dataclass
+class Session:
+    """One sign-in: its CSRF value, and when it began and was last used (monotonic seconds)."""
+
+    csrf: str
+    began: float
+    used: float
+
+
+class Sessions:
+    """Sign-ins to the pages, in this process's memory: each gets a random cookie value and
+    CSRF value of its own, and ends at sign-out, `lifetime` seconds after it began or `idle`
+    seconds after its last request, whichever comes first. A restart ends them all, and
+    several serve processes each keep their own."""
+
+    def __init__(self, *, lifetime: float, idle: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lifetime = lifetime
+        self.idle = idle
+        self.clock = clock
+        self.open: dict[str, Session] = {}
+
+    def begin(self) -> str:
+        """A new session's cookie value (expired sessions are forgotten here, so they never pile up)."""
+        now = self.clock()
+        self.open = {key: session for key, session in self.open.items() if self._alive(session, now)}
+        key = secrets.token_urlsafe(32)
+        self.open[key] = Session(csrf=secrets.token_urlsafe(32), began=now, used=now)
+        return key
+
+    def find(self, key: str) -> Session | None:
+        """The live session of this cookie value, now used again; None if there is none."""
+        now = self.clock()
+        session = self.open.get(key)
+        if session is None or not self._alive(session, now):
+            self.open.pop(key, None)
+            return None
+        session.used = now
+        return session
+
+    def end(self, key: str) -> None:
+        self.open.pop(key, None)
+
+    def _alive(self, session: Session, now: float) -> bool:
+        return now - session.began < self.lifetime and now - session.used < self.idle
+
+
 class Access:
-    """Who may read and who may change: the token, its session cookie and CSRF value."""
+    """Who may read and who may change: the token, and the sessions signed in with it."""
 
-    def __init__(self, token: str, *, reads_need_token: bool) -> None:
+    def __init__(self, token: str, sessions: Sessions, *, reads_need_token: bool) -> None:
         self.token = token
+        self.sessions = sessions
         self.reads_need_token = reads_need_token
-        self.session = self._derived("session") if token else ""
-        self.csrf = self._derived("csrf") if token else ""
-
-    def _derived(self, purpose: str) -> str:
-        """A value derived from the token: the cookie never carries the token itself."""
-        return hmac.new(self.token.encode(), f"ichnode-web-{purpose}".encode(), hashlib.sha256).hexdigest()
 
     def _bearer(self, request: Request) -> str | None:
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         return value.strip() if scheme.lower() == "bearer" else None
+
+    def _is_token(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def session(self, request: Request) -> Session | None:
+        """The caller's live session (none without web.token: nobody can sign in then)."""
+        cookie = request.cookies.get(SESSION_COOKIE)
+        return self.sessions.find(cookie) if self.token and cookie else None
 
     def signed_in(self, request: Request) -> bool:
         if not self.token:
             return False
         bearer = self._bearer(request)
         if bearer is not None:
-            return hmac.compare_digest(bearer.encode(), self.token.encode())
-        return hmac.compare_digest(request.cookies.get(SESSION_COOKIE, "").encode(), self.session.encode())
+            return self._is_token(bearer)
+        return self.session(request) is not None
 
     def may_read(self, request: Request) -> bool:
         return not self.reads_need_token or self.signed_in(request)
 
-    def check_change(self, request: Request, form: dict[str, str]) -> Response | None:
-        """None when the request may change state; else the 401/403 answer saying why."""
+    async def check_change(self, request: Request) -> Response | None:
+        """None when the request may change state; else the 401/403 answer saying why. A
+        bearer header decides without the body; the form is parsed only when it must."""
         if not self.token:
             return PlainTextResponse("web.token is not set in the node's config: nothing can be changed from "
                                      "the web pages (use `ichnode retry` or `ichnode reanalyse` on the node)",
                                      status_code=403)
-        if self._bearer(request) is not None:
-            return None if self.signed_in(request) else PlainTextResponse("wrong token", status_code=403)
-        given = form.get("token", "")
+        bearer = self._bearer(request)
+        if bearer is not None:
+            return None if self._is_token(bearer) else PlainTextResponse("wrong token", status_code=403)
+        form = await request.form()
+        given = str(form.get("token", ""))
         if given:
-            return None if hmac.compare_digest(given.encode(), self.token.encode()) else \
-                PlainTextResponse("wrong token", status_code=403)
+            return None if self._is_token(given) else PlainTextResponse("wrong token", status_code=403)
         if not request.cookies.get(SESSION_COOKIE):
             return PlainTextResponse("this needs the admin token (web.token)", status_code=401,
                                      headers={"www-authenticate": "Bearer"})
-        if self.signed_in(request) and hmac.compare_digest(form.get("csrf", "").encode(), self.csrf.encode()):
+        session = self.session(request)
+        if session is not None and hmac.compare_digest(str(form.get("csrf", "")).encode(), session.csrf.encode()):
             return None
         return PlainTextResponse("session or form not valid: sign in again", status_code=403)
 
 
 def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> Starlette:
     settings = config.web
-    access = Access(settings.token, reads_need_token=not settings.loopback)
+    sessions = Sessions(lifetime=settings.session_hours * 3600, idle=settings.session_idle_minutes * 60)
+    access = Access(settings.token, sessions, reads_need_token=not settings.loopback)
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["when"] = lambda value: value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
     templates.env.filters["score"] = lambda value: "-" if value is None else f"{value:.3f}"
@@ -143,9 +245,9 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
     metrics = registry(dashboard)
 
     def page(request: Request, name: str, refresh: bool = True, status_code: int = 200, **context) -> Response:
-        signed_in = access.signed_in(request)
+        session = access.session(request)
         context |= dict(model=dashboard.model_info, refresh=settings.refresh_seconds if refresh else 0,
-                        signed_in=signed_in, csrf=access.csrf if signed_in else "",
+                        signed_in=access.signed_in(request), csrf=session.csrf if session else "",
                         token_set=bool(settings.token), reads_need_token=access.reads_need_token,
                         silent=config.silent)
         return templates.TemplateResponse(request, name, context, status_code=status_code)
@@ -221,8 +323,7 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
     async def refused_change(request: Request, what: str) -> Response | None:
         """The 401/403 answer (logged with the caller's address) when the request may not
         change anything; None when it may."""
-        form = {k: str(v) for k, v in (await request.form()).items()}
-        refused = access.check_change(request, form)
+        refused = await access.check_change(request)
         if refused is not None:
             log.warning("refused a %s request from %s: %s", what, request.client.host if request.client else "?",
                         refused.body.decode())
@@ -302,14 +403,16 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
             return page(request, "login.html", refresh=False, status_code=403, next=target,
                         message="That is not the node's web.token." if settings.token else
                         "web.token is not set in the node's config, so nobody can sign in.")
+        sessions.end(request.cookies.get(SESSION_COOKIE, ""))
         response = RedirectResponse(target, status_code=303)
-        response.set_cookie(SESSION_COOKIE, access.session, httponly=True, samesite="strict", secure=settings.tls,
-                            max_age=12 * 3600)
+        response.set_cookie(SESSION_COOKIE, sessions.begin(), httponly=True, samesite="strict", secure=settings.tls,
+                            max_age=round(sessions.lifetime))
         return response
 
     async def logout(request: Request) -> Response:
+        sessions.end(request.cookies.get(SESSION_COOKIE, ""))
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(SESSION_COOKIE)
+        response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict", secure=settings.tls)
         return response
 
     routes = [
@@ -338,36 +441,10 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
         return PlainTextResponse(text, status_code=503 if isinstance(exc, IchNodeError) else 500)
 
     app = Starlette(routes=routes, exception_handlers={Exception: failed})
+    app.add_middleware(BodyLimit, limit=FORM_LIMIT)
     if settings.loopback:
         # Pages open to this machine answer only to this machine's names, so a web page
         # elsewhere cannot read them through a DNS name that resolves to 127.0.0.1.
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted({"127.0.0.1", "localhost", settings.host}))
     app.add_middleware(SecurityHeaders, tls=settings.tls)
     return app
-
-
-class WebServer:
-    """uvicorn in a thread beside the SCP; `start` returns once it listens or raises."""
-
-    def __init__(self, config: Config, app: Starlette) -> None:
-        node = config.node
-        self.settings = config.web
-        tls = dict(ssl_certfile=str(node.tls_certificate), ssl_keyfile=str(node.tls_private_key)) \
-            if self.settings.tls else {}
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, host=self.settings.host, port=self.settings.port, log_level="warning", access_log=False,
-            lifespan="off", server_header=False, **tls))
-        self.thread = threading.Thread(target=self.server.run, name="web", daemon=True)
-
-    def start(self, timeout: float = 15.0) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise ConfigError(f"the web pages could not listen on {self.settings.url} (web.host, web.port)")
-            time.sleep(0.05)
-        log.info("web pages, /metrics and /readyz at %s", self.settings.url)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)

@@ -53,7 +53,8 @@ def test_repo_config_matches_dataclass_defaults() -> None:
     """Every value in config.toml is documented as the default: the two must agree."""
     config = load_config(REPO_CONFIG)
     defaults = parse_config({}, REPO_CONFIG.parent)
-    for section in ("node", "storage", "completion", "worker", "triage", "explain", "output", "delivery", "log"):
+    for section in ("node", "storage", "completion", "worker", "triage", "explain", "output", "delivery", "log",
+                    "web"):
         assert getattr(config, section) == getattr(defaults, section), section
     # The one exception: the shipped file names the demonstration model; the default is none.
     assert replace(config.model, checkpoint=None) == defaults.model
@@ -158,6 +159,10 @@ def test_integer_accepted_for_float_setting() -> None:
         ({"destinations": [DESTINATION, {**DESTINATION, "ae_title": "C" * 17}]},
          "destinations[1].ae_title"),
         ({"destinations": [{**DESTINATION, "host": " "}]}, "destinations[0].host"),
+        ({"web": {"session_hours": 0}}, "web.session_hours"),
+        ({"web": {"session_idle_minutes": -5}}, "web.session_idle_minutes"),
+        ({"web": {"max_connections": 0}}, "web.max_connections"),
+        ({"web": {"request_timeout_seconds": 0}}, "web.request_timeout_seconds"),
     ],
 )
 def test_bad_value_is_named(data: dict[str, Any], named: str) -> None:

@@ -13,7 +13,8 @@ from node.config import parse_config
 from node.dashboard import Dashboard, ModelInfo
 from node.health import Readiness
 from node.history import TriageHistory
-from node.web import WebServer, create_app
+from node.web import create_app
+from node.webserver import WebServer
 from storage.db import Database
 from storage.store import InstanceStore
 from tests.conftest import require_tool

@@ -2,24 +2,33 @@
 
 Two synthetic studies go through the real ingest and worker with the demonstration model
 (one with bleeds, one without); the app is then asked over HTTP as a browser or
-Prometheus would ask it. The real browser and the retry against a real PACS are in
-tests/test_web_browser.py.
+Prometheus would ask it. Where the answer depends on the server (request bodies, slow and
+surplus connections, descriptors running out) the app is served by uvicorn, as `ichnode
+serve` serves it, on a free loopback port in a thread of this process. The real browser
+and the retry against a real PACS are in tests/test_web_browser.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
+import logging
 import os
+import re
+import resource
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from PIL import Image
@@ -34,7 +43,8 @@ from node.history import TriageHistory
 from node.ingest import Ingest, Status
 from node.service import complete_quiet_studies
 from node.triagelog import TriageLog, read_events
-from node.web import create_app
+from node.web import FORM_LIMIT, Sessions, create_app
+from node.webserver import OncePerInterval, WebServer
 from node.worker import Worker
 from storage.db import Database, Study, StudyState
 from storage.store import InstanceStore
@@ -440,3 +450,244 @@ def test_status_json_is_the_queue_the_page_shows(analysed: Analysed, tmp_path: P
     page = analysed.app().get("/api/queue").json()
     assert status["studies_by_state"] == page["studies_by_state"]
     assert [s["study_instance_uid"] for s in status["studies"]] == [s["study_instance_uid"] for s in page["studies"]]
+
+
+def _session(client: TestClient) -> tuple[str, str]:
+    """Sign in: the session cookie and the CSRF value of the page that follows."""
+    client.post("/login", data={"token": TOKEN})
+    page = client.get("/failures", headers=HTML)
+    return client.cookies["ichnode_session"], page.text.split('name="csrf" value="')[1].split('"')[0]
+
+
+def test_every_sign_in_gets_a_session_of_its_own_and_sign_out_ends_it(analysed: Analysed) -> None:
+    app = analysed.app(host="0.0.0.0").app
+    first, second, again, stolen = (TestClient(app, base_url="http://127.0.0.1:8080") for _ in range(4))
+    first_cookie, first_csrf = _session(first)
+    second_cookie, second_csrf = _session(second)
+    assert first_cookie != second_cookie and first_csrf != second_csrf
+    assert TOKEN not in first_cookie and first_csrf not in (first_cookie, TOKEN)
+    assert _session(again)[0] not in (first_cookie, second_cookie)  # the same token, a new session
+    # One session's CSRF value is worth nothing in another.
+    assert second.post("/failures/retry", data={"csrf": first_csrf}).status_code == 403
+
+    stolen.cookies.set("ichnode_session", first_cookie)  # a copy of the cookie, kept from before the sign-out
+    assert stolen.get("/api/queue").status_code == 200
+    signed_out = first.post("/logout", follow_redirects=False)
+    assert signed_out.status_code == 303 and 'ichnode_session=""' in signed_out.headers["set-cookie"]
+    assert stolen.get("/api/queue").status_code == 401
+    assert stolen.get("/", headers=HTML, follow_redirects=False).headers["location"] == "/login?next=%2F"
+    assert stolen.post("/failures/retry", data={"csrf": first_csrf}).status_code == 403
+    assert second.get("/api/queue").status_code == 200  # the other sign-in goes on
+    assert second.post("/failures/retry", data={"csrf": second_csrf}, follow_redirects=False).status_code == 303
+
+
+def test_the_session_cookie_is_http_only_strict_and_secure_over_tls(analysed: Analysed) -> None:
+    for tls in (False, True):
+        signed_in = analysed.app(host="0.0.0.0", tls=tls).post("/login", data={"token": TOKEN},
+                                                                follow_redirects=False)
+        flags = {flag.strip().lower() for flag in signed_in.headers["set-cookie"].split(";")[1:]}
+        assert {"httponly", "samesite=strict", f"max-age={12 * 3600}"} <= flags
+        assert ("secure" in flags) == tls
+
+
+def test_an_expired_session_is_refused(analysed: Analysed) -> None:
+    client = analysed.app(host="0.0.0.0", session_hours=1 / 3600)  # a second
+    signed_in = client.post("/login", data={"token": TOKEN}, follow_redirects=False)
+    client.cookies.clear()
+    client.cookies.set("ichnode_session", signed_in.cookies["ichnode_session"])  # kept past its Max-Age
+    wait_for(lambda: client.get("/api/queue").status_code == 401, timeout=30, what="the session to expire",
+             every=0.1)
+    assert client.get("/", headers=HTML, follow_redirects=False).headers["location"] == "/login?next=%2F"
+
+
+def test_a_session_ends_after_its_lifetime_or_when_idle_whichever_comes_first() -> None:
+    now = [0.0]
+    sessions = Sessions(lifetime=100, idle=30, clock=lambda: now[0])
+    used, idle = sessions.begin(), sessions.begin()
+    for now[0] in (20, 40, 60, 80, 99):  # used every 20 s: the idle limit never comes
+        assert sessions.find(used) is not None
+    assert sessions.find(idle) is None  # 99 s without a request
+    now[0] = 100
+    assert sessions.find(used) is None  # its lifetime is over, however busy
+    assert sessions.find("guessed") is None
+    sessions.begin()
+    assert len(sessions.open) == 1  # the ended ones are forgotten
+
+
+def test_a_form_larger_than_the_limit_is_refused(analysed: Analysed) -> None:
+    client = analysed.app()
+    too_long = {"token": TOKEN, "padding": "x" * FORM_LIMIT}
+    assert client.post("/login", data=too_long).status_code == 413
+    assert client.post("/failures/retry", data=too_long).status_code == 413
+    assert client.post("/failures/retry", data={"token": TOKEN}, follow_redirects=False).status_code == 303
+
+
+@contextmanager
+def _served(node: Analysed, **web: object) -> Iterator[int]:
+    """The pages of `node` served by uvicorn as `ichnode serve` serves them; yields the port."""
+    config = dataclasses.replace(node.config, web=dataclasses.replace(node.config.web, port=free_port(), **web))
+    server = WebServer(config, create_app(config, *node.parts(config)))
+    server.start()
+    try:
+        yield config.web.port
+    finally:
+        server.stop()
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def _post_10_mb(port: int, path: str, *, chunked: bool) -> str:
+    """POST a 10 MB form without credentials (160 fields of 64 KiB, each below the size
+    Starlette refuses a field at), sent a field at a time so that this process holds no copy
+    of it; the status line of the answer."""
+    chunk = b"&f=" + b"x" * 65533
+    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if chunked else chunk
+    length = "transfer-encoding: chunked" if chunked else f"content-length: {160 * len(chunk) + 6}"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+
+        def send() -> None:
+            try:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{length}\r\n"
+                             "content-type: application/x-www-form-urlencoded\r\n\r\n".encode())
+                sock.sendall(b"6\r\ntoken=\r\n" if chunked else b"token=")
+                for _ in range(160):
+                    sock.sendall(framed)
+                sock.sendall(b"0\r\n\r\n" if chunked else b"")
+            except OSError:
+                pass  # the node closed the connection: it reads no more
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        answer = sock.recv(4096)
+        sender.join()
+    return answer.split(b"\r\n")[0].decode()
+
+
+def test_ten_megabyte_forms_without_credentials_are_refused_unread(analysed: Analysed) -> None:
+    uid = sorted(_study_states(analysed))[0]
+    targets = ["/login", "/failures/retry", f"/studies/{uid}/reanalyse"]
+    with _served(analysed) as port:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM is now VmRSS: the peak from here on
+        except OSError as exc:
+            pytest.skip(f"the peak memory cannot be reset here: {exc}")
+        before = _status_kb("VmRSS")
+        answers: dict[tuple[str, bool], str] = {}
+        senders = [threading.Thread(target=lambda p=path, c=chunked: answers.update({(p, c): _post_10_mb(port, p,
+                                                                                                        chunked=c)}))
+                   for path in targets for chunked in (False, True)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        peak = _status_kb("VmHWM")
+    assert set(answers.values()) == {"HTTP/1.1 413 Request Entity Too Large"}, answers
+    assert peak - before < 50 * 1024, f"the node grew by {(peak - before) / 1024:.0f} MB"
+
+
+def _until_closed(sock: socket.socket, *, within: float, trickle: bytes = b"") -> bytes:
+    """What the node sends before it closes the connection; fails if it is still open
+    `within` seconds from now. With `trickle`, one byte of it is sent at every look."""
+    sock.settimeout(0.2)
+    received, deadline = b"", time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if trickle:
+                sock.send(trickle[:1])
+                trickle = trickle[1:]
+            data = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return received
+        if not data:
+            return received
+        received += data
+    pytest.fail(f"the node kept a connection open for {within} s (it sent {received!r})")
+
+
+def test_connections_that_never_finish_their_request_are_closed(analysed: Analysed) -> None:
+    partial = [b"", b"GET /healthz HT", b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n",
+               b"POST /login HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\ntoken="]
+    with _served(analysed, request_timeout_seconds=1) as port:
+        peers = [socket.create_connection(("127.0.0.1", port)) for _ in range(len(partial) + 2)]
+        for sock, sent in zip(peers, partial):
+            sock.sendall(sent)
+        slow_loris, kept_alive = peers[-2:]
+        kept_alive.sendall(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        first = b""
+        while b'"alive"' not in first:
+            first += kept_alive.recv(4096)
+        kept_alive.sendall(b"GET /healthz HT")  # uvicorn stops its keep-alive timer at the first byte
+        for sock in peers[:-2]:
+            assert _until_closed(sock, within=30) == b""
+        assert _until_closed(slow_loris, within=30, trickle=b"GET /healthz HTTP/1.1\r\n" + b"x" * 1000) == b""
+        assert _until_closed(kept_alive, within=30) == b""
+        for sock in peers:
+            sock.close()
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+
+
+def test_connections_beyond_max_connections_are_refused_at_once_and_idle_ones_time_out(analysed: Analysed) -> None:
+    with _served(analysed, max_connections=4, request_timeout_seconds=2) as port:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4 + 3)]
+        answers = [_until_closed(sock, within=30) for sock in idle]
+        for sock in idle:
+            sock.close()
+        assert sorted(answers) == [b""] * 4 + [b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                                               b"connection: close\r\n\r\n"] * 3
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+
+
+def test_a_repeated_warning_is_logged_once_per_interval() -> None:
+    now = [0.0]
+    once = OncePerInterval(60, clock=lambda: now[0])
+
+    def record(name: str = "asyncio", level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.makeLogRecord({"name": name, "levelno": level, "msg": "socket.accept() out of system resource"})
+
+    assert once.filter(record())
+    assert not any(once.filter(record()) for _ in range(999))
+    assert once.filter(record("uvicorn.error"))  # another logger's line is its own
+    assert once.filter(record(level=logging.INFO))  # information is never held back
+    now[0] = 60
+    next_one = record()
+    assert once.filter(next_one)
+    assert next_one.getMessage().endswith("(999 more like this in the last 60 s, not logged)")
+
+
+def test_accepts_failing_for_want_of_descriptors_are_logged_once_per_interval(
+        analysed: Analysed, caplog: pytest.LogCaptureFixture) -> None:
+    """What filled the log in the incident: asyncio logs every failed accept, up to the listen
+    backlog's worth a second."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    failed_accepts: list[logging.LogRecord] = []
+
+    def count(record: logging.LogRecord) -> bool:  # ahead of the node's filter: sees every one
+        if "out of system resource" in record.getMessage():
+            failed_accepts.append(record)
+        return True
+
+    logging.getLogger("asyncio").addFilter(count)
+    with _served(analysed) as port:
+        peers = [socket.socket() for _ in range(3)]
+        fillers: list[int] = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(map(int, os.listdir("/proc/self/fd"))) + 1, hard))
+        try:
+            with contextlib.suppress(OSError):
+                while True:  # every descriptor number below the limit in use: the node can accept nothing
+                    fillers.append(os.open(os.devnull, os.O_RDONLY))
+            for sock in peers:
+                sock.connect(("127.0.0.1", port))  # the kernel completes these; the node cannot accept them
+            wait_for(lambda: len(failed_accepts) >= 3, timeout=30, what="three failed accepts")
+        finally:
+            logging.getLogger("asyncio").removeFilter(count)
+            for fd in fillers:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for sock in peers:
+                sock.close()
+    failed = [r for r in caplog.records if r.getMessage().startswith("socket.accept() out of system resource")]
+    assert len(failed) == 1 and "Too many open files" in caplog.text
