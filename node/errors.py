@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from storage import errors as _storage_errors
 from storage.errors import *  # noqa: F403 - the tree, re-exported whole (see __all__)
+from storage.errors import IchNodeError
 from training import errors as _training_errors
 from training.errors import *  # noqa: F403
 

@@ -71,7 +71,7 @@ def test_dsrdump_shows_the_finding_and_the_key_slices(fixture: str, finding: str
     dump = subprocess.run([require_tool("dsrdump"), "+Pu", "+Pl", str(_written(result, ResultKind.SR, tmp_path))],
                           capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
-    assert f'CODE:(,,"Intracranial hemorrhage (disorder)")' in dump.stdout and f'"{finding}")' in dump.stdout
+    assert 'CODE:(,,"Intracranial hemorrhage (disorder)")' in dump.stdout and f'"{finding}")' in dump.stdout
     assert '"Computed tomography of head (procedure)"' in dump.stdout  # the procedure, not the algorithm
     assert "DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE" in dump.stdout
     for uid in _key_slice_uids(result):
