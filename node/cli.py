@@ -112,6 +112,7 @@ def _setup_logging() -> None:
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs each request's whole URL: a webhook's secret
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -44,7 +44,9 @@ __all__ = [
     "WebSection",
     "Destination",
     "NotifyOn",
+    "ChatFormat",
     "NotifyTarget",
+    "redact_url",
     "Config",
     "load_config",
     "parse_config",
@@ -419,17 +421,50 @@ class NotifyOn(enum.StrEnum):
     FAILED = "failed"  # studies that could not be analysed
 
 
+class ChatFormat(enum.StrEnum):
+    """How a webhook's `text` line is escaped, so that text from DICOM headers shows as
+    text and formats, links or mentions nothing."""
+
+    AUTO = "auto"  # slack for hooks.slack.com, markdown for any other host
+    SLACK = "slack"  # &, < and > as &amp; &lt; &gt; (Slack's own rule; <!channel> is then text)
+    TEAMS = "teams"  # as markdown
+    MARKDOWN = "markdown"  # Markdown's control characters escaped, @mentions broken (Mattermost, Teams, …)
+    PLAIN = "plain"  # as it is: for a receiver that reads the JSON and renders nothing
+
+
 @dataclass(frozen=True)
 class NotifyTarget:
     """A webhook that gets a JSON message (with a `text` line chat tools display)."""
 
     url: str
     on: NotifyOn = NotifyOn.POSITIVE
+    format: ChatFormat = ChatFormat.AUTO
+    # The whole POST, connect to answer: a receiver that trickles its answer is cut off.
+    timeout_seconds: float = 10.0
 
     def validate(self, key: str) -> None:
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{key}.url must be an http:// or https:// URL with a host, got {self.url!r}")
+            raise ConfigError(f"{key}.url must be an http:// or https:// URL with a host (the value is not shown: "
+                              "a webhook URL holds its secret)")
+        try:
+            parts.port  # reading it checks it
+        except ValueError:
+            raise ConfigError(f"{key}.url has a port that is not a number 1-65535") from None
+        _positive(f"{key}.timeout_seconds", self.timeout_seconds)
+
+
+def redact_url(url: str) -> str:
+    """scheme://host[:port]/… — how a webhook URL is shown anywhere (log, pages, API,
+    `ichnode status`, errors): Slack, Teams and Mattermost carry the secret in the path
+    or the query."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: shown as no port
+        port = ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}/…"
 
 
 @dataclass(frozen=True)

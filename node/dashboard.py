@@ -17,7 +17,6 @@ import enum
 import io
 import logging
 import re
-import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from node.config import Config
+from node.config import Config, redact_url
 from node.errors import InvalidInstance
 from node.history import Analysis, Day, TriageHistory
 from node.output import model_warnings
@@ -54,7 +53,7 @@ from training.model.inputs import InputProfile
 from training.model.rule import NEGATIVE_LABEL, POSITIVE_LABEL
 from training.model.scope import NOT_TRIAGED_LABEL
 
-__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "redact_url", "inputs_line",
+__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "inputs_line",
            "REANALYSIS_TEXTS", "reanalysis_line"]
 
 log = logging.getLogger(__name__)
@@ -154,12 +153,14 @@ class OutgoingRow:
 
     @classmethod
     def of(cls, row: Delivery | Notification) -> "OutgoingRow":
+        error = row.last_error
         if isinstance(row, Delivery):
             target, kind = row.destination, row.kind
         else:
             target, kind = redact_url(row.url), "webhook"
+            error = error and error.replace(row.url, target)  # recorded by a release that did not redact it
         waiting = row.state.value == "pending"
-        return cls(target, kind, row.state.value, row.attempts, row.last_error, row.created_at, row.sent_at,
+        return cls(target, kind, row.state.value, row.attempts, error, row.created_at, row.sent_at,
                    row.next_attempt_at if waiting else None)
 
 
@@ -280,7 +281,7 @@ class Dashboard:
             outgoing, notified = outgoing_of(session, [study.id])
             row = StudyRow.of(study, latest.get(study_instance_uid), outgoing[study.id], notified[study.id])
             purged_at, result_series = study.purged_at, study.result_series_uid
-        events = LogReader(self.config.log.path).read_study(study_instance_uid)
+        events = [_redacted(e) for e in LogReader(self.config.log.path).read_study(study_instance_uid)]
         analysed = [e for e in events if e.get("event") == "analysed"]
         timeline = tuple(TimelineEvent(str(e.get("time", "")), str(e.get("event", "")), describe(e), self._shown(e))
                          for e in events)
@@ -293,8 +294,6 @@ class Dashboard:
         if not self.config.log.include_patient_identifiers:
             for key in PATIENT_KEYS:
                 shown.pop(key, None)
-        if "url" in shown:
-            shown["url"] = redact_url(str(shown["url"]))
         return shown
 
     def _result_folder(self, study_instance_uid: str, result_series_uid: str | None) -> Path | None:
@@ -394,10 +393,16 @@ def reanalysis_line(outcome: ReanalyseOutcome) -> str:
     return f"{named}: {outcome.state.value}, {REANALYSIS_TEXTS[outcome.outcome]}"
 
 
-def redact_url(url: str) -> str:
-    """scheme://host/… : a webhook's path and query often are its secret."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or '?'}{':' + str(parts.port) if parts.port else ''}/…"
+def _redacted(event: dict) -> dict:
+    """An event with its webhook URL as redact_url shows it, in the reason too: the
+    triage log of a release that did not redact it holds it whole."""
+    if "url" not in event:
+        return event
+    url = str(event["url"])
+    shown = {**event, "url": redact_url(url)}
+    if "reason" in event:
+        shown["reason"] = str(event["reason"]).replace(url, shown["url"])
+    return shown
 
 
 def as_json(view: Any) -> Any:

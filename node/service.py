@@ -1,7 +1,7 @@
 """Assembling and running the node: `ichnode serve` and `ichnode worker`.
 
-`serve` = Storage SCP + completion job + one sending thread per destination + a thread
-for notifications (+ a worker thread unless worker.enabled_in_serve is false). `worker` =
+`serve` = Storage SCP + completion job + one sending thread per destination and one per
+webhook URL (+ a worker thread unless worker.enabled_in_serve is false). `worker` =
 only the analysis loop, for more processes or GPU hosts sharing the database and the
 storage folder. Any number of each may share one database and one storage folder: every
 job of `serve` (completion, deliveries, notifications, retention, the start-up recovery
@@ -287,7 +287,7 @@ def _through_outages(job: Callable[..., object]) -> Callable[..., None]:
     return run
 
 
-def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries) -> BackgroundScheduler:
+def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries, notifier: Notifier) -> BackgroundScheduler:
     config = node.config
     scheduler = BackgroundScheduler(timezone="UTC")
     # A study that went quiet because this process was down (the scanner's association
@@ -300,8 +300,8 @@ def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries) -> Background
                       next_run_time=first_check)
     scheduler.add_job(_through_outages(ingest.renew_holds), "interval",
                       seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True)
-    scheduler.add_job(_through_outages(deliveries.fail_orphans), "interval", seconds=10, max_instances=1,
-                      coalesce=True)
+    for orphans in (deliveries.fail_orphans, notifier.fail_orphans):
+        scheduler.add_job(_through_outages(orphans), "interval", seconds=10, max_instances=1, coalesce=True)
     scheduler.add_job(_DatabaseWatch(node.database), "interval", seconds=5, max_instances=1, coalesce=True)
     if config.storage.retention_days > 0:
         scheduler.add_job(_through_outages(purge_delivered), "interval",
@@ -341,9 +341,10 @@ def serve(config: Config) -> None:
                     reopen_failed=config.completion.reopen_failed,
                     resend_wait_seconds=config.completion.resend_wait_seconds)
     server = start_scp(config.node, ingest)
-    scheduler = _scheduler(node, ingest, deliveries)
+    scheduler = _scheduler(node, ingest, deliveries, notifier)
     scheduler.start()
-    threads = [*deliveries.start(stop), notifier.start(stop)]
+    threads = deliveries.start(stop)
+    notifier.start(stop)
     worker = None
     if config.worker.enabled_in_serve:
         def recorded() -> None:
@@ -368,6 +369,7 @@ def serve(config: Config) -> None:
             web.stop()
         server.shutdown()
         scheduler.shutdown(wait=True)
+        notifier.join()  # bounded: a webhook that trickles its answer must not hold the stop
         for thread in threads:
             thread.join()
         log.info("stopped")

@@ -65,6 +65,7 @@ __all__ = [
     "delivery_attempt_failed",
     "claim_notification",
     "renew_notification",
+    "release_notification",
     "notification_sent",
     "notification_attempt_failed",
     "retry_failed",
@@ -595,11 +596,17 @@ def renew_delivery(session: Session, delivery_id: int, owner: str, now: dt.datet
     return _renew(session, Delivery, delivery_id, owner, now)
 
 
-def claim_notification(session: Session, owner: str, now: dt.datetime, *,
-                       stale_seconds: float) -> DueNotification | None:
-    """Claim the next due notification, oldest first (as claim_delivery)."""
+def claim_notification(session: Session, owner: str, now: dt.datetime, *, stale_seconds: float,
+                       url: str | None = None, other_than: Collection[str] = ()) -> DueNotification | None:
+    """Claim the next due notification, oldest first, for the webhook `url` only, or for
+    any URL but those `other_than` names (as claim_delivery)."""
+    where = []
+    if url is not None:
+        where.append(Notification.url == url)
+    if other_than:
+        where.append(Notification.url.not_in(list(other_than)))
     claimed = _claim(session, Notification, owner, now, stale_seconds,
-                     (Notification.next_attempt_at, Notification.id))
+                     (Notification.next_attempt_at, Notification.id), *where)
     if claimed is None:
         return None
     n, taken_from = claimed
@@ -609,6 +616,18 @@ def claim_notification(session: Session, owner: str, now: dt.datetime, *,
 
 def renew_notification(session: Session, notification_id: int, owner: str, now: dt.datetime) -> bool:
     return _renew(session, Notification, notification_id, owner, now)
+
+
+def release_notification(session: Session, notification_id: int, owner: str) -> bool:
+    """Give `owner`'s claim up without an attempt (the process is stopping mid-send): the
+    notification is due again at once, for any process; False when the claim was no
+    longer `owner`'s."""
+    changed = session.execute(
+        update(Notification).where(Notification.id == notification_id, Notification.claimed_by == owner,
+                                   Notification.state == DeliveryState.PENDING)
+        .values(claimed_by=None, heartbeat_at=None)
+    ).rowcount
+    return changed == 1
 
 
 def _held(session: Session, model: type[Delivery] | type[Notification], row_id: int,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from node.config import ENV_VAR, Config, DeliveryMode, RuleSource, config_path, load_config, parse_config
+from node.config import (ENV_VAR, Config, DeliveryMode, NotifyTarget, RuleSource, config_path, load_config,
+                         parse_config)
 from node.errors import ConfigError
 from training.inference.settings import Backend, Device
 from training.model.checkpoint import load_checkpoint
@@ -58,6 +61,23 @@ def test_repo_config_matches_dataclass_defaults() -> None:
         assert getattr(config, section) == getattr(defaults, section), section
     # The one exception: the shipped file names the demonstration model; the default is none.
     assert replace(config.model, checkpoint=None) == defaults.model
+
+
+def test_the_documented_notify_example_has_the_default_values() -> None:
+    """config.toml's [[notify]] example is commented out (no webhook by default): its keys
+    must still parse and say the defaults."""
+    commented = REPO_CONFIG.read_text().split("# [[notify]]\n", 1)[1].splitlines()
+    example = "[[notify]]\n" + "\n".join(line[2:] for line in itertools.takewhile(lambda l: l.startswith("# "),
+                                                                                   commented))
+    (target,) = parse_config(tomllib.loads(example), REPO_CONFIG.parent).notify
+    assert {"on", "format", "timeout_seconds"} <= set(tomllib.loads(example)["notify"][0])
+    assert target == NotifyTarget(target.url)
+
+
+def test_a_bad_webhook_url_is_named_but_not_shown() -> None:
+    for url in ("ftp://hooks.example/SECRET", "hooks.slack.com/services/SECRET", "https://h:99999/SECRET"):
+        message = _config_error({"notify": [{"url": url}]})
+        assert "notify[0].url" in message and "SECRET" not in message
 
 
 def test_repo_config_analyses_with_the_demo_model() -> None:
@@ -140,6 +160,9 @@ def test_integer_accepted_for_float_setting() -> None:
         ({"notify": [{"url": "ftp://pager/hook"}]}, "notify[0].url"),
         ({"notify": [{"url": "hooks.example"}]}, "notify[0].url"),
         ({"notify": [{"url": "https://pager/hook", "on": "sometimes"}]}, "notify[0].on"),
+        ({"notify": [{"url": "https://pager:99999/hook"}]}, "notify[0].url"),
+        ({"notify": [{"url": "https://pager/hook", "format": "html"}]}, "notify[0].format"),
+        ({"notify": [{"url": "https://pager/hook", "timeout_seconds": 0}]}, "notify[0].timeout_seconds"),
         ({"node": {"ae_title": "A" * 17}}, "node.ae_title"),
         ({"node": {"ae_title": "   "}}, "node.ae_title"),
         ({"node": {"allowed_calling_aets": ["OK", "B" * 17]}}, "node.allowed_calling_aets[1]"),

@@ -40,6 +40,7 @@ from storage.state import (
     record_instance,
     record_purge,
     release_hold,
+    release_notification,
     renew_delivery,
     requeue_stale,
     result_folders,
@@ -717,6 +718,22 @@ def test_notifications_are_queued_claimed_sent_and_backed_off(session: Session) 
     assert failed.state == DeliveryState.PENDING and failed.next_attempt_at == at(81)
     assert claim_notification(session, "s2", at(80), stale_seconds=STALE) is None
     assert claim_notification(session, "s2", at(81), stale_seconds=STALE).url == "http://hook/b"
+
+
+def test_each_webhook_claims_only_its_own_notifications_and_a_released_one_is_due_again(session: Session) -> None:
+    study = processing_study(session)
+    queue_notifications(session, study.id, [("http://hook/a", "1"), ("http://hook/b", "2"), ("http://gone/c", "3")],
+                        at(70))
+    b = claim_notification(session, "s1", at(70), stale_seconds=STALE, url="http://hook/b")
+    assert b.payload == "2" and claim_notification(session, "s1", at(70), stale_seconds=STALE,
+                                                   url="http://hook/b") is None
+    orphan = claim_notification(session, "s1", at(70), stale_seconds=STALE,
+                                other_than=["http://hook/a", "http://hook/b"])
+    assert orphan.url == "http://gone/c"
+    # Stopping mid-send: the claim is given up without an attempt, and the message is due at once.
+    assert not release_notification(session, b.id, "s2") and release_notification(session, b.id, "s1")
+    again = claim_notification(session, "s2", at(70), stale_seconds=STALE, url="http://hook/b")
+    assert again.id == b.id and again.attempts == 0 and again.taken_from is None
 
 
 def test_result_folders_are_those_deliveries_and_studies_refer_to(session: Session) -> None:
