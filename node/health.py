@@ -7,9 +7,7 @@ read transaction, one small file written and removed, and a few attribute reads.
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,28 +66,10 @@ class Readiness:
         return Check("database", True, self.database.shown)
 
     def _storage(self) -> Check:
-        root = self.store.root
-        try:
-            no_inodes = self.store.free_inodes() == 0
-        except OSError:
-            no_inodes = False  # the probe below names what is wrong with the folder
-        if no_inodes:
-            return Check("storage", False, f"no free inodes on the file system of {root}: space is free, but no "
-                                           "file can be created, so stores are refused")
-        probe = root / f".ready-{uuid.uuid4().hex}"
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, b"ready")
-            finally:
-                os.close(fd)
-                probe.unlink(missing_ok=True)
-        except OSError as exc:
-            return Check("storage", False, f"storage.root {root} cannot be written: {exc.strerror or exc}")
+        problem = self.store.refusal(self.min_free_mb)
+        if problem is not None:
+            return Check("storage", False, problem)
         free, inodes = self.store.free_mb(), self.store.free_inodes()
-        if free < self.min_free_mb:
-            return Check("storage", False, f"{free:.0f} MiB free on the disk of {root}, below storage.min_free_mb "
-                                           f"= {self.min_free_mb}: stores are refused")
         return Check("storage", True, f"{free:.0f} MiB free" + (f", {inodes} inodes free" if inodes is not None else ""))
 
     def _model(self) -> Check:

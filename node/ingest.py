@@ -14,6 +14,11 @@ associations are sending, and the end of an association (or its moving on to ano
 study) releases the hold, so the quiet time counts from there. A hold written before a
 crash cut the association outlives the crash: the sender's re-send finds the study
 still waiting for it.
+
+A refused instance is still the sender's to send again, so a study with one refused
+(disk or inodes full, below storage.min_free_mb, the database away) is held for as long
+as the cause lasts and for a whole completion.stable_seconds after it ends, rather than
+going ready, half-received, the moment the refusals stop.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Hashable
 
 from pydicom.dataset import Dataset
@@ -65,13 +71,18 @@ class Ingest:
 
     def __init__(self, store: InstanceStore, database: Database, triage_log: TriageLog,
                  *, min_free_mb: float = 0.0, reopen_failed: bool = False,
-                 resend_wait_seconds: float = 300.0) -> None:
+                 resend_wait_seconds: float = 300.0, stable_seconds: float = 30.0) -> None:
         self.store = store
         self.database = database
         self.triage_log = triage_log
         self.min_free_mb = min_free_mb
         self.reopen_failed = reopen_failed  # completion.reopen_failed: a re-send re-opens a failed study
         self.hold = dt.timedelta(seconds=resend_wait_seconds)
+        self.quiet = dt.timedelta(seconds=stable_seconds)
+        # Study → (when, in monotonic seconds, and how large) its latest refused instance;
+        # a lock of its own, so a refusal never waits on a database write that may hang.
+        self._refused: dict[str, tuple[float, int]] = {}
+        self._refused_lock = threading.Lock()
         self._sending: dict[Hashable, str] = {}  # open association → the study of its latest instance
         # Taken around every change of a hold too, so a renewal never restores a hold that
         # the end of its association has just released.
@@ -96,7 +107,7 @@ class Ingest:
         if free < self.min_free_mb:
             log.error("refused %s of study %s: %.0f MiB free on the disk of %s, below storage.min_free_mb "
                       "= %d (status 0xA700)", sop_uid, study_uid, free, self.store.root, self.min_free_mb)
-            return Status.OUT_OF_RESOURCES
+            return self._refuse(study_uid, len(encoded))
         try:
             size = self.store.write(relative, encoded)
             item = _received(ds, str(relative), size, calling_aet=calling_aet,
@@ -107,7 +118,7 @@ class Ingest:
                                           held_until=None if association is None else now + self.hold)
         except StorageError as exc:
             log.error("could not store or record %s of study %s: %s (status 0xA700)", sop_uid, study_uid, exc)
-            return Status.OUT_OF_RESOURCES
+            return self._refuse(study_uid, len(encoded))
         except Exception as exc:  # a header value pydicom cannot read (ImageType, …)
             log.warning("refused an undecodable instance from %s: %s (status 0xC210)", calling_aet, exc)
             return Status.CANNOT_UNDERSTAND
@@ -125,14 +136,38 @@ class Ingest:
 
     def renew_holds(self) -> None:
         """Hold what the open associations are sending for completion.resend_wait_seconds
-        from now (every completion.check_interval_seconds): an association that lasts
-        longer keeps its hold, and a study this process is receiving too keeps it when
-        another process's association ends."""
+        from now (every completion.check_interval_seconds, and before each completion
+        check): an association that lasts longer keeps its hold, and a study this process
+        is receiving too keeps it when another process's association ends. Studies with a
+        refused instance are held for completion.stable_seconds from now; once a store
+        would succeed again (the holds written, free space and inodes for the largest
+        refused instance), that last hold is their whole quiet time and they are let go."""
+        with self._refused_lock:
+            refused = dict(self._refused)
+        cause = None
+        if refused:
+            needed_mb = max(size for _, size in refused.values()) / 2**20
+            cause = self.store.refusal(self.min_free_mb + needed_mb)
         with self._sending_lock:
-            studies = set(self._sending.values())
-            if studies:
+            sending = set(self._sending.values())
+            if sending or refused:
+                now = utcnow()
                 with self.database.write() as session:
-                    hold_studies(session, studies, utcnow() + self.hold)
+                    hold_studies(session, set(refused) - sending, now + self.quiet)
+                    hold_studies(session, sending, now + self.hold)
+        if refused and cause is None:
+            with self._refused_lock:
+                for study_uid, latest in refused.items():
+                    if self._refused.get(study_uid) == latest:  # none refused since
+                        del self._refused[study_uid]
+            log.info("stores succeed again: %d studies with refused instances wait completion.stable_seconds "
+                     "(%g s) for their senders' re-sends", len(refused), self.quiet.total_seconds())
+
+    def _refuse(self, study_uid: str, size: int) -> int:
+        """Hold `study_uid` for its sender's re-send of the instance refused now."""
+        with self._refused_lock:
+            self._refused[study_uid] = (time.monotonic(), size)
+        return Status.OUT_OF_RESOURCES
 
     def _sent(self, association: Hashable, study_uid: str) -> None:
         """The association's latest instance is of `study_uid`: a sender that moved on to
@@ -145,8 +180,11 @@ class Ingest:
 
     def _release(self, study_uid: str) -> None:
         """Release the hold on `study_uid` unless another open association of this process
-        is sending it; the caller holds the lock."""
-        if study_uid in self._sending.values():
+        is sending it, or one of its instances was refused (`renew_holds` lets it go); the
+        caller holds the lock."""
+        with self._refused_lock:
+            refused = study_uid in self._refused
+        if refused or study_uid in self._sending.values():
             return
         try:
             with self.database.write() as session:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 from storage.errors import InvalidInstance, StorageError, StorageFull
@@ -92,6 +93,31 @@ class InstanceStore:
         system does not count them (f_files 0: btrfs, some network file systems)."""
         stats = os.statvfs(self.root)
         return stats.f_favail if stats.f_files else None
+
+    def refusal(self, min_free_mb: float) -> str | None:
+        """Why a store would be refused now, or None: no free inodes, a folder that cannot
+        be written (a small file is written and removed), or less than `min_free_mb` free."""
+        try:
+            if self.free_inodes() == 0:
+                return (f"no free inodes on the file system of {self.root}: space is free, but no file can be "
+                        "created, so stores are refused")
+        except OSError:
+            pass  # the probe below names what is wrong with the folder
+        probe = self.root / f".ready-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"ready")
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+            free = self.free_mb()
+        except OSError as exc:
+            return f"storage.root {self.root} cannot be written: {exc.strerror or exc}"
+        if free < min_free_mb:
+            return (f"{free:.0f} MiB free on the disk of {self.root}, below storage.min_free_mb = {min_free_mb:g}: "
+                    "stores are refused")
+        return None
 
     def _full(self) -> str:
         """Why a write met ENOSPC: no free inodes, or no space."""
