@@ -47,7 +47,11 @@ from storage.store import MARKER_FILE, InstanceStore
 from training.inference.predictor import Predictor
 
 __all__ = ["Node", "complete_quiet_studies", "purge_delivered", "load_predictor", "open_database",
-           "upgrade_database", "check_storage_root", "serve", "run_worker"]
+           "upgrade_database", "check_storage_root", "serve", "run_worker", "stop_within", "STOP_SECONDS"]
+
+# SIGTERM to exit, whatever is in flight: systemd allows a unit 90 s before it kills it,
+# and an admin restarting the node should not wait on a slow PACS or a long analysis.
+STOP_SECONDS = 10.0
 
 # Hosts whose clocks differ by more than this are warned about at start-up: quiet times and
 # heartbeats written by one host are read by another.
@@ -256,6 +260,36 @@ def _wait_for_signal(stop: threading.Event) -> None:
         pass
 
 
+def _exit_now(code: int) -> None:
+    """End the process at once, its log lines written (atexit would join stuck threads)."""
+    logging.shutdown()
+    os._exit(code)
+
+
+def stop_within(seconds: float, *, exit_process: Callable[[int], object] = _exit_now) -> threading.Thread:
+    """Make sure a stopping process ends `seconds` from now. What still runs then (an
+    analysis, a C-STORE to a PACS that stopped answering, a job waiting on a busy
+    database) is cut off as a crash would cut it, which the node is built to recover
+    from: its claims go stale and are taken again, nothing acknowledged is lost."""
+    def cut() -> None:
+        time.sleep(seconds)
+        busy = sorted(t.name for t in threading.enumerate()
+                      if t.is_alive() and t is not threading.current_thread() and t is not threading.main_thread())
+        log.warning("still busy %g s after the stop began (%s); exiting: unfinished work stays claimed and is "
+                    "taken again after the restart", seconds, ", ".join(busy) or "shutting down")
+        exit_process(0)
+
+    watch = threading.Thread(target=cut, name="stop-deadline", daemon=True)
+    watch.start()
+    return watch
+
+
+def _join_by(deadline: float, threads: list[threading.Thread]) -> None:
+    """Join `threads`, all together waiting until `deadline` (time.monotonic) at most."""
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class _DatabaseWatch:
     """Says once, even when nothing arrives, that the database file vanished under the
     node: from then on stores are refused and no study is claimed (Database.check)."""
@@ -287,6 +321,13 @@ def _through_outages(job: Callable[..., object]) -> Callable[..., None]:
     return run
 
 
+def _complete(ingest: Ingest, config: Config, database: Database, triage_log: TriageLog) -> None:
+    """The completion job: holds first, so that a study whose refusals ended a moment ago
+    (the database back) is held before it can be judged quiet."""
+    ingest.renew_holds()
+    complete_quiet_studies(config, database, triage_log)
+
+
 def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries, notifier: Notifier) -> BackgroundScheduler:
     config = node.config
     scheduler = BackgroundScheduler(timezone="UTC")
@@ -294,8 +335,7 @@ def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries, notifier: Not
     # cut, its re-send not yet begun) gets a whole quiet time from the moment the node
     # listens again, rather than being analysed half-received at start-up.
     first_check = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=config.completion.stable_seconds)
-    scheduler.add_job(_through_outages(complete_quiet_studies), "interval",
-                      args=[config, node.database, node.triage_log],
+    scheduler.add_job(_through_outages(_complete), "interval", args=[ingest, config, node.database, node.triage_log],
                       seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True,
                       next_run_time=first_check)
     scheduler.add_job(_through_outages(ingest.renew_holds), "interval",
@@ -339,7 +379,8 @@ def serve(config: Config) -> None:
     notifier = Notifier(config, node.database, node.triage_log)
     ingest = Ingest(node.store, node.database, node.triage_log, min_free_mb=config.storage.min_free_mb,
                     reopen_failed=config.completion.reopen_failed,
-                    resend_wait_seconds=config.completion.resend_wait_seconds)
+                    resend_wait_seconds=config.completion.resend_wait_seconds,
+                    stable_seconds=config.completion.stable_seconds)
     server = start_scp(config.node, ingest)
     scheduler = _scheduler(node, ingest, deliveries, notifier)
     scheduler.start()
@@ -365,13 +406,17 @@ def serve(config: Config) -> None:
         _wait_for_signal(stop)
     finally:
         stop.set()
+        stop_within(STOP_SECONDS)
+        deadline = time.monotonic() + STOP_SECONDS - 1  # a second for the last log lines
         if web is not None:
-            web.stop()
+            web.stop(timeout=max(0.0, deadline - time.monotonic()))
         server.shutdown()
-        scheduler.shutdown(wait=True)
-        notifier.join()  # bounded: a webhook that trickles its answer must not hold the stop
-        for thread in threads:
-            thread.join()
+        scheduler.shutdown(wait=False)  # a job waiting on the database is cut off at the deadline
+        notifier.join(max(0.0, deadline - time.monotonic()))
+        _join_by(deadline, threads)  # a delivery to a PACS that stopped answering is left to the deadline
+        left = [thread.name for thread in threads if thread.is_alive()]
+        if left:
+            log.warning("still busy: %s; cut off at the stop deadline, their work stays claimed", ", ".join(left))
         log.info("stopped")
 
 
@@ -389,4 +434,5 @@ def run_worker(config: Config) -> None:
         _wait_for_signal(stop)
     finally:
         stop.set()
-        thread.join()
+        stop_within(STOP_SECONDS)
+        thread.join(STOP_SECONDS - 1)

@@ -148,8 +148,8 @@ class WebServer:
             time.sleep(0.05)
         log.info("web pages, /metrics and /readyz at %s", self.settings.url)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=timeout)
         for name in NOISY_LOGGERS:
             logging.getLogger(name).removeFilter(self.log_filter)
