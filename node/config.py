@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
-from node.output import ResultKind
 from storage.db import DESTINATION_NAME_LENGTH, anchor_sqlite_url
 from training.configfile import anchor_paths, read_toml, section_from_table
 from training.inference.settings import Backend, Device
@@ -37,6 +36,7 @@ __all__ = [
     "RuleSource",
     "TriageSection",
     "ExplainSection",
+    "ResultKind",
     "OutputSection",
     "DeliveryMode",
     "DeliverySection",
@@ -271,6 +271,15 @@ class ExplainSection:
     def validate(self) -> None:
         if not 1 <= self.key_slices <= 20:
             raise ConfigError(f"explain.key_slices must be 1-20, got {self.key_slices}")
+
+
+class ResultKind(enum.StrEnum):
+    """The object sets a result can send (output.objects); here, not beside the builders in
+    node.output, so that reading the config loads no imaging library."""
+
+    SC = "sc"  # Secondary Capture: key-slice pictures with Grad-CAM, and the summary
+    SR = "sr"  # Comprehensive 3D SR, TID 1500 (IHE AI Results)
+    KOS = "kos"  # Key Object Selection of the key slices
 
 
 @dataclass(frozen=True)
