@@ -3,7 +3,8 @@ long-running commands and `ichnode db upgrade`.
 
 Libraries speak through it too, one line each and at WARNING or above: Python warnings
 (torch's deprecations, pydicom's notes on a malformed value) as `py.warnings` records,
-with quoted values redacted because a header value may name a patient; Alembic only
+with quoted values redacted because a header value may name a patient (pydicom's own
+record of the same warning is left out: it is not redacted); Alembic only
 when something is wrong (its per-revision chatter is left out: the node logs the
 upgrade itself); and none of pynetdicom's lines about a failed association request the
 node made, because the node logs its own line for each failed send, naming the
@@ -49,7 +50,11 @@ class _OneLine(logging.Formatter):
         return " ".join(super().formatMessage(record).split("\n"))
 
 
-def _not_a_send_attempt(record: logging.LogRecord) -> bool:
+def _kept(record: logging.LogRecord) -> bool:
+    """False for a record the node's log leaves out: a failed send's pynetdicom lines, and
+    pydicom's record of a warning it also issues (pydicom.misc.warn_and_log)."""
+    if record.name == "pydicom" and record.funcName == "warn_and_log":
+        return False
     prefixes = _SEND_ATTEMPT_LINES.get(record.name)
     return prefixes is None or not record.getMessage().startswith(prefixes)
 
@@ -65,7 +70,7 @@ def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> No
     """Send the node's records and the libraries' warnings to `stream` (stderr), one line each."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_OneLine(LOG_FORMAT))
-    handler.addFilter(_not_a_send_attempt)
+    handler.addFilter(_kept)
     logging.basicConfig(level=level, handlers=[handler])
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)

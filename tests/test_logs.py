@@ -1,0 +1,72 @@
+"""The node's log: library warnings, Alembic's migrations and pynetdicom's lines about a
+failed send reach it as one log line each, or not at all, never as raw text on stderr."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+
+# What a serve process meets: pydicom's warning about a person name too long (it also
+# logs it itself), a warning over several lines, and a C-STORE to a PACS that is down.
+NODE_PROCESS = """
+import logging, sys, warnings
+from pydicom.dataset import Dataset
+from node.config import Destination
+from node.delivery import DicomSender
+from node.errors import DeliveryError
+from node.logs import setup_logging
+
+setup_logging()
+Dataset().PatientName = "Doe^" + "J" * 70
+warnings.warn("`torch.jit.script` is deprecated.\\nPlease switch to `torch.compile` or `torch.export`.", FutureWarning)
+try:
+    DicomSender("ICHNODE", 5.0).send(Destination("pacs", "PACS", "127.0.0.1", int(sys.argv[1])), [],
+                                     priority_high=False)
+except DeliveryError as exc:
+    logging.getLogger("node.delivery").warning("delivery 1: %s (attempt 1)", exc)
+"""
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _log_lines(stderr: str) -> list[str]:
+    lines = stderr.splitlines()
+    raw = [line for line in lines if not LOG_LINE.match(line)]
+    assert not raw, f"stderr has text that is not a log line: {raw}"
+    return lines
+
+
+def test_library_warnings_and_a_failed_send_are_one_log_line_each() -> None:
+    result = subprocess.run([sys.executable, "-c", NODE_PROCESS, str(_closed_port())], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = _log_lines(result.stderr)
+    pn = [line for line in lines if "PN component length" in line]
+    assert len(pn) == 1 and " WARNING py.warnings: UserWarning: " in pn[0]
+    deprecation = [line for line in lines if "FutureWarning" in line]
+    assert len(deprecation) == 1 and "is deprecated. Please switch to" in deprecation[0]
+    assert not [line for line in lines if "pynetdicom" in line]
+    (send,) = [line for line in lines if "node.delivery" in line]
+    assert "pacs (PACS@127.0.0.1" in send and "could not be reached" in send
+    assert len(lines) == 3
+
+
+def test_a_database_upgrade_logs_no_migration_chatter(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[storage]\nroot = "store"\ndatabase_url = "sqlite:///node.db"\n')
+    result = subprocess.run([sys.executable, "-m", "node.cli", "db", "upgrade", "--config", str(config)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "created the tables" in result.stdout
+    (line,) = _log_lines(result.stderr)
+    assert " WARNING node.service: created a new, empty database" in line
+    assert "alembic" not in result.stderr
