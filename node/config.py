@@ -430,7 +430,7 @@ class NotifyOn(enum.StrEnum):
     """Which outcomes a [[notify]] webhook hears about."""
 
     POSITIVE = "positive"  # studies flagged SUSPECTED - PRIORITY
-    ALL = "all"  # every analysed study
+    ALL = "all"  # every outcome: each analysed study (NOT TRIAGED included) and each failure
     FAILED = "failed"  # studies that could not be analysed
 
 
