@@ -13,10 +13,12 @@ LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING
 
 # What a serve process meets: pydicom's warnings about a person name too long and a date
 # that is not one (it also logs each itself), a warning over several lines, and a C-STORE
-# to a PACS that is down.
+# to a PACS that is down and to one that rejects the node's AE title.
 NODE_PROCESS = """
 import logging, sys, warnings
 from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import SecondaryCaptureImageStorage
 from node.config import Destination
 from node.delivery import DicomSender
 from node.errors import DeliveryError
@@ -26,11 +28,16 @@ setup_logging()
 Dataset().PatientName = "Doe^" + "J" * 70
 Dataset().PatientBirthDate = "'Doe^Jane' 19800203"
 warnings.warn("`torch.jit.script` is deprecated.\\nPlease switch to `torch.compile` or `torch.export`.", FutureWarning)
-try:
-    DicomSender("ICHNODE", 5.0).send(Destination("pacs", "PACS", "127.0.0.1", int(sys.argv[1])), [],
-                                     priority_high=False)
-except DeliveryError as exc:
-    logging.getLogger("node.delivery").warning("delivery 1: %s (attempt 1)", exc)
+pacs = AE(ae_title="PACS")
+pacs.add_supported_context(SecondaryCaptureImageStorage)
+pacs.require_calling_aet = ["SOMEONE"]
+server = pacs.start_server(("127.0.0.1", 0), block=False)
+for number, port in enumerate((int(sys.argv[1]), server.server_address[1]), start=1):
+    try:
+        DicomSender("ICHNODE", 5.0).send(Destination("pacs", "PACS", "127.0.0.1", port), [], priority_high=False)
+    except DeliveryError as exc:
+        logging.getLogger("node.delivery").warning("delivery %d: %s (attempt 1)", number, exc)
+server.shutdown()
 """
 
 
@@ -47,7 +54,7 @@ def _log_lines(stderr: str) -> list[str]:
     return lines
 
 
-def test_library_warnings_and_a_failed_send_are_one_log_line_each() -> None:
+def test_library_warnings_and_failed_sends_are_one_log_line_each() -> None:
     result = subprocess.run([sys.executable, "-c", NODE_PROCESS, str(_closed_port())], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -59,9 +66,10 @@ def test_library_warnings_and_a_failed_send_are_one_log_line_each() -> None:
     (deprecation,) = [line for line in lines if "FutureWarning" in line]
     assert "`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`." in deprecation
     assert not [line for line in lines if "pynetdicom" in line]
-    (send,) = [line for line in lines if "node.delivery" in line]
-    assert "pacs (PACS@127.0.0.1" in send and "could not be reached" in send
-    assert len(lines) == 4
+    down, rejected = [line for line in lines if "node.delivery" in line]
+    assert "delivery 1: pacs (PACS@127.0.0.1" in down and "could not be reached" in down
+    assert "delivery 2: pacs (PACS@127.0.0.1" in rejected and "rejected the association" in rejected
+    assert len(lines) == 5
 
 
 def test_a_database_upgrade_logs_no_migration_chatter(tmp_path: Path) -> None:
