@@ -3,8 +3,9 @@ long-running commands and `ichnode db upgrade`.
 
 Libraries speak through it too, one line each and at WARNING or above: Python warnings
 (torch's deprecations, pydicom's notes on a malformed value) as `py.warnings` records,
-those of the DICOM libraries with quoted values redacted because a header value may name
-a patient (pydicom's own record of the same warning is left out: it is not redacted); Alembic only
+all but deprecations with quoted values, names and dates redacted, because a header value
+in them may name a patient (pydicom's own record of the same warning is left out: it is
+not redacted); Alembic only
 when something is wrong (its per-revision chatter is left out: the node logs the
 upgrade itself); and none of pynetdicom's lines about a failed association request the
 node made, because the node logs its own line for each failed send, naming the
@@ -14,7 +15,6 @@ destination and the reason.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from typing import TextIO
@@ -25,8 +25,8 @@ __all__ = ["setup_logging", "LOG_FORMAT"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-# Warnings issued inside these may quote a header value (a name, a birth date).
-_DICOM_LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("pydicom", "highdicom", "pynetdicom"))
+# Warnings about code, not data: the only ones whose text cannot quote a header value.
+_ABOUT_CODE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 # Loggers that speak too much below WARNING: each request's whole URL (a webhook's
 # secret) for httpx, every job run for apscheduler, every PDU for pynetdicom, every
@@ -65,9 +65,9 @@ def _kept(record: logging.LogRecord) -> bool:
 
 def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file: TextIO | None = None, line: str | None = None) -> None:
-    """warnings.showwarning for the node: one WARNING record, redacted when a DICOM library issued it."""
+    """warnings.showwarning for the node: one WARNING record, redacted unless it is about code."""
     text = " ".join(str(message).split())
-    if any(library in filename for library in _DICOM_LIBRARIES):
+    if not issubclass(category, _ABOUT_CODE):
         text = redact(text)
     logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, text, filename, lineno)
 

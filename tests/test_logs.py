@@ -62,7 +62,7 @@ def test_library_warnings_and_failed_sends_are_one_log_line_each() -> None:
     pn = [line for line in lines if "PN component length" in line]
     assert len(pn) == 1 and " WARNING py.warnings: UserWarning: " in pn[0]
     (birth_date,) = [line for line in lines if "VR DA" in line]
-    assert "Doe^Jane" not in birth_date and "19800203" not in birth_date  # a DICOM library's warning: redacted
+    assert "Doe^Jane" not in birth_date and "19800203" not in birth_date  # a warning about data: redacted
     (deprecation,) = [line for line in lines if "FutureWarning" in line]
     assert "`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`." in deprecation
     assert not [line for line in lines if "pynetdicom" in line]
