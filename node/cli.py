@@ -1,5 +1,8 @@
 """`ichnode`: the one command-line entry point of the product.
 
+Each command imports what it needs when it runs (and its arguments are added only when
+it is chosen), so `ichnode --help`, `--version` and `status` load no model library.
+
 This is the one place that turns an error into a message and an exit code: errors the
 project raises on purpose print one line naming what was wrong and exit 1; anything else
 prints one line asking for a report and exits 70. No traceback reaches a user. A reader
@@ -9,18 +12,17 @@ that goes away (`ichnode status | head -1`) ends the command quietly.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from node.config import ENV_VAR, RuleSource, load_config
 from node.errors import CannotReanalyse, ConfigError, IchNodeError, TrainingStopped
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
-from training.metrics import INTERVAL_METHODS
-from training.prepare import DATA_KINDS
 
 __all__ = ["main", "build_parser"]
 
@@ -104,31 +106,22 @@ def _add_config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs each request's whole URL: a webhook's secret
-
-
 def _serve(args: argparse.Namespace) -> int:
+    from node.logs import setup_logging
     from node.service import serve
 
     config = load_config(args.config)
-    _setup_logging()
+    setup_logging()
     serve(config)
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from node.logs import setup_logging
     from node.service import run_worker
 
     config = load_config(args.config)
-    _setup_logging()
+    setup_logging()
     run_worker(config)
     return 0
 
@@ -168,7 +161,8 @@ def _add_log_arguments(parser: argparse.ArgumentParser) -> None:
 def _status(args: argparse.Namespace) -> int:
     from node.status import print_status
 
-    print_status(load_config(args.config), sys.stdout, limit=args.latest, as_json_text=args.json)
+    print_status(load_config(args.config), sys.stdout, limit=args.latest, as_json_text=args.json,
+                 version=_version())
     return 0
 
 
@@ -224,10 +218,11 @@ def _add_reanalyse_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _db(args: argparse.Namespace) -> int:
+    from node.logs import setup_logging
     from node.service import upgrade_database
 
     config = load_config(args.config)
-    _setup_logging()
+    setup_logging()
     database = upgrade_database(config)
     if database.created:
         print(f"created the tables of {database.shown} at schema revision {database.revision}")
@@ -266,6 +261,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.prepare import DATA_KINDS
+
     parser.add_argument("--data", type=Path, required=True,
                         help="RSNA folder (stage_2_train.csv, stage_2_train/) or `ichnode synth` output")
     parser.add_argument("--out", type=Path, required=True, help="folder for the split lists and the cache")
@@ -504,6 +501,8 @@ def _device(text: str) -> Device:
 
 
 def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.metrics import INTERVAL_METHODS
+
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=None,
                         help="a prepare-rsna folder (test split), `ichnode synth` studies, or a CQ500 folder")
@@ -559,15 +558,40 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handl
 }
 
 
+def _version() -> str:
+    """The installed release, as pyproject.toml's [project] version names it."""
+    try:
+        return metadata.version("ichnode")
+    except metadata.PackageNotFoundError:  # a checkout run with `python -m node.cli`, never pip-installed
+        return "(not installed)"
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """One command's parser, whose arguments are added only once that command is chosen:
+    some take their choices from modules that load heavy libraries."""
+
+    def __init__(self, *, add_arguments: Callable[[argparse.ArgumentParser], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._add_arguments: Callable[[argparse.ArgumentParser], None] | None = add_arguments
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        if self._add_arguments is not None:
+            self._add_arguments(self)
+            self._add_arguments = None
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ichnode",
         description="DICOM node that triages head CT for intracranial hemorrhage (EffClass).",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"ichnode {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_CommandParser)
     for name, (summary, add_arguments, handler) in _COMMANDS.items():
-        sub = commands.add_parser(name, help=summary, description=summary)
-        add_arguments(sub)
+        sub = commands.add_parser(name, help=summary, description=summary, add_arguments=add_arguments)
         sub.set_defaults(handler=handler)
     return parser
 

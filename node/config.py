@@ -1,9 +1,12 @@
 """The node's configuration: one TOML file → frozen dataclasses, validated at start-up.
 
 Unknown keys and bad values are errors naming the key (`node.port`, `destinations[1].host`).
-Relative paths are taken relative to the folder of the config file, so the node behaves
-the same whatever directory it is started from. The documented keys are a contract that
-scripts and docs rely on: add keys freely, rename none.
+Every relative path (model.checkpoint, storage.root, an SQLite storage.database_url,
+log.path, the node.tls_* files) is taken relative to the folder of the config file, so
+the node behaves the same whatever directory it is started from. `check_paths` then
+checks, before `serve` or `worker` creates anything, that what must exist does and that
+what they create can be made. The documented keys are a contract that scripts and docs
+rely on: add keys freely, rename none.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
-from node.output import ResultKind
-from storage.db import DESTINATION_NAME_LENGTH, anchor_sqlite_url
+from storage.db import DESTINATION_NAME_LENGTH, anchor_sqlite_url, sqlite_file
 from training.configfile import anchor_paths, read_toml, section_from_table
 from training.inference.settings import Backend, Device
 from training.model.layers import GradcamLayer
@@ -37,6 +39,7 @@ __all__ = [
     "RuleSource",
     "TriageSection",
     "ExplainSection",
+    "ResultKind",
     "OutputSection",
     "DeliveryMode",
     "DeliverySection",
@@ -50,6 +53,7 @@ __all__ = [
     "Config",
     "load_config",
     "parse_config",
+    "check_paths",
     "config_path",
 ]
 
@@ -273,6 +277,15 @@ class ExplainSection:
             raise ConfigError(f"explain.key_slices must be 1-20, got {self.key_slices}")
 
 
+class ResultKind(enum.StrEnum):
+    """The object sets a result can send (output.objects); here, not beside the builders in
+    node.output, so that reading the config loads no imaging library."""
+
+    SC = "sc"  # Secondary Capture: key-slice pictures with Grad-CAM, and the summary
+    SR = "sr"  # Comprehensive 3D SR, TID 1500 (IHE AI Results)
+    KOS = "kos"  # Key Object Selection of the key slices
+
+
 @dataclass(frozen=True)
 class OutputSection:
     """What goes back into the study: which object sets, numbered and signed how."""
@@ -417,7 +430,7 @@ class NotifyOn(enum.StrEnum):
     """Which outcomes a [[notify]] webhook hears about."""
 
     POSITIVE = "positive"  # studies flagged SUSPECTED - PRIORITY
-    ALL = "all"  # every analysed study
+    ALL = "all"  # every outcome: each analysed study (NOT TRIAGED included) and each failure
     FAILED = "failed"  # studies that could not be analysed
 
 
@@ -557,6 +570,43 @@ def _anchor_sqlite(url: str, base: Path) -> str:
         return anchor_sqlite_url(url, base)
     except ValueError as exc:
         raise ConfigError(f"storage.database_url {url!r} is not an SQLAlchemy URL: {exc}") from None
+
+
+def _relative_hint(config: Config, path: Path) -> str:
+    """Where a relative path was looked for, when `path` lies in the config file's folder."""
+    if config.source is None:
+        return ""
+    folder = config.source.resolve().parent
+    return f" (relative paths are taken from the config file's folder {folder})" if path.is_relative_to(folder) else ""
+
+
+def _can_create(config: Config, key: str, path: Path, *, folder: bool) -> None:
+    """ConfigError unless `path` is a writable folder (or file), or can be made as one."""
+    hint = _relative_hint(config, path)
+    if path.exists():
+        if path.is_dir() != folder:
+            raise ConfigError(f"{key} {path} is {'not ' if folder else ''}a folder{hint}")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{key} {path} cannot be written by this user{hint}")
+        return
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {path} cannot be created: {parent} is not a folder this user may write in{hint}")
+
+
+def check_paths(config: Config) -> None:
+    """What `serve` and `worker` read and create, checked before they create anything, so
+    that a wrong path leaves no empty database, store or log behind: the checkpoint exists,
+    and storage.root, an SQLite database and log.path are, or can be made, where configured."""
+    checkpoint = config.model.checkpoint
+    if checkpoint is not None and not checkpoint.is_file():
+        what = "is not a file" if checkpoint.exists() else "does not exist"
+        raise ConfigError(f"model.checkpoint {checkpoint} {what}{_relative_hint(config, checkpoint)}")
+    _can_create(config, "storage.root", config.storage.root, folder=True)
+    database = sqlite_file(config.storage.database_url)
+    if database is not None:
+        _can_create(config, "storage.database_url", database, folder=False)
+    _can_create(config, "log.path", config.log.path, folder=False)
 
 
 def config_path(explicit: str | Path | None) -> Path:

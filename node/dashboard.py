@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
@@ -29,7 +29,6 @@ from PIL import Image
 from node.config import Config, redact_url
 from node.errors import InvalidInstance
 from node.history import Analysis, Day, TriageHistory
-from node.output import model_warnings
 from node.triagelog import PATIENT_KEYS, LogReader, TriageLog, describe
 from storage.db import Database, Delivery, Notification, Study, StudyState, utcnow
 from storage.state import (
@@ -48,10 +47,12 @@ from storage.state import (
     study_by_uid,
 )
 from storage.store import InstanceStore
-from training.inference.predictor import Predictor
 from training.model.inputs import InputProfile
 from training.model.rule import NEGATIVE_LABEL, POSITIVE_LABEL
 from training.model.scope import NOT_TRIAGED_LABEL
+
+if TYPE_CHECKING:  # `ichnode status` reads the queue without loading torch
+    from training.inference.predictor import Predictor
 
 __all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "inputs_line",
            "REANALYSIS_TEXTS", "reanalysis_line"]
@@ -130,6 +131,8 @@ class ModelInfo:
         rule = config.triage.describe(predictor.config.triage if predictor is not None else None)
         if predictor is None:
             return cls(checkpoint, False, rule=rule, abstain=config.triage.abstain)
+        from node.output import model_warnings  # the imaging libraries: loaded with the model anyway
+
         model = predictor.config
         provenance = model.provenance
         return cls(checkpoint, True, model.architecture, provenance.training_data, provenance.description,

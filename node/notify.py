@@ -135,7 +135,7 @@ def messages_for(targets: tuple[NotifyTarget, ...], message: dict) -> list[tuple
     """(url, JSON body) for each webhook that asked for this outcome, its `text` line
     escaped for that webhook's chat format."""
     if message["event"] == "failed":
-        wanted = {NotifyOn.FAILED}
+        wanted = {NotifyOn.ALL, NotifyOn.FAILED}
     else:
         wanted = {NotifyOn.ALL, NotifyOn.POSITIVE} if message["positive"] else {NotifyOn.ALL}
     return [(target.url, json.dumps({**message, "text": _chat_line(message, chat_format(target))}, ensure_ascii=False))

@@ -7,7 +7,6 @@ the priority flag, so the flag is visible in any PACS worklist or viewer.
 
 from __future__ import annotations
 
-import enum
 import io
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from node.config import ResultKind
 from training.model.checkpoint import Provenance
 from training.model.rule import Verdict
 from training.model.scope import NOT_TRIAGED_LABEL
@@ -30,14 +30,6 @@ DESCRIPTION_PREFIX = "AI ICH TRIAGE"
 PREFIXES = {"sc": DESCRIPTION_PREFIX, "sr": "AI ICH REPORT", "kos": "AI ICH SLICES"}
 DEMO_WARNING = "DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
 UNTRAINED_WARNING = "UNTRAINED MODEL (RANDOM WEIGHTS) - RESULTS ARE MEANINGLESS"
-
-
-class ResultKind(enum.StrEnum):
-    """The object sets a result can send (output.objects)."""
-
-    SC = "sc"  # Secondary Capture: key-slice pictures with Grad-CAM, and the summary
-    SR = "sr"  # Comprehensive 3D SR, TID 1500 (IHE AI Results)
-    KOS = "kos"  # Key Object Selection of the key slices
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ job of `serve` (completion, deliveries, notifications, retention, the start-up r
 of result folders) claims each row it acts on, so it runs safely in every process at once.
 
 Start-up checks what is cheap before what is slow: the listening address, TLS files, the
-database and the triage log are checked before the model is loaded, so a typo costs a
-second, not a minute.
+paths of the config (checkpoint, storage.root, database file, log.path: before any of them
+is created), the database and the triage log are checked before the model is loaded, so
+a typo costs a second, not a minute, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.config import Config
+from node.config import Config, check_paths
 from node.dashboard import Dashboard, ModelInfo, inputs_line
 from node.delivery import DicomSender, Deliveries
 from node.errors import ConfigError, DatabaseMissing, StorageError
@@ -201,6 +202,7 @@ class Node:
 
     @classmethod
     def build(cls, config: Config) -> "Node":
+        check_paths(config)  # every path first: a wrong one leaves no empty store, database or log behind
         # Instances, results, database (with its WAL files) and log: the node's user only.
         os.umask(0o077)
         store = InstanceStore(config.storage.root)

@@ -31,11 +31,15 @@ def queue_view(config: Config, *, limit: int = 10) -> QueueView:
     return _dashboard(config).queue(QueueFilter(limit=limit))
 
 
-def print_status(config: Config, out: TextIO, *, limit: int = 10, as_json_text: bool = False) -> None:
+def print_status(config: Config, out: TextIO, *, limit: int = 10, as_json_text: bool = False,
+                 version: str = "") -> None:
+    """The queue as text (headed by `version`, the node's release, and the config file), or as JSON."""
     view = queue_view(config, limit=limit)
     if as_json_text:
         out.write(json.dumps(as_json(view), indent=2) + "\n")
         return
+    if version:
+        out.write(f"node:          ichnode {version}, config {config.source}\n")
     out.write("studies:       " + "  ".join(f"{k} {v}" for k, v in view.studies_by_state.items()) + "\n")
     out.write("deliveries:    " + "  ".join(f"{k} {v}" for k, v in view.deliveries_by_state.items()) + "\n")
     out.write("notifications: " + "  ".join(f"{k} {v}" for k, v in view.notifications_by_state.items()) + "\n")

@@ -70,6 +70,7 @@ __all__ = [
     "utcnow",
     "DESTINATION_NAME_LENGTH",
     "anchor_sqlite_url",
+    "sqlite_file",
     "Database",
     "Session",  # what Database.write()/read() hand out, for callers' type hints
 ]
@@ -239,6 +240,15 @@ def anchor_sqlite_url(url: str, base: Path) -> str:
     return parsed.set(database=str(base / database)).render_as_string(hide_password=False)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite URL; None for another backend or an in-memory
+    database."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def _sqlite_connect(dbapi_connection, _record) -> None:
     # pysqlite's own implicit transactions break SAVEPOINT and start too late; SQLAlchemy
     # emits BEGIN itself instead (see Database).
@@ -315,8 +325,8 @@ class Database:
             raise StorageError(f"storage.database_url {self.url.drivername}://…: ichnode runs on SQLite "
                                "(sqlite:///PATH) or PostgreSQL through psycopg 3 (postgresql+psycopg://USER@HOST/DB)",
                                retryable=False)
-        if self.backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
-            self._file = Path(self.url.database)
+        self._file = sqlite_file(url)
+        if self._file is not None:
             self._open_sqlite_file(create)
         try:
             self._writer = self._engine(writer=True)

@@ -32,6 +32,47 @@ def test_every_command_has_help(command: str) -> None:
     assert result.returncode == 0 and "usage: ichnode" in result.stdout, result.stderr
 
 
+def test_version_is_the_release_in_the_package_metadata() -> None:
+    from importlib import metadata
+
+    result = _run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"ichnode {metadata.version('ichnode')}"
+
+
+# What `--help`, `--version` and `status` must never load: each takes seconds to import.
+MODEL_LIBRARIES = ("torch", "torchvision", "timm", "effdet", "onnxruntime", "highdicom", "matplotlib")
+
+
+def _model_libraries_loaded(argv: list[str] | None) -> list[str]:
+    """The model libraries a fresh interpreter holds after importing the CLI and, unless
+    `argv` is None, running `main(argv)`."""
+    run = "" if argv is None else "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    code = (f"import sys\nfrom node.cli import main\n{run}"
+            f"print('loaded:' + ','.join(m for m in {MODEL_LIBRARIES!r} if m in sys.modules), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code, *(argv or [])], capture_output=True, text=True,
+                            timeout=120)
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("loaded:")]
+    return [name for name in line.removeprefix("loaded:").split(",") if name]
+
+
+@pytest.mark.parametrize("argv", [None, ["--help"], ["--version"], ["evaluate", "--help"]],
+                         ids=["import", "help", "version", "evaluate-help"])
+def test_the_cli_and_its_help_load_no_model_library(argv: list[str] | None) -> None:
+    assert _model_libraries_loaded(argv) == []
+
+
+def test_status_says_the_release_and_loads_no_model_library(tmp_path: Path) -> None:
+    from importlib import metadata
+
+    config = tmp_path / "node.toml"
+    config.write_text('[storage]\nroot = "store"\ndatabase_url = "sqlite:///node.db"\n')
+    assert _run("db", "upgrade", "--config", str(config)).returncode == 0
+    assert _model_libraries_loaded(["status", "--config", str(config)]) == []
+    status = _run("status", "--config", str(config))
+    assert status.returncode == 0
+    assert status.stdout.splitlines()[0] == f"node:          ichnode {metadata.version('ichnode')}, config {config}"
+
+
 def test_synth_help() -> None:
     result = _run("synth", "--help")
     assert result.returncode == 0

@@ -367,3 +367,48 @@ def test_abstention_can_be_turned_off_only_in_a_silent_trial() -> None:
     assert "triage.abstain = false" in message and 'delivery.mode = "silent"' in message
     trial = _parse({"triage": {"abstain": False}, "delivery": {"mode": "silent"}})
     assert trial.triage.abstain is False and trial.silent
+
+
+# --- paths checked before serve or worker creates anything ----------------------------------
+
+
+def test_a_copied_config_with_a_wrong_checkpoint_names_the_key_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from demo.peers import free_port
+
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    text = REPO_CONFIG.read_text().replace("port = 11112", f"port = {free_port()}")
+    (folder / "config.toml").write_text(text.replace("port = 8080", f"port = {free_port()}"))
+    result = subprocess.run([sys.executable, "-m", "node.cli", "serve", "--config", str(folder / "config.toml")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert (f"model.checkpoint {folder.resolve()}/models/effclass-synthetic-demo.pt does not exist (relative paths "
+            f"are taken from the config file's folder {folder.resolve()})") in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["config.toml"]  # no var/: no database, store or log
+
+
+def _checked(tmp_path: Path, data: dict[str, Any]) -> str:
+    from node.config import check_paths
+
+    source = tmp_path / "node.toml"
+    with pytest.raises(ConfigError) as info:
+        check_paths(parse_config(data, tmp_path, source=source))
+    return str(info.value)
+
+
+def test_paths_that_cannot_be_made_are_named_before_anything_is_created(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    hint = f"(relative paths are taken from the config file's folder {tmp_path})"
+    assert _checked(tmp_path, {"storage": {"root": "file"}}) == f"storage.root {tmp_path}/file is not a folder {hint}"
+    assert _checked(tmp_path, {"storage": {"root": "file/store"}}) == (
+        f"storage.root {tmp_path}/file/store cannot be created: {tmp_path}/file is not a folder this user may "
+        f"write in {hint}")
+    assert _checked(tmp_path, {"storage": {"database_url": "sqlite:///file/node.db"}}).startswith(
+        f"storage.database_url {tmp_path}/file/node.db cannot be created")
+    assert _checked(tmp_path, {"log": {"path": "."}}).startswith(f"log.path {tmp_path} is a folder")
+    assert _checked(tmp_path, {"model": {"checkpoint": "."}}) == f"model.checkpoint {tmp_path} is not a file {hint}"
+    assert _checked(tmp_path, {"model": {"checkpoint": "/nowhere/m.pt"}}) == "model.checkpoint /nowhere/m.pt does not exist"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -52,7 +52,8 @@ def test_each_outcome_reaches_the_webhooks_that_asked_for_it() -> None:
     negative = analysed_message("1.2.3", "ACC1", {**FIELDS, "positive": False})
     assert [url for url, _ in messages_for(TARGETS, positive)] == ["http://a/", "http://b/"]
     assert [url for url, _ in messages_for(TARGETS, negative)] == ["http://b/"]
-    assert [url for url, _ in messages_for(TARGETS, failed_message("1.2.3", "", "no head series"))] == ["http://c/"]
+    failed = failed_message("1.2.3", "", "no head series")
+    assert [url for url, _ in messages_for(TARGETS, failed)] == ["http://b/", "http://c/"]
 
 
 def test_the_message_is_a_chat_line_and_names_no_patient_unless_allowed() -> None:
