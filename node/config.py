@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
-from node.output import ResultKind
+from node.output import KosFor, ResultKind
 from storage.db import DESTINATION_NAME_LENGTH, anchor_sqlite_url
 from training.configfile import anchor_paths, read_toml, section_from_table
 from training.inference.settings import Backend, Device
@@ -278,6 +278,7 @@ class OutputSection:
     """What goes back into the study: which object sets, numbered and signed how."""
 
     objects: tuple[ResultKind, ...] = (ResultKind.SC, ResultKind.SR, ResultKind.KOS)
+    kos_for: KosFor = KosFor.FLAGGED  # which triaged studies get the KOS: flagged ones, or all
     # The first analysis's series are numbered from here (SC, SR, KOS), later ones count up.
     series_number: int = 9900
     manufacturer: str = "ichnode"
