@@ -193,7 +193,11 @@ def _report(reference: Dataset, key_slices: list[SourceImage], context: ResultCo
         measurements=measurements or None,
         source_images=_source_images(key_slices, evidence) or None,
     )
-    group[0].ContentSequence.extend(_reason_items(reasons))  # highdicom takes only coded evaluations
+    # Beside the coded finding, before the source images (highdicom takes only coded evaluations).
+    content = group[0].ContentSequence
+    at = next((i for i, item in enumerate(content) if item.ValueType == "IMAGE"), len(content))
+    for offset, item in enumerate(_reason_items(reasons)):
+        content.insert(at + offset, item)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=_observer(context)),
         procedure_reported=codes.SCT.ComputedTomographyOfHead,
