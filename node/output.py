@@ -21,8 +21,8 @@ from training.model.rule import Verdict
 from training.model.scope import NOT_TRIAGED_LABEL
 from training.model.series import SliceHeader
 
-__all__ = ["ResultKind", "KosFor", "ResultTexts", "SourceImage", "model_warnings", "result_texts", "not_triaged_texts",
-           "build_result_series", "encode", "source_image"]
+__all__ = ["ResultKind", "KosFor", "ResultTexts", "SourceImage", "model_warnings", "result_texts",
+           "not_triaged_texts", "build_result_series", "encode", "source_image"]
 
 DESCRIPTION_PREFIX = "AI ICH TRIAGE"  # the verdict line burned into the pictures and written in comments
 # SeriesDescription (64 characters at most) leads with the verdict, as a series list shows

@@ -143,7 +143,8 @@ def _reason_items(reasons: list[Reason]) -> list[hd.sr.ContentItem]:
     for code, found in texts.items():
         meaning = REASON_CODES[code]
         items.extend(hd.sr.QualitativeEvaluation(name=NOT_TRIAGED_REASON, value=meaning))  # one CODE item
-        items.append(hd.sr.TextContentItem(name=QUALITATIVE_EVALUATIONS, value=f"{meaning.meaning}: {'; '.join(found)}",
+        words = f"{meaning.meaning}: {'; '.join(found)}"
+        items.append(hd.sr.TextContentItem(name=QUALITATIVE_EVALUATIONS, value=words,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return items
 

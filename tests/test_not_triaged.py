@@ -113,7 +113,8 @@ def test_the_sr_says_the_finding_was_not_evaluated(abdomen_label: AnalysisResult
     assert '<contains TEXT:(,,"Qualitative Evaluations")="Not a head CT: BodyPartExamined is ABDOMEN' in dump.stdout
 
 
-def test_each_kind_of_reason_is_coded_once_with_every_finding_in_words(positive_study: Path, tmp_path: Path) -> None:
+def test_each_kind_of_reason_is_coded_once_with_every_finding_in_words(positive_study: Path,
+                                                                       tmp_path: Path) -> None:
     """Two checks can find the same kind of reason (the header and the images both say it
     is not a head): the SR codes it once, and says what each found in one TEXT item."""
     header = _headers(positive_study)[0]

@@ -107,7 +107,8 @@ def test_the_kos_selects_exactly_the_key_slices(flagged: AnalysisResult) -> None
                   for series in item.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence]
     assert sorted(referenced) == sorted(_key_slice_uids(flagged))
     assert read.SeriesDescription == "AI ICH: SUSPECTED - PRIORITY slices (DEMO, NOT CLINICAL)"
-    (said,) = [item.TextValue for item in read.ContentSequence if item.ValueType == "TEXT"]
+    (said,) = [item.TextValue for item in read.ContentSequence
+               if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == "Key Object Description"]
     assert said == f"{read.SeriesDescription}. DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
 
 
