@@ -37,8 +37,7 @@ __all__ = ["main"]
 REPO = Path(__file__).resolve().parent.parent
 # Not the demo model's training (1) or held-out (2) seed: these studies are new to it.
 DEMO_SEED = 3
-RESULT_PREFIX = "AI ICH TRIAGE"
-OBJECT_SETS = {"sc", "sr", "kos"}  # what the node sends each study's PACS (output.objects)
+RESULT_PREFIX = "AI ICH:"  # every result series' description; the pictures are the OT one
 
 
 @dataclass(frozen=True)
@@ -127,17 +126,20 @@ def _send(port: int, study: Path) -> None:
 
 
 def _unsettled(log_path: Path, uids: set[str]) -> set[str]:
-    """The studies whose story has not ended: not every object set delivered, and no failure
-    or delivery given up."""
+    """The studies whose story has not ended: not every object set of its result delivered
+    (a study not flagged has no KOS), and no failure or delivery given up."""
     delivered: dict[str, set[str]] = {}
+    expected: dict[str, set[str]] = {}
     ended = set()
     for event in read_events(log_path):
         uid = event["study_instance_uid"]
         if event["event"] == "delivered":
             delivered.setdefault(uid, set()).add(event.get("kind", ""))
+        if event["event"] == "analysed":
+            expected[uid] = set(event.get("result_sets", {}))
         if event["event"] == "failed" or (event["event"] == "delivery_failed" and event.get("final")):
             ended.add(uid)
-    return uids - ended - {uid for uid, kinds in delivered.items() if kinds >= OBJECT_SETS}
+    return uids - ended - {uid for uid, kinds in delivered.items() if uid in expected and kinds >= expected[uid]}
 
 
 def _analysed(log_path: Path) -> dict[str, dict]:
@@ -165,7 +167,8 @@ def _save_pictures(pacs: Orthanc, study_uid: str, name: str, out: Path) -> list[
             continue
         for series_id in study["Series"]:
             series = pacs.get(f"/series/{series_id}")
-            if not series["MainDicomTags"].get("SeriesDescription", "").startswith(RESULT_PREFIX):
+            tags = series["MainDicomTags"]
+            if tags.get("Modality") != "OT" or not tags.get("SeriesDescription", "").startswith(RESULT_PREFIX):
                 continue
             for instance_id in series["Instances"]:
                 ds = pydicom.dcmread(io.BytesIO(pacs.get_bytes(f"/instances/{instance_id}/file")))

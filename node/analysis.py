@@ -28,7 +28,7 @@ from types import MappingProxyType
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.output import (ResultKind, ResultTexts, SourceImage, build_result_series, not_triaged_texts,
+from node.output import (KosFor, ResultKind, ResultTexts, SourceImage, build_result_series, not_triaged_texts,
                          result_texts, source_image)
 from node.reference import result_reference
 from node.render import key_slice_image, not_triaged_image, summary_image
@@ -68,6 +68,7 @@ class AnalysisSettings:
     device_uid: str  # the node as the SR's device observer
     device_name: str
     abstain: bool = True  # a study outside the scope or the training inputs gets NOT TRIAGED
+    kos_for: KosFor = KosFor.FLAGGED  # which triaged studies get a Key Object Selection (when objects has it)
 
 
 @dataclass(frozen=True)
@@ -364,8 +365,9 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
             unreadable: Mapping[str, str] = MappingProxyType({})) -> AnalysisResult:
     """Choose the head series, check it against the checkpoint's scope, run the model on it
     slice by slice, check its slices against the checkpoint's training inputs, apply the
-    rule, explain the key slices and build the object sets `settings.objects` asks for,
-    each a series of its own numbered from `series_number` (SC, then SR, then KOS).
+    rule, explain the key slices and build the object sets `settings.objects` asks for
+    (a KOS only for a flagged study unless `settings.kos_for` is all), each a series of
+    its own numbered from `series_number` (SC, then SR, then KOS).
 
     `unreadable` names the study's files whose header could not be read (file → why): each
     is counted among the slices left out.
@@ -420,17 +422,19 @@ def analyse(headers: Sequence[SliceHeader], read: SliceReader, predictor: Predic
             sources=[*sources, None],
         )
     context = _context(settings, predictor, texts.warnings)
-    if ResultKind.SR in settings.objects:
+    kos = ResultKind.KOS in settings.objects and (verdict.positive or settings.kos_for == KosFor.ALL)
+    # Only a KOS asked for and the study not flagged: the SR, as a result always has an object set.
+    if ResultKind.SR in settings.objects or not (objects or kos):
         objects[ResultKind.SR] = [build_sr(scan.reference, sources, verdict, context,
                                            series_number=series_number + SERIES_OFFSETS[ResultKind.SR],
                                            series_description=texts.descriptions[ResultKind.SR],
                                            left_out=len(scan.skipped))]
-    if ResultKind.KOS in settings.objects:
+    if kos:
         objects[ResultKind.KOS] = [build_kos(scan.reference, sources, context,
                                              series_number=series_number + SERIES_OFFSETS[ResultKind.KOS],
                                              description=texts.descriptions[ResultKind.KOS])]
     clock.since("encode", started)
     return AnalysisResult(choice, verdict, probabilities, keys, scan.skipped, texts,
-                          {kind: objects[kind] for kind in settings.objects}, clock.timings, tuple(reasons),
-                          assessment)
+                          {kind: objects[kind] for kind in (*settings.objects, ResultKind.SR) if kind in objects},
+                          clock.timings, tuple(reasons), assessment)
 

@@ -39,6 +39,7 @@ __all__ = [
     "RuleSource",
     "TriageSection",
     "ExplainSection",
+    "KosFor",
     "ResultKind",
     "OutputSection",
     "DeliveryMode",
@@ -286,11 +287,19 @@ class ResultKind(enum.StrEnum):
     KOS = "kos"  # Key Object Selection of the key slices
 
 
+class KosFor(enum.StrEnum):
+    """Which studies get a Key Object Selection (output.kos_for)."""
+
+    FLAGGED = "flagged"  # only flagged studies: a KOS marks slices worth a look, so a cleared study has none
+    ALL = "all"  # every triaged study, its most suspicious slices whatever the verdict
+
+
 @dataclass(frozen=True)
 class OutputSection:
     """What goes back into the study: which object sets, numbered and signed how."""
 
     objects: tuple[ResultKind, ...] = (ResultKind.SC, ResultKind.SR, ResultKind.KOS)
+    kos_for: KosFor = KosFor.FLAGGED  # which triaged studies get the KOS: flagged ones, or all
     # The first analysis's series are numbered from here (SC, SR, KOS), later ones count up.
     series_number: int = 9900
     manufacturer: str = "ichnode"

@@ -15,21 +15,26 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from node.config import ResultKind
+from node.config import KosFor, ResultKind
 from training.model.checkpoint import Provenance
 from training.model.rule import Verdict
 from training.model.scope import NOT_TRIAGED_LABEL
 from training.model.series import SliceHeader
 
-__all__ = ["ResultKind", "ResultTexts", "SourceImage", "model_warnings", "result_texts", "not_triaged_texts",
-           "build_result_series", "encode", "source_image"]
+__all__ = ["ResultKind", "KosFor", "ResultTexts", "SourceImage", "model_warnings", "result_texts",
+           "not_triaged_texts", "build_result_series", "encode", "source_image"]
 
-DESCRIPTION_PREFIX = "AI ICH TRIAGE"
-# Each series of a result has a SeriesDescription of its own, all with the same length of
-# prefix, so that a demonstration model's whole warning fits each (64 characters).
-PREFIXES = {"sc": DESCRIPTION_PREFIX, "sr": "AI ICH REPORT", "kos": "AI ICH SLICES"}
+DESCRIPTION_PREFIX = "AI ICH TRIAGE"  # the verdict line burned into the pictures and written in comments
+# SeriesDescription (64 characters at most) leads with the verdict, as a series list shows
+# it: "AI ICH: <verdict>", then which object set, then what the model is.
+SERIES_PREFIX = "AI ICH"
+SERIES_KINDS = {"sc": "", "sr": "report", "kos": "slices"}
+FAILED_LABEL = "analysis failed"  # a failure notice: NOT TRIAGED because the analysis failed
 DEMO_WARNING = "DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
 UNTRAINED_WARNING = "UNTRAINED MODEL (RANDOM WEIGHTS) - RESULTS ARE MEANINGLESS"
+# The model's warning as short as a series description leaves room for.
+DEMO_TAG = "DEMO, NOT CLINICAL"
+UNTRAINED_TAG = "UNTRAINED MODEL"
 
 
 @dataclass(frozen=True)
@@ -75,17 +80,14 @@ def model_warnings(provenance: Provenance) -> list[str]:
 
 
 def _descriptions(label: str, provenance: Provenance) -> dict[ResultKind, str]:
-    """Each object set's SeriesDescription. A demonstration model's is its whole warning
-    (it fills the 64 characters, so the verdict is left to the images, ImageComments and
-    the log): nobody should read it as a finding."""
+    """Each object set's SeriesDescription: the verdict first, in every mode, so a worklist
+    and a series list show the flag; a demonstration or untrained model says so after it
+    (its whole warning is on every picture and in the SR)."""
+    tag = DEMO_TAG if provenance.synthetic else UNTRAINED_TAG if provenance.untrained else ""
     descriptions = {}
     for kind in ResultKind:
-        description = f"{PREFIXES[kind]}: {label}"
-        if provenance.synthetic:
-            description = f"{PREFIXES[kind]} {DEMO_WARNING}"
-        elif provenance.untrained:
-            description = f"{description} [UNTRAINED MODEL]"
-        descriptions[kind] = description[:64]
+        words = [f"{SERIES_PREFIX}: {label}", SERIES_KINDS[kind], f"({tag})" if tag else ""]
+        descriptions[kind] = " ".join(w for w in words if w)
     return descriptions
 
 
@@ -129,7 +131,8 @@ def not_triaged_texts(reasons: list[str], provenance: Provenance, architecture: 
         derivation = "Scope and input checks of an ICH classifier: not triaged, no verdict"
     comments = " ".join([opening, f"Why: {why}.", _model_line(provenance, architecture), "NOT FOR DIAGNOSTIC USE.",
                          *warnings])
-    return ResultTexts(_descriptions(NOT_TRIAGED_LABEL, provenance), verdict_line, f"not triaged: {why}", comments,
+    label = f"{NOT_TRIAGED_LABEL}, {FAILED_LABEL}" if failed else NOT_TRIAGED_LABEL
+    return ResultTexts(_descriptions(label, provenance), verdict_line, f"not triaged: {why}", comments,
                        warnings, derivation)
 
 

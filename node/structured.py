@@ -52,6 +52,8 @@ REASON_CODES = {
                                          "Images outside the model's training inputs"),
     ReasonCode.ANALYSIS_FAILED: Code("analysis-failed", "99ICHNODE", "Analysis failed"),
 }
+# TID 1501's free-text qualitative evaluation (a TEXT item beside the coded ones).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 OOD_SCORE = Code("ood-score", "99ICHNODE", "Out-of-distribution score of the study")
 OOD_LIMIT = Code("ood-limit", "99ICHNODE", "Out-of-distribution score above which the study is not triaged")
 OOD_PEAK = Code("ood-peak", "99ICHNODE", "Out-of-distribution score of the study's most unusual slice")
@@ -114,11 +116,37 @@ def _algorithm(rule: TriageRule, parameters: list[str], context: ResultContext) 
                                          parameters=[*rule_parameters, *parameters], manufacturer=context.manufacturer)
 
 
+def _count(name: Code, value: int) -> hd.sr.Measurement:
+    """A slice count written as a whole number: highdicom formats every Numeric Value (DS)
+    as a float, so a count of 3 would read "3.0"."""
+    measurement = hd.sr.Measurement(name=name, value=int(value), unit=SLICES)
+    measurement[0].MeasuredValueSequence[0].NumericValue = str(int(value))
+    return measurement
+
+
 def _measurements(verdict: Verdict, left_out: int) -> list[hd.sr.Measurement]:
-    values = [(SCORE_MAX, verdict.study_score, PROBABILITY), (SCORE_TOP, verdict.top_k_score, PROBABILITY),
-              (POSITIVE_SLICES, verdict.positive_slices, SLICES), (ANALYSED_SLICES, verdict.total_slices, SLICES),
-              (LEFT_OUT_SLICES, left_out, SLICES)]
-    return [hd.sr.Measurement(name=name, value=round(float(value), 4), unit=unit) for name, value, unit in values]
+    scores = [(SCORE_MAX, verdict.study_score), (SCORE_TOP, verdict.top_k_score)]
+    counts = [(POSITIVE_SLICES, verdict.positive_slices), (ANALYSED_SLICES, verdict.total_slices),
+              (LEFT_OUT_SLICES, left_out)]
+    return ([hd.sr.Measurement(name=name, value=round(float(value), 4), unit=PROBABILITY) for name, value in scores]
+            + [_count(name, value) for name, value in counts])
+
+
+def _reason_items(reasons: list[Reason]) -> list[hd.sr.ContentItem]:
+    """Each kind of reason once, coded, with what was found in words after it (two checks
+    may find the same kind: BodyPartExamined and the images both saying "not a head")."""
+    texts: dict[ReasonCode, list[str]] = {}
+    for reason in reasons:
+        if reason.text not in texts.setdefault(reason.code, []):
+            texts[reason.code].append(reason.text)
+    items: list[hd.sr.ContentItem] = []
+    for code, found in texts.items():
+        meaning = REASON_CODES[code]
+        items.extend(hd.sr.QualitativeEvaluation(name=NOT_TRIAGED_REASON, value=meaning))  # one CODE item
+        words = f"{meaning.meaning}: {'; '.join(found)}"
+        items.append(hd.sr.TextContentItem(name=QUALITATIVE_EVALUATIONS, value=words,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return items
 
 
 def _equipment(context: ResultContext) -> hd.ContributingEquipment:
@@ -157,8 +185,6 @@ def _report(reference: Dataset, key_slices: list[SourceImage], context: ResultCo
     """TID 1500 with one measurement group for the study: the ICH finding as `value`."""
     evidence = evidence_for(reference, key_slices)
     evaluations = [hd.sr.QualitativeEvaluation(name=codes.SCT.IntracranialHemorrhage, value=value)]
-    evaluations += [hd.sr.QualitativeEvaluation(name=NOT_TRIAGED_REASON, value=REASON_CODES[reason.code])
-                    for reason in reasons]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="ICH triage of the study"),
         finding_type=codes.SCT.IntracranialHemorrhage,
@@ -168,6 +194,11 @@ def _report(reference: Dataset, key_slices: list[SourceImage], context: ResultCo
         measurements=measurements or None,
         source_images=_source_images(key_slices, evidence) or None,
     )
+    # Beside the coded finding, before the source images (highdicom takes only coded evaluations).
+    content = group[0].ContentSequence
+    at = next((i for i, item in enumerate(content) if item.ValueType == "IMAGE"), len(content))
+    for offset, item in enumerate(_reason_items(reasons)):
+        content.insert(at + offset, item)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=_observer(context)),
         procedure_reported=codes.SCT.ComputedTomographyOfHead,
@@ -212,11 +243,12 @@ def build_not_triaged_sr(reference: Dataset, sources: list[SourceImage], unanswe
 def build_kos(reference: Dataset, key_slices: list[SourceImage], context: ResultContext, *, series_number: int,
               description: str) -> hd.ko.KeyObjectSelectionDocument:
     """A Key Object Selection document (TID 2010, "Of Interest") of the key slices; a key
-    slice that is a frame of an Enhanced CT image is cited with its frame number."""
+    slice that is a frame of an Enhanced CT image is cited with its frame number. Its key
+    object description is the series description and the model's whole warning."""
     evidence = evidence_for(reference, key_slices)
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.OfInterest, referenced_objects=evidence,
-        observer_device_context=_observer(context), description=description[:1024],
+        observer_device_context=_observer(context), description=". ".join([description, *context.warnings])[:1024],
     )
     _cite_frames(content, _frames_by_instance(key_slices))
     kos = hd.ko.KeyObjectSelectionDocument(

@@ -76,7 +76,7 @@ def analysis_settings(config: Config, predictor: Predictor | None) -> AnalysisSe
     return AnalysisSettings(
         rule=rule, min_slices=config.worker.min_slices, abstain=config.triage.abstain,
         max_unusable_fraction=config.worker.max_unusable_fraction, key_slices=config.explain.key_slices,
-        aug_smooth=config.explain.aug_smooth, objects=config.output.objects,
+        aug_smooth=config.explain.aug_smooth, objects=config.output.objects, kos_for=config.output.kos_for,
         manufacturer=config.output.manufacturer, institution_name=config.output.institution_name,
         device_uid=device_uid(config), device_name=config.node.ae_title,
     )

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from node.analysis import AnalysisSettings, analyse
-from node.output import ResultKind
+from node.output import KosFor, ResultKind
 from node.errors import InvalidInstance
 from training.inference.predictor import Predictor
 from training.inference.settings import Device
@@ -23,7 +23,8 @@ from training.model.series import SliceHeader, read_header
 
 SETTINGS = AnalysisSettings(rule=TriageRule(), min_slices=10, max_unusable_fraction=0.1, key_slices=2,
                             aug_smooth=False, objects=tuple(ResultKind), manufacturer="ichnode",
-                            institution_name="", device_uid="1.2.826.0.1.3680043.8.498.7", device_name="ICHNODE")
+                            institution_name="", device_uid="1.2.826.0.1.3680043.8.498.7", device_name="ICHNODE",
+                            kos_for=KosFor.ALL)  # every set, whatever random weights say
 
 
 @pytest.fixture(scope="module")

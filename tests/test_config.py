@@ -13,6 +13,7 @@ import pytest
 from node.config import (ENV_VAR, Config, DeliveryMode, NotifyTarget, RuleSource, config_path, load_config,
                          parse_config)
 from node.errors import ConfigError
+from node.output import KosFor
 from training.inference.settings import Backend, Device
 from training.model.checkpoint import load_checkpoint
 from training.model.layers import GradcamLayer
@@ -200,6 +201,7 @@ def test_bad_value_is_named(data: dict[str, Any], named: str) -> None:
         ({"model": {"device": "tpu"}}, "model.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         ({"explain": {"gradcam_layer": "layer2"}},
          "explain.gradcam_layer must be one of auto, bifpn_p3, layer4, layer3, got 'layer2'"),
+        ({"output": {"kos_for": "positive"}}, "output.kos_for must be one of flagged, all, got 'positive'"),
     ],
 )
 def test_value_types_check_themselves_once_and_read_well(data: dict[str, Any], message: str) -> None:
@@ -215,6 +217,8 @@ def test_parsed_values_have_their_types() -> None:
     assert config.explain.gradcam_layer is GradcamLayer.LAYER3
     assert config.triage.source is RuleSource.CHECKPOINT and config.delivery.mode is DeliveryMode.SEND
     assert isinstance(config.triage.configured_rule, TriageRule)
+    assert config.output.kos_for is KosFor.FLAGGED
+    assert _parse({"output": {"kos_for": "all"}}).output.kos_for is KosFor.ALL
 
 
 def test_the_rule_in_force_comes_from_where_triage_source_says() -> None:

@@ -50,7 +50,8 @@ def _study_files(study: Path) -> list[Path]:
 def _result_series(orthanc: Orthanc, study_uid: str) -> list[dict]:
     return [
         s for s in orthanc.get("/series?expand")
-        if s["MainDicomTags"].get("SeriesDescription", "").startswith("AI ICH TRIAGE")
+        if s["MainDicomTags"].get("Modality") == "OT"
+        and s["MainDicomTags"].get("SeriesDescription", "").startswith("AI ICH:")
         and orthanc.get(f"/studies/{s['ParentStudy']}")["MainDicomTags"]["StudyInstanceUID"] == study_uid
     ]
 
@@ -79,8 +80,10 @@ def _scout(study: Path, path: Path) -> Path:
 def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: Path,
                              checkpoints: dict[str, Path]) -> None:
     port = free_port()
+    # Random weights give either verdict: a KOS for every study, so that all three sets go out.
     node = NodeProcess(tmp_path, node_config(tmp_path, port=port, checkpoint=checkpoints["effclass"],
-                                             destinations=[("pacs", "PACS", orthanc.dicom_port)]), port)
+                                             destinations=[("pacs", "PACS", orthanc.dicom_port)],
+                                             overrides={"output": {"kos_for": "all"}}), port)
     node.start()
     try:
         assert echoscu(port).returncode == 0
@@ -127,8 +130,8 @@ def test_study_in_result_out(tmp_path: Path, orthanc: Orthanc, positive_study: P
     assert len(series) == 1
     tags = series[0]["MainDicomTags"]
     analysed = next(e for e in read_events(tmp_path / "triage.log") if e["event"] == "analysed")
-    expected = "AI ICH TRIAGE: SUSPECTED - PRIORITY" if analysed["positive"] else "AI ICH TRIAGE: not detected"
-    assert tags["SeriesDescription"] == f"{expected} [UNTRAINED MODEL]"
+    expected = "AI ICH: SUSPECTED - PRIORITY" if analysed["positive"] else "AI ICH: not detected"
+    assert tags["SeriesDescription"] == f"{expected} (UNTRAINED MODEL)"
     assert len(series[0]["Instances"]) == 3 + 1  # key slices + summary
     assert analysed["series_instance_uid"] == labels["head_series_instance_uid"]
     assert analysed["total_slices"] == len(labels["slices"])

@@ -15,16 +15,19 @@ import pytest
 from pydicom.dataset import Dataset
 
 from node.analysis import AnalysisResult, AnalysisSettings, analyse
-from node.output import ResultKind, encode
+from node.output import DEMO_WARNING, ResultKind, encode, source_image
+from node.reference import result_reference
+from node.structured import ResultContext, Unanswered, build_not_triaged_sr
 from node.worker import read_slice
 from tests.conftest import require_tool
+from tests.peers import dciodvfy_errors
 from training.inference.predictor import Predictor
 from training.inference.settings import Device
 from training.model.architectures import create_model
 from training.model.checkpoint import Provenance, default_model_config
 from training.model.inputs import InputProfile
 from training.model.rule import TriageRule
-from training.model.scope import NOT_TRIAGED_LABEL, ReasonCode, Scope
+from training.model.scope import NOT_TRIAGED_LABEL, Reason, ReasonCode, Scope
 from training.model.series import SliceHeader, read_header
 from training.synthetic import Shift, SyntheticOptions, write_studies
 
@@ -81,7 +84,7 @@ def test_the_picture_says_not_triaged_and_why(abdomen_label: AnalysisResult, tmp
     assert "AI ICH TRIAGE: NOT TRIAGED" in sc.ImageComments and "BodyPartExamined is ABDOMEN" in sc.ImageComments
     assert "neither flagged nor cleared" in sc.ImageComments
     assert "SUSPECTED" not in sc.ImageComments and "not detected" not in sc.ImageComments
-    assert "DEMO MODEL - SYNTHETIC DATA" in sc.SeriesDescription
+    assert sc.SeriesDescription == "AI ICH: NOT TRIAGED (DEMO, NOT CLINICAL)"
     assert sc.DerivationDescription.startswith("Scope and input checks")
     path = tmp_path / "sc.dcm"
     path.write_bytes(encode(sc))
@@ -96,7 +99,8 @@ def test_the_sr_says_the_finding_was_not_evaluated(abdomen_label: AnalysisResult
     path.write_bytes(encode(sr))
     report = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
     assert not [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
-    dump = subprocess.run([require_tool("dsrdump"), "+Pu", str(path)], capture_output=True, text=True, timeout=60)
+    dump = subprocess.run([require_tool("dsrdump"), "+Pu", "+Pl", str(path)], capture_output=True, text=True,
+                          timeout=60)
     assert dump.returncode == 0, dump.stderr
     assert '"Not Evaluated")' in dump.stdout and '"Not a head CT")' in dump.stdout
     assert "Suspected" not in dump.stdout and "Not detected" not in dump.stdout
@@ -106,6 +110,37 @@ def test_the_sr_says_the_finding_was_not_evaluated(abdomen_label: AnalysisResult
     assert evaluations == [("Intracranial hemorrhage (disorder)", "Not Evaluated"),
                            ("Reason the study was not triaged", "Not a head CT")]
     assert group.get_measurements() == []  # no ICH score: it would mean nothing
+    assert '<contains TEXT:(,,"Qualitative Evaluations")="Not a head CT: BodyPartExamined is ABDOMEN' in dump.stdout
+
+
+def test_each_kind_of_reason_is_coded_once_with_every_finding_in_words(positive_study: Path,
+                                                                       tmp_path: Path) -> None:
+    """Two checks can find the same kind of reason (the header and the images both say it
+    is not a head): the SR codes it once, and says what each found in one TEXT item."""
+    header = _headers(positive_study)[0]
+    reference = result_reference(read_slice(header))
+    reasons = [Reason(ReasonCode.NOT_HEAD, "BodyPartExamined is ABDOMEN"),
+               Reason(ReasonCode.CONTRAST, "IV contrast was given (ContrastBolusAgent)"),
+               Reason(ReasonCode.NOT_HEAD, "the images do not show a head"),
+               Reason(ReasonCode.NOT_HEAD, "BodyPartExamined is ABDOMEN")]
+    context = ResultContext("ichnode", "Test Hospital", "1.2.826.0.1.3680043.8.498.77", "ICHNODE", "resnet18",
+                            "test", [DEMO_WARNING])
+    sr = build_not_triaged_sr(reference, [source_image(header)], Unanswered(reasons, TriageRule()), context,
+                              series_number=9901, series_description="AI ICH: NOT TRIAGED report")
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(encode(sr))
+    assert dciodvfy_errors(path) == []
+    dump = subprocess.run([require_tool("dsrdump"), "+Pl", str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    coded = [line.strip() for line in dump.stdout.splitlines() if '"Reason the study was not triaged")' in line]
+    assert coded == ['<contains CODE:(,,"Reason the study was not triaged")=(not-head,99ICHNODE,"Not a head CT")>',
+                     '<contains CODE:(,,"Reason the study was not triaged")=(contrast,99ICHNODE,'
+                     '"Scan after IV contrast")>']
+    texts = [line.strip() for line in dump.stdout.splitlines() if '"Qualitative Evaluations")' in line]
+    assert texts == ['<contains TEXT:(,,"Qualitative Evaluations")="Not a head CT: BodyPartExamined is ABDOMEN; '
+                     'the images do not show a head">',
+                     '<contains TEXT:(,,"Qualitative Evaluations")="Scan after IV contrast: IV contrast was given '
+                     '(ContrastBolusAgent)">']
 
 
 def test_a_study_without_a_ct_series_is_not_triaged(positive_study: Path) -> None:

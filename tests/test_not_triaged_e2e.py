@@ -89,7 +89,7 @@ def test_not_triaged_studies_reach_the_pacs_as_such(tmp_path: Path, positive_stu
             path.write_bytes(data)
             ds = pydicom.dcmread(path)
             assert ds.StudyInstanceUID == uid
-            assert ds.SeriesDescription.startswith(("AI ICH TRIAGE: NOT TRIAGED", "AI ICH REPORT: NOT TRIAGED"))
+            assert ds.SeriesDescription.startswith("AI ICH: NOT TRIAGED")
             assert "PRIORITY" not in ds.SeriesDescription and "not detected" not in ds.SeriesDescription
             if ds.Modality == "OT":
                 assert "NOT TRIAGED" in ds.ImageComments and "PRIORITY" not in ds.ImageComments

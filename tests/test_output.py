@@ -12,7 +12,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from node.output import SourceImage, build_result_series, encode, result_texts
+from node.output import (ResultKind, ResultTexts, SourceImage, build_result_series, encode, not_triaged_texts,
+                         result_texts)
 from node.render import key_slice_image, summary_image
 from tests.conftest import require_tool
 from training.model.checkpoint import Provenance
@@ -51,25 +52,41 @@ def negative() -> Verdict:
 # --- result_texts ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("training_data", "tag"), [("none", " [UNTRAINED MODEL]"), ("rsna", "")])
-def test_series_description_carries_verdict_and_model_tag(
-    positive: Verdict, training_data: str, tag: str
+VERDICTS = {"positive": "AI ICH: SUSPECTED - PRIORITY", "negative": "AI ICH: not detected",
+            "not triaged": "AI ICH: NOT TRIAGED", "failed": "AI ICH: NOT TRIAGED, analysis failed"}
+MODELS = {"synthetic": "(DEMO, NOT CLINICAL)", "none": "(UNTRAINED MODEL)", "rsna": ""}
+SETS = {ResultKind.SC: "", ResultKind.SR: " report", ResultKind.KOS: " slices"}  # each set's series told apart
+
+
+def _texts(verdict: str, training_data: str, request: pytest.FixtureRequest) -> ResultTexts:
+    provenance = Provenance(training_data=training_data)
+    if verdict in ("positive", "negative"):
+        return result_texts(request.getfixturevalue(verdict), provenance, "effclass")
+    return not_triaged_texts(["the series is described as 'ABDOMEN'"], provenance, "effclass",
+                             failed=verdict == "failed")
+
+
+@pytest.mark.parametrize("training_data", MODELS)
+@pytest.mark.parametrize("verdict", VERDICTS)
+def test_every_series_description_leads_with_the_verdict_and_fits(
+    verdict: str, training_data: str, request: pytest.FixtureRequest
 ) -> None:
-    texts = result_texts(positive, Provenance(training_data=training_data), "effclass")
-    assert len(texts.series_description) <= 64
-    assert texts.series_description == "AI ICH TRIAGE: SUSPECTED - PRIORITY" + tag
-
-
-@pytest.mark.parametrize("verdict", ["positive", "negative"])
-def test_demo_series_description_is_the_whole_warning(verdict: str, request: pytest.FixtureRequest) -> None:
-    texts = result_texts(request.getfixturevalue(verdict), Provenance(training_data="synthetic"), "effclass")
-    assert texts.series_description == "AI ICH TRIAGE DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
-    assert len(texts.series_description) == 64  # every word fits the LO value
+    """What a series list shows: the verdict first, the object set, a demo or untrained
+    model's tag, in at most 64 characters (LO), for every verdict, model and object set."""
+    texts = _texts(verdict, training_data, request)
+    tag = f" {MODELS[training_data]}" if MODELS[training_data] else ""
+    assert texts.descriptions == {kind: f"{VERDICTS[verdict]}{SETS[kind]}{tag}" for kind in ResultKind}
+    for description in texts.descriptions.values():
+        assert len(description) <= 64, description
+        if verdict != "positive":
+            assert "PRIORITY" not in description
+    if training_data == "synthetic":  # the whole warning stays in the comments and on the pictures
+        assert texts.warnings == [DEMO] and DEMO in texts.image_comments
 
 
 def test_untrained_is_the_default_provenance(positive: Verdict) -> None:
     texts = result_texts(positive, Provenance(), "effclass")
-    assert "[UNTRAINED MODEL]" in texts.series_description
+    assert texts.series_description == "AI ICH: SUSPECTED - PRIORITY (UNTRAINED MODEL)"
     assert any("UNTRAINED" in w for w in texts.warnings)
     assert DEMO not in texts.warnings
 
@@ -217,7 +234,7 @@ def test_result_series_keeps_patient_and_study(ct: Dataset, result: Result) -> N
         assert sc.SeriesNumber == 9901
         assert sc.BodyPartExamined == "HEAD"
         assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
-        assert sc.SeriesDescription == "AI ICH TRIAGE DEMO MODEL - SYNTHETIC DATA - NOT FOR CLINICAL USE"
+        assert sc.SeriesDescription == "AI ICH: SUSPECTED - PRIORITY (DEMO, NOT CLINICAL)"
         assert "AI ICH TRIAGE: SUSPECTED - PRIORITY" in sc.ImageComments
         assert "NOT FOR DIAGNOSTIC USE" in sc.ImageComments
         assert sc.BurnedInAnnotation == "YES"

@@ -24,7 +24,7 @@ from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 from node.analysis import AnalysisResult, AnalysisSettings, analyse, failure_notice
-from node.output import ResultKind, encode
+from node.output import KosFor, ResultKind, encode
 from node.reference import COPIED, result_reference
 from storage.errors import InvalidInstance
 from tests.peers import dciodvfy_errors
@@ -42,7 +42,7 @@ from training.synthetic import SyntheticOptions, write_studies
 SETTINGS = AnalysisSettings(rule=TriageRule(slice_threshold=0.5), min_slices=10, max_unusable_fraction=0.1,
                             key_slices=2, aug_smooth=False, objects=tuple(ResultKind), manufacturer="ichnode",
                             institution_name="Test Hospital", device_uid="1.2.826.0.1.3680043.8.498.77",
-                            device_name="ICHNODE")
+                            device_name="ICHNODE", kos_for=KosFor.ALL)  # a KOS (its frames) whatever the verdict
 # Type 1 in the modules of a CT Image (PS3.3 A.3): a file without them is not a CT image.
 CT_TYPE_1 = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "ImageType",
              "FrameOfReferenceUID", "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",

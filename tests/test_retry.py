@@ -56,6 +56,7 @@ def test_a_full_disk_defers_the_study_until_space_comes_back(small_disk: Path, t
             "worker": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "min_slices": 10},
             "model": {"device": "cpu"},
             "explain": {"key_slices": 2},
+            "output": {"kos_for": "all"},  # a KOS whatever the verdict of random weights: three sets to send
             "log": {"path": str(tmp_path / "triage.log")},
             "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
         }, tmp_path)
@@ -91,7 +92,8 @@ def test_a_full_disk_defers_the_study_until_space_comes_back(small_disk: Path, t
         assert deliveries.send_due(config.destinations[0]) == 3  # SC, SR and KOS
         assert deliveries.send_due(config.destinations[0]) == 0
         results = [s for s in pacs.get("/series?expand")
-                   if s["MainDicomTags"].get("SeriesDescription", "").startswith("AI ICH TRIAGE")]
+                   if s["MainDicomTags"].get("Modality") == "OT"
+                   and s["MainDicomTags"].get("SeriesDescription", "").startswith("AI ICH:")]
         assert len(results) == 1
         delivered = [e["kind"] for e in read_events(config.log.path) if e["event"] == "delivered"]
         assert sorted(delivered) == ["kos", "sc", "sr"]

@@ -90,7 +90,15 @@ def test_ct_modality_with_other_sop_class_is_passed_over() -> None:
     secondary = make_series("1.1", 30, sop_class_uid="1.2.840.10008.5.1.4.1.1.7")
     choice = choose_head_series(secondary + make_series("1.2"), 10)
     assert choice.series_instance_uid == "1.2"
-    assert "Secondary Capture Image Storage is not a CT image" in choice.passed_over["1.1"]
+    assert "not a CT image (Secondary Capture Image Storage)" in choice.passed_over["1.1"]
+
+
+def test_a_private_sop_class_is_not_named_by_its_uid() -> None:
+    private = "1.3.12.2.1107.5.9.1"  # a vendor's private non-image class, sent with Modality CT
+    with pytest.raises(NoAnalysableSeries) as info:
+        choose_head_series(make_series("1.1", 30, sop_class_uid=private, description="CSA"), 10)
+    assert str(info.value) == ("no axial head CT series to analyse: CT 'CSA', 30 slices, 5 mm: "
+                               "not a CT image (a private or unknown SOP class)")
 
 
 def test_series_with_too_few_slices_is_passed_over() -> None:
@@ -174,10 +182,12 @@ def test_nothing_qualifies_raises_with_every_reason() -> None:
     with pytest.raises(NoAnalysableSeries) as info:
         choose_head_series(headers, 10)
     message = str(info.value)
-    assert "1.1: CT 'HEAD', 2 slices, 5 mm: a localizer (scout)" in message
-    assert "1.2: CT 'HEAD', 30 slices, 5 mm: not axial" in message
-    assert "1.3: CT 'HEAD', 4 slices, 5 mm: 4 slices, fewer than worker.min_slices" in message
-    assert "1.4: MR 'HEAD', 30 slices, 5 mm: modality MR" in message
+    # Each series as a person sees it in the series list, not by its UID.
+    assert "CT 'HEAD', 2 slices, 5 mm: a localizer (scout)" in message
+    assert "CT 'HEAD', 30 slices, 5 mm: not axial" in message
+    assert "CT 'HEAD', 4 slices, 5 mm: 4 slices, fewer than worker.min_slices" in message
+    assert "MR 'HEAD', 30 slices, 5 mm: modality MR" in message
+    assert not any(uid in message for uid in ("1.1", "1.2", "1.3", "1.4"))
 
 
 def test_no_instances_raises() -> None:

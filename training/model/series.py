@@ -52,7 +52,7 @@ def _disqualification(slices: list[SliceHeader], min_slices: int) -> str | None:
     if first.modality != "CT":
         return f"modality {first.modality or 'missing'}, not CT"
     if first.sop_class_uid not in ANALYSABLE_CLASSES:
-        return f"{UID(first.sop_class_uid).name or first.sop_class_uid} is not a CT image"
+        return f"not a CT image ({_sop_class_name(first.sop_class_uid)})"
     if any("LOCALIZER" in s.image_type for s in slices):
         return "a localizer (scout)"
     if any(s.frames != 1 and s.frame is None for s in slices):
@@ -65,6 +65,12 @@ def _disqualification(slices: list[SliceHeader], min_slices: int) -> str | None:
     if len(slices) < min_slices:
         return f"{len(slices)} slices, fewer than worker.min_slices = {min_slices}"
     return None
+
+
+def _sop_class_name(uid: str) -> str:
+    """The SOP class as the standard names it; a private or unknown one is not named by its UID."""
+    name = UID(uid).name
+    return "a private or unknown SOP class" if not name or name == uid else name
 
 
 def _is_sharp(slices: list[SliceHeader]) -> bool:
@@ -111,7 +117,7 @@ def choose_head_series(headers: list[SliceHeader], min_slices: int,
         out_of_scope[uid] = judge(order_slices(slices)[0]) if judge is not None else []
         candidates.append((not out_of_scope[uid], not _is_sharp(slices), _thickness_ok(slices), len(slices), uid))
     if not candidates:
-        details = "; ".join(f"{uid}: {why}" for uid, why in passed_over.items()) or "no instances"
+        details = "; ".join(passed_over.values()) or "no instances"  # each series by what people see of it
         raise NoAnalysableSeries(f"no axial head CT series to analyse: {details}")
     candidates.sort(reverse=True)
     in_scope, soft, thickness_ok, count, uid = candidates[0]
