@@ -11,6 +11,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from PIL import Image
 
@@ -35,7 +36,7 @@ def _read(header: SliceHeader) -> pydicom.Dataset:
     return pydicom.dcmread(header.path)
 
 
-def _save(pixels, path: Path) -> None:
+def _save(pixels: np.ndarray, path: Path) -> None:
     image = Image.fromarray(pixels)
     image = image.resize((WIDTH, round(image.height * WIDTH / image.width)), Image.LANCZOS)
     image.save(path, optimize=True)
