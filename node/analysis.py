@@ -4,8 +4,8 @@
 the store; a test's may read memory) and writes nothing: the worker loads the headers,
 calls it, writes the result files and records the outcome. Slices stream through the
 model one batch at a time; for the most suspicious slices so far it keeps only what the
-pictures and Grad-CAM need (the network input and the features the inference pass
-returned), so memory does not grow with the length of the series and Grad-CAM
+pictures and Grad-CAM need (the network input, the HU its intracranial mask is found
+on, and the features the inference pass returned), so memory does not grow with the length of the series and Grad-CAM
 differentiates only the network above its layer.
 
 A study the model cannot answer for is *not triaged*: before the model runs, when the
@@ -38,10 +38,10 @@ from training.errors import NoAnalysableSeries
 from training.inference.gradcam import Features
 from training.inference.predictor import Predictor
 from training.model.inputs import Assessment
-from training.model.preprocess import hu_from_dataset, square_pixels
+from training.model.preprocess import hu_from_dataset, mask_to_input, square_pixels
 from training.model.rule import POSITIVE_LABEL, TriageRule, Verdict, key_slice_indices
-from training.model.scope import (NOT_TRIAGED_LABEL, Reason, ReasonCode, header_reasons, metal_depth_mm,
-                                  metal_reason, middle_slices, scope_reasons)
+from training.model.scope import (NOT_TRIAGED_LABEL, Reason, ReasonCode, header_reasons, intracranial_mask,
+                                  metal_depth_mm, metal_reason, middle_slices, scope_reasons)
 from training.model.series import SeriesChoice, SliceHeader, choose_head_series
 
 __all__ = ["SERIES_PER_ANALYSIS", "AnalysisSettings", "AnalysisResult", "SliceReader", "analyse", "failure_notice"]
@@ -131,21 +131,23 @@ class _Scan:
     skipped: dict[str, str] = field(default_factory=dict)
     reference: Dataset | None = None  # first usable slice without its pixels: study context
     # The most suspicious slices so far, (P(ICH), -index), and what each needs later: its
-    # network input (for its picture) and the features Grad-CAM starts from.
+    # network input and HU with pixel spacing (for its picture and intracranial mask) and
+    # the features Grad-CAM starts from.
     best: list[tuple[float, int]] = field(default_factory=list)
     inputs: dict[int, np.ndarray] = field(default_factory=dict)
+    hu: dict[int, tuple[np.ndarray, tuple[float, float] | None]] = field(default_factory=dict)
     features: dict[int, Features] = field(default_factory=dict)
     descriptors: list[np.ndarray] = field(default_factory=list)  # each slice's, for the input profile
     metal: list[float | None] = field(default_factory=list)  # each slice's metal_depth_mm, when the scope checks it
 
-    def keep(self, index: int, probability: float, network_input: np.ndarray, features: Features,
-             count: int) -> None:
+    def keep(self, index: int, probability: float, network_input: np.ndarray,
+             hu: tuple[np.ndarray, tuple[float, float] | None], features: Features, count: int) -> None:
         """Keep `count` slices, ranked as key_slice_indices ranks (ties: lower index)."""
         heapq.heappush(self.best, (probability, -index))
-        self.inputs[index], self.features[index] = network_input, features
+        self.inputs[index], self.hu[index], self.features[index] = network_input, hu, features
         if len(self.best) > count:
             _, dropped = heapq.heappop(self.best)
-            del self.inputs[-dropped], self.features[-dropped]
+            del self.inputs[-dropped], self.hu[-dropped], self.features[-dropped]
 
 
 def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_slices: int,
@@ -155,14 +157,15 @@ def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_sli
     holds slices the scope check already read; `unreadable` files are left out from the start."""
     scan = _Scan(skipped=dict(unreadable))
     metal_check = predictor.config.scope.metal_check
-    batch: list[tuple[SliceHeader, np.ndarray]] = []
+    batch: list[tuple[SliceHeader, np.ndarray, tuple[np.ndarray, tuple[float, float] | None]]] = []
 
     def run_batch() -> None:
         started = time.perf_counter()
-        inference = predictor.infer(np.stack([x for _, x in batch]))
+        inference = predictor.infer(np.stack([x for _, x, _ in batch]))
         clock.since("inference", started)
-        for i, ((header, network_input), probability) in enumerate(zip(batch, inference.probabilities)):
-            scan.keep(len(scan.probabilities), float(probability), network_input, inference.features[i], key_slices)
+        for i, ((header, network_input, hu), probability) in enumerate(zip(batch, inference.probabilities)):
+            scan.keep(len(scan.probabilities), float(probability), network_input, hu, inference.features[i],
+                      key_slices)
             scan.probabilities.append(float(probability))
             scan.headers.append(header)
             scan.descriptors.append(inference.descriptors[i])
@@ -183,7 +186,7 @@ def _scan(choice: SeriesChoice, read: SliceReader, predictor: Predictor, key_sli
             continue
         if scan.reference is None:
             scan.reference = result_reference(ds)  # only the patient, study and series context is needed
-        batch.append((header, network_input))
+        batch.append((header, network_input, (hu, spacing)))
         if len(batch) == predictor.batch_size:
             run_batch()
     if batch:
@@ -224,8 +227,9 @@ def _images(scan: _Scan, keys: list[int], cams: np.ndarray, verdict: Verdict, te
     images = []
     for index, cam in zip(keys, cams):
         header = scan.headers[index]
+        mask = mask_to_input(intracranial_mask(*scan.hu[index]), spec)
         images.append(key_slice_image(
-            scan.inputs[index][channel] * spec.std + spec.mean, cam,
+            scan.inputs[index][channel] * spec.std + spec.mean, cam, mask=mask,
             probability=float(probabilities[index]), slice_number=index + 1,
             total_slices=len(probabilities), position_mm=header.position[2] if header.position else None,
             verdict_line=texts.verdict_line, positive=verdict.positive, warnings=texts.warnings,

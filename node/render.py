@@ -1,28 +1,90 @@
 """Pictures for the result series: key-slice panels and the study summary, as RGB uint8.
 
 Everything a radiologist needs to read the picture is burned in: the probability, the
-slice position, the verdict, and NOT FOR DIAGNOSTIC USE (plus the demonstration or
-untrained-model warning when the checkpoint's provenance calls for it).
+slice position, the verdict, what the heatmap's colours mean, and NOT FOR DIAGNOSTIC USE
+(plus the demonstration or untrained-model warning when the checkpoint's provenance calls
+for it). Text is drawn in DejaVu Sans, which matplotlib ships: Pillow's built-in font has
+no ≥ or ², and a missing glyph burns in as an empty box.
+
+The heatmap is coloured only inside the skull (Grad-CAM also lights up bone and scalp,
+which says nothing about a bleed), and only as strongly as it counts: Grad-CAM scales
+every map to a maximum of 1, so for a study the model calls negative the map is scaled by
+the slice's P(ICH), and a calm study looks calm.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-from pytorch_grad_cam.utils.image import show_cam_on_image
+from functools import lru_cache
+from pathlib import Path
 
-__all__ = ["PANEL_SIZE", "key_slice_image", "summary_image", "not_triaged_image"]
+import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["PANEL_SIZE", "SCALE_WIDTH", "FONT_PATH", "font", "shown_heat", "heat_overlay", "key_slice_image",
+           "summary_image", "not_triaged_image"]
 
 PANEL_SIZE = 512  # each half of a key-slice image, in pixels
+SCALE_WIDTH = 136  # the colour scale beside the heatmap
 HEADER = 104
 FOOTER = 36
 WHITE, RED, YELLOW, GREY, GREEN = (255, 255, 255), (255, 64, 64), (255, 210, 0), (150, 150, 150), (90, 220, 120)
 AMBER = (255, 160, 40)
 NOT_DIAGNOSTIC = "NOT FOR DIAGNOSTIC USE"
+FONT_PATH = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+COLOURS = colormaps["jet"]
+# How the heat shows over the brain window: colour at this opacity from FULL_HEAT up,
+# fading to none at 0, so that what the model ignored stays plain grey.
+OPACITY = 0.6
+FULL_HEAT = 0.25
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+@lru_cache(maxsize=None)
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """The pictures' font at `size` pixels."""
+    return ImageFont.truetype(str(FONT_PATH), size)
+
+
+def shown_heat(cam: np.ndarray, mask: np.ndarray, *, probability: float, positive: bool) -> np.ndarray:
+    """The heat a key slice shows, in [0, 1]: the Grad-CAM map inside `mask` (the skull's
+    inside) only, and for a study called negative scaled by the slice's P(ICH)."""
+    if cam.shape != mask.shape:
+        raise ValueError(f"Grad-CAM {cam.shape} and the intracranial mask {mask.shape} differ in shape")
+    scale = 1.0 if positive else float(np.clip(probability, 0.0, 1.0))
+    return (np.clip(cam, 0, 1) * mask * scale).astype(np.float32)
+
+
+def heat_overlay(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """`heat` (in [0, 1]) coloured over the grey image `gray` (in [0, 1]) as RGB uint8;
+    where the heat is 0 the pixel stays exactly grey."""
+    rgb = np.repeat(np.clip(gray, 0, 1)[..., None], 3, axis=2).astype(np.float32)
+    alpha = (OPACITY * np.clip(heat / FULL_HEAT, 0, 1))[..., None]
+    colour = COLOURS(np.clip(heat, 0, 1))[..., :3].astype(np.float32)
+    return ((rgb * (1 - alpha) + colour * alpha) * 255).round().astype(np.uint8)
+
+
+def _colour_scale(height: int, lines: list[str]) -> np.ndarray:
+    """A vertical colour bar from 0 (no evidence) to 1 (strongest), labelled, and `lines`
+    below it saying how the map was drawn."""
+    strip = Image.new("RGB", (SCALE_WIDTH, height), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    top, bottom, left, width = 56, height - 150, 12, 22
+    draw.text((left, 8), "ICH evidence", fill=WHITE, font=font(16))
+    draw.text((left, 28), "(Grad-CAM)", fill=GREY, font=font(14))
+    values = np.linspace(1, 0, bottom - top)[:, None]
+    bar = (COLOURS(np.repeat(values, width, axis=1))[..., :3] * 255).astype(np.uint8)
+    strip.paste(Image.fromarray(bar), (left, top))
+    draw.rectangle([left - 1, top - 1, left + width, bottom], outline=GREY)
+    for value, label in ((1.0, "1 strongest"), (0.5, "0.5"), (0.0, "0 none")):
+        y = bottom - (bottom - top) * value
+        draw.line([left + width, y, left + width + 5, y], fill=GREY)
+        draw.text((left + width + 8, y - 8), label, fill=WHITE, font=font(14))
+    y = bottom + 16
+    for line in lines:
+        draw.text((left, y), line, fill=GREY, font=font(14))
+        y += 20
+    return np.asarray(strip)
 
 
 def _to_panel(image: np.ndarray) -> np.ndarray:
@@ -40,10 +102,10 @@ def _frame(body: np.ndarray, header: list[tuple[str, tuple[int, int, int]]], war
     draw = ImageDraw.Draw(canvas)
     y = 8
     for text, colour in header:
-        draw.text((12, y), text, fill=colour, font=_font(22))
+        draw.text((12, y), text, fill=colour, font=font(22))
         y += 30
     footer = "  |  ".join([NOT_DIAGNOSTIC, *warnings])
-    draw.text((12, HEADER + height + 8), footer, fill=YELLOW, font=_font(18))
+    draw.text((12, HEADER + height + 8), footer, fill=YELLOW, font=font(18))
     return np.asarray(canvas)
 
 
@@ -51,6 +113,7 @@ def key_slice_image(
     brain: np.ndarray,
     cam: np.ndarray,
     *,
+    mask: np.ndarray,
     probability: float,
     slice_number: int,
     total_slices: int,
@@ -60,19 +123,26 @@ def key_slice_image(
     warnings: list[str],
     window_label: str = "brain window",
 ) -> np.ndarray:
-    """Plain brain window beside the Grad-CAM overlay, with the slice's facts burned in.
+    """Plain brain window beside the Grad-CAM overlay and its colour scale, with the
+    slice's facts burned in.
 
-    `brain` is the brain-window channel in [0, 1] and `cam` the Grad-CAM map in [0, 1],
-    both at the model's input size, so they line up pixel for pixel. `window_label`
-    names that window as the checkpoint defines it (e.g. "brain window (0-80 HU)").
+    `brain` is the brain-window channel in [0, 1], `cam` the Grad-CAM map in [0, 1] and
+    `mask` the inside of the skull, all at the model's input size, so they line up pixel
+    for pixel. A slice on which no closed skull was found (an empty mask) shows the map
+    unmasked and says so, rather than hide what drove the score. `window_label` names the
+    window as the checkpoint defines it (e.g. "brain window (0-80 HU)").
     """
     if brain.shape != cam.shape:
         raise ValueError(f"brain window {brain.shape} and Grad-CAM {cam.shape} differ in shape")
+    masked = bool(mask.any())
+    heat = shown_heat(cam, mask if masked else np.ones_like(mask, dtype=bool), probability=probability,
+                      positive=positive)
     gray = np.clip(brain, 0, 1).astype(np.float32)
-    rgb = np.repeat(gray[..., None], 3, axis=2)
-    overlay = show_cam_on_image(rgb, np.clip(cam, 0, 1).astype(np.float32), use_rgb=True, image_weight=0.55)
-    plain = (rgb * 255).round().astype(np.uint8)
-    body = np.concatenate([_to_panel(plain), _to_panel(overlay)], axis=1)
+    plain = (np.repeat(gray[..., None], 3, axis=2) * 255).round().astype(np.uint8)
+    scale_lines = ["inside the skull" if masked else "no closed skull:", "only" if masked else "not masked"]
+    scale_lines += ["flagged study:", "as computed"] if positive else ["not flagged:", f"× P(ICH) {probability:.3f}"]
+    body = np.concatenate([_to_panel(plain), _to_panel(heat_overlay(gray, heat)),
+                           _colour_scale(PANEL_SIZE, scale_lines)], axis=1)
     where = f", z = {position_mm:.1f} mm" if position_mm is not None else ""
     header = [
         (verdict_line, RED if positive else GREEN),
@@ -97,7 +167,7 @@ def summary_image(
     left, right, top, bottom = 70, width - 30, 30, height - 60
     plot = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(plot)
-    font = _font(18)
+    small = font(18)
     count = len(probabilities)
 
     def x_at(index: int) -> float:
@@ -108,9 +178,9 @@ def summary_image(
 
     draw.rectangle([left, top, right, bottom], outline=GREY)
     for tick in (0.0, 0.5, 1.0):
-        draw.text((left - 48, y_at(tick) - 10), f"{tick:.1f}", fill=GREY, font=font)
+        draw.text((left - 48, y_at(tick) - 10), f"{tick:.1f}", fill=GREY, font=small)
     draw.line([left, y_at(slice_threshold), right, y_at(slice_threshold)], fill=YELLOW, width=2)
-    draw.text((right - 190, y_at(slice_threshold) - 24), f"threshold {slice_threshold:.2f}", fill=YELLOW, font=font)
+    draw.text((right - 190, y_at(slice_threshold) - 24), f"threshold {slice_threshold:.2f}", fill=YELLOW, font=small)
     points = [(x_at(i), y_at(p)) for i, p in enumerate(probabilities)]
     if len(points) > 1:
         draw.line(points, fill=WHITE, width=2)
@@ -119,7 +189,7 @@ def summary_image(
         radius = 7 if i in key_slices else 4
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
     draw.text((left, bottom + 12), f"slice 1 (inferior) ... slice {count} (superior)   "
-              "large dots: key slices with heatmaps", fill=GREY, font=font)
+              "large dots: key slices with heatmaps", fill=GREY, font=small)
     header = [
         (verdict_line, RED if positive else GREEN),
         (rule_line, WHITE),
@@ -150,20 +220,20 @@ def not_triaged_image(*, verdict_line: str, reasons: list[str], facts: list[str]
     draw = ImageDraw.Draw(body)
     y = 20
     draw.text((24, y), headline, fill=WHITE,
-              font=_font(22))
+              font=font(22))
     y += 44
     for reason in reasons:
         for number, line in enumerate(_wrapped(reason, 84)):
-            draw.text((24, y), ("- " if number == 0 else "  ") + line, fill=AMBER, font=_font(20))
+            draw.text((24, y), ("- " if number == 0 else "  ") + line, fill=AMBER, font=font(20))
             y += 28
         y += 6
     y += 10
     for fact in facts:
         for line in _wrapped(fact, 96):
-            draw.text((24, y), line, fill=GREY, font=_font(18))
+            draw.text((24, y), line, fill=GREY, font=font(18))
             y += 24
     draw.text((24, height - 40), "It is neither flagged nor cleared: read it as if no triage had run.",
-              fill=WHITE, font=_font(20))
+              fill=WHITE, font=font(20))
     header = [
         (verdict_line, AMBER),
         ("input outside what this model was trained on", WHITE),

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 
 from node.output import (ResultKind, ResultTexts, SourceImage, build_result_series, encode, not_triaged_texts,
                          result_texts)
-from node.render import key_slice_image, summary_image
+from node.render import PANEL_SIZE, SCALE_WIDTH, key_slice_image, summary_image
 from tests.conftest import require_tool
 from training.model.checkpoint import Provenance
 from training.model.rule import TriageRule, Verdict
@@ -126,16 +126,16 @@ def test_negative_verdict_texts(negative: Verdict) -> None:
 # --- render ------------------------------------------------------------------------
 
 
-def test_key_slice_image_is_rgb_uint8_1024_wide() -> None:
+def test_key_slice_image_is_rgb_uint8_two_panels_and_a_colour_scale_wide() -> None:
     rng = np.random.default_rng(0)
     brain, cam = rng.random((224, 224)), rng.random((224, 224))
     image = key_slice_image(
-        brain, cam, probability=0.93, slice_number=12, total_slices=30, position_mm=41.5,
+        brain, cam, mask=np.ones((224, 224), dtype=bool), probability=0.93, slice_number=12, total_slices=30, position_mm=41.5,
         verdict_line="AI ICH TRIAGE: SUSPECTED - PRIORITY", positive=True, warnings=[DEMO],
     )
     assert image.dtype == np.uint8
     assert image.ndim == 3 and image.shape[2] == 3
-    assert image.shape[1] == 1024
+    assert image.shape[1] == 2 * PANEL_SIZE + SCALE_WIDTH
     assert image.shape[0] > 512  # the panels plus the burned-in header and footer
     assert image.std() > 0
 
@@ -143,7 +143,7 @@ def test_key_slice_image_is_rgb_uint8_1024_wide() -> None:
 def test_key_slice_image_shows_the_brain_window() -> None:
     """A uniform mid-grey brain window appears as mid-grey in the left panel."""
     image = key_slice_image(
-        np.full((64, 64), 0.5), np.zeros((64, 64)), probability=0.1, slice_number=1,
+        np.full((64, 64), 0.5), np.zeros((64, 64)), mask=np.ones((64, 64), dtype=bool), probability=0.1, slice_number=1,
         total_slices=20, position_mm=None, verdict_line="AI ICH TRIAGE: not detected",
         positive=False, warnings=[],
     )
@@ -155,7 +155,7 @@ def test_key_slice_image_shows_the_brain_window() -> None:
 def test_key_slice_image_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="shape"):
         key_slice_image(
-            np.zeros((224, 224)), np.zeros((112, 112)), probability=0.5, slice_number=1,
+            np.zeros((224, 224)), np.zeros((112, 112)), mask=np.ones((224, 224), dtype=bool), probability=0.5, slice_number=1,
             total_slices=10, position_mm=None, verdict_line="x", positive=False, warnings=[],
         )
 
@@ -190,7 +190,7 @@ def images_for(positive: Verdict) -> list[np.ndarray]:
     rng = np.random.default_rng(1)
     texts = result_texts(positive, Provenance(training_data="synthetic"), "effclass")
     key = key_slice_image(
-        rng.random((128, 128)), rng.random((128, 128)), probability=0.97, slice_number=30,
+        rng.random((128, 128)), rng.random((128, 128)), mask=np.ones((128, 128), dtype=bool), probability=0.97, slice_number=30,
         total_slices=30, position_mm=60.0, verdict_line=texts.verdict_line, positive=True,
         warnings=texts.warnings,
     )

@@ -33,6 +33,7 @@ __all__ = [
     "normalise",
     "hu_from_dataset",
     "hu_to_input",
+    "mask_to_input",
     "windowed_to_input",
     "dataset_to_input",
 ]
@@ -250,6 +251,13 @@ def windowed_to_input(channels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 def hu_to_input(hu: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """HU slice (H, W) → normalised network input (3, size, size), float32."""
     return windowed_to_input(pad_to_square(window_channels(hu, spec.windows)), spec)
+
+
+def mask_to_input(mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """A boolean image (H, W) of a slice → boolean (size, size), padded and resized as
+    `hu_to_input` pads and resizes the slice, so that it lines up with the network input."""
+    square = pad_to_square(mask[None].astype(np.float32))
+    return resize_bilinear(square, spec.input_size)[0] >= 0.5
 
 
 def dataset_to_input(ds: Dataset, spec: PreprocessSpec) -> np.ndarray:

@@ -28,7 +28,7 @@ from training.model.series import SliceHeader, slice_normal
 from training.model.vocabulary import contrast_words, region_of_body_part, regions_in_text
 
 __all__ = ["NOT_TRIAGED_LABEL", "ReasonCode", "Reason", "Scope", "HuReader", "scope_reasons", "header_reasons",
-           "head_image_reason", "metal_depth_mm", "metal_reason", "middle_slices", "age_in_years", "coverage_mm"]
+           "head_image_reason", "intracranial_mask", "metal_depth_mm", "metal_reason", "middle_slices", "age_in_years", "coverage_mm"]
 
 
 # The verdict of a study outside the scope, as the database, the triage log and the pages name it.
@@ -232,11 +232,40 @@ MIN_INTRACRANIAL_CM2 = 40.0
 MIN_BRAIN_SHARE = 0.8
 
 
-def _is_head_slice(hu: np.ndarray, pixel_spacing: tuple[float, float] | None) -> tuple[bool, str]:
-    """Whether one slice shows brain inside a closed skull, and what was measured."""
+# The intracranial mask keeps every enclosed region at least this large whose median is
+# brain density: at the skull base the cranial fossae are separate regions, the sinuses and
+# mastoid air cells are not brain.
+MIN_MASK_REGION_CM2 = 1.0
+
+
+def _enclosed_by_bone(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Bone, and the regions it closes around (labelled, and how many), kept two pixels
+    off the bone so that a thin gap in the skull does not join the inside to the outside."""
     bone = hu >= BONE_HU
     enclosed = ndimage.binary_fill_holes(bone) & ~ndimage.binary_dilation(bone, iterations=2)
     labels, count = ndimage.label(enclosed)
+    return bone, labels, count
+
+
+def intracranial_mask(hu: np.ndarray, pixel_spacing: tuple[float, float] | None) -> np.ndarray:
+    """Where one slice (HU) shows the inside of the skull, as a boolean image: the regions
+    bone closes around that hold brain-density tissue, grown back to the inner table. Empty
+    where no skull is closed (a skull defect, a slice below the skull base)."""
+    bone, labels, count = _enclosed_by_bone(hu)
+    if count == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    index = np.arange(1, count + 1)
+    pixel_cm2 = (pixel_spacing[0] * pixel_spacing[1] if pixel_spacing else 0.25) / 100
+    sizes = ndimage.sum_labels(np.ones_like(hu), labels, index) * pixel_cm2
+    medians = ndimage.median(ndimage.uniform_filter(hu, 5), labels, index)
+    kept = index[(sizes >= MIN_MASK_REGION_CM2) & (medians >= BRAIN_HU[0]) & (medians <= BRAIN_HU[1])]
+    inside = np.isin(labels, kept)
+    return ndimage.binary_dilation(inside, iterations=2) & ~bone & ndimage.binary_fill_holes(bone)
+
+
+def _is_head_slice(hu: np.ndarray, pixel_spacing: tuple[float, float] | None) -> tuple[bool, str]:
+    """Whether one slice shows brain inside a closed skull, and what was measured."""
+    _, labels, count = _enclosed_by_bone(hu)
     if count == 0:
         return False, "no tissue enclosed by bone"
     sizes = ndimage.sum_labels(np.ones_like(hu), labels, range(1, count + 1))
