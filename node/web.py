@@ -83,11 +83,10 @@ def shown_path(path: object, config_file: Path | None) -> str:
         return ""
     if config_file is None:
         return str(path)
-    folder = config_file.resolve().parent
-    try:
-        return str(Path(path).relative_to(folder))
-    except ValueError:
-        return str(path)
+    for folder in (config_file.absolute().parent, config_file.resolve().parent):  # as written, and as anchored
+        if Path(path).is_relative_to(folder):
+            return str(Path(path).relative_to(folder))
+    return str(path)
 
 
 class SecurityHeaders:
