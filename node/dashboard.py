@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -54,11 +54,8 @@ from training.model.inputs import InputProfile
 from training.model.rule import NEGATIVE_LABEL, POSITIVE_LABEL
 from training.model.scope import NOT_TRIAGED_LABEL
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
-__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "inputs_line",
-           "REANALYSIS_TEXTS", "reanalysis_line"]
+__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "StudyName", "Undelivered", "Dashboard", "as_json",
+           "inputs_line", "REANALYSIS_TEXTS", "reanalysis_line"]
 
 log = logging.getLogger(__name__)
 _IMAGE_NAME = re.compile(r"sc-[0-9]{4}")
@@ -287,8 +284,7 @@ class Undelivered:
     """A flagged study whose results have not reached the PACS: the banner on every page."""
 
     name: StudyName
-    since: dt.datetime  # when its oldest undelivered delivery was queued
-    delivery: OutgoingRow
+    delivery: OutgoingRow  # its oldest undelivered delivery (created_at: when its result was made)
 
 
 @dataclass(frozen=True)
@@ -308,8 +304,7 @@ class ModelView:
     @property
     def totals(self) -> Day:
         """The window's days added up: the headline and the table count the same studies."""
-        return Day(self.days[-1].date if self.days else utcnow().date(),
-                   sum(d.analyses for d in self.days), sum(d.positives for d in self.days),
+        return Day(self.days[-1].date, sum(d.analyses for d in self.days), sum(d.positives for d in self.days),
                    sum(d.not_triaged for d in self.days), sum(d.failed for d in self.days))
 
 
@@ -337,7 +332,7 @@ class Dashboard:
                                           VerdictFilter.NOT_TRIAGED: NOT_TRIAGED_LABEL}.get(chosen.verdict),
                                  unanalysed=chosen.verdict == VerdictFilter.NONE)
             outgoing, notified = outgoing_of(session, [s.id for s in found])
-            stuck = self._undelivered_ids(session)
+            stuck = {s.id for s, _ in undelivered_flagged(session, POSITIVE_LABEL, self._pending_before())}
             rows = tuple(StudyRow.of(s, latest.get(s.study_instance_uid), outgoing[s.id], notified[s.id],
                                      undelivered=s.id in stuck) for s in found)
         return QueueView(utcnow(), studies, deliveries, notifications, figures, chosen, rows)
@@ -350,7 +345,8 @@ class Dashboard:
                 return None
             outgoing, notified = outgoing_of(session, [study.id])
             row = StudyRow.of(study, latest.get(study_instance_uid), outgoing[study.id], notified[study.id],
-                              undelivered=study.id in self._undelivered_ids(session))
+                              undelivered=any(s.id == study.id for s, _ in undelivered_flagged(
+                                  session, POSITIVE_LABEL, self._pending_before())))
             purged_at, result_series = study.purged_at, study.result_series_uid
         events = [_redacted(e) for e in LogReader(self.config.log.path).read_study(study_instance_uid)]
         analysed = [e for e in events if e.get("event") == "analysed"]
@@ -359,19 +355,16 @@ class Dashboard:
         return StudyView(row, purged_at, result_series, self._shown(analysed[-1]) if analysed else None,
                          timeline, self._images(study_instance_uid, result_series))
 
-    def _stuck(self, session: Session) -> list[tuple[Study, Delivery]]:
-        pending_before = utcnow() - dt.timedelta(seconds=self.config.alerts.undelivered_after_seconds)
-        return undelivered_flagged(session, POSITIVE_LABEL, pending_before)
-
-    def _undelivered_ids(self, session: Session) -> set[int]:
-        return {study.id for study, _ in self._stuck(session)}
+    def _pending_before(self) -> dt.datetime:
+        """A flagged study's delivery queued before this and still pending is overdue."""
+        return utcnow() - dt.timedelta(seconds=self.config.alerts.undelivered_after_seconds)
 
     def undelivered(self) -> tuple[Undelivered, ...]:
         """Flagged studies whose results have not reached the PACS: a delivery failed, or has
         been pending longer than alerts.undelivered_after_seconds. /readyz counts the same."""
         with self.database.read() as session:
-            return tuple(Undelivered(StudyName.of(study), delivery.created_at, OutgoingRow.of(delivery))
-                         for study, delivery in self._stuck(session))
+            return tuple(Undelivered(StudyName.of(study), OutgoingRow.of(delivery))
+                         for study, delivery in undelivered_flagged(session, POSITIVE_LABEL, self._pending_before()))
 
     def _shown(self, event: dict) -> dict[str, Any]:
         """An event's fields as a page may show them."""

@@ -538,7 +538,9 @@ def test_a_refused_change_is_a_page_with_a_way_to_sign_in(analysed: Analysed) ->
     assert "<header>" in refused.text and "wrong token" in refused.text  # the pages' own look
     assert 'href="/login?next=%2Ffailures"' in refused.text and 'href="/failures">Back' in refused.text
     uid = client.get("/api/queue").json()["studies"][0]["study_instance_uid"]
-    expired = client.post(f"/studies/{uid}/reanalyse", cookies={"ichnode_session": "gone"}, headers=HTML)
+    gone = analysed.app()
+    gone.cookies.set("ichnode_session", "gone")
+    expired = gone.post(f"/studies/{uid}/reanalyse", headers=HTML)
     assert expired.status_code == 403 and "sign in again" in expired.text
     assert f'href="/login?next=%2Fstudies%2F{uid}"' in expired.text
     unset = analysed.app(token="").post("/failures/retry", headers=HTML)
