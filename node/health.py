@@ -1,8 +1,8 @@
 """Readiness: can this node take a study and give back a result right now?
 
 Each check answers for one part and names what is wrong, so that the HTTP 503 of
-/readyz tells an admin (or a load balancer's log) where to look. Checks are cheap: one
-read transaction, one small file written and removed, and a few attribute reads.
+/readyz tells an admin (or a load balancer's log) where to look. Checks are cheap: two
+read transactions, one small file written and removed, and a few attribute reads.
 
 A node can be ready and still *degraded*: it takes studies in, but the results of a
 flagged study have not reached the PACS (alerts.undelivered_after_seconds). That is not
