@@ -46,6 +46,7 @@ __all__ = [
     "DeliverySection",
     "LogSection",
     "WebSection",
+    "AlertsSection",
     "Destination",
     "NotifyOn",
     "ChatFormat",
@@ -418,6 +419,23 @@ class WebSection:
 
 
 @dataclass(frozen=True)
+class AlertsSection:
+    """When a flagged study's results not reaching the PACS makes the node degraded."""
+
+    # A flagged (SUSPECTED) study is undelivered when a delivery of it failed, or has been
+    # pending this long: a red banner on every page, and /readyz says "degraded".
+    undelivered_after_seconds: float = 600.0
+    # The HTTP status /readyz answers while degraded: 200 keeps a load balancer sending
+    # studies here (the node still takes them in); 503 makes the probe fail.
+    undelivered_http_status: int = 200
+
+    def validate(self) -> None:
+        _positive("alerts.undelivered_after_seconds", self.undelivered_after_seconds)
+        if self.undelivered_http_status not in (200, 503):
+            raise ConfigError(f"alerts.undelivered_http_status must be 200 or 503, got {self.undelivered_http_status}")
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     ae_title: str
@@ -502,13 +520,14 @@ class Config:
     delivery: DeliverySection = field(default_factory=DeliverySection)
     log: LogSection = field(default_factory=LogSection)
     web: WebSection = field(default_factory=WebSection)
+    alerts: AlertsSection = field(default_factory=AlertsSection)
     destinations: tuple[Destination, ...] = ()
     notify: tuple[NotifyTarget, ...] = ()
     source: Path | None = None  # the file it came from
 
     def validate(self) -> None:
         for section in (self.node, self.storage, self.completion, self.worker, self.model, self.triage,
-                        self.explain, self.output, self.delivery, self.log, self.web):
+                        self.explain, self.output, self.delivery, self.log, self.web, self.alerts):
             section.validate()
         if self.web.enabled and self.web.tls and self.node.tls_certificate is None:
             raise ConfigError("web.tls uses node.tls_certificate and node.tls_private_key: set them, or put a "

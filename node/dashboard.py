@@ -45,6 +45,7 @@ from storage.state import (
     retry_failed,
     state_counts,
     study_by_uid,
+    undelivered_flagged,
 )
 from storage.store import InstanceStore
 from training.model.inputs import InputProfile
@@ -54,8 +55,8 @@ from training.model.scope import NOT_TRIAGED_LABEL
 if TYPE_CHECKING:  # `ichnode status` reads the queue without loading torch
     from training.inference.predictor import Predictor
 
-__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "Dashboard", "as_json", "inputs_line",
-           "REANALYSIS_TEXTS", "reanalysis_line"]
+__all__ = ["VerdictFilter", "QueueFilter", "ModelInfo", "StudyName", "Undelivered", "Dashboard", "as_json",
+           "inputs_line", "REANALYSIS_TEXTS", "reanalysis_line"]
 
 log = logging.getLogger(__name__)
 _IMAGE_NAME = re.compile(r"sc-[0-9]{4}")
@@ -168,6 +169,44 @@ class OutgoingRow:
 
 
 @dataclass(frozen=True)
+class StudyName:
+    """How a person tells a study apart: its accession number, or else its date, modality,
+    description and the end of its UID (the pages show no patient name)."""
+
+    study_instance_uid: str
+    accession_number: str
+    study_date: str  # DICOM DA (YYYYMMDD) as received; "" when the study had none
+    modality: str
+    study_description: str
+    received_at: dt.datetime
+
+    @classmethod
+    def of(cls, study: Study) -> "StudyName":
+        return cls(study.study_instance_uid, study.accession_number, study.study_date, study.modality,
+                   study.study_description, study.first_received_at)
+
+    @property
+    def short_uid(self) -> str:
+        """The UID's last digits: UIDs of one site share a long root and differ at the end."""
+        uid = self.study_instance_uid
+        return uid if len(uid) <= 14 else "…" + uid[-12:]
+
+    @property
+    def date(self) -> str:
+        """StudyDate as YYYY-MM-DD, or the day it was received when it has none (or a malformed one)."""
+        try:
+            return dt.datetime.strptime(self.study_date, "%Y%m%d").date().isoformat()
+        except ValueError:
+            return f"received {self.received_at.date().isoformat()}"
+
+    @property
+    def text(self) -> str:
+        if self.accession_number:
+            return self.accession_number
+        return " · ".join(p for p in (self.date, self.modality, self.study_description, self.short_uid) if p)
+
+
+@dataclass(frozen=True)
 class StudyRow:
     study_instance_uid: str
     accession_number: str
@@ -185,15 +224,18 @@ class StudyRow:
     timings_s: dict[str, float]  # of the latest analysis, from the triage log (last history days)
     deliveries: tuple[OutgoingRow, ...]
     notifications: tuple[OutgoingRow, ...]
+    name: StudyName
+    undelivered: bool  # flagged, and a delivery failed or is pending too long (alerts.undelivered_after_seconds)
 
     @classmethod
     def of(cls, study: Study, latest: Analysis | None, deliveries: list[Delivery],
-           notifications: list[Notification]) -> "StudyRow":
+           notifications: list[Notification], *, undelivered: bool = False) -> "StudyRow":
         return cls(study.study_instance_uid, study.accession_number, study.state.value, study.first_received_at,
                    study.last_received_at, study.updated_at, study.instance_count, study.verdict,
                    study.verdict == POSITIVE_LABEL, study.study_score, study.analyses, study.attempts,
                    study.last_error, dict(latest.timings) if latest else {},
-                   tuple(OutgoingRow.of(d) for d in deliveries), tuple(OutgoingRow.of(n) for n in notifications))
+                   tuple(OutgoingRow.of(d) for d in deliveries), tuple(OutgoingRow.of(n) for n in notifications),
+                   StudyName.of(study), undelivered)
 
 
 @dataclass(frozen=True)
@@ -230,6 +272,22 @@ class FailureRow:
     study_instance_uid: str
     accession_number: str
     outgoing: OutgoingRow
+    name: StudyName
+    verdict: str | None  # the study's latest verdict: a failed delivery of a flagged one is urgent
+    positive: bool
+
+    @classmethod
+    def of(cls, outgoing: Delivery | Notification, study: Study) -> "FailureRow":
+        return cls(study.study_instance_uid, study.accession_number, OutgoingRow.of(outgoing), StudyName.of(study),
+                   study.verdict, study.verdict == POSITIVE_LABEL)
+
+
+@dataclass(frozen=True)
+class Undelivered:
+    """A flagged study whose results have not reached the PACS: the banner on every page."""
+
+    name: StudyName
+    delivery: OutgoingRow  # its oldest undelivered delivery (created_at: when its result was made)
 
 
 @dataclass(frozen=True)
@@ -243,8 +301,14 @@ class FailuresView:
 class ModelView:
     model: ModelInfo
     days: tuple[Day, ...]
-    scores: tuple[float, ...]  # study scores of the window's analyses
+    scores: tuple[float, ...]  # study scores of the window's analyses that were triaged
     history_days: int
+
+    @property
+    def totals(self) -> Day:
+        """The window's days added up: the headline and the table count the same studies."""
+        return Day(self.days[-1].date, sum(d.analyses for d in self.days), sum(d.positives for d in self.days),
+                   sum(d.not_triaged for d in self.days), sum(d.failed for d in self.days))
 
 
 class Dashboard:
@@ -271,8 +335,9 @@ class Dashboard:
                                           VerdictFilter.NOT_TRIAGED: NOT_TRIAGED_LABEL}.get(chosen.verdict),
                                  unanalysed=chosen.verdict == VerdictFilter.NONE)
             outgoing, notified = outgoing_of(session, [s.id for s in found])
-            rows = tuple(StudyRow.of(s, latest.get(s.study_instance_uid), outgoing[s.id], notified[s.id])
-                         for s in found)
+            stuck = {s.id for s, _ in undelivered_flagged(session, POSITIVE_LABEL, self._pending_before())}
+            rows = tuple(StudyRow.of(s, latest.get(s.study_instance_uid), outgoing[s.id], notified[s.id],
+                                     undelivered=s.id in stuck) for s in found)
         return QueueView(utcnow(), studies, deliveries, notifications, figures, chosen, rows)
 
     def study(self, study_instance_uid: str) -> StudyView | None:
@@ -282,7 +347,9 @@ class Dashboard:
             if study is None:
                 return None
             outgoing, notified = outgoing_of(session, [study.id])
-            row = StudyRow.of(study, latest.get(study_instance_uid), outgoing[study.id], notified[study.id])
+            row = StudyRow.of(study, latest.get(study_instance_uid), outgoing[study.id], notified[study.id],
+                              undelivered=any(s.id == study.id for s, _ in undelivered_flagged(
+                                  session, POSITIVE_LABEL, self._pending_before())))
             purged_at, result_series = study.purged_at, study.result_series_uid
         events = [_redacted(e) for e in LogReader(self.config.log.path).read_study(study_instance_uid)]
         analysed = [e for e in events if e.get("event") == "analysed"]
@@ -290,6 +357,17 @@ class Dashboard:
                          for e in events)
         return StudyView(row, purged_at, result_series, self._shown(analysed[-1]) if analysed else None,
                          timeline, self._images(study_instance_uid, result_series))
+
+    def _pending_before(self) -> dt.datetime:
+        """A flagged study's delivery queued before this and still pending is overdue."""
+        return utcnow() - dt.timedelta(seconds=self.config.alerts.undelivered_after_seconds)
+
+    def undelivered(self) -> tuple[Undelivered, ...]:
+        """Flagged studies whose results have not reached the PACS: a delivery failed, or has
+        been pending longer than alerts.undelivered_after_seconds. /readyz counts the same."""
+        with self.database.read() as session:
+            return tuple(Undelivered(StudyName.of(study), OutgoingRow.of(delivery))
+                         for study, delivery in undelivered_flagged(session, POSITIVE_LABEL, self._pending_before()))
 
     def _shown(self, event: dict) -> dict[str, Any]:
         """An event's fields as a page may show them."""
@@ -334,9 +412,8 @@ class Dashboard:
             deliveries, notifications = failed_outgoing(session, limit)
             return FailuresView(
                 tuple(StudyRow.of(s, None, [], []) for s in studies),
-                tuple(FailureRow(s.study_instance_uid, s.accession_number, OutgoingRow.of(d)) for d, s in deliveries),
-                tuple(FailureRow(s.study_instance_uid, s.accession_number, OutgoingRow.of(n))
-                      for n, s in notifications),
+                tuple(FailureRow.of(d, s) for d, s in deliveries),
+                tuple(FailureRow.of(n, s) for n, s in notifications),
             )
 
     def retry(self) -> tuple[int, int]:
@@ -373,9 +450,12 @@ class Dashboard:
 
     def model(self) -> ModelView:
         snapshot = self.history.refresh()
-        days = self.config.web.history_days
-        return ModelView(self.model_info, tuple(snapshot.days(utcnow().date(), days)),
-                         tuple(a.study_score for a in snapshot.recent if a.study_score is not None), days)
+        count = self.config.web.history_days
+        days = tuple(snapshot.days(utcnow().date(), count))
+        # The scores of the days the table lists, so that the plot and the table count alike.
+        scores = tuple(a.study_score for a in snapshot.recent
+                       if a.study_score is not None and a.time.date() >= days[0].date)
+        return ModelView(self.model_info, days, scores, count)
 
 
 # What a re-analysis request did, in words: `ichnode reanalyse` and the pages say the same.

@@ -1,20 +1,29 @@
 """Readiness: can this node take a study and give back a result right now?
 
 Each check answers for one part and names what is wrong, so that the HTTP 503 of
-/readyz tells an admin (or a load balancer's log) where to look. Checks are cheap: one
-read transaction, one small file written and removed, and a few attribute reads.
+/readyz tells an admin (or a load balancer's log) where to look. Checks are cheap: two
+read transactions, one small file written and removed, and a few attribute reads.
+
+A node can be ready and still *degraded*: it takes studies in, but the results of a
+flagged study have not reached the PACS (alerts.undelivered_after_seconds). That is not
+a reason to send scanners elsewhere, so /readyz stays 200 unless
+alerts.undelivered_http_status says otherwise; its detail gives counts and ages, never a
+study's identifiers, since /readyz is open without the token.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from node.config import AlertsSection
 from node.errors import IchNodeError
-from storage.db import Database
-from storage.state import state_counts
+from storage.db import Database, utcnow
+from storage.state import state_counts, undelivered_flagged
 from storage.store import InstanceStore
+from training.model.rule import POSITIVE_LABEL
 
 __all__ = ["Check", "Liveness", "Readiness"]
 
@@ -24,6 +33,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    degraded: bool = False  # ok, but an admin must act (results not delivered)
 
 
 class Liveness:
@@ -53,9 +63,30 @@ class Readiness:
     scheduler_running: Callable[[], bool]
     worker: Liveness | None
     worker_stale_seconds: float
+    alerts: AlertsSection = field(default_factory=AlertsSection)
 
     def checks(self) -> list[Check]:
-        return [self._database(), self._storage(), self._model(), self._scheduler(), self._worker()]
+        return [self._database(), self._storage(), self._model(), self._scheduler(), self._worker(),
+                self._deliveries()]
+
+    def _deliveries(self) -> Check:
+        after = self.alerts.undelivered_after_seconds
+        now = utcnow()
+        try:
+            with self.database.read() as session:
+                stuck = [(delivery.created_at, f"{delivery.destination} {delivery.kind} {delivery.state.value}")
+                         for _, delivery in undelivered_flagged(session, POSITIVE_LABEL,
+                                                                now - dt.timedelta(seconds=after))]
+        except IchNodeError:  # the database check fails and names it
+            return Check("deliveries", True, "not known: the database cannot be read")
+        if not stuck:
+            return Check("deliveries", True, f"no flagged study's results undelivered (alerts.undelivered_after_"
+                                             f"seconds = {after:g})")
+        since, what = min(stuck)
+        count = f"{len(stuck)} flagged {'study' if len(stuck) == 1 else 'studies'}"
+        return Check("deliveries", True, f"{count} with results not delivered: a delivery failed or pending more than "
+                                         f"{after:g} s (the oldest for {(now - since).total_seconds():.0f} s: "
+                                         f"{what}); the failures page lists them", degraded=True)
 
     def _database(self) -> Check:
         try:

@@ -62,6 +62,12 @@ class Day:
     analyses: int
     positives: int
     not_triaged: int = 0
+    failed: int = 0  # analyses that ended in failure (no result): counted apart from `analyses`
+
+    @property
+    def studies(self) -> int:
+        """Every analysis that ended, with a result or failed."""
+        return self.analyses + self.failed
 
     @property
     def positive_rate(self) -> float | None:
@@ -86,17 +92,22 @@ class HistorySnapshot:
     stages: dict[str, StageHistogram]
     recent: list[Analysis]  # the last `days` days, oldest first
     unreadable_lines: int
+    recent_failures: list[dt.datetime] = field(default_factory=list)  # `failed` events of the last `days` days
 
     def days(self, today: dt.date, count: int) -> list[Day]:
-        """Analyses, positives and studies not triaged per UTC day, for the `count` days up to
-        `today` (empty days too)."""
-        per_day: dict[dt.date, list[int]] = {today - dt.timedelta(days=i): [0, 0, 0] for i in range(count)}
+        """Analyses, positives, studies not triaged and failures per UTC day, for the `count`
+        days up to `today` (empty days too)."""
+        per_day: dict[dt.date, list[int]] = {today - dt.timedelta(days=i): [0, 0, 0, 0] for i in range(count)}
         for analysis in self.recent:
             tally = per_day.get(analysis.time.date())
             if tally is not None:
                 tally[0] += 1
                 tally[1] += analysis.positive
                 tally[2] += not analysis.triaged
+        for when in self.recent_failures:
+            tally = per_day.get(when.date())
+            if tally is not None:
+                tally[3] += 1
         return [Day(date, *per_day[date]) for date in sorted(per_day)]
 
     def latest(self) -> dict[str, Analysis]:
@@ -121,6 +132,7 @@ class TriageHistory:
         self._notifications: collections.Counter[str] = collections.Counter()
         self._stages: dict[str, StageHistogram] = {}
         self._recent: collections.deque[Analysis] = collections.deque()
+        self._recent_failures: collections.deque[dt.datetime] = collections.deque()
 
     def refresh(self, now: dt.datetime | None = None) -> HistorySnapshot:
         """Read what was appended and return the figures. A log that shrank (moved aside
@@ -136,11 +148,14 @@ class TriageHistory:
             cutoff = (now or _utcnow()) - dt.timedelta(days=self.days)
             while self._recent and self._recent[0].time < cutoff:
                 self._recent.popleft()
+            while self._recent_failures and self._recent_failures[0] < cutoff:
+                self._recent_failures.popleft()
             return HistorySnapshot(
                 events=dict(self._events), analyses=dict(self._analyses), deliveries=dict(self._deliveries),
                 notifications=dict(self._notifications),
                 stages={k: StageHistogram(list(v.counts), v.total) for k, v in self._stages.items()},
                 recent=list(self._recent), unreadable_lines=self._reader.skipped,
+                recent_failures=list(self._recent_failures),
             )
 
     def _count(self, event: dict) -> None:
@@ -153,6 +168,8 @@ class TriageHistory:
             self._notifications["sent" if kind == "notified" else "attempt_failed"] += 1
         elif kind == "analysed":
             self._analysed(event)
+        elif kind == "failed" and (when := _parse_time(event.get("time"))) is not None:
+            bisect.insort(self._recent_failures, when)  # processes' lines may come out of order
 
     def _analysed(self, event: dict) -> None:
         positive, triaged = bool(event.get("positive")), event.get("triaged", True) is not False

@@ -61,6 +61,7 @@ def _received(ds: Dataset, relative: str, size: int, *, calling_aet: str, transf
         study_instance_uid=study_uid, series_instance_uid=series_uid, sop_instance_uid=sop_uid,
         sop_class_uid=sop_class, modality=attr.text(ds, "Modality")[:16],
         accession_number=attr.text(ds, "AccessionNumber")[:16],
+        study_date=attr.text(ds, "StudyDate")[:8], study_description=attr.text(ds, "StudyDescription")[:64],
         transfer_syntax_uid=str(transfer_syntax_uid), path=relative, size=size,
         calling_aet=calling_aet, analysable=could_be_analysed(sop_class, image_type),
     )

@@ -42,9 +42,11 @@ def studies_per_day(days: Sequence[Day]) -> bytes:
     triaged = [d.analyses - d.not_triaged for d in days]
     axes.bar(range(len(days)), triaged, color="#4a78b0", label="given a verdict")
     axes.bar(range(len(days)), [d.not_triaged for d in days], bottom=triaged, color="#f0a030", label="NOT TRIAGED")
-    axes.set_ylabel("analyses")
+    axes.bar(range(len(days)), [d.failed for d in days], bottom=[d.analyses for d in days], color="#b03a2e",
+             label="failed")
+    axes.set_ylabel("studies")
     axes.legend(fontsize=8, loc="upper left")
-    axes.set_title("Studies analysed per day (UTC)", fontsize=10)
+    axes.set_title("Studies analysed or failed per day (UTC)", fontsize=10)
     return _png(figure)
 
 
@@ -65,7 +67,7 @@ def score_distribution(scores: Sequence[float]) -> bytes:
     axes.hist(list(scores), bins=20, range=(0.0, 1.0), color="#6a6a6a")
     axes.set_xlabel("study score (highest slice P(ICH))")
     axes.set_ylabel("studies")
-    axes.set_title(f"Distribution of study scores ({len(scores)} analyses)", fontsize=10)
+    axes.set_title(f"Distribution of study scores ({len(scores)} studies given a verdict)", fontsize=10)
     axes.grid(axis="y", alpha=0.3)
     return _png(figure)
 

@@ -364,7 +364,7 @@ def _web(node: Node, scheduler: BackgroundScheduler, worker: Worker | None) -> W
                           model_configured=config.model.checkpoint is not None,
                           scheduler_running=lambda: scheduler.running,
                           worker=worker.liveness if worker is not None else None,
-                          worker_stale_seconds=config.worker.stale_after_seconds)
+                          worker_stale_seconds=config.worker.stale_after_seconds, alerts=config.alerts)
     return WebServer(config, create_app(config, dashboard, readiness))
 
 

@@ -41,7 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from node import plots
 from node.config import Config
-from node.dashboard import REANALYSIS_TEXTS, Dashboard, QueueFilter, VerdictFilter, as_json
+from node.dashboard import REANALYSIS_TEXTS, Dashboard, QueueFilter, Undelivered, VerdictFilter, as_json
 from node.errors import IchNodeError
 from node.health import Readiness
 from node.metrics import registry
@@ -65,6 +65,28 @@ SECURITY_HEADERS = [
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"cache-control", b"no-store"),
 ]
+
+
+def figure(value: object) -> str:
+    """A number as a person reads it: 0.982, not 0.9815455594002307."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def shown_path(path: object, config_file: Path | None) -> str:
+    """A path from the config as the admin wrote it: relative to the config file's folder
+    when inside it (the machine's absolute paths say nothing to the reader)."""
+    if path is None or path == "":
+        return ""
+    if config_file is None:
+        return str(path)
+    for folder in (config_file.absolute().parent, config_file.resolve().parent):  # as written, and as anchored
+        if Path(path).is_relative_to(folder):
+            return str(Path(path).relative_to(folder))
+    return str(path)
 
 
 class SecurityHeaders:
@@ -180,6 +202,15 @@ class Sessions:
         return now - session.began < self.lifetime and now - session.used < self.idle
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request may not change anything: a page for a browser, plain text for a script."""
+
+    status_code: int
+    message: str
+    sign_in: bool = True  # signing in would help (not when web.token is unset)
+
+
 class Access:
     """Who may read and who may change: the token, and the sessions signed in with it."""
 
@@ -211,27 +242,25 @@ class Access:
     def may_read(self, request: Request) -> bool:
         return not self.reads_need_token or self.signed_in(request)
 
-    async def check_change(self, request: Request) -> Response | None:
-        """None when the request may change state; else the 401/403 answer saying why. A
-        bearer header decides without the body; the form is parsed only when it must."""
+    async def check_change(self, request: Request) -> Refusal | None:
+        """None when the request may change state; else why not (401/403). A bearer header
+        decides without the body; the form is parsed only when it must."""
         if not self.token:
-            return PlainTextResponse("web.token is not set in the node's config: nothing can be changed from "
-                                     "the web pages (use `ichnode retry` or `ichnode reanalyse` on the node)",
-                                     status_code=403)
+            return Refusal(403, "web.token is not set in the node's config: nothing can be changed from the web "
+                                "pages (use `ichnode retry` or `ichnode reanalyse` on the node)", sign_in=False)
         bearer = self._bearer(request)
         if bearer is not None:
-            return None if self._is_token(bearer) else PlainTextResponse("wrong token", status_code=403)
+            return None if self._is_token(bearer) else Refusal(403, "wrong token")
         form = await request.form()
         given = str(form.get("token", ""))
         if given:
-            return None if self._is_token(given) else PlainTextResponse("wrong token", status_code=403)
+            return None if self._is_token(given) else Refusal(403, "wrong token")
         if not request.cookies.get(SESSION_COOKIE):
-            return PlainTextResponse("this needs the admin token (web.token)", status_code=401,
-                                     headers={"www-authenticate": "Bearer"})
+            return Refusal(401, "this needs the admin token (web.token)")
         session = self.session(request)
         if session is not None and hmac.compare_digest(str(form.get("csrf", "")).encode(), session.csrf.encode()):
             return None
-        return PlainTextResponse("session or form not valid: sign in again", status_code=403)
+        return Refusal(403, "session or form not valid: sign in again")
 
 
 def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> Starlette:
@@ -244,12 +273,28 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
     templates.env.filters["interval"] = format_interval
     metrics = registry(dashboard)
 
-    def page(request: Request, name: str, refresh: bool = True, status_code: int = 200, **context) -> Response:
+    templates.env.filters["figure"] = figure
+    templates.env.filters["shown_path"] = lambda value: shown_path(value, config.source)
+
+    async def banner(request: Request) -> tuple[Undelivered, ...]:
+        """The flagged studies whose results have not reached the PACS, for whoever may read
+        the pages; none when the database cannot say (the page itself then says why)."""
+        if not access.may_read(request):
+            return ()
+        try:
+            return await run_in_threadpool(dashboard.undelivered)
+        except IchNodeError as exc:
+            log.warning("the pages' banner of undelivered results is left out: %s", exc)
+            return ()
+
+    async def page(request: Request, name: str, refresh: bool = True, status_code: int = 200,
+                   **context) -> Response:
         session = access.session(request)
         context |= dict(model=dashboard.model_info, refresh=settings.refresh_seconds if refresh else 0,
                         signed_in=access.signed_in(request), csrf=session.csrf if session else "",
                         token_set=bool(settings.token), reads_need_token=access.reads_need_token,
-                        silent=config.silent)
+                        silent=config.silent, undelivered=await banner(request),
+                        undelivered_after=config.alerts.undelivered_after_seconds)
         return templates.TemplateResponse(request, name, context, status_code=status_code)
 
     def guarded(handler):
@@ -274,9 +319,9 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
         try:
             chosen = queue_filter(request)
         except ValueError as exc:
-            return page(request, "error.html", refresh=False, status_code=400, message=str(exc))
+            return await page(request, "error.html", refresh=False, status_code=400, message=str(exc))
         view = await run_in_threadpool(dashboard.queue, chosen)
-        return page(request, "queue.html", view=view, states=list(view.studies_by_state),
+        return await page(request, "queue.html", view=view, states=list(view.studies_by_state),
                     verdicts=[str(v) for v in VerdictFilter])
 
     @guarded
@@ -291,10 +336,10 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
     async def study(request: Request) -> Response:
         view = await run_in_threadpool(dashboard.study, request.path_params["uid"])
         if view is None:
-            return page(request, "error.html", refresh=False, status_code=404,
+            return await page(request, "error.html", refresh=False, status_code=404,
                         message=f"no study {request.path_params['uid']} on this node")
         reanalysed = REANALYSIS_TEXTS.get(request.query_params.get("reanalysed", ""))
-        return page(request, "study.html", view=view, reanalysed=reanalysed)
+        return await page(request, "study.html", view=view, reanalysed=reanalysed)
 
     @guarded
     async def study_json(request: Request) -> Response:
@@ -316,18 +361,25 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
         counts = request.query_params.get("retried", "").split(",")
         retried = tuple(map(int, counts)) if len(counts) == 2 and all(c.isdigit() for c in counts) else None
         queued = request.query_params.get("reanalysed", "")
-        return page(request, "failures.html", view=view, retried=retried,
+        return await page(request, "failures.html", view=view, retried=retried,
                     reanalysed=int(queued) if queued.isdigit() else None,
                     reopen_failed=config.completion.reopen_failed)
 
     async def refused_change(request: Request, what: str) -> Response | None:
         """The 401/403 answer (logged with the caller's address) when the request may not
-        change anything; None when it may."""
+        change anything, as a page with a way back for a browser; None when it may."""
         refused = await access.check_change(request)
-        if refused is not None:
-            log.warning("refused a %s request from %s: %s", what, request.client.host if request.client else "?",
-                        refused.body.decode())
-        return refused
+        if refused is None:
+            return None
+        log.warning("refused a %s request from %s: %s", what, request.client.host if request.client else "?",
+                    refused.message)
+        if "text/html" in request.headers.get("accept", ""):
+            back = request.url.path.rsplit("/", 1)[0]  # the page whose button was pressed
+            return await page(request, "error.html", refresh=False, status_code=refused.status_code,
+                              title="Not allowed", message=refused.message, back=back,
+                              sign_in="/login?" + urllib.parse.urlencode({"next": back}) if refused.sign_in else "")
+        return PlainTextResponse(refused.message, status_code=refused.status_code,
+                                 headers={"www-authenticate": "Bearer"} if refused.status_code == 401 else None)
 
     def wants_json(request: Request) -> bool:
         return "application/json" in request.headers.get("accept", "")
@@ -364,7 +416,7 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
 
     @guarded
     async def model(request: Request) -> Response:
-        return page(request, "model.html", view=await run_in_threadpool(dashboard.model))
+        return await page(request, "model.html", view=await run_in_threadpool(dashboard.model))
 
     @guarded
     async def plot(request: Request) -> Response:
@@ -387,20 +439,23 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
     async def readyz(request: Request) -> Response:
         checks = await run_in_threadpool(readiness.checks)
         failing = [c.name for c in checks if not c.ok]
-        body = {"status": "ready" if not failing else "not ready", "failing": failing,
-                "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}}
-        return JSONResponse(body, status_code=503 if failing else 200)
+        degraded = [c.name for c in checks if c.degraded]
+        status = "not ready" if failing else "degraded" if degraded else "ready"
+        body = {"status": status, "failing": failing, "degraded": degraded,
+                "checks": {c.name: {"ok": c.ok, "degraded": c.degraded, "detail": c.detail} for c in checks}}
+        code = 503 if failing else config.alerts.undelivered_http_status if degraded else 200
+        return JSONResponse(body, status_code=code)
 
     async def login(request: Request) -> Response:
         target = request.query_params.get("next", "/")
         target = target if _LOCAL_PATH.fullmatch(target) else "/"  # never a redirect to another site
         if request.method == "GET":
-            return page(request, "login.html", refresh=False, next=target, message="")
+            return await page(request, "login.html", refresh=False, next=target, message="")
         form = await request.form()
         given = str(form.get("token", ""))
         if not settings.token or not hmac.compare_digest(given.encode(), settings.token.encode()):
             log.warning("failed sign-in to the web pages from %s", request.client.host if request.client else "?")
-            return page(request, "login.html", refresh=False, status_code=403, next=target,
+            return await page(request, "login.html", refresh=False, status_code=403, next=target,
                         message="That is not the node's web.token." if settings.token else
                         "web.token is not set in the node's config, so nobody can sign in.")
         sessions.end(request.cookies.get(SESSION_COOKIE, ""))

@@ -109,6 +109,10 @@ class Study(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     accession_number: Mapped[str] = mapped_column(String(16), default="")
+    # What names a study to a person when it has no accession number (the pages).
+    study_date: Mapped[str] = mapped_column(String(8), default="")  # DICOM DA, YYYYMMDD
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
     state: Mapped[StudyState] = mapped_column(
         Enum(StudyState, native_enum=False, length=16), index=True
     )

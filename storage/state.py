@@ -79,6 +79,7 @@ __all__ = [
     "find_studies",
     "study_by_uid",
     "outgoing_of",
+    "undelivered_flagged",
     "failed_studies",
     "failed_study_uids",
     "failed_outgoing",
@@ -101,6 +102,8 @@ class ReceivedInstance:
     size: int
     calling_aet: str
     analysable: bool  # an image the analysis could use: it re-opens a finished study
+    study_date: str = ""
+    study_description: str = ""
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,9 @@ def record_instance(session: Session, item: ReceivedInstance, now: dt.datetime, 
         existing.transfer_syntax_uid = item.transfer_syntax_uid
     if item.accession_number and not study.accession_number:
         study.accession_number = item.accession_number
+    for name in ("study_date", "modality", "study_description"):  # the first instance that has one names it
+        if getattr(item, name) and not getattr(study, name):
+            setattr(study, name, getattr(item, name))
     study.last_received_at = now
     if held_until is not None:
         study.held_until = held_until
@@ -828,6 +834,20 @@ def outgoing_of(session: Session, study_ids: Collection[int]) -> tuple[dict[int,
         for row in session.scalars(select(model).where(model.study_id.in_(list(study_ids))).order_by(model.id)):
             found[row.study_id].append(row)
     return deliveries, notifications
+
+
+def undelivered_flagged(session: Session, verdict: str, pending_before: dt.datetime) -> list[tuple[Study, Delivery]]:
+    """Studies whose latest verdict is `verdict` (the flag) with a delivery that failed or
+    that has been pending since before `pending_before`: each with its oldest such
+    delivery, the longest undelivered study first."""
+    stuck = or_(Delivery.state == DeliveryState.FAILED,
+                and_(Delivery.state == DeliveryState.PENDING, Delivery.created_at < pending_before))
+    found: dict[int, tuple[Study, Delivery]] = {}
+    for delivery, study in session.execute(
+            select(Delivery, Study).join(Study, Delivery.study_id == Study.id)
+            .where(Study.verdict == verdict, stuck).order_by(Delivery.created_at, Delivery.id)):
+        found.setdefault(study.id, (study, delivery))
+    return list(found.values())
 
 
 def failed_studies(session: Session, limit: int) -> list[Study]:

@@ -37,6 +37,8 @@ QUEUE_TABLES = ("studies", "instances", "deliveries", "notifications")
 SCHEMA_3_TABLES = (*QUEUE_TABLES, "ichnode_schema")
 NEW_COLUMNS = {"deliveries": {"claimed_by", "heartbeat_at"}, "notifications": {"claimed_by", "heartbeat_at"},
                "studies": {"held_until"}}
+# Added text columns that are empty (not NULL) in rows from before them.
+NEW_TEXT_COLUMNS = {"studies": {"study_date", "modality", "study_description"}}
 
 
 def _schema_3_database(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
@@ -121,9 +123,11 @@ def test_a_schema_3_database_upgrades_with_nothing_lost(backend: str, tmp_path: 
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
     for table in QUEUE_TABLES:
         rows = before[table]
-        kept = [{k: v for k, v in row.items() if k not in NEW_COLUMNS.get(table, ())} for row in after[table]]
+        added = NEW_COLUMNS.get(table, set()) | NEW_TEXT_COLUMNS.get(table, set())
+        kept = [{k: v for k, v in row.items() if k not in added} for row in after[table]]
         assert kept == rows, table  # every row, every value
         assert all(row[c] is None for row in after[table] for c in NEW_COLUMNS.get(table, ()))
+        assert all(row[c] == "" for row in after[table] for c in NEW_TEXT_COLUMNS.get(table, ()))
     assert after["ichnode_schema"] == [{"version": 4}]  # the releases before migrations now refuse it
 
     # Today's code carries on with yesterday's rows.

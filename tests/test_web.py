@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import io
 import json
 import logging
 import os
 import re
 import resource
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -43,10 +45,11 @@ from node.history import TriageHistory
 from node.ingest import Ingest, Status
 from node.service import complete_quiet_studies
 from node.triagelog import TriageLog, read_events
+from training.model.rule import POSITIVE_LABEL
 from node.web import FORM_LIMIT, Sessions, create_app
 from node.webserver import OncePerInterval, WebServer
 from node.worker import Worker
-from storage.db import Database, Study, StudyState
+from storage.db import Database, Delivery, DeliveryState, Study, StudyState
 from storage.store import InstanceStore
 from tests.peers import free_port, wait_for
 from training.inference.predictor import Predictor
@@ -67,8 +70,9 @@ class Analysed:
     sent: dict[str, int]  # accession → instances sent
     patients: list[str]  # names and IDs that must never show
 
-    def app(self, **web: object) -> TestClient:
-        config = dataclasses.replace(self.config, web=dataclasses.replace(self.config.web, **web))
+    def app(self, alerts: dict[str, object] | None = None, **web: object) -> TestClient:
+        config = dataclasses.replace(self.config, web=dataclasses.replace(self.config.web, **web),
+                                     alerts=dataclasses.replace(self.config.alerts, **(alerts or {})))
         return TestClient(create_app(config, *self.parts(config)), base_url="http://127.0.0.1:8080")
 
     def parts(self, config: Config) -> tuple[Dashboard, Readiness]:
@@ -76,7 +80,7 @@ class Analysed:
                               ModelInfo.of(config, self.predictor))
         readiness = Readiness(self.database, self.store, config.storage.min_free_mb, model_loaded=True,
                               model_configured=True, scheduler_running=lambda: True, worker=Liveness(),
-                              worker_stale_seconds=config.worker.stale_after_seconds)
+                              worker_stale_seconds=config.worker.stale_after_seconds, alerts=config.alerts)
         return dashboard, readiness
 
 
@@ -403,7 +407,8 @@ def test_healthz_and_readyz(analysed: Analysed) -> None:
     assert client.get("/healthz").json() == {"status": "alive"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["failing"] == []
-    assert set(ready.json()["checks"]) == {"database", "storage", "model", "scheduler", "worker"}
+    assert set(ready.json()["checks"]) == {"database", "storage", "model", "scheduler", "worker", "deliveries"}
+    assert ready.json()["status"] == "ready" and ready.json()["degraded"] == []
 
 
 def test_readyz_names_a_missing_database_and_recovers(analysed: Analysed) -> None:
@@ -434,6 +439,114 @@ def test_readyz_names_a_read_only_storage_root_and_recovers(analysed: Analysed) 
     finally:
         subprocess.run(["umount", root], check=True)
     assert client.get("/readyz").status_code == 200
+
+
+def _fail_deliveries(node: Analysed, *, positive: bool) -> str:
+    """Every delivery of the flagged (or the other) study failed, as if the PACS refused it; its UID."""
+    with node.database.write() as session:
+        study = session.query(Study).filter((Study.verdict == POSITIVE_LABEL) == positive).one()
+        session.query(Delivery).filter(Delivery.study_id == study.id).update(
+            {Delivery.state: DeliveryState.FAILED, Delivery.attempts: 8, Delivery.last_error: "PACS said no"})
+        return study.study_instance_uid
+
+
+def _banner(text: str) -> str:
+    return text.split('class="banner undelivered"')[1].split("</div>")[0] if "banner undelivered" in text else ""
+
+
+def test_a_flagged_study_whose_results_were_not_delivered_stands_out_everywhere(changed: Analysed) -> None:
+    client = changed.app()
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["degraded"] == []
+    assert "banner undelivered" not in client.get("/", headers=HTML).text  # pending for seconds: on its way
+
+    _fail_deliveries(changed, positive=False)  # a study not flagged: on the failures page only
+    assert "banner undelivered" not in client.get("/", headers=HTML).text
+    uid = _fail_deliveries(changed, positive=True)
+    accession = next(a for a in changed.sent if a in client.get(f"/studies/{uid}", headers=HTML).text)
+    for path in ("/", "/failures", "/model", f"/studies/{uid}", "/login"):
+        banner = _banner(client.get(path, headers=HTML).text)
+        assert "RESULTS NOT DELIVERED: 1 flagged study" in banner, path
+        assert f'href="/studies/{uid}"' in banner and accession in banner and "pacs sc failed" in banner
+    queue = client.get("/", headers=HTML).text
+    (flagged,) = re.findall(r'<tr class="flagged">.*?</tr>', queue, re.S)
+    assert "results not delivered" in flagged and queue.count("results not delivered") == 1
+    failures = client.get("/failures", headers=HTML).text
+    rows = re.findall(r"<tr( class=\"flagged\")?>(.*?)</tr>", failures.split("<h2>Failed notifications")[0], re.S)
+    verdicts = sorted((bool(css), "SUSPECTED - PRIORITY" in row, "not detected" in row) for css, row in rows[1:])
+    assert verdicts == [(False, False, True)] * 3 + [(True, True, False)] * 3  # 3 result objects each
+
+    degraded = client.get("/readyz")
+    body = degraded.json()
+    assert degraded.status_code == 200 and body["status"] == "degraded" and body["degraded"] == ["deliveries"]
+    assert body["failing"] == [] and body["checks"]["deliveries"]["ok"] is True
+    assert body["checks"]["deliveries"]["detail"].startswith("1 flagged study with results not delivered")
+    assert uid not in degraded.text and accession not in degraded.text  # /readyz is open: no identifiers
+    assert changed.app(alerts={"undelivered_http_status": 503}).get("/readyz").status_code == 503
+
+
+def test_a_flagged_study_pending_longer_than_the_alert_age_counts_as_undelivered(changed: Analysed) -> None:
+    with changed.database.read() as session:
+        age = (dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+               - min(d.created_at for d in session.query(Delivery))).total_seconds()
+    assert "banner undelivered" not in changed.app(alerts={"undelivered_after_seconds": age + 3600}).get(
+        "/", headers=HTML).text
+    client = changed.app(alerts={"undelivered_after_seconds": age / 2})
+    assert "pacs sc pending" in _banner(client.get("/", headers=HTML).text)
+    assert client.get("/readyz").json()["status"] == "degraded"
+
+
+def test_a_study_without_an_accession_number_is_named_by_date_modality_description_and_uid(
+        changed: Analysed) -> None:
+    with changed.database.write() as session:
+        named = {s.study_instance_uid: (s.study_date, s.modality, s.study_description)
+                 for s in session.query(Study)}
+        session.query(Study).update({Study.accession_number: ""})
+    uid = _fail_deliveries(changed, positive=True)
+    date, modality, description = named[uid]
+    assert re.fullmatch(r"[0-9]{8}", date) and modality == "CT" and description  # as the real ingest kept them
+    shown = f"{date[:4]}-{date[4:6]}-{date[6:]} · CT · {description} · …{uid[-12:]}"
+    client = changed.app()
+    for path in ("/", f"/studies/{uid}", "/failures"):
+        text = client.get(path, headers=HTML).text
+        assert shown in text and "(none)" not in text, path
+    assert f"<h1>Study {shown}" in client.get(f"/studies/{uid}", headers=HTML).text
+    (row,) = [r for r in client.get("/api/queue").json()["studies"] if r["study_instance_uid"] == uid]
+    assert row["name"]["study_date"] == date and row["undelivered"] is True
+
+
+def test_the_model_page_counts_alike_with_failures_relative_paths_and_rounded_figures(
+        analysed: Analysed, changed: Analysed) -> None:
+    shutil.copy(analysed.config.log.path, changed.config.log.path)
+    TriageLog(changed.config.log.path).write("failed", "1.2.826.0.1.3", "", reason="RuntimeError: boom")
+    config = dataclasses.replace(changed.config, source=REPO / "config.toml")  # the checkpoint is in its folder
+    node = dataclasses.replace(changed, config=config)
+    page = node.app().get("/model", headers=HTML).text
+    assert "In the window: 3 studies ended, 2 analysed (2 given a verdict, 1 of them flagged; 0 not triaged) " \
+           "and 1 failed." in page
+    (total,) = re.findall(r"<tfoot>(.*?)</tfoot>", page, re.S)
+    assert re.findall(r"<th>(\d+)</th>", total) == ["3", "2", "0", "1", "1"]  # ended, analysed, not triaged, ...
+    assert "<dd>models/effclass-synthetic-demo.pt</dd>" in page and str(REPO) not in page
+    figures = re.findall(r"<div>(val_[a-z_]+): ([^<]*)</div>", page)
+    assert figures and all(re.fullmatch(r"-?[0-9]+\.[0-9]{3}", value) for _, value in figures), figures
+
+
+def test_a_refused_change_is_a_page_with_a_way_to_sign_in(analysed: Analysed) -> None:
+    client = analysed.app()
+    refused = client.post("/failures/retry", data={"token": "not-the-token-at-all"}, headers=HTML)
+    assert refused.status_code == 403 and refused.headers["content-type"].startswith("text/html")
+    assert "<header>" in refused.text and "wrong token" in refused.text  # the pages' own look
+    assert 'href="/login?next=%2Ffailures"' in refused.text and 'href="/failures">Back' in refused.text
+    uid = client.get("/api/queue").json()["studies"][0]["study_instance_uid"]
+    gone = analysed.app()
+    gone.cookies.set("ichnode_session", "gone")
+    expired = gone.post(f"/studies/{uid}/reanalyse", headers=HTML)
+    assert expired.status_code == 403 and "sign in again" in expired.text
+    assert f'href="/login?next=%2Fstudies%2F{uid}"' in expired.text
+    unset = analysed.app(token="").post("/failures/retry", headers=HTML)
+    assert unset.status_code == 403 and "web.token is not set" in unset.text and "/login?" not in unset.text
+    script = client.post("/failures/retry", data={"token": "not-the-token-at-all"})
+    assert script.status_code == 403 and script.text == "wrong token"  # scripts still get one line
 
 
 def test_status_json_is_the_queue_the_page_shows(analysed: Analysed, tmp_path: Path) -> None:
