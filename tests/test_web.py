@@ -141,7 +141,8 @@ def test_the_queue_lists_each_study_with_its_verdict_and_filters(analysed: Analy
     assert sorted(row["positive"] for row in rows.values()) == [False, True]
     for row in rows.values():
         assert set(row["timings_s"]) == {"scope", "load", "preprocess", "inference", "gradcam", "encode"}
-        assert [(d["target"], d["state"]) for d in row["deliveries"]] == [("pacs", "pending")] * 3
+        sets = 3 if row["positive"] else 2  # SC, SR, and a KOS for the flagged study only (output.kos_for)
+        assert [(d["target"], d["state"]) for d in row["deliveries"]] == [("pacs", "pending")] * sets
 
     positives = client.get("/api/queue?verdict=positive").json()["studies"]
     assert [row["positive"] for row in positives] == [True]
@@ -184,7 +185,7 @@ def test_metrics_parse_and_count_what_was_sent(analysed: Analysed) -> None:
     assert samples[("ichnode_studies", (("state", "done"),))] == 2
     assert samples[("ichnode_analysis_stage_seconds_count", (("stage", "inference"),))] == 2
     assert samples[("ichnode_analysis_stage_seconds_bucket", (("le", "+Inf"), ("stage", "inference")))] == 2
-    assert samples[("ichnode_queue_depth", (("queue", "delivery"),))] == 6
+    assert samples[("ichnode_queue_depth", (("queue", "delivery"),))] == 5  # SC and SR each, a KOS for the flagged
     assert samples[("ichnode_queue_depth", (("queue", "analysis"),))] == 0
     assert samples[("ichnode_storage_free_bytes", ())] > 0
     (info, value), = [(dict(labels), v) for (name, labels), v in samples.items() if name == "ichnode_model_info"]
@@ -474,7 +475,8 @@ def test_a_flagged_study_whose_results_were_not_delivered_stands_out_everywhere(
     failures = client.get("/failures", headers=HTML).text
     rows = re.findall(r"<tr( class=\"flagged\")?>(.*?)</tr>", failures.split("<h2>Failed notifications")[0], re.S)
     verdicts = sorted((bool(css), "SUSPECTED - PRIORITY" in row, "not detected" in row) for css, row in rows[1:])
-    assert verdicts == [(False, False, True)] * 3 + [(True, True, False)] * 3  # 3 result objects each
+    # SC and SR for the study not flagged; SC, SR and KOS for the flagged one (output.kos_for)
+    assert verdicts == [(False, False, True)] * 2 + [(True, True, False)] * 3
 
     degraded = client.get("/readyz")
     body = degraded.json()
@@ -526,7 +528,10 @@ def test_the_model_page_counts_alike_with_failures_relative_paths_and_rounded_fi
            "and 1 failed." in page
     (total,) = re.findall(r"<tfoot>(.*?)</tfoot>", page, re.S)
     assert re.findall(r"<th>(\d+)</th>", total) == ["3", "2", "0", "1", "1"]  # ended, analysed, not triaged, ...
-    assert "<dd>models/effclass-synthetic-demo.pt</dd>" in page and str(REPO) not in page
+    assert "<dd>models/effclass-synthetic-demo.pt</dd>" in page
+    # What the checkpoint recorded of its training may name folders of the machine that trained it.
+    own = re.sub(r"<dt>(trained on|its own figures)</dt><dd>.*?</dd>", "", page, flags=re.S)
+    assert str(REPO) not in own
     figures = re.findall(r"<div>(val_[a-z_]+): ([^<]*)</div>", page)
     assert figures and all(re.fullmatch(r"-?[0-9]+\.[0-9]{3}", value) for _, value in figures), figures
 
