@@ -63,8 +63,8 @@ def _database(folder: Path) -> Database:
 
 @pytest.fixture
 def busy_cpus() -> Iterator[CpuStress]:
-    """Every CPU busy beside the node (a load of about twice the core count): exactly once
-    must not depend on the node getting a CPU the moment it wants one."""
+    """The node's CPU kept busy (two spinners on the one CPU the node shares with them):
+    exactly once must not depend on the node getting a CPU the moment it wants one."""
     with CpuStress() as stress:
         yield stress
 
@@ -84,7 +84,8 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
                          overrides={"output": {"kos_for": "all"}})  # three sets whatever random weights say
     node = NodeProcess(tmp_path, config, port)
     try:
-        _start(node)
+        with busy_cpus.paused():  # the node loads torch at full speed; what it does next, on a busy CPU
+            _start(node)
         # 1. Two associations sending two studies; SIGKILL once some are stored.
         acknowledged: list[str] = []
         lock = threading.Lock()
@@ -106,7 +107,8 @@ def test_sigkill_while_receiving_and_while_analysing_loses_nothing(
             assert pydicom.dcmread(tmp_path / "store" / stored[uid]).SOPInstanceUID == uid
 
         # 2. Restart; the scanner sends again (re-sends are idempotent).
-        _start(node)
+        with busy_cpus.paused():
+            _start(node)
         for study_files in files:
             assert storescu(port, study_files).returncode == 0
         uids = [load_labels(s)["study_instance_uid"] for s in studies]
