@@ -22,8 +22,8 @@ DEMO_CALIBRATED := $(DEMO_WORK)/calibrated.pt
 run: $(INSTALLED)
 	$(BIN)/ichnode serve --config $(CONFIG)
 
-# Two processes, each test file kept in one (its module fixtures and servers with it):
-# about 11 minutes on 2 cores.
+# Two processes, each test file kept in one (its module fixtures and servers with it),
+# each on its own CPU (tests/conftest.py): about 12.5 minutes on 2 cores.
 test: $(INSTALLED) system-packages
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
