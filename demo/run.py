@@ -116,10 +116,10 @@ def _default_checkpoint() -> Path | None:
         return None
 
 
-def _send(port: int, study: Path) -> None:
+def _send(port: int, study: Path, called: str = "ICHNODE") -> None:
     """Every file of the study (head, bone and scout series) in one association, as a scanner."""
     result = subprocess.run(
-        [find_tool("storescu"), "-aet", "SCANNER", "-aec", "ICHNODE", "127.0.0.1", str(port),
+        [find_tool("storescu"), "-aet", "SCANNER", "-aec", called, "127.0.0.1", str(port),
          *map(str, sorted(study.rglob("*.dcm")))], check=False, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"storescu could not send {study.name}: {result.stderr.strip()[-1000:]}")
@@ -204,6 +204,33 @@ def _summary(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def _series_lists(pacs: Orthanc, uids: dict[str, str]) -> dict[str, str]:
+    """Each study's series as the PACS lists them (number and description), printed; the
+    PACS's own id of each study, for its viewer's page."""
+    ids = {}
+    by_uid = {s["MainDicomTags"].get("StudyInstanceUID"): s for s in pacs.get("/studies?expand")}
+    for name, uid in uids.items():
+        study = by_uid.get(uid)
+        if study is None:
+            continue
+        ids[name] = study["ID"]
+        print(f"\n{name}: the series list in the PACS", flush=True)
+        series = [pacs.get(f"/series/{series_id}")["MainDicomTags"] for series_id in study["Series"]]
+        for tags in sorted(series, key=lambda t: int(t.get("SeriesNumber") or 0)):
+            print(f"  {tags.get('SeriesNumber', ''):>5}  {tags.get('Modality', ''):<3} "
+                  f"{tags.get('SeriesDescription', '')}", flush=True)
+    return ids
+
+
+def _pacs_screenshot(pacs: Orthanc, study_id: str, path: Path) -> Path:
+    """The study's series list in the PACS's own viewer (Orthanc Explorer), as a reader sees it."""
+    with Browser(height=700) as page:
+        page.goto(f"http://127.0.0.1:{pacs.http_port}/app/explorer.html#study?uuid={study_id}")
+        page.wait_for_selector("text=AI ICH:", timeout=30_000)
+        page.screenshot(path=path, full_page=True)
+    return path
+
+
 PAGES = ("queue", "study", "failures", "model")
 
 
@@ -252,8 +279,9 @@ def run(checkpoint: Path, studies: int, out: Path, timeout: float, keep_open: bo
         (work / "pids.json").write_text(json.dumps({"node": node.process.pid, "orthanc": pacs.process.pid}))
         node.wait_listening()
         for study in labels:
-            print(f"storescu → node: {study.folder.name}", flush=True)
+            print(f"storescu → node and PACS: {study.folder.name}", flush=True)
             _send(port, study.folder)
+            _send(pacs.dicom_port, study.folder, pacs.ae_title)  # the scanner's series are in the PACS too
         print(f"waiting up to {timeout:.0f} s for the node to analyse and deliver every study ...", flush=True)
         _wait_for_results(node, work / "triage.log", uids, timeout)
         analysed = _analysed(work / "triage.log")
@@ -267,9 +295,12 @@ def run(checkpoint: Path, studies: int, out: Path, timeout: float, keep_open: bo
             print(f"  {message['text']}", flush=True)
         outcomes = [Outcome(s.folder.name, s, uids[s.folder.name], analysed.get(uids[s.folder.name]),
                             _save_pictures(pacs, uids[s.folder.name], s.folder.name, out)) for s in labels]
+        pacs_ids = _series_lists(pacs, uids)
         flagged = [o.study_uid for o in outcomes if o.analysed and o.analysed["positive"]]
         pages = _screenshots(web, (flagged or [outcomes[0].study_uid])[0], out)
-        print("\nscreenshots of the web pages (headless Chromium):", *(f"  {p}" for p in pages), sep="\n", flush=True)
+        pages += [_pacs_screenshot(pacs, pacs_ids[o.name], out / f"pacs-{o.name}.png") for o in outcomes
+                  if o.name in pacs_ids]
+        print("\nscreenshots of the web pages and the PACS's series lists (headless Chromium):", *(f"  {p}" for p in pages), sep="\n", flush=True)
         _show_pages(web, keep_open)
         return outcomes
     finally:

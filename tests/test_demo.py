@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,12 @@ def test_demo_runs_the_whole_loop_and_stops_its_peers(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.glob("study_*.png")) == sorted(sent)
     pages = sorted(p.name for p in out.glob("page-*.png"))
     assert pages == ["page-failures.png", "page-model.png", "page-queue.png", "page-study.png"]
+    # Each study's series list in the PACS: the scanner's series, then the results leading with the verdict.
+    for study in ("study_0000", "study_0001"):
+        listing = result.stdout.split(f"{study}: the series list in the PACS\n")[1].split("\n\n")[0]
+        assert "CT  HEAD 5mm" in listing and re.search(r"9900  OT  AI ICH: [^\n]*\(UNTRAINED MODEL\)", listing)
+        with Image.open(out / f"pacs-{study}.png") as image:
+            assert image.format == "PNG" and image.size[0] >= 1280
     for name, size in sent.items():
         with Image.open(out / name) as image:
             assert (image.format, image.mode, image.size) == ("PNG", "RGB", size)
