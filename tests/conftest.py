@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from demo.peers import PostgresCluster, find_tool
-from storage.db import Database
+from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utcnow
 from training.synthetic import SyntheticOptions, write_studies
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -76,6 +76,18 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
     )
     return root
+
+
+def add_delivery(database: Database, result_folder: str, state: DeliveryState, **fields: object) -> None:
+    """A done study (1.2.3) with one Secondary Capture delivery to "pacs", due now, in
+    `state`; `fields` set the rest (attempts, last_error)."""
+    with database.write() as session:
+        study = Study(study_instance_uid="1.2.3", state=StudyState.DONE, first_received_at=utcnow(),
+                      last_received_at=utcnow())
+        session.add(study)
+        session.flush()
+        session.add(Delivery(study_id=study.id, destination="pacs", kind="sc", result_folder=result_folder,
+                             state=state, next_attempt_at=utcnow(), **fields))
 
 
 def load_labels(study: Path) -> dict:

@@ -118,20 +118,14 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 
 def test_retry_requeues_failed_deliveries(tmp_path: Path) -> None:
-    from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utcnow
+    from storage.db import Database, Delivery, DeliveryState
+    from tests.conftest import add_delivery
 
     tmp_path.mkdir(exist_ok=True)
     config = tmp_path / "node.toml"
     config.write_text(f'[storage]\nroot = "{tmp_path}/store"\ndatabase_url = "sqlite:///{tmp_path}/n.db"\n')
     database = Database(f"sqlite:///{tmp_path}/n.db", create=True)
-    with database.write() as session:
-        study = Study(study_instance_uid="1.2.3", state=StudyState.DONE, first_received_at=utcnow(),
-                      last_received_at=utcnow())
-        session.add(study)
-        session.flush()
-        session.add(Delivery(study_id=study.id, destination="pacs", kind="sc", result_folder="r",
-                             state=DeliveryState.FAILED, attempts=8, next_attempt_at=utcnow(),
-                             last_error="PACS could not be reached"))
+    add_delivery(database, "r", DeliveryState.FAILED, attempts=8, last_error="PACS could not be reached")
     result = _run("retry", "--config", str(config))
     assert result.returncode == 0 and "re-queued 1 failed deliveries and 0 failed notifications" in result.stdout
     with database.read() as session:

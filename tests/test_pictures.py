@@ -14,7 +14,8 @@ from node import render
 from node.render import PANEL_SIZE, font, heat_overlay, key_slice_image, shown_heat
 from training.model.preprocess import PreprocessSpec, hu_to_input, mask_to_input
 from training.model.scope import intracranial_mask
-from training.phantom import SUBTYPES, random_bleed, random_head, render_slice
+from tests.phantoms import rendered_bleed
+from training.phantom import SUBTYPES
 
 REPO = Path(__file__).resolve().parent.parent
 # Every module whose strings end up burned into a picture: the renderer, the verdict and
@@ -106,19 +107,10 @@ def test_the_intracranial_mask_is_the_brain_inside_the_skull() -> None:
 @pytest.mark.parametrize("subtype", SUBTYPES)
 def test_every_kind_of_bleed_lies_inside_the_mask(subtype: str) -> None:
     """Epidural and subdural collections lie against the inner table: the mask keeps them."""
-    rng = np.random.default_rng(5)
-    head = random_head(rng)
-    coords = (np.arange(256) - 127.5) * 0.9
-    x, y = np.meshgrid(coords, coords)
-    c = head.inner_semi_axes[2]
-    for _attempt in range(20):  # bleeds are placed at random; a few tries find one
-        bleed = random_bleed(rng, head, subtype, (-0.3 * c, 0.6 * c))
-        for z in np.linspace(-0.3 * c, 0.6 * c, 19):
-            hu, bleeding = render_slice(head, [bleed], x, y, float(z), rng)
-            if (bleeding > 0).sum() > 20:
-                assert intracranial_mask(hu, (0.9, 0.9))[bleeding > 0].mean() > 0.98
-                return
-    pytest.fail(f"no {subtype} bleed was rendered")
+    found = rendered_bleed(subtype, min_pixels=21)
+    assert found is not None, f"no {subtype} bleed was rendered"
+    hu, bleeding = found
+    assert intracranial_mask(hu, (0.9, 0.9))[bleeding > 0].mean() > 0.98
 
 
 def test_no_closed_skull_gives_an_empty_mask() -> None:

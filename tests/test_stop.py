@@ -14,8 +14,9 @@ from pydicom.data import get_testdata_file
 
 from demo.peers import NodeProcess, node_config
 from node.service import STOP_SECONDS, stop_within
-from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utcnow
+from storage.db import Database, Delivery, DeliveryState
 from storage.store import InstanceStore
+from tests.conftest import add_delivery
 from tests.peers import free_port, wait_for
 
 
@@ -55,13 +56,7 @@ def test_sigterm_ends_serve_within_its_budget_with_a_pacs_that_stopped_answering
     store.write_result(folder, {"sc-0001.dcm": Path(get_testdata_file("CT_small.dcm")).read_bytes()})
     store.publish_result(folder)
     database = Database(f"sqlite:///{tmp_path / 'node.db'}", create=True)
-    with database.write() as session:
-        study = Study(study_instance_uid="1.2.3", state=StudyState.DONE, first_received_at=utcnow(),
-                      last_received_at=utcnow())
-        session.add(study)
-        session.flush()
-        session.add(Delivery(study_id=study.id, destination="pacs", kind="sc", result_folder=str(folder),
-                             state=DeliveryState.PENDING, next_attempt_at=utcnow()))
+    add_delivery(database, str(folder), DeliveryState.PENDING)
     port = free_port()
     with SilentPeer() as pacs:
         config = node_config(tmp_path, port=port, checkpoint=None, destinations=[("pacs", "PACS", pacs.port)],

@@ -15,6 +15,7 @@ from training.phantom import BLEED_HU_RANGE, SUBTYPE_BITS, SUBTYPES
 from training.model.preprocess import hu_from_dataset
 from training.synthetic import SyntheticOptions, read_mask, write_studies
 from tests.conftest import load_labels, require_tool
+from tests.phantoms import rendered_bleed
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -106,26 +107,11 @@ def test_labels_match_the_hu_content(positive_study: Path, negative_study: Path)
 
 @pytest.mark.parametrize("subtype", SUBTYPES)
 def test_every_subtype_renders_as_blood(subtype: str) -> None:
-    from training.phantom import random_bleed, random_head, render_slice
-
-    rng = np.random.default_rng(5)
-    head = random_head(rng)
-    coords = (np.arange(256) - 127.5) * 0.9
-    x, y = np.meshgrid(coords, coords)
-    c = head.inner_semi_axes[2]
-    found = False
-    for _attempt in range(20):  # bleeds are placed at random; a few tries find one
-        bleed = random_bleed(rng, head, subtype, (-0.3 * c, 0.6 * c))
-        for z in np.linspace(-0.3 * c, 0.6 * c, 19):
-            hu, mask = render_slice(head, [bleed], x, y, float(z), rng)
-            if mask.any():
-                assert np.all(mask[mask > 0] == SUBTYPE_BITS[subtype])
-                assert BLEED_HU_RANGE[0] - 15 < np.median(hu[mask > 0]) < BLEED_HU_RANGE[1] + 15
-                found = True
-                break
-        if found:
-            break
-    assert found, f"no {subtype} bleed became visible"
+    found = rendered_bleed(subtype)
+    assert found is not None, f"no {subtype} bleed became visible"
+    hu, mask = found
+    assert np.all(mask[mask > 0] == SUBTYPE_BITS[subtype])
+    assert BLEED_HU_RANGE[0] - 15 < np.median(hu[mask > 0]) < BLEED_HU_RANGE[1] + 15
 
 
 def _digest(root: Path) -> dict[str, str]:
