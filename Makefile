@@ -5,12 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 CONFIG ?= config.toml
-# Real peers the tests use: DCMTK (storescu, echoscu, dcmdump), Orthanc, dicom3tools (dciodvfy),
-# Chromium as the browser that reads the node's web pages, and PostgreSQL, whose server
+# Real peers the tests use: DCMTK (storescu, echoscu, dcmdump), Orthanc with its DICOMweb
+# plugin, dicom3tools (dciodvfy), Chromium as the browser that reads the node's web pages,
+# and PostgreSQL, whose server
 # programs Debian keeps off PATH (/usr/lib/postgresql/<version>/bin): the tests start
 # throw-away clusters of their own, never the system service.
 APT_COMMANDS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools chromium:chromium
 POSTGRES_INITDB := /usr/lib/postgresql/*/bin/initdb
+# Orthanc's DICOMweb plugin (STOW-RS, QIDO-RS, WADO-RS), which the test PACS loads.
+ORTHANC_DICOMWEB := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
 # The demonstration model: trained on synthetic phantoms only (models/README.md).
 DEMO_MODEL := models/effclass-synthetic-demo.pt
@@ -90,6 +93,7 @@ system-packages:
 	    || missing="$$missing $${pair##*:}"; \
 	done; \
 	ls $(POSTGRES_INITDB) >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -e $(ORTHANC_DICOMWEB) ] || missing="$$missing orthanc-dicomweb"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(call apt_install,$$missing); \

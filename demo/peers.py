@@ -30,6 +30,7 @@ __all__ = ["Browser", "NodeProcess", "Orthanc", "PostgresCluster", "WebhookRecei
            "node_config", "port_open", "wait_for"]
 
 T = TypeVar("T")
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 
 
 def find_tool(name: str) -> str:
@@ -124,14 +125,33 @@ class Browser:
 
 
 class Orthanc:
-    """An Orthanc PACS with its own storage, on free loopback ports."""
+    """An Orthanc PACS with its own storage, on free loopback ports.
 
-    def __init__(self, folder: Path, ae_title: str = "PACS", dicom_port: int | None = None) -> None:
+    `dicomweb` loads Debian's DICOMweb plugin (STOW-RS, QIDO-RS, WADO-RS at `dicomweb_url`);
+    `modalities` names the DICOM peers Orthanc may send to (C-MOVE destinations, Storage
+    Commitment reports), as {name: (AE title, port)} on loopback; `settings` are further
+    keys of Orthanc's configuration file, which win over these."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS", dicom_port: int | None = None, *,
+                 dicomweb: bool = False, modalities: dict[str, tuple[str, int]] | None = None,
+                 settings: dict | None = None) -> None:
         self.folder = folder
         self.ae_title = ae_title
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
+        self.dicomweb = dicomweb
+        self.modalities = dict(modalities or {})
+        self.settings = dict(settings or {})
         self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (the plugin's default, /dicom-web)."""
+        return f"{self.url}/dicom-web"
 
     def start(self) -> Orthanc:
         binary = find_tool("Orthanc")
@@ -147,8 +167,14 @@ class Orthanc:
             "AuthenticationEnabled": False,
             "DicomAlwaysAllowStore": True,
             "DicomCheckCalledAet": False,
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
+            "DicomModalities": {name: [aet, "127.0.0.1", port] for name, (aet, port) in self.modalities.items()},
+            **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}} if self.dicomweb else {}),
+            **self.settings,
         }
+        if self.dicomweb and not Path(DICOMWEB_PLUGIN).exists():
+            raise FileNotFoundError(f"Orthanc's DICOMweb plugin {DICOMWEB_PLUGIN} is not installed (Debian package "
+                                    "orthanc-dicomweb); `make test` installs it")
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))
         log = open(self.folder / "orthanc.log", "wb")
@@ -170,11 +196,11 @@ class Orthanc:
             return False
 
     def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
             return json.loads(response.read())
 
     def get_bytes(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
             return response.read()
 
     def stop(self) -> None:
