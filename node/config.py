@@ -47,6 +47,8 @@ __all__ = [
     "LogSection",
     "WebSection",
     "AlertsSection",
+    "HttpAuth",
+    "DicomwebPeer",
     "Destination",
     "NotifyOn",
     "ChatFormat",
@@ -435,6 +437,44 @@ class AlertsSection:
             raise ConfigError(f"alerts.undelivered_http_status must be 200 or 503, got {self.undelivered_http_status}")
 
 
+class HttpAuth(enum.StrEnum):
+    """How the node proves itself to a DICOMweb peer; the secret lives in a credentials file."""
+
+    NONE = "none"
+    BASIC = "basic"  # credentials file: one line, user:password
+    BEARER = "bearer"  # credentials file: one line, the token
+
+
+@dataclass(frozen=True)
+class DicomwebPeer:
+    """Where a DICOMweb peer is and how to sign in to it: the part of a DICOMweb
+    destination or source that `node.dicomweb` needs to open a client."""
+
+    url: str  # the service root, e.g. https://pacs.example.org/dicom-web
+    auth: HttpAuth = HttpAuth.NONE
+    credentials_file: Path | None = None  # read at each connection: rotate it without a restart
+    timeout_seconds: float = 30.0  # connect, and each read of an answer
+
+    def validate(self, key: str) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{key}.url must be an http:// or https:// URL with a host, got {self.url!r}")
+        if parts.username or parts.password:
+            raise ConfigError(f"{key}.url must not hold a user or password: set {key}.auth and put them in "
+                              f"{key}.credentials_file")
+        try:
+            parts.port  # reading it checks it
+        except ValueError:
+            raise ConfigError(f"{key}.url has a port that is not a number 1-65535") from None
+        if self.auth != HttpAuth.NONE and self.credentials_file is None:
+            raise ConfigError(f"{key}.auth = \"{self.auth}\" needs {key}.credentials_file (a file holding "
+                              f"{'user:password' if self.auth == HttpAuth.BASIC else 'the token'} on one line)")
+        if self.auth == HttpAuth.NONE and self.credentials_file is not None:
+            raise ConfigError(f"{key}.credentials_file is set but {key}.auth is \"none\": set auth to "
+                              "\"basic\" or \"bearer\", or remove the file")
+        _positive(f"{key}.timeout_seconds", self.timeout_seconds)
+
+
 @dataclass(frozen=True)
 class Destination:
     name: str
@@ -584,7 +624,8 @@ def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -
         tables = data.get(name, [])
         if not isinstance(tables, list):
             raise ConfigError(f"{name} must be written as [[{name}]] tables")
-        values[name] = tuple(section_from_table(kind, f"{name}[{i}]", t) for i, t in enumerate(tables))
+        values[name] = tuple(anchor_paths(section_from_table(kind, f"{name}[{i}]", t), base)
+                             for i, t in enumerate(tables))
     values["storage"] = dataclasses.replace(
         values["storage"], database_url=_anchor_sqlite(values["storage"].database_url, base)
     )
