@@ -340,6 +340,9 @@ class DeliverySection:
     max_backoff_seconds: float = 900.0
     timeout_seconds: float = 30.0
     calling_ae_title: str = ""  # empty: node.ae_title
+    # A destination with commitment = true that has not reported within this long after the
+    # C-STOREs: a failed attempt, sent again after the back-off.
+    commitment_timeout_seconds: float = 600.0
 
     def validate(self) -> None:
         _positive("delivery.max_attempts", self.max_attempts)
@@ -347,6 +350,7 @@ class DeliverySection:
         if self.max_backoff_seconds < self.initial_backoff_seconds:
             raise ConfigError("delivery.max_backoff_seconds must be ≥ initial_backoff_seconds")
         _positive("delivery.timeout_seconds", self.timeout_seconds)
+        _positive("delivery.commitment_timeout_seconds", self.commitment_timeout_seconds)
         if self.calling_ae_title:
             _ae_title("delivery.calling_ae_title", self.calling_ae_title)
 
@@ -481,6 +485,9 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    # Storage Commitment: after the C-STOREs the node asks the destination to commit them
+    # (N-ACTION) and counts the result delivered only when its N-EVENT-REPORT says so.
+    commitment: bool = False
 
     def validate(self, key: str) -> None:
         if not self.name.strip():

@@ -11,7 +11,8 @@ it). Every step of a send is bounded by `delivery.timeout_seconds` (TCP connect,
 association, each PDU, each response).
 
 `Sender` is the seam: `DicomSender` speaks C-STORE; tests may pass any object with the
-same `send` method.
+same `send` method. A destination with commitment = true is then asked to commit what it
+stored (node.commitment), and the delivery counts as sent only once it has.
 """
 
 from __future__ import annotations
@@ -33,12 +34,20 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node.commitment import Commitments, new_transaction_uid
 from node.config import Config, Destination
 from node.errors import DeliveryError, StorageError
 from node.lease import claimant_id, work_claimed
 from node.triagelog import TriageLog
 from storage.db import Database, DeliveryState, utcnow
-from storage.state import DueDelivery, claim_delivery, delivery_attempt_failed, delivery_sent, renew_delivery
+from storage.state import (
+    DueDelivery,
+    claim_delivery,
+    delivery_attempt_failed,
+    delivery_committing,
+    delivery_sent,
+    renew_delivery,
+)
 from storage.store import InstanceStore
 
 __all__ = ["Sender", "DicomSender", "Deliveries"]
@@ -124,12 +133,13 @@ class Deliveries:
     """Sends due results, one thread per destination, and records each attempt."""
 
     def __init__(self, config: Config, database: Database, store: InstanceStore, sender: Sender,
-                 triage_log: TriageLog, owner: str | None = None) -> None:
+                 triage_log: TriageLog, owner: str | None = None, commitments: Commitments | None = None) -> None:
         self.config = config
         self.database = database
         self.store = store
         self.sender = sender
         self.triage_log = triage_log
+        self.commitments = commitments or Commitments(config, database, triage_log)
         self.owner = owner or claimant_id()  # names this process's claims on deliveries
         self._due = {d.name: threading.Event() for d in config.destinations}
 
@@ -199,6 +209,9 @@ class Deliveries:
         except DeliveryError as exc:
             self._failed(delivery, str(exc))
             return
+        if destination.commitment:
+            self._ask_commitment(delivery, destination, files)
+            return
         with self.database.write() as session:
             row = delivery_sent(session, delivery.id, self.owner, utcnow())
             attempts = row.attempts if row is not None else None
@@ -212,6 +225,26 @@ class Deliveries:
             priority="HIGH" if delivery.priority_high else "MEDIUM", attempts=attempts,
             result_series_uid=delivery.result_series_uid,
         )
+
+    def _ask_commitment(self, delivery: DueDelivery, destination: Destination, files: list[Path]) -> None:
+        """Stored: record the delivery as awaiting commitment, then ask for it (recorded
+        first, so that a report arriving at once finds its transaction)."""
+        transaction_uid = new_transaction_uid()
+        with self.database.write() as session:
+            row = delivery_committing(session, delivery.id, self.owner, transaction_uid, utcnow())
+        if row is None:
+            log.warning("delivery %d was stored, but another process had taken it over meanwhile (this one stopped "
+                        "renewing its claim); that process asks for its commitment", delivery.id)
+            return
+        self.triage_log.write(
+            "awaiting_commitment", delivery.study_instance_uid, delivery.accession_number,
+            destination=delivery.destination, kind=delivery.kind, objects=len(files),
+            transaction_uid=transaction_uid, result_series_uid=delivery.result_series_uid,
+        )
+        try:
+            self.commitments.request(destination, transaction_uid, files)
+        except DeliveryError as exc:
+            self.commitments.resolve(transaction_uid, str(exc))
 
     def _failed(self, delivery: DueDelivery, reason: str) -> None:
         settings = self.config.delivery

@@ -1,4 +1,7 @@
-"""The Storage SCP: AE set-up and thin event handlers (one function per event)."""
+"""The Storage SCP: AE set-up and thin event handlers (one function per event).
+
+It also takes the Storage Commitment reports (N-EVENT-REPORT) of destinations with
+commitment = true, which open an association to the node to send them (node.commitment)."""
 
 from __future__ import annotations
 
@@ -12,14 +15,16 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
+from node.commitment import Commitments
 from node.config import NodeSection
 from node.errors import ConfigError
 from node.guard import GuardedAssociationServer, start_guarded_server
 from node.ingest import Ingest, Status
 
-__all__ = ["build_ae", "handle_store", "handle_association_end", "handle_echo", "tls_context", "start_scp"]
+__all__ = ["build_ae", "handle_store", "handle_association_end", "handle_echo", "handle_event_report", "tls_context",
+           "start_scp"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,9 @@ def build_ae(node: NodeSection) -> AE:
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
+    # A destination reporting its Storage Commitment opens the association as the SCP of
+    # the Push Model; the SCP/SCU Role Selection it may propose for that is accepted.
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
     return ae
 
 
@@ -68,6 +76,11 @@ def handle_association_end(event: Event, ingest: Ingest) -> None:
 
 def handle_echo(event: Event) -> int:
     return Status.SUCCESS
+
+
+def handle_event_report(event: Event, commitments: Commitments) -> tuple[int, None]:
+    """N-EVENT-REPORT: a destination's Storage Commitment result, recorded in the database."""
+    return commitments.report(event)
 
 
 def tls_context(node: NodeSection) -> ssl.SSLContext | None:
@@ -100,12 +113,15 @@ def _reason(exc: Exception) -> str:
     return exc.strerror or str(exc)
 
 
-def start_scp(node: NodeSection, ingest: Ingest) -> GuardedAssociationServer:
+def start_scp(node: NodeSection, ingest: Ingest, commitments: Commitments | None = None) -> GuardedAssociationServer:
     """Listen on node.host:node.port in background threads, behind the guard against
-    unauthenticated and stalled peers (node.guard); returns the server."""
+    unauthenticated and stalled peers (node.guard); returns the server. With
+    `commitments`, Storage Commitment reports are recorded (`serve` always passes it)."""
     ae = build_ae(node)
     handlers = [(evt.EVT_C_STORE, handle_store, [ingest]), (evt.EVT_C_ECHO, handle_echo),
                 (evt.EVT_CONN_CLOSE, handle_association_end, [ingest])]
+    if commitments is not None:
+        handlers.append((evt.EVT_N_EVENT_REPORT, handle_event_report, [commitments]))
     context = tls_context(node)
     server = start_guarded_server(ae, node, handlers, context)
     log.info("listening as %s on %s:%d%s", node.ae_title, node.host, node.port,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from node.commitment import Commitments
 from node.config import Config, check_paths
 from node.dashboard import Dashboard, ModelInfo, inputs_line
 from node.delivery import DicomSender, Deliveries
@@ -330,7 +331,8 @@ def _complete(ingest: Ingest, config: Config, database: Database, triage_log: Tr
     complete_quiet_studies(config, database, triage_log)
 
 
-def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries, notifier: Notifier) -> BackgroundScheduler:
+def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries, notifier: Notifier,
+               commitments: Commitments) -> BackgroundScheduler:
     config = node.config
     scheduler = BackgroundScheduler(timezone="UTC")
     # A study that went quiet because this process was down (the scanner's association
@@ -344,6 +346,9 @@ def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries, notifier: Not
                       seconds=config.completion.check_interval_seconds, max_instances=1, coalesce=True)
     for orphans in (deliveries.fail_orphans, notifier.fail_orphans):
         scheduler.add_job(_through_outages(orphans), "interval", seconds=10, max_instances=1, coalesce=True)
+    # Storage Commitment reports that never came: failed attempts, sent again after the back-off.
+    scheduler.add_job(_through_outages(commitments.fail_overdue), "interval",
+                      seconds=min(10.0, config.delivery.commitment_timeout_seconds), max_instances=1, coalesce=True)
     scheduler.add_job(_DatabaseWatch(node.database), "interval", seconds=5, max_instances=1, coalesce=True)
     if config.storage.retention_days > 0:
         scheduler.add_job(_through_outages(purge_delivered), "interval",
@@ -376,15 +381,17 @@ def serve(config: Config) -> None:
     tls_context(config.node)  # unreadable TLS files stop start-up here, before the model loads
     node = Node.build(config)
     stop = threading.Event()
+    commitments = Commitments(config, node.database, node.triage_log)
     deliveries = Deliveries(config, node.database, node.store,
-                            DicomSender(config.calling_ae_title, config.delivery.timeout_seconds), node.triage_log)
+                            DicomSender(config.calling_ae_title, config.delivery.timeout_seconds), node.triage_log,
+                            commitments=commitments)
     notifier = Notifier(config, node.database, node.triage_log)
     ingest = Ingest(node.store, node.database, node.triage_log, min_free_mb=config.storage.min_free_mb,
                     reopen_failed=config.completion.reopen_failed,
                     resend_wait_seconds=config.completion.resend_wait_seconds,
                     stable_seconds=config.completion.stable_seconds)
-    server = start_scp(config.node, ingest)
-    scheduler = _scheduler(node, ingest, deliveries, notifier)
+    server = start_scp(config.node, ingest, commitments)
+    scheduler = _scheduler(node, ingest, deliveries, notifier, commitments)
     scheduler.start()
     threads = deliveries.start(stop)
     notifier.start(stop)

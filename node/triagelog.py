@@ -1,7 +1,8 @@
 """The triage log: one JSON line per event, for admins and their tools.
 
 Events: received, ready, analysed, deferred (an analysis to be tried again later),
-delivered, delivery_failed, notified, notify_failed, failed, purged, reanalyse (an admin
+awaiting_commitment (stored at a destination with Storage Commitment, whose report is
+awaited), delivered (`committed` when that report said so), delivery_failed, notified, notify_failed, failed, purged, reanalyse (an admin
 put a done or failed study back in the queue). Each line is keyed
 by StudyInstanceUID and AccessionNumber and carries no patient name, ID or birth date
 unless `log.include_patient_identifiers` is set. Lines are appended with one write each,
@@ -26,8 +27,8 @@ from typing import Any, TextIO
 __all__ = ["EVENTS", "PATIENT_KEYS", "TriageLog", "LogReader", "read_events", "format_event", "describe",
            "print_events"]
 
-EVENTS = ("received", "ready", "analysed", "deferred", "delivered", "delivery_failed", "notified", "notify_failed",
-          "failed", "purged", "reanalyse")
+EVENTS = ("received", "ready", "analysed", "deferred", "awaiting_commitment", "delivered", "delivery_failed",
+          "notified", "notify_failed", "failed", "purged", "reanalyse")
 PATIENT_KEYS = ("patient_name", "patient_id", "patient_birth_date")
 
 
@@ -250,7 +251,11 @@ def describe(record: dict) -> str:
     if event == "ready":
         return f"{record.get('instances')} instances in {record.get('series')} series"
     if event == "delivered":
-        return f"to {record.get('destination')} ({record.get('objects')} {record.get('kind', '')} objects)"
+        committed = ", committed" if record.get("committed") else ""
+        return f"to {record.get('destination')} ({record.get('objects')} {record.get('kind', '')} objects{committed})"
+    if event == "awaiting_commitment":
+        return (f"stored at {record.get('destination')} ({record.get('objects')} {record.get('kind', '')} objects), "
+                "awaiting its storage commitment")
     if event == "notified":
         return f"to {record.get('url')}"
     if event == "notify_failed":

@@ -95,6 +95,9 @@ class StudyState(str, enum.Enum):
 
 class DeliveryState(str, enum.Enum):
     PENDING = "pending"
+    # Stored at a destination with Storage Commitment, whose report is awaited: not yet
+    # delivered (deliveries only; a notification never waits in it).
+    COMMITTING = "committing"
     SENT = "sent"
     FAILED = "failed"
 
@@ -192,6 +195,11 @@ class Delivery(_Outgoing, Base):
     kind: Mapped[str] = mapped_column(String(8))  # which object set: its files are <kind>-*.dcm
     result_folder: Mapped[str] = mapped_column(Text)  # relative to storage.root
     priority_high: Mapped[bool] = mapped_column(default=False)
+    # Storage Commitment (destinations with commitment = true): the Transaction UID of the
+    # latest request, which the destination's N-EVENT-REPORT names, and when it reported
+    # every object committed. sent_at is when the C-STOREs ended.
+    transaction_uid: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    committed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
 
     study: Mapped[Study] = relationship(back_populates="deliveries")
 

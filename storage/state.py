@@ -3,6 +3,8 @@
 Study:        receiving → ready → processing → done | failed   (a new CT image re-opens;
               `reanalyse` makes done or failed ready)
 Delivery:     pending → sent | failed                      (`retry` makes failed pending)
+              pending → committing → sent | pending | failed   (a destination with Storage
+              Commitment: its report, or none in time, ends the attempt)
 Notification: pending → sent | failed                      (the same back-off and retry)
 
 The caller owns the transaction (`Database.write()` or `Database.read()`): these
@@ -44,6 +46,7 @@ __all__ = [
     "DueDelivery",
     "DueNotification",
     "PurgeWork",
+    "OverdueCommitment",
     "FailureNotice",
     "store_marker",
     "claim_store_marker",
@@ -68,6 +71,9 @@ __all__ = [
     "release_notification",
     "notification_sent",
     "notification_attempt_failed",
+    "delivery_committing",
+    "commitment_resolved",
+    "overdue_commitments",
     "retry_failed",
     "claim_purge",
     "record_purge",
@@ -570,8 +576,11 @@ def _claim(session: Session, model: type[Delivery] | type[Notification], owner: 
 
 def _renew(session: Session, model: type[Delivery] | type[Notification], row_id: int, owner: str,
            now: dt.datetime) -> bool:
+    """A claim is kept while its row is pending, and while the sender asks a destination to
+    commit what it stored (committing)."""
     changed = session.execute(
-        update(model).where(model.id == row_id, model.claimed_by == owner, model.state == DeliveryState.PENDING)
+        update(model).where(model.id == row_id, model.claimed_by == owner,
+                            model.state.in_([DeliveryState.PENDING, DeliveryState.COMMITTING]))
         .values(heartbeat_at=now)
     ).rowcount
     return changed == 1
@@ -685,6 +694,62 @@ def delivery_attempt_failed(session: Session, delivery_id: int, owner: str, erro
                           initial_backoff=initial_backoff, max_backoff=max_backoff, now=now)
     session.flush()
     return row
+
+
+def delivery_committing(session: Session, delivery_id: int, owner: str, transaction_uid: str,
+                        now: dt.datetime) -> Delivery | None:
+    """`owner` stored the delivery at a destination with Storage Commitment and is about to
+    ask it to commit, under `transaction_uid`: the delivery waits for the report (recorded
+    before the request goes out, so that a report arriving at once finds it). The claim
+    stays `owner`'s until the report or the timeout ends the attempt. None when the claim
+    was taken over meanwhile."""
+    row = session.get(Delivery, delivery_id, populate_existing=True, with_for_update=True)
+    if row is None or row.claimed_by != owner or row.state != DeliveryState.PENDING:
+        return None
+    row.state, row.sent_at, row.transaction_uid, row.committed_at = DeliveryState.COMMITTING, now, transaction_uid, None
+    row.heartbeat_at = now
+    session.flush()
+    return row
+
+
+def commitment_resolved(session: Session, transaction_uid: str, error: str | None, *, max_attempts: int,
+                        initial_backoff: float, max_backoff: float, now: dt.datetime) -> Delivery | None:
+    """The attempt of the delivery awaiting commitment under `transaction_uid` ends: sent
+    (committed) when `error` is None, else a failed attempt retried after the back-off
+    (failed after `max_attempts`). None when no delivery awaits that transaction (unknown,
+    or already ended by another process, a report or the timeout)."""
+    row = session.scalar(select(Delivery).where(Delivery.transaction_uid == transaction_uid,
+                                                Delivery.state == DeliveryState.COMMITTING)
+                         .with_for_update().execution_options(populate_existing=True))
+    if row is None:
+        return None
+    row.claimed_by, row.heartbeat_at = None, None
+    if error is None:
+        row.committed_at = now
+        _sent(row, row.sent_at or now)
+    else:
+        row.state = DeliveryState.PENDING
+        _attempt_failed(row, error, max_attempts=max_attempts, initial_backoff=initial_backoff,
+                        max_backoff=max_backoff, now=now)
+    session.flush()
+    return row
+
+
+@dataclass(frozen=True)
+class OverdueCommitment:
+    """A delivery whose destination has not reported its commitment in time."""
+
+    transaction_uid: str
+    destination: str
+    sent_at: dt.datetime
+
+
+def overdue_commitments(session: Session, sent_before: dt.datetime) -> list[OverdueCommitment]:
+    """Deliveries awaiting commitment since before `sent_before`, oldest first."""
+    return [OverdueCommitment(uid, destination, sent_at) for uid, destination, sent_at in session.execute(
+        select(Delivery.transaction_uid, Delivery.destination, Delivery.sent_at)
+        .where(Delivery.state == DeliveryState.COMMITTING, Delivery.sent_at < sent_before)
+        .order_by(Delivery.sent_at, Delivery.id))]
 
 
 def notification_sent(session: Session, notification_id: int, owner: str, now: dt.datetime) -> Notification | None:
@@ -838,10 +903,12 @@ def outgoing_of(session: Session, study_ids: Collection[int]) -> tuple[dict[int,
 
 def undelivered_flagged(session: Session, verdict: str, pending_before: dt.datetime) -> list[tuple[Study, Delivery]]:
     """Studies whose latest verdict is `verdict` (the flag) with a delivery that failed or
-    that has been pending since before `pending_before`: each with its oldest such
+    that has been pending (or awaiting its Storage Commitment) since before
+    `pending_before`: each with its oldest such
     delivery, the longest undelivered study first."""
     stuck = or_(Delivery.state == DeliveryState.FAILED,
-                and_(Delivery.state == DeliveryState.PENDING, Delivery.created_at < pending_before))
+                and_(Delivery.state.in_([DeliveryState.PENDING, DeliveryState.COMMITTING]),
+                     Delivery.created_at < pending_before))
     found: dict[int, tuple[Study, Delivery]] = {}
     for delivery, study in session.execute(
             select(Delivery, Study).join(Study, Delivery.study_id == Study.id)
