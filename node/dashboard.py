@@ -152,20 +152,24 @@ class OutgoingRow:
     attempts: int
     last_error: str | None
     created_at: dt.datetime
-    sent_at: dt.datetime | None
+    sent_at: dt.datetime | None  # when the C-STOREs (or the POST) ended
     next_attempt_at: dt.datetime | None
+    # Storage Commitment: when the destination reported every object committed (None
+    # without commitment; state "committing" while its report is awaited).
+    committed_at: dt.datetime | None = None
 
     @classmethod
     def of(cls, row: Delivery | Notification) -> "OutgoingRow":
         error = row.last_error
+        committed_at = None
         if isinstance(row, Delivery):
-            target, kind = row.destination, row.kind
+            target, kind, committed_at = row.destination, row.kind, row.committed_at
         else:
             target, kind = redact_url(row.url), "webhook"
             error = error and error.replace(row.url, target)  # recorded by a release that did not redact it
         waiting = row.state.value == "pending"
         return cls(target, kind, row.state.value, row.attempts, error, row.created_at, row.sent_at,
-                   row.next_attempt_at if waiting else None)
+                   row.next_attempt_at if waiting else None, committed_at)
 
 
 @dataclass(frozen=True)
