@@ -829,7 +829,8 @@ def studies_in_progress(session: Session, stale_seconds: float, now: dt.datetime
 
 
 def state_counts(session: Session) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """(studies, deliveries, notifications) by state, every state listed."""
+    """(studies, deliveries, notifications) by state, every state listed (a notification
+    is never committing)."""
     def count(model: type) -> dict:
         return dict(session.execute(select(model.state, func.count()).group_by(model.state)).all())
 
@@ -837,7 +838,7 @@ def state_counts(session: Session) -> tuple[dict[str, int], dict[str, int], dict
     return (
         {s.value: studies.get(s, 0) for s in StudyState},
         {s.value: deliveries.get(s, 0) for s in DeliveryState},
-        {s.value: notifications.get(s, 0) for s in DeliveryState},
+        {s.value: notifications.get(s, 0) for s in DeliveryState if s != DeliveryState.COMMITTING},
     )
 
 

@@ -35,8 +35,8 @@ from tests.conftest import BACKENDS, new_postgres_database
 DATA = Path(__file__).parent / "data"
 QUEUE_TABLES = ("studies", "instances", "deliveries", "notifications")
 SCHEMA_3_TABLES = (*QUEUE_TABLES, "ichnode_schema")
-NEW_COLUMNS = {"deliveries": {"claimed_by", "heartbeat_at"}, "notifications": {"claimed_by", "heartbeat_at"},
-               "studies": {"held_until"}}
+NEW_COLUMNS = {"deliveries": {"claimed_by", "heartbeat_at", "transaction_uid", "committed_at"},
+               "notifications": {"claimed_by", "heartbeat_at"}, "studies": {"held_until"}}
 # Added text columns that are empty (not NULL) in rows from before them.
 NEW_TEXT_COLUMNS = {"studies": {"study_date", "modality", "study_description"}}
 

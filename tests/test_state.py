@@ -24,11 +24,14 @@ from storage.state import (
     claim_delivery,
     claim_next_study,
     claim_notification,
+    commitment_resolved,
     defer_study,
     delivery_attempt_failed,
+    delivery_committing,
     delivery_sent,
     fail_study,
     failed_study_uids,
+    overdue_commitments,
     finish_study,
     heartbeat,
     hold_studies,
@@ -606,6 +609,28 @@ def test_delivery_fails_at_max_attempts(session: Session) -> None:
     assert claim(session, at(10**6)) is None
 
 
+def test_a_commitment_is_resolved_once_by_its_transaction_and_keeps_the_claim_until_then(session: Session) -> None:
+    delivery_id = one_delivery(session)
+    assert claim(session, at(10**5)) is not None
+    committing = delivery_committing(session, delivery_id, "s1", "9.9.1", at(1000))
+    assert committing.state == DeliveryState.COMMITTING and committing.sent_at == at(1000)
+    assert renew_delivery(session, delivery_id, "s1", at(1001))  # still the sender's while it asks
+    assert claim(session, at(10**6)) is None  # awaiting its report: nobody sends it again
+    assert overdue_commitments(session, at(1000)) == []
+    assert [o.transaction_uid for o in overdue_commitments(session, at(1001))] == ["9.9.1"]
+    settings = dict(max_attempts=3, initial_backoff=10, max_backoff=900)
+    assert commitment_resolved(session, "9.9.2", None, **settings, now=at(1002)) is None  # not this transaction
+    failed = commitment_resolved(session, "9.9.1", "no storage commitment", **settings, now=at(1002))
+    assert (failed.state, failed.attempts, failed.next_attempt_at) == (DeliveryState.PENDING, 1, at(1012))
+    assert failed.claimed_by is None and failed.committed_at is None
+    # A report arriving after the timeout ended the attempt changes nothing.
+    assert commitment_resolved(session, "9.9.1", None, **settings, now=at(1003)) is None
+    assert claim(session, at(1012)) is not None
+    delivery_committing(session, delivery_id, "s1", "9.9.3", at(1013))
+    sent = commitment_resolved(session, "9.9.3", None, **settings, now=at(1014))
+    assert (sent.state, sent.attempts, sent.sent_at, sent.committed_at) == (DeliveryState.SENT, 2, at(1013), at(1014))
+
+
 def test_deliveries_are_claimed_by_priority_time_and_destination(session: Session) -> None:
     study_a = processing_study(session)
     finish(session, study_a.id, started_at=at(61), priority=False, destinations=("pacs",))
@@ -752,7 +777,7 @@ def test_result_folders_are_those_deliveries_and_studies_refer_to(session: Sessi
 def test_state_counts_lists_every_state(session: Session) -> None:
     assert state_counts(session) == (
         {"receiving": 0, "ready": 0, "processing": 0, "done": 0, "failed": 0},
-        {"pending": 0, "sent": 0, "failed": 0},
+        {"pending": 0, "committing": 0, "sent": 0, "failed": 0},
         {"pending": 0, "sent": 0, "failed": 0},
     )
     delivery_id = one_delivery(session)  # study 1.2.3.4 done, one pending delivery
@@ -760,7 +785,7 @@ def test_state_counts_lists_every_state(session: Session) -> None:
     receive(session, "7.1", at(500), study="7")
     studies, deliveries, notifications = state_counts(session)
     assert studies == {"receiving": 1, "ready": 0, "processing": 0, "done": 1, "failed": 0}
-    assert deliveries == {"pending": 1, "sent": 0, "failed": 0}
+    assert deliveries == {"pending": 1, "committing": 0, "sent": 0, "failed": 0}
     assert notifications == {"pending": 1, "sent": 0, "failed": 0}
 
 
