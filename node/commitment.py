@@ -125,7 +125,10 @@ class Commitments:
                                             STORAGE_COMMITMENT_INSTANCE)
             code = getattr(status, "Status", None)
             if code is None:
-                raise DeliveryError(f"{where} did not answer the storage commitment request within {timeout:g} s")
+                raise DeliveryError(f"{where} gave no answer to the storage commitment request (it ended the "
+                                    f"association, or did not answer within {timeout:g} s): a PACS refuses the "
+                                    f"request of a node it does not know as a modality; give it AE title "
+                                    f"{self.config.calling_ae_title}, this host and node.port")
             if code != SUCCESS:
                 meaning = GENERAL_STATUS.get(code, ("", "unknown status"))[1]
                 raise DeliveryError(f"{where} refused the storage commitment request: status 0x{code:04X} ({meaning})")

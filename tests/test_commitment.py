@@ -241,6 +241,19 @@ def test_a_commitment_that_never_comes_is_a_failed_attempt_and_is_sent_again(nod
     assert again.state == DeliveryState.COMMITTING and again.transaction_uid != first_transaction
 
 
+def test_a_pacs_that_does_not_know_the_node_refuses_the_request_and_the_attempt_fails(node: Node) -> None:
+    stranger = dataclasses.replace(node.config, delivery=dataclasses.replace(node.config.delivery,
+                                                                             calling_ae_title="STRANGER"))
+    deliveries = Deliveries(stranger, node.database, node.store, DicomSender("STRANGER", 10), node.triage_log)
+    study_uid = _result(node, "orthanc")
+    assert deliveries.send_due(node.destination("orthanc")) == 1
+    failed = node.delivery(study_uid)
+    assert failed.state == DeliveryState.PENDING and failed.attempts == 1 and failed.committed_at is None
+    assert failed.last_error.startswith("orthanc (PACS@127.0.0.1:") and "does not know as a modality; give it AE " \
+        "title STRANGER" in failed.last_error
+    assert [e["event"] for e in node.events(study_uid)] == ["awaiting_commitment", "delivery_failed"]
+
+
 def test_a_report_of_failures_is_a_failed_attempt_and_is_sent_again(node: Node) -> None:
     study_uid = _result(node, "failing")
     destination = node.destination("failing")
