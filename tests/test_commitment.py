@@ -36,7 +36,7 @@ from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utc
 from storage.state import claim_purge, undelivered_flagged
 from storage.store import InstanceStore
 from tests.conftest import add_delivery
-from tests.peers import Orthanc, free_port, wait_for
+from tests.peers import NodeProcess, Orthanc, free_port, node_config, wait_for
 
 NODE_AET = "ICHNODE"
 COMMITMENT_TIMEOUT = 1.0
@@ -157,9 +157,13 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
 def _result(node: Node, destination: str) -> str:
     """A done, flagged study whose result (one Secondary Capture) is due for `destination`;
     its StudyInstanceUID."""
+    return _due_result(node.store, node.database, destination)
+
+
+def _due_result(store: InstanceStore, database: Database, destination: str) -> str:
     study_uid, series_uid = generate_uid(), generate_uid()
     folder = f"results/{study_uid}/{series_uid}"
-    (node.store.root / folder).mkdir(parents=True)
+    (store.root / folder).mkdir(parents=True)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -174,9 +178,9 @@ def _result(node: Node, destination: str) -> str:
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit, ds.PixelRepresentation = 7, 0
     ds.PixelData = np.zeros((8, 8), np.uint8).tobytes()
-    ds.save_as(node.store.root / folder / "sc-1.dcm", enforce_file_format=True)
+    ds.save_as(store.root / folder / "sc-1.dcm", enforce_file_format=True)
     now = utcnow()
-    with node.database.write() as session:
+    with database.write() as session:
         study = Study(study_instance_uid=study_uid, state=StudyState.DONE, first_received_at=now,
                       last_received_at=now, verdict="SUSPECTED - PRIORITY", result_series_uid=series_uid)
         session.add(study)
@@ -296,3 +300,53 @@ def test_retention_keeps_a_study_whose_result_awaits_commitment(tmp_path: Path) 
     with database.write() as session:
         assert claim_purge(session, utcnow()).study_instance_uid == "1.2.3"  # once committed, it may go
     database.dispose()
+
+
+def test_serve_asks_for_commitment_and_any_process_records_the_report(tmp_path: Path) -> None:
+    """`ichnode serve` sends and asks; the report goes to another process's SCP on the same
+    database (Orthanc knows that one as the node), which records it. A destination that
+    never reports is failed by serve's scheduled check."""
+    scp_port, serve_port = free_port(), free_port()
+    pacs = Orthanc(tmp_path / "orthanc", modalities={"NODE": (NODE_AET, scp_port)}).start()
+    silent = SmallPacs(scp_port, report=False)
+    store = InstanceStore(tmp_path / "store")
+    store.ensure()
+    database = Database(f"sqlite:///{tmp_path / 'node.db'}", create=True)
+    other = parse_config({"node": {"ae_title": NODE_AET, "host": "127.0.0.1", "port": scp_port},
+                          "storage": {"root": str(store.root), "database_url": f"sqlite:///{tmp_path / 'node.db'}"},
+                          "log": {"path": str(tmp_path / "other.log")}}, tmp_path)
+    triage_log = TriageLog(other.log.path)
+    server = start_scp(other.node, Ingest(store, database, triage_log), Commitments(other, database, triage_log))
+    (tmp_path / "serve").mkdir()
+    text = node_config(tmp_path / "serve", port=serve_port, checkpoint=None, overrides={
+        "storage": {"root": str(store.root), "database_url": f"sqlite:///{tmp_path / 'node.db'}"},
+        "worker": {"enabled_in_serve": False},
+        "delivery": {"commitment_timeout_seconds": 1, "initial_backoff_seconds": 60, "max_backoff_seconds": 60}})
+    for name, port in (("orthanc", pacs.dicom_port), ("silent", silent.port)):
+        text += (f'\n[[destinations]]\nname = "{name}"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {port}\n'
+                 "commitment = true\n")
+    serve = NodeProcess(tmp_path / "serve", text, serve_port)
+    try:
+        committed, never = _due_result(store, database, "orthanc"), _due_result(store, database, "silent")
+        serve.start()
+
+        def state(study_uid: str) -> Delivery:
+            with database.read() as session:
+                return session.query(Delivery).join(Study).filter(Study.study_instance_uid == study_uid).one()
+
+        wait_for(lambda: state(committed).state == DeliveryState.SENT, timeout=60, what="the commitment")
+        assert state(committed).committed_at is not None
+        served = read_events(tmp_path / "serve" / "triage.log")
+        assert [e["event"] for e in served if e["study_instance_uid"] == committed] == ["awaiting_commitment"]
+        recorded = [e for e in read_events(other.log.path) if e["study_instance_uid"] == committed]
+        assert [(e["event"], e["committed"]) for e in recorded] == [("delivered", True)]
+
+        wait_for(lambda: state(never).attempts == 1, timeout=60, what="serve to fail the overdue commitment")
+        assert state(never).state == DeliveryState.PENDING
+        assert state(never).last_error == "no storage commitment from silent within 1 s"
+    finally:
+        serve.stop()
+        server.shutdown()
+        silent.stop()
+        pacs.stop()
+        database.dispose()
