@@ -180,6 +180,8 @@ def test_integer_accepted_for_float_setting() -> None:
         ({"explain": {"gradcam_layer": "layer2"}}, "explain.gradcam_layer"),
         ({"output": {"series_number": 0}}, "output.series_number"),
         ({"delivery": {"max_backoff_seconds": 1}}, "delivery.max_backoff_seconds"),
+        ({"delivery": {"commitment_timeout_seconds": 0}}, "delivery.commitment_timeout_seconds"),
+        ({"destinations": [{**DESTINATION, "commitment": "yes"}]}, "destinations[0].commitment"),
         ({"storage": {"database_url": "node.db"}}, "storage.database_url"),
         ({"destinations": [{**DESTINATION, "port": 70000}]}, "destinations[0].port"),
         ({"destinations": [DESTINATION, {**DESTINATION, "ae_title": "C" * 17}]},
