@@ -45,9 +45,6 @@ def build_ae(node: NodeSection) -> AE:
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
-    # A destination reporting its Storage Commitment opens the association as the SCP of
-    # the Push Model; the SCP/SCU Role Selection it may propose for that is accepted.
-    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
     return ae
 
 
@@ -121,6 +118,9 @@ def start_scp(node: NodeSection, ingest: Ingest, commitments: Commitments | None
     handlers = [(evt.EVT_C_STORE, handle_store, [ingest]), (evt.EVT_C_ECHO, handle_echo),
                 (evt.EVT_CONN_CLOSE, handle_association_end, [ingest])]
     if commitments is not None:
+        # A destination reporting its Storage Commitment opens the association as the SCP of
+        # the Push Model; the SCP/SCU Role Selection it may propose for that is accepted.
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         handlers.append((evt.EVT_N_EVENT_REPORT, handle_event_report, [commitments]))
     context = tls_context(node)
     server = start_guarded_server(ae, node, handlers, context)
