@@ -10,8 +10,9 @@ gets the same objects, same SOPInstanceUIDs, a second time if the first send had
 it). Every step of a send is bounded by `delivery.timeout_seconds` (TCP connect,
 association, each PDU, each response).
 
-`Sender` is the seam: `DicomSender` speaks C-STORE; tests may pass any object with the
-same `send` method.
+`Sender` is the seam: `DicomSender` speaks C-STORE, `node.stow_out.DicomwebSender`
+STOW-RS, and `senders(config)` routes each destination to the one its `kind` names;
+tests may pass any object with the same `send` method.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node.config import Config, Destination
+from node.config import Config, Destination, DestinationKind
 from node.errors import DeliveryError, StorageError
 from node.lease import claimant_id, work_claimed
+from node.stow_out import DicomwebSender
 from node.triagelog import TriageLog
 from storage.db import Database, DeliveryState, utcnow
 from storage.state import DueDelivery, claim_delivery, delivery_attempt_failed, delivery_sent, renew_delivery
 from storage.store import InstanceStore
 
-__all__ = ["Sender", "DicomSender", "Deliveries"]
+__all__ = ["Sender", "DicomSender", "SenderByKind", "senders", "Deliveries"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ class DicomSender:
         ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_seconds
         for sop_class in (SecondaryCaptureImageStorage, Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+        where = f"{destination.name} ({destination.described})"
         heard: list[object] = []  # the peer's last association-control message
 
         def remember(event: Event) -> None:
@@ -118,6 +120,24 @@ class DicomSender:
                     raise DeliveryError(f"{where} refused {path.name}: status 0x{code:04X} ({meaning})")
         except (OSError, RuntimeError, ValueError) as exc:  # connection lost, unreadable file
             raise DeliveryError(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+
+class SenderByKind:
+    """A Sender that hands each send to the sender for its destination's kind."""
+
+    def __init__(self, by_kind: dict[DestinationKind, Sender]) -> None:
+        self.by_kind = by_kind
+
+    def send(self, destination: Destination, files: list[Path], *, priority_high: bool) -> None:
+        self.by_kind[destination.kind].send(destination, files, priority_high=priority_high)
+
+
+def senders(config: Config) -> SenderByKind:
+    """C-STORE for kind "dimse" destinations, STOW-RS for kind "dicomweb", each bounded by
+    `delivery.timeout_seconds` (a DICOMweb destination's own timeout_seconds wins)."""
+    timeout = config.delivery.timeout_seconds
+    return SenderByKind({DestinationKind.DIMSE: DicomSender(config.calling_ae_title, timeout),
+                         DestinationKind.DICOMWEB: DicomwebSender(timeout)})
 
 
 class Deliveries:

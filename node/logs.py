@@ -30,8 +30,9 @@ _ABOUT_CODE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 # Loggers that speak too much below WARNING: each request's whole URL (a webhook's
 # secret) for httpx, every job run for apscheduler, every PDU for pynetdicom, every
-# revision's docstring for Alembic.
-_QUIET = ("pynetdicom", "apscheduler", "httpx", "alembic")
+# revision's docstring for Alembic, every STOW-RS request and connection for
+# dicomweb_client and urllib3 (under requests).
+_QUIET = ("pynetdicom", "apscheduler", "httpx", "alembic", "dicomweb_client", "urllib3")
 
 # What pynetdicom logs at ERROR when an association the node requested fails (pynetdicom
 # 3.0: transport.py, acse.py's requestor negotiation, association.py's waits for a
