@@ -8,7 +8,8 @@ while the claim is kept alive (node.lease), and its outcome recorded in another.
 out once; one that dies mid-send is taken over when its claim goes stale (the PACS then
 gets the same objects, same SOPInstanceUIDs, a second time if the first send had reached
 it). Every step of a send is bounded by `delivery.timeout_seconds` (TCP connect,
-association, each PDU, each response).
+association, each PDU, each response; for a DICOMweb destination the connect and each
+read of the answer, by its own `timeout_seconds` when set).
 
 `Sender` is the seam: `DicomSender` speaks C-STORE, `node.stow_out.DicomwebSender`
 STOW-RS, and `senders(config)` routes each destination to the one its `kind` names;

@@ -12,7 +12,6 @@ Sequence. Messages name the destination by `Destination.described`, never a secr
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def _answer_of(response: requests.Response) -> Dataset:
         return Dataset()
     try:
         return Dataset.from_json(response.json())
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError):
+    except (ValueError, TypeError, KeyError):  # not JSON, or not DICOM JSON
         return Dataset()
 
 
@@ -81,9 +80,10 @@ class DicomwebSender:
             answer = client.store_instances(datasets)
         except requests.HTTPError as exc:
             raise DeliveryError(self._refused(where, exc.response)) from None
-        except requests.Timeout:
-            raise DeliveryError(f"{where} did not answer the STOW-RS request within {peer.timeout_seconds:g} s") from None
-        except requests.ConnectionError as exc:
+        except (requests.Timeout, requests.ConnectionError) as exc:
+            if isinstance(exc, requests.Timeout) or "timed out" in str(exc):  # a send that blocked is "aborted"
+                raise DeliveryError(f"{where} did not answer the STOW-RS request within "
+                                    f"{peer.timeout_seconds:g} s") from None
             raise DeliveryError(f"{where} could not be reached ({_cause(exc)})") from None
         except (requests.RequestException, ValueError, KeyError) as exc:  # an answer that cannot be read
             raise DeliveryError(f"{where} answered the STOW-RS request with something unreadable: "

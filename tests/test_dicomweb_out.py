@@ -13,6 +13,7 @@ import base64
 import http.server
 import io
 import json
+import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -101,9 +102,10 @@ def _sop_uids(folder: Path) -> list[str]:
 
 
 def _config_text(folder: Path, destination: str) -> str:
-    """A node config with fast retries and one [[destinations]] table."""
+    """A node config with one [[destinations]] table and a back-off long enough that one
+    `send_due` attempts each delivery once (`Node.back_off_passed` makes them due again)."""
     return node_config(folder, port=free_port(), checkpoint=None, overrides={
-        "delivery": {"initial_backoff_seconds": 0.2, "max_backoff_seconds": 0.5, "max_attempts": 5,
+        "delivery": {"initial_backoff_seconds": 60, "max_backoff_seconds": 60, "max_attempts": 5,
                      "timeout_seconds": 10}}) + f"\n[[destinations]]\n{destination}"
 
 
@@ -149,8 +151,13 @@ class Node:
     def events(self, name: str) -> list[dict]:
         return [e for e in read_events(self.config.log.path) if e["event"] == name]
 
+    def back_off_passed(self) -> None:
+        """Pending deliveries due now, as they are once their back-off has passed."""
+        with self.database.write() as session:
+            for row in session.query(Delivery).filter(Delivery.state == DeliveryState.PENDING):
+                row.next_attempt_at = utcnow()
+
     def all_sent(self) -> bool:
-        self.send_due()
         return all(row.state == DeliveryState.SENT for row in self.rows())
 
 
@@ -194,7 +201,8 @@ def test_a_wrong_password_is_named_as_refused_credentials_retried_and_never_show
     assert _instances_in(pacs) == []
 
     secret.write_text(f"{USER}:{PASSWORD}\n")  # fixed without a restart: the file is read at each send
-    wait_for(node.all_sent, timeout=30, what="the retried deliveries")
+    node.back_off_passed()
+    assert node.send_due() == 3 and node.all_sent()
     assert sorted(_instances_in(pacs)) == _sop_uids(results)
     assert [row.attempts for row in node.rows()] == [2, 2, 2]
 
@@ -209,7 +217,8 @@ def test_a_destination_down_then_up_gets_the_results_once(results: Path, tmp_pat
         assert "could not be reached ([Errno 111] Connection refused)" in rows[0].last_error
         assert len(node.events("delivery_failed")) == 3
         later.start()
-        wait_for(node.all_sent, timeout=30, what="the retried deliveries")
+        node.back_off_passed()
+        assert node.send_due() == 3 and node.all_sent()
         assert sorted(_instances_in(later, signed_in=False)) == _sop_uids(results)
         changes = [c for c in _rest(later, "/changes?limit=1000", signed_in=False)["Changes"]
                    if c["ChangeType"] == "NewInstance"]
@@ -276,18 +285,36 @@ def test_a_bearer_token_is_sent_and_an_unconfirmed_store_is_retried(results: Pat
     assert all(TOKEN not in row.last_error for row in rows) and TOKEN not in node.config.log.path.read_text()
 
 
-def test_refused_parts_are_named_with_their_reason(results: Path, tmp_path: Path) -> None:
-    refused = {"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3.4.5"]},
-                                                    "00081197": {"vr": "US", "Value": [0xA700]}}]}}
-    answerer = StowAnswerer(409, refused)
+REFUSED = {"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3.4.5"]},
+                                                "00081197": {"vr": "US", "Value": [0xA700]}}]}}
+
+
+@pytest.mark.parametrize(("status", "answer", "said"), [
+    (409, REFUSED, "stored none of the results (HTTP 409), refused: 1.2.3.4.5: 0xA700 (Failure: Refused: Out of"),
+    (202, REFUSED, "refused part of the results: 1.2.3.4.5: 0xA700 (Failure: Refused: Out of"),
+    (503, {}, "answered the STOW-RS request with HTTP 503 Service Unavailable"),
+])
+def test_refused_parts_and_server_errors_are_named_and_retried(status: int, answer: dict, said: str, results: Path,
+                                                               tmp_path: Path) -> None:
+    answerer = StowAnswerer(status, answer)
     try:
         node = Node(tmp_path, _dicomweb(answerer.url), results)
         assert node.send_due() == 3
     finally:
         answerer.stop()
-    error = node.rows()[0].last_error
-    assert "HTTP 409" in error and "1.2.3.4.5: 0xA700" in error and "Out of Resources" in error
-    assert node.rows()[0].state == DeliveryState.PENDING
+    rows = node.rows()
+    assert said in rows[0].last_error and answerer.url in rows[0].last_error
+    assert all(row.state == DeliveryState.PENDING and row.attempts == 1 for row in rows)
+
+
+def test_a_destination_that_never_answers_is_cut_off_at_its_timeout(results: Path, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # connects, never accepts or answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        node = Node(tmp_path, _dicomweb(url) + "timeout_seconds = 1\n", results)
+        assert node.send_due() == 3
+    rows = node.rows()
+    assert "did not answer the STOW-RS request within 1 s" in rows[0].last_error
+    assert all(row.state == DeliveryState.PENDING for row in rows)
 
 
 def test_a_vanished_credentials_file_fails_the_attempt_with_its_name(results: Path, tmp_path: Path) -> None:
@@ -310,6 +337,8 @@ WEB = {"name": "web", "kind": "dicomweb", "url": "https://pacs.example.org/dicom
     ({**DIMSE, "url": "https://pacs.example.org/dicom-web"}, "destinations[0].url"),
     ({**DIMSE, "auth": "basic"}, "destinations[0].auth"),
     ({**DIMSE, "credentials_file": "pacs.secret"}, "destinations[0].credentials_file"),
+    ({**DIMSE, "timeout_seconds": 5}, "destinations[0].timeout_seconds"),
+    ({**WEB, "timeout_seconds": 0}, "destinations[0].timeout_seconds"),
     ({**WEB, "auth": "bearer"}, "destinations[0].credentials_file"),
     ({**WEB, "url": "https://user:pass@pacs.example.org/dicom-web"}, "destinations[0].url"),
     ({**WEB, "kind": "fhir"}, "destinations[0].kind"),
