@@ -27,7 +27,7 @@ from node.errors import ConfigError, DeliveryError
 
 __all__ = ["DicomwebSender"]
 
-_ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]*")
+_ERRNO = re.compile(r"\[(?:Errno -?\d+|SSL: [A-Z_]+)\] [^'\")(]*")
 
 
 def _failure_reason(code: object) -> str:
@@ -64,8 +64,7 @@ class DicomwebSender:
         self.timeout_seconds = timeout_seconds
 
     def send(self, destination: Destination, files: list[Path], *, priority_high: bool) -> None:
-        # STOW-RS has no priority: a flagged study's results are not queued behind others
-        # anyway, each destination having a sending thread of its own.
+        # STOW-RS has no priority; a flagged study's results are still claimed first.
         where = f"{destination.name} ({destination.described})"
         datasets = [self._read(where, path) for path in files]
         peer = destination.peer
@@ -125,7 +124,8 @@ class DicomwebSender:
 
 
 def _cause(exc: requests.ConnectionError) -> str:
-    """Why the connection failed ("[Errno 111] Connection refused"), without the URL
-    and pool details requests wraps around it."""
+    """Why the connection failed ("[Errno 111] Connection refused", "[SSL:
+    CERTIFICATE_VERIFY_FAILED] certificate verify failed: …"), without the URL and pool
+    details requests wraps around it."""
     found = _ERRNO.search(str(exc))
-    return found.group(0) if found else type(exc).__name__
+    return found.group(0).strip() if found else type(exc).__name__
