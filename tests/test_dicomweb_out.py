@@ -23,13 +23,19 @@ import pydicom
 import pytest
 import torch
 
+from starlette.testclient import TestClient
+
 from node.analysis import AnalysisSettings, analyse
 from node.config import Config, check_paths, load_config, parse_config
+from node.dashboard import Dashboard, ModelInfo
 from node.delivery import Deliveries, senders
 from node.errors import ConfigError
+from node.health import Readiness
+from node.history import TriageHistory
 from node.output import KosFor, ResultKind, encode
 from node.status import print_status
 from node.triagelog import TriageLog, read_events
+from node.web import create_app
 from node.worker import read_slice
 from storage.db import Database, Delivery, DeliveryState, Study, StudyState, utcnow
 from storage.store import InstanceStore
@@ -183,6 +189,18 @@ def test_results_go_to_orthanc_by_stow_rs_signed_in_with_basic_auth(pacs: Orthan
     assert node.send_due() == 0  # nothing is sent twice
 
 
+def _pages(node: Node, *paths: str) -> list:
+    """The node's web pages (and API) over its own database, as `serve` shows them."""
+    config = node.config
+    dashboard = Dashboard(config, node.database, node.store, TriageHistory(config.log.path), ModelInfo.of(config, None))
+    readiness = Readiness(node.database, node.store, 0, model_loaded=False, model_configured=False,
+                          scheduler_running=lambda: True, worker=None, worker_stale_seconds=120)
+    web = TestClient(create_app(config, dashboard, readiness), base_url="http://127.0.0.1:8080")
+    pages = [web.get(path) for path in paths]
+    assert all(page.status_code == 200 for page in pages)
+    return pages
+
+
 def test_a_wrong_password_is_named_as_refused_credentials_retried_and_never_shown(pacs: Orthanc, results: Path,
                                                                                    tmp_path: Path) -> None:
     _empty(pacs)
@@ -194,9 +212,13 @@ def test_a_wrong_password_is_named_as_refused_credentials_retried_and_never_show
     assert "the destination refused the node's credentials (HTTP 401)" in rows[0].last_error
     assert pacs.dicomweb_url in rows[0].last_error
     out = io.StringIO()
-    print_status(node.config, out, as_json_text=True)  # what `ichnode status --json` and the pages show
-    assert pacs.dicomweb_url in out.getvalue() and "HTTP 401" in out.getvalue()
-    for shown in (out.getvalue(), node.config.log.path.read_text(), *(row.last_error for row in rows)):
+    print_status(node.config, out)  # `ichnode status`
+    assert f"destinations:  web {pacs.dicomweb_url}\n" in out.getvalue()
+    print_status(node.config, out, as_json_text=True)
+    assert "HTTP 401" in out.getvalue()
+    pages = [page.text for page in _pages(node, "/studies/1.2.3", "/api/studies/1.2.3")]
+    assert all(pacs.dicomweb_url in page and "credentials (HTTP 401)" in page for page in pages)
+    for shown in (out.getvalue(), *pages, node.config.log.path.read_text(), *(row.last_error for row in rows)):
         assert PASSWORD not in shown
     assert _instances_in(pacs) == []
 
