@@ -483,8 +483,9 @@ class DestinationKind(enum.StrEnum):
     DICOMWEB = "dicomweb"  # STOW-RS to url
 
 
-_DIMSE_KEYS = ("ae_title", "host", "port")
-_DICOMWEB_KEYS = ("url", "auth", "credentials_file", "timeout_seconds")
+# Keys only one kind uses: set on a destination of the other kind, they are an error.
+_DIMSE_ONLY = ("ae_title", "host", "port")
+_DICOMWEB_ONLY = ("url", "auth", "credentials_file", "timeout_seconds")
 
 
 @dataclass(frozen=True)
@@ -510,10 +511,10 @@ class Destination:
         if len(self.name) > DESTINATION_NAME_LENGTH:
             raise ConfigError(f"{key}.name must be at most {DESTINATION_NAME_LENGTH} characters, got {self.name!r}")
         if self.kind == DestinationKind.DIMSE:
-            self._refuse_keys(key, _DICOMWEB_KEYS)
+            self._refuse_keys(key, _DICOMWEB_ONLY)
             self._validate_dimse(key)
         else:
-            self._refuse_keys(key, _DIMSE_KEYS)
+            self._refuse_keys(key, _DIMSE_ONLY)
             self._validate_dicomweb(key)
 
     def _refuse_keys(self, key: str, names: tuple[str, ...]) -> None:
@@ -521,12 +522,12 @@ class Destination:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name in names:
             if getattr(self, name) != defaults[name]:
-                wanted = "dicomweb" if name in _DICOMWEB_KEYS else "dimse"
+                wanted = "dicomweb" if name in _DICOMWEB_ONLY else "dimse"
                 raise ConfigError(f"{key}.{name} is for kind = \"{wanted}\" destinations, but {key}.kind is "
                                   f"\"{self.kind}\": remove it, or set kind = \"{wanted}\"")
 
     def _validate_dimse(self, key: str) -> None:
-        missing = [name for name in _DIMSE_KEYS if not getattr(self, name)]
+        missing = [name for name in ("ae_title", "host", "port") if not getattr(self, name)]
         if missing:
             raise ConfigError(f"{key}.{missing[0]} is missing or empty: a kind = \"dimse\" destination needs "
                               "ae_title, host and port (1-65535)")
