@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from contextlib import closing
@@ -191,6 +192,8 @@ class Orthanc:
     def _http_ok(self) -> bool:
         try:
             self.get("/system")
+            return True
+        except urllib.error.HTTPError:  # an answer (401 with AuthenticationEnabled): it is up
             return True
         except OSError:
             return False

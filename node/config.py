@@ -49,6 +49,7 @@ __all__ = [
     "AlertsSection",
     "HttpAuth",
     "DicomwebPeer",
+    "DestinationKind",
     "Destination",
     "NotifyOn",
     "ChatFormat",
@@ -479,14 +480,36 @@ class DicomwebPeer:
         _positive(f"{key}.timeout_seconds", self.timeout_seconds)
 
 
+class DestinationKind(enum.StrEnum):
+    """How results reach a destination."""
+
+    DIMSE = "dimse"  # C-STORE to ae_title@host:port
+    DICOMWEB = "dicomweb"  # STOW-RS to url
+
+
+# Keys only one kind uses: set on a destination of the other kind, they are an error.
+_DIMSE_ONLY = ("ae_title", "host", "port", "commitment")
+_DICOMWEB_ONLY = ("url", "auth", "credentials_file", "timeout_seconds")
+
+
 @dataclass(frozen=True)
 class Destination:
+    """A PACS (or archive) results are sent to: by C-STORE (kind "dimse": ae_title, host,
+    port) or by STOW-RS (kind "dicomweb": url, auth, credentials_file, timeout_seconds)."""
+
     name: str
-    ae_title: str
-    host: str
-    port: int
-    # Storage Commitment: after the C-STOREs the node asks the destination to commit them
-    # (N-ACTION) and counts the result delivered only when its N-EVENT-REPORT says so.
+    # kind = "dimse" (first, so that Destination(name, ae_title, host, port) reads as before)
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    kind: DestinationKind = DestinationKind.DIMSE
+    # kind = "dicomweb" (see DicomwebPeer)
+    url: str = ""
+    auth: HttpAuth = HttpAuth.NONE
+    credentials_file: Path | None = None
+    timeout_seconds: float | None = None  # None: delivery.timeout_seconds
+    # kind = "dimse" only. Storage Commitment: after the C-STOREs the node asks the destination
+    # to commit them (N-ACTION) and counts the result delivered only when its N-EVENT-REPORT says so.
     commitment: bool = False
 
     def validate(self, key: str) -> None:
@@ -494,10 +517,51 @@ class Destination:
             raise ConfigError(f"{key}.name must not be empty")
         if len(self.name) > DESTINATION_NAME_LENGTH:
             raise ConfigError(f"{key}.name must be at most {DESTINATION_NAME_LENGTH} characters, got {self.name!r}")
+        if self.kind == DestinationKind.DIMSE:
+            self._refuse_keys(key, _DICOMWEB_ONLY)
+            self._validate_dimse(key)
+        else:
+            self._refuse_keys(key, _DIMSE_ONLY)
+            self._validate_dicomweb(key)
+
+    def _refuse_keys(self, key: str, names: tuple[str, ...]) -> None:
+        """ConfigError naming the first of `names` set although this kind does not use it."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in names:
+            if getattr(self, name) != defaults[name]:
+                wanted = "dicomweb" if name in _DICOMWEB_ONLY else "dimse"
+                raise ConfigError(f"{key}.{name} is for kind = \"{wanted}\" destinations, but {key}.kind is "
+                                  f"\"{self.kind}\": remove it, or set kind = \"{wanted}\"")
+
+    def _validate_dimse(self, key: str) -> None:
+        missing = [name for name in ("ae_title", "host", "port") if not getattr(self, name)]
+        if missing:
+            raise ConfigError(f"{key}.{missing[0]} is missing or empty: a kind = \"dimse\" destination needs "
+                              "ae_title, host and port (1-65535)")
         _ae_title(f"{key}.ae_title", self.ae_title)
         _port(f"{key}.port", self.port)
         if not self.host.strip():
             raise ConfigError(f"{key}.host must not be empty")
+
+    def _validate_dicomweb(self, key: str) -> None:
+        if not self.url:
+            raise ConfigError(f"{key}.url is missing: a kind = \"dicomweb\" destination needs the DICOMweb "
+                              "service root, e.g. https://pacs.example.org/dicom-web")
+        self.peer.validate(key)
+
+    @property
+    def peer(self) -> DicomwebPeer:
+        """The DICOMweb peer a kind = "dicomweb" destination names."""
+        timeout = {} if self.timeout_seconds is None else {"timeout_seconds": self.timeout_seconds}
+        return DicomwebPeer(url=self.url, auth=self.auth, credentials_file=self.credentials_file, **timeout)
+
+    @property
+    def described(self) -> str:
+        """Where results go, for logs, pages and `ichnode status`: AET@host:port, or the
+        URL without user, query or fragment (never a secret)."""
+        if self.kind == DestinationKind.DIMSE:
+            return f"{self.ae_title}@{self.host}:{self.port}"
+        return _without_secrets(self.url)
 
 
 class NotifyOn(enum.StrEnum):
@@ -552,6 +616,18 @@ def redact_url(url: str) -> str:
     except ValueError:  # not a number: shown as no port
         port = ""
     return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}/…"
+
+
+def _without_secrets(url: str) -> str:
+    """scheme://host[:port]/path — a DICOMweb service root as shown anywhere: a user,
+    password, query or fragment is left out (a query can carry an access key)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: shown as no port
+        port = ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}{parts.path}"
 
 
 @dataclass(frozen=True)
@@ -673,7 +749,8 @@ def _can_create(config: Config, key: str, path: Path, *, folder: bool) -> None:
 def check_paths(config: Config) -> None:
     """What `serve` and `worker` read and create, checked before they create anything, so
     that a wrong path leaves no empty database, store or log behind: the checkpoint exists,
-    and storage.root, an SQLite database and log.path are, or can be made, where configured."""
+    storage.root, an SQLite database and log.path are, or can be made, where configured; and
+    each destination's credentials file can be read (its content is read at each send)."""
     checkpoint = config.model.checkpoint
     if checkpoint is not None and not checkpoint.is_file():
         what = "is not a file" if checkpoint.exists() else "does not exist"
@@ -683,6 +760,11 @@ def check_paths(config: Config) -> None:
     if database is not None:
         _can_create(config, "storage.database_url", database, folder=False)
     _can_create(config, "log.path", config.log.path, folder=False)
+    for i, destination in enumerate(config.destinations):
+        secret = destination.credentials_file
+        if secret is not None and not (secret.is_file() and os.access(secret, os.R_OK)):
+            what = "cannot be read by this user" if secret.is_file() else "does not exist"
+            raise ConfigError(f"destinations[{i}].credentials_file {secret} {what}{_relative_hint(config, secret)}")
 
 
 def config_path(explicit: str | Path | None) -> Path:

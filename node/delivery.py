@@ -8,11 +8,14 @@ while the claim is kept alive (node.lease), and its outcome recorded in another.
 out once; one that dies mid-send is taken over when its claim goes stale (the PACS then
 gets the same objects, same SOPInstanceUIDs, a second time if the first send had reached
 it). Every step of a send is bounded by `delivery.timeout_seconds` (TCP connect,
-association, each PDU, each response).
+association, each PDU, each response; for a DICOMweb destination the connect and each
+read of the answer, by its own `timeout_seconds` when set).
 
-`Sender` is the seam: `DicomSender` speaks C-STORE; tests may pass any object with the
-same `send` method. A destination with commitment = true is then asked to commit what it
-stored (node.commitment), and the delivery counts as sent only once it has.
+`Sender` is the seam: `DicomSender` speaks C-STORE, `node.stow_out.DicomwebSender`
+STOW-RS, and `senders(config)` routes each destination to the one its `kind` names;
+tests may pass any object with the same `send` method. A DIMSE destination with
+commitment = true is then asked to commit what it stored (node.commitment), and the
+delivery counts as sent only once it has.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.commitment import Commitments, new_transaction_uid
-from node.config import Config, Destination
+from node.config import Config, Destination, DestinationKind
 from node.errors import DeliveryError, StorageError
 from node.lease import claimant_id, work_claimed
+from node.stow_out import DicomwebSender
 from node.triagelog import TriageLog
 from storage.db import Database, DeliveryState, utcnow
 from storage.state import (
@@ -50,7 +54,7 @@ from storage.state import (
 )
 from storage.store import InstanceStore
 
-__all__ = ["Sender", "DicomSender", "Deliveries"]
+__all__ = ["Sender", "DicomSender", "SenderByKind", "senders", "Deliveries"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,7 @@ class DicomSender:
         ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_seconds
         for sop_class in (SecondaryCaptureImageStorage, Comprehensive3DSRStorage, KeyObjectSelectionDocumentStorage):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+        where = f"{destination.name} ({destination.described})"
         heard: list[object] = []  # the peer's last association-control message
 
         def remember(event: Event) -> None:
@@ -127,6 +131,24 @@ class DicomSender:
                     raise DeliveryError(f"{where} refused {path.name}: status 0x{code:04X} ({meaning})")
         except (OSError, RuntimeError, ValueError) as exc:  # connection lost, unreadable file
             raise DeliveryError(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+
+class SenderByKind:
+    """A Sender that hands each send to the sender for its destination's kind."""
+
+    def __init__(self, by_kind: dict[DestinationKind, Sender]) -> None:
+        self.by_kind = by_kind
+
+    def send(self, destination: Destination, files: list[Path], *, priority_high: bool) -> None:
+        self.by_kind[destination.kind].send(destination, files, priority_high=priority_high)
+
+
+def senders(config: Config) -> SenderByKind:
+    """C-STORE for kind "dimse" destinations, STOW-RS for kind "dicomweb", each bounded by
+    `delivery.timeout_seconds` (a DICOMweb destination's own timeout_seconds wins)."""
+    timeout = config.delivery.timeout_seconds
+    return SenderByKind({DestinationKind.DIMSE: DicomSender(config.calling_ae_title, timeout),
+                         DestinationKind.DICOMWEB: DicomwebSender(timeout)})
 
 
 class Deliveries:

@@ -30,12 +30,14 @@ _ABOUT_CODE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
 # Loggers that speak too much below WARNING: each request's whole URL (a webhook's
 # secret) for httpx, every job run for apscheduler, every PDU for pynetdicom, every
-# revision's docstring for Alembic.
-_QUIET = ("pynetdicom", "apscheduler", "httpx", "alembic")
+# revision's docstring for Alembic, every STOW-RS request and connection for
+# dicomweb_client and urllib3 (under requests).
+_QUIET = ("pynetdicom", "apscheduler", "httpx", "alembic", "dicomweb_client", "urllib3")
 
 # What pynetdicom logs at ERROR when an association the node requested fails (pynetdicom
 # 3.0: transport.py, acse.py's requestor negotiation, association.py's waits for a
-# response). The sender raises DeliveryError for each of these and the node logs that.
+# response), and what a failed STOW-RS request logs. The senders raise DeliveryError for
+# each of these and the node logs that.
 _SEND_ATTEMPT_LINES = {
     "pynetdicom.transport": ("Association request failed: unable to connect", "TCP Initialisation Error"),
     "pynetdicom.acse": ("No accepted presentation contexts", "Association Rejected", "Result: ", "Reason: ",
@@ -43,6 +45,9 @@ _SEND_ATTEMPT_LINES = {
                         "ACSE timeout reached while waiting for response to association request"),
     "pynetdicom.association": ("Connection closed while waiting for DIMSE message",
                                "DIMSE timeout reached while waiting for message response"),
+    # dicomweb-client's retry wrapper logs each failed STOW-RS request with its traceback;
+    # node.stow_out raises DeliveryError for it, logged by the node in one line.
+    "retrying": ("Attempts: ",),
 }
 
 

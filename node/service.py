@@ -31,7 +31,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from node.commitment import Commitments
 from node.config import Config, check_paths
 from node.dashboard import Dashboard, ModelInfo, inputs_line
-from node.delivery import DicomSender, Deliveries
+from node.delivery import Deliveries, senders
 from node.errors import ConfigError, DatabaseMissing, StorageError
 from node.health import Readiness
 from node.history import TriageHistory
@@ -382,8 +382,7 @@ def serve(config: Config) -> None:
     node = Node.build(config)
     stop = threading.Event()
     commitments = Commitments(config, node.database, node.triage_log)
-    deliveries = Deliveries(config, node.database, node.store,
-                            DicomSender(config.calling_ae_title, config.delivery.timeout_seconds), node.triage_log,
+    deliveries = Deliveries(config, node.database, node.store, senders(config), node.triage_log,
                             commitments=commitments)
     notifier = Notifier(config, node.database, node.triage_log)
     ingest = Ingest(node.store, node.database, node.triage_log, min_free_mb=config.storage.min_free_mb,
@@ -408,7 +407,7 @@ def serve(config: Config) -> None:
     try:
         if web is not None:
             web.start()
-        destinations = ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"
+        destinations = ", ".join(f"{d.name}={d.described}" for d in config.destinations) or "none"
         log.info("ready: AE %s on %s:%d; storage %s; destinations: %s; dashboard: %s", config.node.ae_title,
                  config.node.host, config.node.port, config.storage.root, destinations,
                  config.web.url if web is not None else "off (web.enabled = false)")

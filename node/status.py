@@ -40,6 +40,8 @@ def print_status(config: Config, out: TextIO, *, limit: int = 10, as_json_text: 
         return
     if version:
         out.write(f"node:          ichnode {version}, config {config.source}\n")
+    out.write("destinations:  " + ("  ".join(f"{d.name} {d.described}" for d in config.destinations) or "none")
+              + "\n")
     out.write("studies:       " + "  ".join(f"{k} {v}" for k, v in view.studies_by_state.items()) + "\n")
     out.write("deliveries:    " + "  ".join(f"{k} {v}" for k, v in view.deliveries_by_state.items()) + "\n")
     out.write("notifications: " + "  ".join(f"{k} {v}" for k, v in view.notifications_by_state.items()) + "\n")
