@@ -38,6 +38,7 @@ from node.ingest import Ingest
 from node.notify import Notifier
 from node.output import model_warnings
 from node.scp import start_scp, tls_context
+from node.stow_in import StowReceiver
 from node.triagelog import TriageLog
 from node.web import create_app
 from node.webserver import WebServer
@@ -353,8 +354,9 @@ def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries, notifier: Not
     return scheduler
 
 
-def _web(node: Node, scheduler: BackgroundScheduler, worker: Worker | None) -> WebServer:
-    """The pages, /metrics and health checks, reading what every process of the node shares."""
+def _web(node: Node, scheduler: BackgroundScheduler, worker: Worker | None, ingest: Ingest) -> WebServer:
+    """The pages, /metrics and health checks, reading what every process of the node shares;
+    STOW-RS receive into `ingest` too when dicomweb.enabled."""
     config = node.config
     dashboard = Dashboard(config, node.database, node.store,
                           TriageHistory(config.log.path, days=config.web.history_days),
@@ -365,7 +367,9 @@ def _web(node: Node, scheduler: BackgroundScheduler, worker: Worker | None) -> W
                           scheduler_running=lambda: scheduler.running,
                           worker=worker.liveness if worker is not None else None,
                           worker_stale_seconds=config.worker.stale_after_seconds, alerts=config.alerts)
-    return WebServer(config, create_app(config, dashboard, readiness))
+    stow = StowReceiver(config.dicomweb, config.web.token, ingest, config.storage.root) \
+        if config.dicomweb.enabled else None
+    return WebServer(config, create_app(config, dashboard, readiness, stow))
 
 
 def serve(config: Config) -> None:
@@ -397,7 +401,7 @@ def serve(config: Config) -> None:
         worker = node.worker(recorded=recorded)
         threads.append(threading.Thread(target=worker.run_forever, args=[stop], name="worker"))
         threads[-1].start()
-    web = _web(node, scheduler, worker) if config.web.enabled else None
+    web = _web(node, scheduler, worker, ingest) if config.web.enabled else None
     try:
         if web is not None:
             web.start()
