@@ -34,7 +34,7 @@ from node.webserver import WebServer
 from storage.db import Database, Instance
 from storage.store import InstanceStore
 from tests.conftest import load_labels
-from tests.peers import NodeProcess, Orthanc, free_port, node_config, wait_for
+from tests.peers import NodeProcess, Orthanc, free_port, node_config, port_open, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "models" / "effclass-synthetic-demo.pt"
@@ -320,6 +320,7 @@ def test_a_study_sent_by_stow_rs_is_analysed_and_its_results_delivered(tmp_path:
     study_uid = load_labels(positive_study)["study_instance_uid"]
     node.start()
     try:
+        wait_for(lambda: port_open(web_port), timeout=60, what="the node's web server")
         credentials = tmp_path / "web.token"
         credentials.write_text(WEB_TOKEN)
         client = open_client(DicomwebPeer(f"http://127.0.0.1:{web_port}/dicomweb", auth=HttpAuth.BEARER,
