@@ -130,16 +130,22 @@ def each_part(path: Path, boundary: bytes, parts: list[Part], max_bytes: int,
                            "on_part_data": on_part_data, "on_part_end": on_part_end})
 
 
+def _unread(text: str, status_code: int, **headers: str) -> Response:
+    """A refusal answered before the body is read: the connection is closed after it, so
+    that the client's upload stops instead of being read and thrown away."""
+    return PlainTextResponse(text, status_code=status_code, headers={"connection": "close", **headers})
+
+
 def _boundary(content_type: str) -> bytes | Response:
     """The boundary of a STOW-RS request's Content-Type, or the answer refusing it."""
     kind, options = parse_options_header(content_type)
     media_type = options.get(b"type", b"").decode("latin-1").strip().lower()
     if kind != b"multipart/related" or media_type != "application/dicom":
-        return PlainTextResponse('STOW-RS here takes Content-Type: multipart/related; type="application/dicom"; '
-                                 f"got {content_type[:200]!r}", status_code=415)
+        return _unread('STOW-RS here takes Content-Type: multipart/related; type="application/dicom"; '
+                       f"got {content_type[:200]!r}", 415)
     boundary = options.get(b"boundary", b"")
     if not boundary:
-        return PlainTextResponse("the Content-Type has no boundary parameter", status_code=400)
+        return _unread("the Content-Type has no boundary parameter", 400)
     return boundary
 
 
@@ -159,8 +165,8 @@ class StowReceiver:
         client = request.client.host if request.client else "?"
         if not self._authorised(request):
             log.warning("refused a STOW-RS request from %s: no valid bearer token", client)
-            return PlainTextResponse(f"STOW-RS needs the token ({self.token_key}) as Authorization: Bearer …",
-                                     status_code=401, headers={"www-authenticate": "Bearer", "connection": "close"})
+            return _unread(f"STOW-RS needs the token ({self.token_key}) as Authorization: Bearer …", 401,
+                           **{"www-authenticate": "Bearer"})
         boundary = _boundary(request.headers.get("content-type", ""))
         if isinstance(boundary, Response):
             return boundary
@@ -191,13 +197,14 @@ class StowReceiver:
 
     def _authorised(self, request: Request) -> bool:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+        return bool(self.token) and scheme.lower() == "bearer" and \
+            hmac.compare_digest(given.strip().encode(), self.token.encode())
 
     def _too_large(self, client: str) -> Response:
         log.warning("refused a STOW-RS request from %s: body over dicomweb.max_request_mb (%d MiB)", client,
                     self.settings.max_request_mb)
-        return PlainTextResponse(f"a STOW-RS request body may be at most {self.settings.max_request_mb} MiB "
-                                 "(dicomweb.max_request_mb)", status_code=413, headers={"connection": "close"})
+        return _unread(f"a STOW-RS request body may be at most {self.settings.max_request_mb} MiB "
+                       "(dicomweb.max_request_mb)", 413)
 
     def _store_parts(self, spool: Path, boundary: bytes, study_uid: str) -> list[Outcome]:
         parts = scan(spool, boundary)
