@@ -406,9 +406,11 @@ def serve(config: Config) -> None:
         if web is not None:
             web.start()
         destinations = ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in config.destinations) or "none"
-        log.info("ready: AE %s on %s:%d; storage %s; destinations: %s; dashboard: %s", config.node.ae_title,
-                 config.node.host, config.node.port, config.storage.root, destinations,
-                 config.web.url if web is not None else "off (web.enabled = false)")
+        log.info("ready: AE %s on %s:%d; storage %s; destinations: %s; dashboard: %s; STOW-RS: %s",
+                 config.node.ae_title, config.node.host, config.node.port, config.storage.root, destinations,
+                 config.web.url if web is not None else "off (web.enabled = false)",
+                 f"{config.web.url}dicomweb/studies" if web is not None and config.dicomweb.enabled
+                 else "off (dicomweb.enabled = false)")
         _wait_for_signal(stop)
     finally:
         stop.set()
