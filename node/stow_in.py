@@ -10,8 +10,10 @@ chunked body is read no further than that. The body streams to a private file (0
 inside storage.root, so on the store's file system, removed when the request is answered.
 That file is then parsed twice, a chunk at a time: once to check that it is well-formed
 multipart (400 otherwise, nothing stored) and to size its parts, once to ingest them, with
-at most one part in memory. A part over dicomweb.max_instance_mb is never read into
-memory: it is a failed part (0xA700), and the other parts of the request are still stored.
+one part in memory at a time (collected, then copied once into the bytes the ingest
+writes: at most twice dicomweb.max_instance_mb). A part over dicomweb.max_instance_mb is
+never read into memory: it is a failed part (0xA700), and the other parts of the request
+are still stored.
 
 The answer is PS3.18's: a DICOM JSON object with a Referenced SOP Sequence for the stored
 instances and a Failed SOP Sequence, with the C-STORE status as Failure Reason, for the
