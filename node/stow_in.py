@@ -175,7 +175,10 @@ class StowReceiver:
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_request):
             return self._too_large(client)
-        fd, name = tempfile.mkstemp(prefix=".stow-", suffix=".partial", dir=self.spool_folder)  # mode 0600
+        try:
+            fd, name = tempfile.mkstemp(prefix=".stow-", suffix=".partial", dir=self.spool_folder)  # mode 0600
+        except OSError as exc:
+            return self._cannot_spool(client, exc)
         spool = Path(name)
         try:
             with open(fd, "wb", buffering=READ_CHUNK) as body:
@@ -193,6 +196,8 @@ class StowReceiver:
         except Malformed as exc:
             log.warning("refused a STOW-RS request from %s: %s", client, exc)
             return PlainTextResponse(str(exc), status_code=400)
+        except OSError as exc:  # writing or reading the spool file
+            return self._cannot_spool(client, exc)
         finally:
             spool.unlink(missing_ok=True)
         return self._answer(outcomes, client)
@@ -201,6 +206,12 @@ class StowReceiver:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         return bool(self.token) and scheme.lower() == "bearer" and \
             hmac.compare_digest(given.strip().encode(), self.token.encode())
+
+    def _cannot_spool(self, client: str, exc: OSError) -> Response:
+        """503 for a body that could not be spooled (a full or unwritable storage.root)."""
+        log.error("a STOW-RS request from %s could not be spooled in storage.root %s: %s", client,
+                  self.spool_folder, exc.strerror or exc)
+        return _unread(f"the node could not spool the request body: {exc.strerror or exc}; send it again later", 503)
 
     def _too_large(self, client: str) -> Response:
         log.warning("refused a STOW-RS request from %s: body over dicomweb.max_request_mb (%d MiB)", client,

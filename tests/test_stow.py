@@ -54,7 +54,7 @@ class Receiving:
     ingest: Ingest
 
     @contextlib.contextmanager
-    def served(self, **dicomweb: object) -> Iterator[str]:
+    def served(self, spool_folder: Path | None = None, **dicomweb: object) -> Iterator[str]:
         """The web server with STOW-RS on a free port; yields its base URL."""
         config = dataclasses.replace(self.config, web=dataclasses.replace(self.config.web, port=free_port()),
                                      dicomweb=dataclasses.replace(self.config.dicomweb, **dicomweb))
@@ -63,7 +63,7 @@ class Receiving:
         readiness = Readiness(self.database, self.store, 0, model_loaded=False, model_configured=False,
                               scheduler_running=lambda: True, worker=Liveness(),
                               worker_stale_seconds=config.worker.stale_after_seconds, alerts=config.alerts)
-        stow = StowReceiver(config.dicomweb, config.web.token, self.ingest, config.storage.root)
+        stow = StowReceiver(config.dicomweb, config.web.token, self.ingest, spool_folder or config.storage.root)
         server = WebServer(config, create_app(config, dashboard, readiness, stow))
         server.start()
         try:
@@ -228,6 +228,14 @@ def test_other_content_types_and_malformed_bodies_are_refused(receiving: Receivi
     assert truncated.status_code == 400 and "closing boundary" in truncated.text
     assert not_multipart.status_code == 400
     assert receiving.stored() == set() and receiving.spooled() == []
+
+
+def test_a_body_that_cannot_be_spooled_is_answered_503(receiving: Receiving, positive_study: Path,
+                                                        tmp_path: Path) -> None:
+    with receiving.served(spool_folder=tmp_path / "gone") as url:
+        answer = _post(url, _multipart(_files(positive_study)[0].read_bytes()))
+    assert answer.status_code == 503 and "could not spool" in answer.text
+    assert receiving.stored() == set()
 
 
 def _status_kb(field: str) -> int:
