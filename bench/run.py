@@ -14,7 +14,10 @@
 - scaling: images/s per `serve` process on SQLite and on PostgreSQL (a throw-away cluster,
   fsync on), and of two `serve` processes sharing one PostgreSQL database, against DCMTK
   storescp in the same run; studies/hour of one and of two CPU `worker` processes
-  (EffClass) sharing the queue.
+  (EffClass) sharing the queue;
+- STOW-RS: images/s of DICOMweb STOW-RS into the node (dicomweb-client, one request per
+  STOW_BATCH instances) beside DCMTK storescu (C-STORE, one association) into the node,
+  against Orthanc's own STOW-RS (its DICOMweb plugin) in the same run.
 
 Loopback only; every wait is bounded. Results go to stdout and bench/results.json.
 """
@@ -35,6 +38,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import torch
+
+import requests
+from dicomweb_client import DICOMwebClient
 
 from demo.peers import NodeProcess, Orthanc, PostgresCluster, free_port, node_config, port_open, wait_for
 from training.model.checkpoint import default_model_config, save_checkpoint
@@ -345,6 +351,63 @@ def _studies_per_hour(run: Path, postgres: PostgresCluster, studies: list[Path],
             "worker_peak_memory_mb": memory}
 
 
+STOW_BATCH = 50  # instances per STOW-RS request (a few tens of MB of 512² slices)
+STOW_TOKEN = "bench-stow-token-0123456789"
+
+
+def _stow(url: str, datasets: list[pydicom.Dataset], headers: dict[str, str]) -> float:
+    """Seconds for dicomweb-client to store `datasets` at the DICOMweb root `url`, STOW_BATCH per request."""
+    session = requests.Session()
+    session.headers.update(headers)
+    client = DICOMwebClient(url=url, session=session, timeout=600)
+    start = time.perf_counter()
+    for first in range(0, len(datasets), STOW_BATCH):
+        answer = client.store_instances(datasets[first:first + STOW_BATCH])
+        if answer.get("FailedSOPSequence"):  # Orthanc answers an empty one
+            raise RuntimeError(f"STOW-RS to {url} refused {len(answer.FailedSOPSequence)} instances")
+    return time.perf_counter() - start
+
+
+def _stow_node(folder: Path, web_port: int) -> NodeProcess:
+    """A serve process that only stores, with STOW-RS on its web server at `web_port`."""
+    port = free_port()
+    folder.mkdir(parents=True)
+    return NodeProcess(folder, node_config(folder, port=port, checkpoint=None, stable_seconds=3600, overrides={
+        "worker": {"enabled_in_serve": False},
+        "web": {"enabled": True, "port": web_port, "token": STOW_TOKEN},
+        "dicomweb": {"enabled": True}}), port)
+
+
+def bench_stow(work: Path, files: list[Path]) -> dict:
+    """STOW-RS and C-STORE into the node, and STOW-RS into Orthanc (the reference), each
+    into a fresh receiver."""
+    run = work / "stow"
+    datasets = [pydicom.dcmread(path) for path in files]
+    results: dict = {"images": len(files), "batch": STOW_BATCH}
+    web_port = free_port()
+    node = _stow_node(run / "node-stow", web_port).start()
+    try:
+        wait_for(lambda: port_open(web_port), timeout=60, what="the node's web server")
+        seconds = _stow(f"http://127.0.0.1:{web_port}/dicomweb", datasets, {"Authorization": f"Bearer {STOW_TOKEN}"})
+        results["node_stow_images_per_s"] = len(files) / seconds
+        results["node_stow_stored"] = len(list((run / "node-stow" / "store").rglob("*.dcm")))
+        results["node_stow_peak_memory_mb"] = node.peak_memory_mb()
+    finally:
+        node.stop()
+    node = _stow_node(run / "node-cstore", free_port()).start()
+    try:
+        results["node_cstore_images_per_s"] = len(files) / _send(node.port, "ICHNODE", files, 1)
+    finally:
+        node.stop()
+    orthanc = Orthanc(run / "orthanc", dicomweb=True).start()
+    try:
+        results["orthanc_stow_images_per_s"] = len(files) / _stow(orthanc.dicomweb_url, datasets, {})
+        results["orthanc_stored"] = len(orthanc.get("/instances"))
+    finally:
+        orthanc.stop()
+    return results
+
+
 def _print(results: dict) -> None:
     print(f"\n# ichnode benchmark — {results['machine']}\n")
     ingest = results.get("ingest")
@@ -399,6 +462,18 @@ def _print(results: dict) -> None:
               f"{monitoring['after_100_new_events_s'] / monitoring['parse_every_line_s']:.4f} |")
         print(f"| one study's timeline (study page) | {monitoring['one_study_timeline_s']:.2f} | "
               f"{monitoring['timeline_ratio']:.2f} |")
+    stow = results.get("stow")
+    if stow:
+        reference = stow["orthanc_stow_images_per_s"]
+        print(f"\n## STOW-RS ingest ({stow['images']} images, {stow['batch']} per STOW-RS request, loopback)\n")
+        print("| sender → receiver | images/s | vs Orthanc STOW-RS |")
+        print("|---|---|---|")
+        print(f"| dicomweb-client → Orthanc STOW-RS (DICOMweb plugin; reference) | {reference:.1f} | 1.00 |")
+        for key, label in (("node_stow_images_per_s", "dicomweb-client → node STOW-RS (durable)"),
+                           ("node_cstore_images_per_s", "storescu, 1 association → node C-STORE (durable)")):
+            print(f"| {label} | {stow[key]:.1f} | {stow[key] / reference:.2f} |")
+        print(f"\nnode peak memory during STOW-RS: {stow['node_stow_peak_memory_mb']} MB; stored: node "
+              f"{stow['node_stow_stored']}, Orthanc {stow['orthanc_stored']}")
 
 
 def _print_scaling(scaling: dict) -> None:
@@ -423,11 +498,11 @@ def _print_scaling(scaling: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=500, help="slices for the ingest run")
-    parser.add_argument("--only", choices=["ingest", "inference", "gradcam", "end_to_end", "monitoring", "scaling"],
-                        action="append")
+    parser.add_argument("--only", choices=["ingest", "inference", "gradcam", "end_to_end", "monitoring", "scaling",
+                                           "stow"], action="append")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     args = parser.parse_args()
-    wanted = set(args.only or ["ingest", "inference", "gradcam", "end_to_end", "monitoring", "scaling"])
+    wanted = set(args.only or ["ingest", "inference", "gradcam", "end_to_end", "monitoring", "scaling", "stow"])
     results: dict = {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
                                 f"{platform.python_implementation()} {platform.python_version()}, torch "
                                 f"{torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}"}
@@ -439,6 +514,8 @@ def main() -> int:
         files = sorted(data.glob("study_*/HEAD/*.dcm"))[: args.slices]
         if "ingest" in wanted:
             results["ingest"] = bench_ingest(work, files)
+        if "stow" in wanted:
+            results["stow"] = bench_stow(work, files)
         slices = [pydicom.dcmread(f) for f in files[:16]]
         if "inference" in wanted:
             results["inference"] = bench_inference(slices, (1, 4, 8, 16), repeats=3)

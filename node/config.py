@@ -46,6 +46,7 @@ __all__ = [
     "DeliverySection",
     "LogSection",
     "WebSection",
+    "DicomwebSection",
     "AlertsSection",
     "HttpAuth",
     "DicomwebPeer",
@@ -426,6 +427,32 @@ class WebSection:
 
 
 @dataclass(frozen=True)
+class DicomwebSection:
+    """STOW-RS receive: studies POSTed to /dicomweb/studies on the web server."""
+
+    enabled: bool = False
+    # The bearer token STOW-RS clients send; when empty, web.token protects it instead.
+    token: str = ""
+    # A request body larger than this is refused (413) before or while it arrives.
+    max_request_mb: int = 2048
+    # One instance (one part of the body) larger than this is refused as a failed part.
+    max_instance_mb: int = 256
+    # A STOW-RS request has this long to arrive whole, instead of web.request_timeout_seconds.
+    request_timeout_seconds: float = 600.0
+
+    def validate(self) -> None:
+        if self.token and (len(self.token) < 16 or not self.token.isascii() or not self.token.isprintable()):
+            raise ConfigError("dicomweb.token must be at least 16 printable ASCII characters "
+                              "(for example from `openssl rand -hex 24`)")
+        _positive("dicomweb.max_request_mb", self.max_request_mb)
+        _positive("dicomweb.max_instance_mb", self.max_instance_mb)
+        if self.max_instance_mb > self.max_request_mb:
+            raise ConfigError(f"dicomweb.max_instance_mb ({self.max_instance_mb}) must not exceed "
+                              f"dicomweb.max_request_mb ({self.max_request_mb})")
+        _positive("dicomweb.request_timeout_seconds", self.request_timeout_seconds)
+
+
+@dataclass(frozen=True)
 class AlertsSection:
     """When a flagged study's results not reaching the PACS makes the node degraded."""
 
@@ -643,6 +670,7 @@ class Config:
     delivery: DeliverySection = field(default_factory=DeliverySection)
     log: LogSection = field(default_factory=LogSection)
     web: WebSection = field(default_factory=WebSection)
+    dicomweb: DicomwebSection = field(default_factory=DicomwebSection)  # STOW-RS receive on the web server
     alerts: AlertsSection = field(default_factory=AlertsSection)
     destinations: tuple[Destination, ...] = ()
     notify: tuple[NotifyTarget, ...] = ()
@@ -650,8 +678,13 @@ class Config:
 
     def validate(self) -> None:
         for section in (self.node, self.storage, self.completion, self.worker, self.model, self.triage,
-                        self.explain, self.output, self.delivery, self.log, self.web, self.alerts):
+                        self.explain, self.output, self.delivery, self.log, self.web, self.dicomweb, self.alerts):
             section.validate()
+        if self.dicomweb.enabled and not self.web.enabled:
+            raise ConfigError("dicomweb.enabled needs web.enabled: STOW-RS is served by the node's web server")
+        if self.dicomweb.enabled and not (self.dicomweb.token or self.web.token):
+            raise ConfigError("dicomweb.enabled needs dicomweb.token or web.token (at least 16 characters): "
+                              "STOW-RS clients must present one as a bearer token")
         if self.web.enabled and self.web.tls and self.node.tls_certificate is None:
             raise ConfigError("web.tls uses node.tls_certificate and node.tls_private_key: set them, or put a "
                               "TLS proxy in front of the pages and leave web.tls false")

@@ -39,6 +39,7 @@ from node.ingest import Ingest
 from node.notify import Notifier
 from node.output import model_warnings
 from node.scp import start_scp, tls_context
+from node.stow_in import StowReceiver
 from node.triagelog import TriageLog
 from node.web import create_app
 from node.webserver import WebServer
@@ -358,8 +359,9 @@ def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries, notifier: Not
     return scheduler
 
 
-def _web(node: Node, scheduler: BackgroundScheduler, worker: Worker | None) -> WebServer:
-    """The pages, /metrics and health checks, reading what every process of the node shares."""
+def _web(node: Node, scheduler: BackgroundScheduler, worker: Worker | None, ingest: Ingest) -> WebServer:
+    """The pages, /metrics and health checks, reading what every process of the node shares;
+    STOW-RS receive into `ingest` too when dicomweb.enabled."""
     config = node.config
     dashboard = Dashboard(config, node.database, node.store,
                           TriageHistory(config.log.path, days=config.web.history_days),
@@ -370,7 +372,9 @@ def _web(node: Node, scheduler: BackgroundScheduler, worker: Worker | None) -> W
                           scheduler_running=lambda: scheduler.running,
                           worker=worker.liveness if worker is not None else None,
                           worker_stale_seconds=config.worker.stale_after_seconds, alerts=config.alerts)
-    return WebServer(config, create_app(config, dashboard, readiness))
+    stow = StowReceiver(config.dicomweb, config.web.token, ingest, config.storage.root) \
+        if config.dicomweb.enabled else None
+    return WebServer(config, create_app(config, dashboard, readiness, stow))
 
 
 def serve(config: Config) -> None:
@@ -403,14 +407,16 @@ def serve(config: Config) -> None:
         worker = node.worker(recorded=recorded)
         threads.append(threading.Thread(target=worker.run_forever, args=[stop], name="worker"))
         threads[-1].start()
-    web = _web(node, scheduler, worker) if config.web.enabled else None
+    web = _web(node, scheduler, worker, ingest) if config.web.enabled else None
     try:
         if web is not None:
             web.start()
         destinations = ", ".join(f"{d.name}={d.described}" for d in config.destinations) or "none"
-        log.info("ready: AE %s on %s:%d; storage %s; destinations: %s; dashboard: %s", config.node.ae_title,
-                 config.node.host, config.node.port, config.storage.root, destinations,
-                 config.web.url if web is not None else "off (web.enabled = false)")
+        log.info("ready: AE %s on %s:%d; storage %s; destinations: %s; dashboard: %s; STOW-RS: %s",
+                 config.node.ae_title, config.node.host, config.node.port, config.storage.root, destinations,
+                 config.web.url if web is not None else "off (web.enabled = false)",
+                 f"{config.web.url}dicomweb/studies" if web is not None and config.dicomweb.enabled
+                 else "off (dicomweb.enabled = false)")
         _wait_for_signal(stop)
     finally:
         stop.set()

@@ -45,6 +45,7 @@ from node.dashboard import REANALYSIS_TEXTS, Dashboard, QueueFilter, Undelivered
 from node.errors import IchNodeError
 from node.health import Readiness
 from node.metrics import registry
+from node.stow_in import PATH_PREFIX, StowReceiver
 from storage.state import Reanalysis
 from training.report import format_interval
 
@@ -114,14 +115,16 @@ class SecurityHeaders:
 class BodyLimit:
     """Reads each request's body, at most `limit` bytes, before the app sees it. A larger one
     is answered 413 and the connection closed: unread when Content-Length says so, read no
-    further than the limit when it comes chunked."""
+    further than the limit when it comes chunked. Paths under `own_limits` are passed on
+    unread: their handler streams the body and enforces limits of its own (STOW-RS)."""
 
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+    def __init__(self, app: ASGIApp, *, limit: int, own_limits: tuple[str, ...] = ()) -> None:
         self.app = app
         self.limit = limit
+        self.own_limits = own_limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.own_limits and scope["path"].startswith(self.own_limits)):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length", b"0")
@@ -263,7 +266,9 @@ class Access:
         return Refusal(403, "session or form not valid: sign in again")
 
 
-def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> Starlette:
+def create_app(config: Config, dashboard: Dashboard, readiness: Readiness,
+               stow: StowReceiver | None = None) -> Starlette:
+    """The pages; with `stow`, STOW-RS receive under /dicomweb/ too (dicomweb.enabled)."""
     settings = config.web
     sessions = Sessions(lifetime=settings.session_hours * 3600, idle=settings.session_idle_minutes * 60)
     access = Access(settings.token, sessions, reads_need_token=not settings.loopback)
@@ -489,6 +494,9 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
         Route("/logout", logout, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
+    if stow is not None:
+        routes += [Route(f"{PATH_PREFIX}studies", stow.store, methods=["POST"]),
+                   Route(f"{PATH_PREFIX}studies/{{study}}", stow.store, methods=["POST"])]
 
     async def failed(request: Request, exc: Exception) -> Response:
         log.exception("web request %s failed", request.url.path)
@@ -496,7 +504,7 @@ def create_app(config: Config, dashboard: Dashboard, readiness: Readiness) -> St
         return PlainTextResponse(text, status_code=503 if isinstance(exc, IchNodeError) else 500)
 
     app = Starlette(routes=routes, exception_handlers={Exception: failed})
-    app.add_middleware(BodyLimit, limit=FORM_LIMIT)
+    app.add_middleware(BodyLimit, limit=FORM_LIMIT, own_limits=(PATH_PREFIX,) if stow is not None else ())
     if settings.loopback:
         # Pages open to this machine answer only to this machine's names, so a web page
         # elsewhere cannot read them through a DNS name that resolves to 127.0.0.1.

@@ -6,7 +6,8 @@ descriptor for good, and once the process runs out of them the DICOM side cannot
 associations either. Its limit_concurrency still accepts every connection and answers 503
 only once a request arrives. So the pages are served by a subclass of uvicorn's h11
 protocol that closes a connection at once beyond web.max_connections and closes one whose
-request has not arrived whole (head and body) within web.request_timeout_seconds; the
+request has not arrived whole (head and body) within web.request_timeout_seconds (a
+STOW-RS body, under /dicomweb/, gets dicomweb.request_timeout_seconds instead); the
 descriptor budget this gives is in docs/monitoring.md. The warnings a peer can provoke at
 will, and the failed accepts once descriptors run out (asyncio logs every one, up to the
 listen backlog's worth a second), are logged at most once a minute each.
@@ -29,6 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from node.config import Config
 from node.errors import ConfigError
+from node.stow_in import PATH_PREFIX
 
 __all__ = ["LOG_INTERVAL_SECONDS", "KEEP_ALIVE_SECONDS", "OncePerInterval", "WebServer"]
 
@@ -48,11 +50,15 @@ _BUSY = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: c
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a cap on open connections and a deadline for each request."""
 
-    def __init__(self, *args: Any, max_connections: int, request_seconds: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_connections: int, request_seconds: float,
+                 long_bodies: tuple[str, float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
         self.request_seconds = request_seconds
+        # (path prefix, seconds): the body of a request under that path may take this long in all
+        self.long_bodies = long_bodies
         self.request_deadline: asyncio.TimerHandle | None = None
+        self.request_began = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -75,6 +81,7 @@ class BoundedH11Protocol(H11Protocol):
     def _expect_request(self) -> None:
         self._forget_deadline()
         if not self.transport.is_closing():
+            self.request_began = self.loop.time()
             self.request_deadline = self.loop.call_later(self.request_seconds, self._request_overdue)
 
     def _forget_deadline(self) -> None:
@@ -84,6 +91,12 @@ class BoundedH11Protocol(H11Protocol):
 
     def _request_overdue(self) -> None:
         self.request_deadline = None
+        if self.conn.their_state == h11.SEND_BODY and self.long_bodies is not None \
+                and self.scope["path"].startswith(self.long_bodies[0]):  # scope: the request whose body this is
+            left = self.request_began + self.long_bodies[1] - self.loop.time()
+            if left > 0:
+                self.request_deadline = self.loop.call_later(left, self._request_overdue)
+                return
         # IDLE: no whole request head yet (or none at all); SEND_BODY: the body is incomplete.
         # DONE: the request is in and the app is answering, which may take its time.
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
@@ -127,8 +140,10 @@ class WebServer:
         self.settings = config.web
         tls = dict(ssl_certfile=str(node.tls_certificate), ssl_keyfile=str(node.tls_private_key)) \
             if self.settings.tls else {}
+        stow = config.dicomweb
         protocol = functools.partial(BoundedH11Protocol, max_connections=self.settings.max_connections,
-                                     request_seconds=self.settings.request_timeout_seconds)
+                                     request_seconds=self.settings.request_timeout_seconds,
+                                     long_bodies=(PATH_PREFIX, stow.request_timeout_seconds) if stow.enabled else None)
         self.server = uvicorn.Server(uvicorn.Config(
             app, host=self.settings.host, port=self.settings.port, log_level="warning", access_log=False,
             lifespan="off", server_header=False, http=protocol,  # type: ignore[arg-type]
