@@ -55,6 +55,7 @@ _CT_STORAGE = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCT
 _PENDING = (0xFF00, 0xFF01)
 # WADO-RS: the instances as the PACS stores them (the node stores any transfer syntax).
 _AS_STORED = (("application/dicom", "*"),)
+_PAGE = 100  # QIDO-RS answers asked for at a time
 
 
 @dataclass(frozen=True)
@@ -158,16 +159,18 @@ class _Dicomweb:
         client = self._client()
         found = []
         try:
-            studies = client.search_for_studies(search_filters=_study_query(since_local), get_remaining=True,
-                                                fields=["StudyDate", "StudyTime", "StudyDescription"])
-            for study in map(Dataset.from_json, studies):
+            studies = _paged(lambda offset: client.search_for_studies(
+                search_filters=_study_query(since_local), fields=["StudyDate", "StudyTime", "StudyDescription"],
+                limit=_PAGE, offset=offset), "StudyInstanceUID")
+            for study in studies:
                 if not _in_window(study, since_local):
                     continue
-                series = client.search_for_series(
-                    study_instance_uid=attr.uid(study, "StudyInstanceUID"), search_filters={"Modality": "CT"},
+                study_uid = attr.uid(study, "StudyInstanceUID")
+                series = _paged(lambda offset: client.search_for_series(
+                    study_instance_uid=study_uid, search_filters={"Modality": "CT"},
                     fields=["SeriesDescription", "BodyPartExamined", "NumberOfSeriesRelatedInstances"],
-                    get_remaining=True)
-                found += [_found(study, Dataset.from_json(item)) for item in series]
+                    limit=_PAGE, offset=offset), "SeriesInstanceUID")
+                found += [_found(study, item) for item in series]
         except (requests.RequestException, ValueError) as exc:
             raise PullError(f"QIDO-RS query to {self.source.url} failed: {_said(exc)}") from exc
         return found
@@ -186,6 +189,19 @@ class _Dicomweb:
             raise PullError(f"WADO-RS retrieval of series {series.series_instance_uid} from {self.source.url} "
                             f"failed after {count} instances: {_said(exc)}") from exc
         return count
+
+
+def _paged(search: Callable[[int], list[dict]], key: str) -> list[Dataset]:
+    """Every answer of a QIDO-RS search, page after page (a server may cut an answer at its
+    own limit); ends at a short page, or at a page with nothing new, as a server that
+    ignores `offset` answers (dicomweb-client's own get_remaining would loop forever)."""
+    answers: dict[str, Dataset] = {}
+    while True:
+        page = [Dataset.from_json(item) for item in search(len(answers))]
+        new = {attr.uid(ds, key): ds for ds in page if attr.uid(ds, key) not in answers}
+        answers.update(new)
+        if len(page) < _PAGE or not new:
+            return list(answers.values())
 
 
 def _said(exc: Exception) -> str:
