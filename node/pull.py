@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import requests
+from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, build_role, evt
 from pynetdicom.association import Association
@@ -149,11 +150,15 @@ class _Dicomweb:
     def __init__(self, source: Source, key: str) -> None:
         self.source, self.key = source, key
 
-    def _client(self):
+    def _client(self) -> DICOMwebClient:
         try:
-            return open_client(self.source.peer, self.key)
+            client = open_client(self.source.peer, self.key)
         except ConfigError as exc:  # a credentials file gone or emptied since start-up
             raise PullError(str(exc)) from exc
+        # No back-off inside a poll: a failed poll is tried again at the next interval, and
+        # the library's retries would only hold the scheduler's job (and the warning) back.
+        client.set_http_retry_params(retry=False)
+        return client
 
     def find(self, since_local: dt.datetime) -> list[FoundSeries]:
         client = self._client()
@@ -264,7 +269,7 @@ class _Dimse:
         assoc = self._associate((StudyRootQueryRetrieveInformationModelFind,))
         found = []
         try:
-            study_query = _query("STUDY", StudyInstanceUID="", StudyDate="", StudyTime="", StudyDescription="",
+            study_query = _query("STUDY", StudyInstanceUID="", StudyTime="", StudyDescription="",
                                  **_study_query(since_local))
             for study in self._find(assoc, study_query):
                 if not _in_window(study, since_local):

@@ -21,7 +21,10 @@ from node.config import Config, parse_config
 from node.errors import ConfigError
 from node.ingest import Ingest
 from node.pull import Puller
+from node.delivery import Deliveries, DicomSender
+from node.notify import Notifier
 from node.scp import start_scp
+from node.service import Node, _scheduler
 from node.triagelog import TriageLog
 from storage.db import Database, Instance, PulledSeries, SourcePoll, Study, utcnow
 from storage.pull import claim_poll
@@ -138,6 +141,7 @@ def make_node(tmp_path: Path, node_port: int) -> Iterator:
         made.append(_Node(tmp_path, node_port, sources))
         return made[-1]
 
+    make.port = node_port
     yield make
     for node in made:
         node.server.shutdown()
@@ -241,15 +245,18 @@ def test_the_node_asks_what_findscu_asks(empty_pacs: Orthanc, make_node, study_f
     assert {f.series_instance_uid for f in found} == {_series_uid(study_files, s) for s in study_files}
 
 
-def test_a_pacs_that_is_down_fails_the_poll_and_the_window_stays(tmp_path: Path, make_node, study_files,
+@pytest.mark.parametrize("kind", ["qido", "cfind"])
+def test_a_pacs_that_is_down_fails_the_poll_and_the_window_stays(kind: str, tmp_path: Path, make_node, study_files,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    later = Orthanc(tmp_path / "later", ae_title="LATER", dicomweb=True)  # ports chosen, not started yet
-    node = make_node([_qido(later, name="later")])
+    later = Orthanc(tmp_path / "later", ae_title="LATER", dicomweb=True,  # ports chosen, not started yet
+                    modalities={"ichnode": (NODE_AET, make_node.port)})
+    node = make_node([_qido(later, name="later") if kind == "qido" else _cfind(later, "cget", name="later")])
     puller = node.puller()
     with caplog.at_level(logging.WARNING, logger="node.pull"):
         assert puller.poll() == 0
     [line] = [r.getMessage() for r in caplog.records if r.name == "node.pull"]
-    assert line.startswith("source later: poll failed") and "QIDO-RS query" in line
+    assert line.startswith("source later: poll failed, tried again in 60 s with the same window")
+    assert ("QIDO-RS query" if kind == "qido" else "LATER@127.0.0.1") in line
     failed = node.poll_row("later")
     assert failed.succeeded_from is None and failed.last_error and failed.claimed_by is None
 
@@ -263,6 +270,26 @@ def test_a_pacs_that_is_down_fails_the_poll_and_the_window_stays(tmp_path: Path,
     assert len(node.instances()) == 17
     recovered = node.poll_row("later")
     assert recovered.last_error is None and recovered.succeeded_from is not None
+
+
+def test_serve_polls_each_source_on_its_interval(empty_pacs: Orthanc, make_node, study_files) -> None:
+    """The scheduler of `ichnode serve` runs the poll as one of its jobs."""
+    _upload(empty_pacs, _study(study_files, dt.datetime.now() - dt.timedelta(minutes=3), with_mr=False))
+    node = make_node([_qido(empty_pacs, interval_seconds=1)])
+    triage_log = TriageLog(node.config.log.path)
+    built = Node(node.config, node.database, node.store, triage_log, None)
+    scheduler = _scheduler(built, node.ingest,
+                           Deliveries(node.config, node.database, node.store, DicomSender(NODE_AET, 5), triage_log),
+                           Notifier(node.config, node.database, triage_log))
+    [job] = [j for j in scheduler.get_jobs() if j.name == "pull pacs-web"]
+    assert job.trigger.interval == dt.timedelta(seconds=1) and job.max_instances == 1 and job.coalesce
+    scheduler.start()
+    try:
+        wait_for(lambda: len(node.instances()) == 17, timeout=60, what="the scheduled poll to pull the study")
+        wait_for(lambda: node.poll_row("pacs-web").succeeded_from is not None, timeout=30, what="the poll recorded")
+    finally:
+        scheduler.shutdown(wait=True)
+    assert len(node.pulled()) == 3
 
 
 def test_processes_sharing_the_database_take_turns_polling_a_source(tmp_path: Path) -> None:
