@@ -6,6 +6,7 @@ PACS; a PACS that is down fails the poll without moving the window on."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import subprocess
@@ -25,6 +26,7 @@ from node.delivery import Deliveries, DicomSender
 from node.notify import Notifier
 from node.scp import start_scp
 from node.service import Node, _scheduler
+from node.status import print_status
 from node.triagelog import TriageLog
 from storage.db import Database, Instance, PulledSeries, SourcePoll, Study, utcnow
 from storage.pull import claim_poll
@@ -259,6 +261,10 @@ def test_a_pacs_that_is_down_fails_the_poll_and_the_window_stays(kind: str, tmp_
     assert ("QIDO-RS query" if kind == "qido" else "LATER@127.0.0.1") in line
     failed = node.poll_row("later")
     assert failed.succeeded_from is None and failed.last_error and failed.claimed_by is None
+    status = io.StringIO()
+    print_status(node.config, status)
+    assert f"sources:       later ({kind}): no successful poll yet; poll at " in status.getvalue()
+    assert f"failed: {failed.last_error}" in status.getvalue()
 
     later.start()
     try:
@@ -270,6 +276,10 @@ def test_a_pacs_that_is_down_fails_the_poll_and_the_window_stays(kind: str, tmp_
     assert len(node.instances()) == 17
     recovered = node.poll_row("later")
     assert recovered.last_error is None and recovered.succeeded_from is not None
+    status = io.StringIO()
+    print_status(node.config, status)
+    assert f"later ({kind}): last successful poll {recovered.succeeded_from:%Y-%m-%d %H:%M:%S} UTC\n" \
+        in status.getvalue()
 
 
 def test_serve_polls_each_source_on_its_interval(empty_pacs: Orthanc, make_node, study_files) -> None:
