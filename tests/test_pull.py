@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import json
 import logging
 import subprocess
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from node.config import Config, parse_config
+from node.config import Config, Retrieve, Source, SourceKind, parse_config
 from node.errors import ConfigError
 from node.ingest import Ingest
 from node.pull import Puller
@@ -331,6 +333,17 @@ def test_processes_sharing_the_database_take_turns_polling_a_source(tmp_path: Pa
 def test_config_errors_name_the_key(tmp_path: Path, source: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({"sources": [{"name": "pacs", **source}]}, tmp_path)
+
+
+def test_the_documented_sources_examples_parse_with_the_default_values() -> None:
+    """config.toml's commented [[sources]] examples say the defaults and are valid as written."""
+    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    web, dimse = ("[[sources]]\n" + "\n".join(line[2:] for line in itertools.takewhile(
+        lambda line: line.startswith("# "), block.splitlines())) for block in text.split("# [[sources]]\n")[1:])
+    config = parse_config(tomllib.loads(web + "\n" + dimse), Path("."))
+    assert config.sources[0] == Source("pacs-web", SourceKind.QIDO, url="https://pacs.example.org/dicom-web")
+    assert config.sources[1] == Source("pacs-dimse", SourceKind.CFIND, ae_title="PACS", host="pacs.example.org",
+                                       port=104, retrieve=Retrieve.CMOVE)
 
 
 def test_source_names_are_unique(tmp_path: Path) -> None:
