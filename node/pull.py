@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (
 
 from node.config import Config, Retrieve, Source, SourceKind
 from node.dicomweb import open_client
-from node.errors import ConfigError, PullError
+from node.errors import ConfigError, PullError, StorageError
 from node.ingest import Ingest, Status
 from node.lease import KeepAlive, claimant_id
 from storage.db import Database, utcnow
@@ -361,6 +361,10 @@ class Puller:
                 pulled = self._pull(since)
         except PullError as exc:
             error = str(exc)
+        except StorageError:
+            raise  # the database is away: the job skips its turn (service._through_outages)
+        except Exception as exc:  # an answer the DICOM or HTTP libraries could not take apart
+            error = f"{type(exc).__name__}: {exc}"
         with self.database.write() as session:
             finish_poll(session, self.source.name, self.owner, started, utcnow(), error)
         if error is not None:

@@ -31,7 +31,7 @@ from node.service import Node, _scheduler
 from node.status import print_status
 from node.triagelog import TriageLog
 from storage.db import Database, Instance, PulledSeries, SourcePoll, Study, utcnow
-from storage.pull import claim_poll
+from storage.pull import claim_poll, finish_poll, renew_poll
 from storage.store import InstanceStore
 from tests.conftest import require_tool
 from tests.peers import Orthanc, free_port, wait_for
@@ -304,8 +304,8 @@ def test_serve_polls_each_source_on_its_interval(empty_pacs: Orthanc, make_node,
     assert len(node.pulled()) == 3
 
 
-def test_processes_sharing_the_database_take_turns_polling_a_source(tmp_path: Path) -> None:
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}", create=True)
+def test_processes_sharing_the_database_take_turns_polling_a_source(database_url: str) -> None:
+    database = Database(database_url, create=True)
     now = utcnow()
     with database.write() as session:
         assert claim_poll(session, "pacs", "serve-a", now, now + dt.timedelta(minutes=2)) == (True, None)
@@ -314,6 +314,12 @@ def test_processes_sharing_the_database_take_turns_polling_a_source(tmp_path: Pa
     later = now + dt.timedelta(minutes=3)  # serve-a died: its claim went stale
     with database.write() as session:
         assert claim_poll(session, "pacs", "serve-b", later, later + dt.timedelta(minutes=2))[0] is True
+    with database.write() as session:
+        assert renew_poll(session, "pacs", "serve-a", later) is False  # serve-a, back, lost it
+        finish_poll(session, "pacs", "serve-b", later, later, None)
+    with database.write() as session:
+        assert claim_poll(session, "pacs", "serve-a", later, later + dt.timedelta(minutes=2)) == (True, later)
+    database.dispose()
 
 
 @pytest.mark.parametrize("source, message", [
