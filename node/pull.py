@@ -377,7 +377,9 @@ class Puller:
             return renew_poll(session, self.source.name, self.owner, utcnow() + self.stale_after)
 
     def _pull(self, since: dt.datetime) -> int:
-        found = [s for s in self.client.find(_local(since)) if selected(self.source, s)]
+        # An answer without its UIDs names nothing that could be retrieved.
+        found = [s for s in self.client.find(_local(since))
+                 if s.study_instance_uid and s.series_instance_uid and selected(self.source, s)]
         with self.database.write() as session:
             due = series_due(session, self.source.name, [s.reported for s in found], utcnow(),
                              self.source.settle_seconds)
