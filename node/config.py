@@ -52,6 +52,9 @@ __all__ = [
     "DicomwebPeer",
     "DestinationKind",
     "Destination",
+    "SourceKind",
+    "Retrieve",
+    "Source",
     "NotifyOn",
     "ChatFormat",
     "NotifyTarget",
@@ -591,6 +594,96 @@ class Destination:
         return _without_secrets(self.url)
 
 
+class SourceKind(enum.StrEnum):
+    """How a [[sources]] PACS is asked for new head CT."""
+
+    QIDO = "qido"  # QIDO-RS queries, WADO-RS retrieval (DICOMweb)
+    CFIND = "cfind"  # C-FIND queries, C-MOVE or C-GET retrieval (DIMSE)
+
+
+class Retrieve(enum.StrEnum):
+    """How a C-FIND source hands over what matched."""
+
+    CMOVE = "cmove"  # the PACS sends it to node.ae_title, which it must know (host and port)
+    CGET = "cget"  # the node fetches it on its own association: the PACS needs to know nothing
+
+
+# A source's name is recorded as the calling AE title of what it pulls (16 characters).
+SOURCE_NAME_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class Source:
+    """A PACS the node polls for new head CT (pull mode, node.pull), for sites whose
+    scanners cannot forward to it."""
+
+    name: str
+    kind: SourceKind
+    interval_seconds: float = 60.0
+    # Each poll looks back to the start of the last successful one less this much: a study
+    # that reaches the PACS later than its StudyDate/StudyTime by more is not seen.
+    overlap_seconds: float = 3600.0
+    lookback_hours: float = 24.0  # how far back the first poll looks
+    # Case-insensitive: a substring of StudyDescription or SeriesDescription, or a pattern
+    # with * and ?; alternatives separated by |. Empty: any.
+    description: str = ""
+    body_part: str = ""  # BodyPartExamined, matched as description is; empty: any (a series without one too)
+    # A series is pulled once the PACS has reported the same number of instances in it for
+    # this long (0: at once), so a series still arriving is not analysed half there.
+    settle_seconds: float = 30.0
+    timeout_seconds: float = 30.0
+    # kind = "qido"
+    url: str = ""
+    auth: HttpAuth = HttpAuth.NONE
+    credentials_file: Path | None = None
+    # kind = "cfind"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    retrieve: Retrieve | None = None  # cfind only; default cmove
+
+    @property
+    def peer(self) -> DicomwebPeer:
+        return DicomwebPeer(self.url, self.auth, self.credentials_file, self.timeout_seconds)
+
+    @property
+    def retrieval(self) -> Retrieve:
+        return self.retrieve or Retrieve.CMOVE
+
+    def validate(self, key: str) -> None:
+        if not self.name.strip():
+            raise ConfigError(f"{key}.name must not be empty")
+        if len(self.name) > SOURCE_NAME_LENGTH or not self.name.isascii() or "\\" in self.name:
+            raise ConfigError(f"{key}.name must be at most {SOURCE_NAME_LENGTH} ASCII characters (it is recorded as "
+                              f"the calling AE title of what the node pulls), got {self.name!r}")
+        for name in ("interval_seconds", "lookback_hours", "timeout_seconds"):
+            _positive(f"{key}.{name}", getattr(self, name))
+        for name in ("overlap_seconds", "settle_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name} must be ≥ 0, got {getattr(self, name)}")
+        dicomweb = {"url": self.url != "", "auth": self.auth != HttpAuth.NONE,
+                    "credentials_file": self.credentials_file is not None}
+        dimse = {"ae_title": self.ae_title != "", "host": self.host != "", "port": self.port != 0,
+                 "retrieve": self.retrieve is not None}
+        forbidden = dimse if self.kind == SourceKind.QIDO else dicomweb
+        for name, given in forbidden.items():
+            if given:
+                raise ConfigError(f"{key}.{name} is not a key of a kind = \"{self.kind}\" source")
+        if self.kind == SourceKind.QIDO:
+            if not self.url:
+                raise ConfigError(f"{key}.url is required for kind = \"qido\" (the DICOMweb root, "
+                                  "e.g. https://pacs.example.org/dicom-web)")
+            self.peer.validate(key)
+            return
+        for name in ("ae_title", "host", "port"):
+            if not dimse[name]:
+                raise ConfigError(f"{key}.{name} is required for kind = \"cfind\"")
+        _ae_title(f"{key}.ae_title", self.ae_title)
+        if not self.host.strip():
+            raise ConfigError(f"{key}.host must not be empty")
+        _port(f"{key}.port", self.port)
+
+
 class NotifyOn(enum.StrEnum):
     """Which outcomes a [[notify]] webhook hears about."""
 
@@ -673,6 +766,7 @@ class Config:
     dicomweb: DicomwebSection = field(default_factory=DicomwebSection)  # STOW-RS receive on the web server
     alerts: AlertsSection = field(default_factory=AlertsSection)
     destinations: tuple[Destination, ...] = ()
+    sources: tuple[Source, ...] = ()  # PACS the node polls (pull mode)
     notify: tuple[NotifyTarget, ...] = ()
     source: Path | None = None  # the file it came from
 
@@ -698,6 +792,12 @@ class Config:
             raise ConfigError(f"destinations: names must be unique, repeated: {sorted(duplicates)}")
         for i, target in enumerate(self.notify):
             target.validate(f"notify[{i}]")
+        for i, pacs in enumerate(self.sources):
+            pacs.validate(f"sources[{i}]")
+        sources = [s.name for s in self.sources]
+        repeated = {n for n in sources if sources.count(n) > 1}
+        if repeated:
+            raise ConfigError(f"sources: names must be unique, repeated: {sorted(repeated)}")
         if not self.triage.abstain and not self.silent:
             raise ConfigError("triage.abstain = false gives verdicts on studies the model does not support (another "
                               "body part, contrast, inputs unlike its training data) and would send them to the PACS: "
@@ -724,7 +824,7 @@ class Config:
 
 def parse_config(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Build and validate a Config from parsed TOML; paths relative to `base`."""
-    arrays = {"destinations": Destination, "notify": NotifyTarget}  # [[name]] tables
+    arrays = {"destinations": Destination, "notify": NotifyTarget, "sources": Source}  # [[name]] tables
     sections = {f.name for f in dataclasses.fields(Config)} - set(arrays) - {"source"}
     unknown = sorted(set(data) - sections - set(arrays))
     if unknown:

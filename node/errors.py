@@ -18,6 +18,7 @@ property of each error: the worker and the sender try again later when it is tru
     ├── SyntheticDataError            training.errors   impossible synthetic-study options
     ├── TrainingStopped               training.errors   training stopped on request, state saved
     ├── DeliveryError                 node.errors       retried: a destination did not take a result
+    ├── PullError                     node.errors       retried: a [[sources]] PACS did not answer a poll
     └── CannotReanalyse               node.errors       a study named for re-analysis: unknown, or purged
 """
 
@@ -30,11 +31,18 @@ from training import errors as _training_errors
 from training.errors import *  # noqa: F403
 
 # Every error importable from here, so that the CLI and the node's modules need one import.
-__all__ = [*_storage_errors.__all__, *_training_errors.__all__, "DeliveryError", "CannotReanalyse"]
+__all__ = [*_storage_errors.__all__, *_training_errors.__all__, "DeliveryError", "PullError", "CannotReanalyse"]
 
 
 class DeliveryError(IchNodeError):
     """A destination refused a result or could not be reached."""
+
+    retryable = True
+
+
+class PullError(IchNodeError):
+    """A [[sources]] PACS could not be reached, refused a query or a retrieval, or sent
+    less than it reported; the poll is tried again at the next interval."""
 
     retryable = True
 

@@ -1,7 +1,8 @@
 """Assembling and running the node: `ichnode serve` and `ichnode worker`.
 
 `serve` = Storage SCP + completion job + one sending thread per destination and one per
-webhook URL (+ a worker thread unless worker.enabled_in_serve is false). `worker` =
+webhook URL + one polling job per [[sources]] PACS (pull mode) (+ a worker thread unless
+worker.enabled_in_serve is false). `worker` =
 only the analysis loop, for more processes or GPU hosts sharing the database and the
 storage folder. Any number of each may share one database and one storage folder: every
 job of `serve` (completion, deliveries, notifications, retention, the start-up recovery
@@ -38,6 +39,7 @@ from node.history import TriageHistory
 from node.ingest import Ingest
 from node.notify import Notifier
 from node.output import model_warnings
+from node.pull import Puller
 from node.scp import start_scp, tls_context
 from node.stow_in import StowReceiver
 from node.triagelog import TriageLog
@@ -351,6 +353,10 @@ def _scheduler(node: Node, ingest: Ingest, deliveries: Deliveries, notifier: Not
     scheduler.add_job(_through_outages(commitments.fail_overdue), "interval",
                       seconds=min(10.0, config.delivery.commitment_timeout_seconds), max_instances=1, coalesce=True)
     scheduler.add_job(_DatabaseWatch(node.database), "interval", seconds=5, max_instances=1, coalesce=True)
+    for source in config.sources:  # pull mode: the first poll once the SCP listens (C-MOVE sends to it)
+        scheduler.add_job(_through_outages(Puller(config, source, node.database, ingest).poll), "interval",
+                          seconds=source.interval_seconds, max_instances=1, coalesce=True,
+                          next_run_time=dt.datetime.now(dt.timezone.utc), name=f"pull {source.name}")
     if config.storage.retention_days > 0:
         scheduler.add_job(_through_outages(purge_delivered), "interval",
                           args=[config, node.database, node.store, node.triage_log],
@@ -412,8 +418,9 @@ def serve(config: Config) -> None:
         if web is not None:
             web.start()
         destinations = ", ".join(f"{d.name}={d.described}" for d in config.destinations) or "none"
-        log.info("ready: AE %s on %s:%d; storage %s; destinations: %s; dashboard: %s; STOW-RS: %s",
-                 config.node.ae_title, config.node.host, config.node.port, config.storage.root, destinations,
+        sources = ", ".join(f"{s.name} every {s.interval_seconds:g} s" for s in config.sources) or "none"
+        log.info("ready: AE %s on %s:%d; storage %s; destinations: %s; polling: %s; dashboard: %s; STOW-RS: %s",
+                 config.node.ae_title, config.node.host, config.node.port, config.storage.root, destinations, sources,
                  config.web.url if web is not None else "off (web.enabled = false)",
                  f"{config.web.url}dicomweb/studies" if web is not None and config.dicomweb.enabled
                  else "off (dicomweb.enabled = false)")

@@ -1,5 +1,5 @@
-"""`ichnode status`, `ichnode retry` and `ichnode reanalyse`: the queue as an admin needs
-to see and steer it.
+"""`ichnode status`, `ichnode retry` and `ichnode reanalyse`: the queue (and each pull-mode
+source's polls) as an admin needs to see and steer it.
 
 All open the existing database and never create one: a missing database is an error
 naming it, not a new empty queue. `status` reads through the same Dashboard query as
@@ -15,6 +15,7 @@ from node.config import Config
 from node.dashboard import Dashboard, ModelInfo, QueueFilter, QueueView, as_json
 from node.history import TriageHistory
 from storage.db import Database
+from storage.pull import source_states
 from storage.state import ReanalyseOutcome
 from storage.store import InstanceStore
 
@@ -31,10 +32,25 @@ def queue_view(config: Config, *, limit: int = 10) -> QueueView:
     return _dashboard(config).queue(QueueFilter(limit=limit))
 
 
+def _print_sources(config: Config, database: Database, out: TextIO) -> None:
+    """Each [[sources]] PACS: its last successful poll (the next window starts there, less
+    overlap_seconds) and, when the latest poll failed, why."""
+    with database.read() as session:
+        states = {state.source: state for state in source_states(session)}
+    for i, source in enumerate(config.sources):
+        state = states.get(source.name)
+        good = state.succeeded_from if state else None
+        line = f"last successful poll {good:%Y-%m-%d %H:%M:%S} UTC" if good else "no successful poll yet"
+        if state and state.last_error:
+            line += f"; poll at {state.attempted_at:%Y-%m-%d %H:%M:%S} failed: {state.last_error}"
+        out.write(f"{'sources:' if i == 0 else '':<15}{source.name} ({source.kind}): {line}\n")
+
+
 def print_status(config: Config, out: TextIO, *, limit: int = 10, as_json_text: bool = False,
                  version: str = "") -> None:
     """The queue as text (headed by `version`, the node's release, and the config file), or as JSON."""
-    view = queue_view(config, limit=limit)
+    dashboard = _dashboard(config)
+    view = dashboard.queue(QueueFilter(limit=limit))
     if as_json_text:
         out.write(json.dumps(as_json(view), indent=2) + "\n")
         return
@@ -45,6 +61,7 @@ def print_status(config: Config, out: TextIO, *, limit: int = 10, as_json_text: 
     out.write("studies:       " + "  ".join(f"{k} {v}" for k, v in view.studies_by_state.items()) + "\n")
     out.write("deliveries:    " + "  ".join(f"{k} {v}" for k, v in view.deliveries_by_state.items()) + "\n")
     out.write("notifications: " + "  ".join(f"{k} {v}" for k, v in view.notifications_by_state.items()) + "\n")
+    _print_sources(config, dashboard.database, out)
     if not view.studies:
         out.write("no studies received yet\n")
         return

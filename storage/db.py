@@ -67,6 +67,8 @@ __all__ = [
     "Instance",
     "Delivery",
     "Notification",
+    "PulledSeries",
+    "SourcePoll",
     "utcnow",
     "DESTINATION_NAME_LENGTH",
     "anchor_sqlite_url",
@@ -215,6 +217,37 @@ class Notification(_Outgoing, Base):
     payload: Mapped[str] = mapped_column(Text)  # the JSON body, fixed when the outcome was recorded
 
     study: Mapped[Study] = relationship()
+
+
+class PulledSeries(Base):
+    """A series a [[sources]] PACS reported (pull mode): seen, and pulled once it settled.
+    A SeriesInstanceUID is pulled once whichever source or poll sees it, again only when
+    the PACS reports more instances in it than were pulled."""
+
+    __tablename__ = "pulled_series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # the source that reported it first
+    reported_instances: Mapped[int | None] = mapped_column(Integer, default=None)  # as the PACS last said
+    changed_at: Mapped[dt.datetime] = mapped_column(DateTime)  # first seen, or its count last changed
+    pulled_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
+    pulled_instances: Mapped[int] = mapped_column(Integer, default=0)  # stored by the last pull
+
+
+class SourcePoll(Base):
+    """Each [[sources]] PACS's polls: where the next window starts, the latest error, and
+    the process polling it now (so processes sharing the database never poll it together)."""
+
+    __tablename__ = "source_polls"
+
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)
+    succeeded_from: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)  # start of the last good poll
+    attempted_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)  # of the latest poll; None when it succeeded
+    claimed_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
 
 
 class SchemaVersion(Base):
