@@ -20,6 +20,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from node.commitment import Commitments
 from node.config import Config, Retrieve, Source, SourceKind, parse_config
 from node.errors import ConfigError
 from node.ingest import Ingest
@@ -290,9 +291,11 @@ def test_serve_polls_each_source_on_its_interval(empty_pacs: Orthanc, make_node,
     node = make_node([_qido(empty_pacs, interval_seconds=1)])
     triage_log = TriageLog(node.config.log.path)
     built = Node(node.config, node.database, node.store, triage_log, None)
+    commitments = Commitments(node.config, node.database, triage_log)
     scheduler = _scheduler(built, node.ingest,
-                           Deliveries(node.config, node.database, node.store, DicomSender(NODE_AET, 5), triage_log),
-                           Notifier(node.config, node.database, triage_log))
+                           Deliveries(node.config, node.database, node.store, DicomSender(NODE_AET, 5), triage_log,
+                                      commitments=commitments),
+                           Notifier(node.config, node.database, triage_log), commitments)
     [job] = [j for j in scheduler.get_jobs() if j.name == "pull pacs-web"]
     assert job.trigger.interval == dt.timedelta(seconds=1) and job.max_instances == 1 and job.coalesce
     scheduler.start()
