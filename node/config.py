@@ -729,25 +729,25 @@ def redact_url(url: str) -> str:
     """scheme://host[:port]/… — how a webhook URL is shown anywhere (log, pages, API,
     `ichnode status`, errors): Slack, Teams and Mattermost carry the secret in the path
     or the query."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or "?"
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # not a number: shown as no port
-        port = ""
-    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}/…"
+    return f"{_origin(urllib.parse.urlsplit(url))}/…"
 
 
 def _without_secrets(url: str) -> str:
     """scheme://host[:port]/path — a DICOMweb service root as shown anywhere: a user,
     password, query or fragment is left out (a query can carry an access key)."""
     parts = urllib.parse.urlsplit(url)
+    return f"{_origin(parts)}{parts.path}"
+
+
+def _origin(parts: urllib.parse.SplitResult) -> str:
+    """scheme://host[:port] of a URL, without user or password; a port that is not a
+    number is shown as none."""
     host = parts.hostname or "?"
     try:
         port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # not a number: shown as no port
+    except ValueError:
         port = ""
-    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}{parts.path}"
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}"
 
 
 @dataclass(frozen=True)
