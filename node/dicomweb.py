@@ -35,11 +35,15 @@ def read_credentials(peer: DicomwebPeer, key: str) -> str:
 
 
 def open_client(peer: DicomwebPeer, key: str) -> DICOMwebClient:
-    """A dicomweb-client for `peer`, signed in as its `auth` says, with its timeout."""
+    """A dicomweb-client for `peer`, signed in as its `auth` says, with its timeout and
+    without the library's own retries: deliveries retry with their recorded back-off, and
+    a failed poll runs again at its next interval."""
     session = requests.Session()
     if peer.auth == HttpAuth.BASIC:
         user, _, password = read_credentials(peer, key).partition(":")
         session.auth = (user, password)
     elif peer.auth == HttpAuth.BEARER:
         session.headers["Authorization"] = f"Bearer {read_credentials(peer, key)}"
-    return DICOMwebClient(url=peer.url.rstrip("/"), session=session, timeout=peer.timeout_seconds)
+    client = DICOMwebClient(url=peer.url.rstrip("/"), session=session, timeout=peer.timeout_seconds)
+    client.set_http_retry_params(retry=False)
+    return client

@@ -152,13 +152,9 @@ class _Dicomweb:
 
     def _client(self) -> DICOMwebClient:
         try:
-            client = open_client(self.source.peer, self.key)
+            return open_client(self.source.peer, self.key)
         except ConfigError as exc:  # a credentials file gone or emptied since start-up
             raise PullError(str(exc)) from exc
-        # No back-off inside a poll: a failed poll is tried again at the next interval, and
-        # the library's retries would only hold the scheduler's job (and the warning) back.
-        client.set_http_retry_params(retry=False)
-        return client
 
     def find(self, since_local: dt.datetime) -> list[FoundSeries]:
         client = self._client()

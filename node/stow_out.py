@@ -74,7 +74,6 @@ class DicomwebSender:
             client = open_client(peer, f"destination {destination.name}")
         except ConfigError as exc:  # the credentials file vanished or went bad since start-up
             raise DeliveryError(f"{where}: {exc}") from None
-        client.set_http_retry_params(retry=False)  # Deliveries retries, with its back-off and records
         try:
             answer = client.store_instances(datasets)
         except requests.HTTPError as exc:
