@@ -42,7 +42,7 @@ from tqdm import tqdm
 from storage.atomic import atomic_write
 from training.configfile import anchor_paths, read_toml, section_from_table
 from training.datasets import CachedSlices, EpochOrder
-from training.errors import ConfigError, DataError, TrainingStopped
+from training.errors import ConfigError, DataError, TrainingDiverged, TrainingStopped
 from training.inference.device import resolve_device
 from training.inference.settings import Device
 from training.metrics import roc_auc
@@ -555,8 +555,59 @@ def _rng_states(dist_info: _Distributed) -> list[dict]:
     return gathered
 
 
+def _gradient_norm(model: nn.Module) -> float:
+    """The L2 norm of all gradients together (in float64, so that a large finite norm is not inf)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) for p in model.parameters()
+             if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _diverged(config: TrainConfig, what: str) -> TrainingDiverged:
+    states = _state_paths(config.folder)
+    kept = (f"the latest state, {states[-1]}, is finite" if states else f"no state was saved in {config.folder}")
+    return TrainingDiverged(
+        f"training diverged: {what}. It stopped there and saved nothing non-finite: {kept}. --resume repeats the "
+        "same steps and diverges again; start a new experiment with a lower optimizer.lr")
+
+
+def _check_step(config: TrainConfig, run: _Run, loss: float, epoch: int, step_in_epoch: int, *,
+                checks_gradients: bool) -> None:
+    """Stop at the first step whose loss (over all processes) or gradient norm is not finite,
+    before the optimiser applies it. With mixed precision the gradients are left to the AMP
+    scaler, which skips a step whose scaled gradients overflow and lowers its scale."""
+    where = f"epoch {epoch + 1}, step {run.step + 1} (step {step_in_epoch + 1} of the epoch)"
+    if not math.isfinite(loss):
+        raise _diverged(config, f"the loss of {where} is {loss}")
+    if checks_gradients:
+        norm = _gradient_norm(run.model)
+        if not math.isfinite(norm):
+            raise _diverged(config, f"the gradient norm of {where} is {norm}")
+
+
+def _nonfinite_tensor(tree: Any, name: str = "") -> str | None:
+    """The name of the first floating-point tensor in `tree` (state dicts, lists) holding NaN or inf."""
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = _nonfinite_tensor(value, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_weights(config: TrainConfig, run: _Run) -> None:
+    """Refuse to save (or validate) weights or optimiser state holding NaN or inf."""
+    found = (_nonfinite_tensor(run.model.state_dict(), "model")
+             or _nonfinite_tensor(run.optimizer.state_dict()["state"], "optimizer"))
+    if found is not None:
+        raise _diverged(config, f"after step {run.step}, {found} holds non-finite values")
+
+
 def _save_state(config: TrainConfig, run: _Run, data: _Data, dist_info: _Distributed) -> Path:
-    """The resumable state after step `run.step`; the latest keep_checkpoints are kept."""
+    """The resumable state after step `run.step`; the latest keep_checkpoints are kept. Every
+    process checks that the weights are finite first, so that all stop together if not."""
+    _check_weights(config, run)
     rng = _rng_states(dist_info)
     path = config.folder / "state" / f"step-{run.step:09d}.pt"
     if dist_info.main:
@@ -602,10 +653,11 @@ def _train_steps(config: TrainConfig, run: _Run, data: _Data, epoch: int, device
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
             loss = loss_fn(run.net(x), y)
         run.scaler.scale(loss).backward()
+        step_loss, count, stopping = _step_totals(float(loss.detach()), len(y), stop.requested is not None, dist_info)
+        _check_step(config, run, step_loss, epoch, step_in_epoch, checks_gradients=not use_amp)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.step += 1
-        step_loss, count, stopping = _step_totals(float(loss.detach()), len(y), stop.requested is not None, dist_info)
         run.epoch_loss += step_loss * count
         run.epoch_seen += count
         run.epoch_lr = [run.epoch_lr[0] if run.epoch_lr else lr, lr]
@@ -634,6 +686,7 @@ def _end_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, device: 
     """Validate (the main process), keep the checkpoint if it is the best so far, write the
     metrics and curves, and save the state (every process takes part)."""
     folder, loop = config.folder, config.training
+    _check_weights(config, run)  # before validation and the best checkpoint
     if dist_info.main:
         started = time.perf_counter()
         data.order.set_epoch(epoch)
