@@ -1,8 +1,14 @@
-"""Training a cluster can stop: a diverged run stops at its first non-finite step and keeps
-only finite states. All on synthetic slices (tests/trainrun.py)."""
+"""Training a cluster can stop: SIGTERM to the whole process group (a scheduler's
+pre-emption) saves the state and `--resume` continues the run; a diverged run stops at its
+first non-finite step and keeps only finite states. All on synthetic slices (tests/trainrun.py)."""
 
 from __future__ import annotations
 
+import csv
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +16,9 @@ import torch
 from torch import nn
 
 from node.errors import TrainingDiverged
+from tests.peers import wait_for
 from tests.trainrun import write_train_config
+from training.model.checkpoint import load_checkpoint
 from training.train import _check_step, _check_weights, _Run, load_train_config, train
 
 
@@ -59,3 +67,65 @@ def test_a_non_finite_gradient_or_weight_is_named(tmp_path: Path) -> None:
         model.bias[1] = float("nan")
     with pytest.raises(TrainingDiverged, match=r"after step 0, model.bias holds non-finite values"):
         _check_weights(config, run)
+
+
+def _steps(folder: Path) -> list[dict]:
+    with open(folder / "steps.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _start_in_own_group(config_path: Path) -> subprocess.Popen:
+    """`ichnode train` as a batch scheduler starts it: in a process group of its own (setsid),
+    with its DataLoader workers (tests.trainrun: workers = 2) in the same group."""
+    command = ["setsid", sys.executable, "-m", "node.cli", "train", "--config", str(config_path)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _stop_and_resume(reference_run: Path, training_prepared: Path, tmp_path: Path, name: str, signal_it) -> str:
+    """Start a reference run, signal it once its first step is logged, check that it stopped
+    with its state saved, resume it, and check that it then repeats the uninterrupted run."""
+    config_path = write_train_config(tmp_path / "train.toml", training_prepared, tmp_path / "experiments", name)
+    folder = tmp_path / "experiments" / name
+    process = _start_in_own_group(config_path)
+    try:
+        wait_for(lambda: (folder / "steps.csv").is_file() and len(_steps(folder)) >= 1, timeout=300,
+                 what="the first training step")
+        assert len(_children(process.pid)) == 2  # the two DataLoader workers are running
+        signal_it(process)
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 143, err
+    assert "internal error" not in err and "--resume" in err
+    stopped = len(_steps(folder))
+    assert 1 <= stopped < 4, "the run was to stop inside its first epoch of 4 steps"
+    assert (folder / "state" / f"step-{stopped:09d}.pt").is_file()
+
+    train(load_train_config(config_path), resume=True, progress=False)
+    assert _steps(folder) == _steps(reference_run)  # every step's loss and learning rate, exactly
+    resumed, uninterrupted = load_checkpoint(folder / "model.pt")[0], load_checkpoint(reference_run / "model.pt")[0]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), uninterrupted.state_dict().values()))
+    return err
+
+
+def test_sigterm_to_the_process_group_saves_the_state_and_resume_continues(
+        reference_run: Path, training_prepared: Path, tmp_path: Path) -> None:
+    # As SLURM's pre-emption and scancel do: the main process and its workers all get SIGTERM.
+    err = _stop_and_resume(reference_run, training_prepared, tmp_path, "group",
+                           lambda process: os.killpg(process.pid, signal.SIGTERM))
+    assert "training stopped by SIGTERM after step" in err
+
+
+def test_a_worker_killed_anyway_stops_the_run_with_its_state_saved(
+        reference_run: Path, training_prepared: Path, tmp_path: Path) -> None:
+    # A worker that cannot ignore its end (SIGKILL, the kernel's out-of-memory killer).
+    err = _stop_and_resume(reference_run, training_prepared, tmp_path, "worker",
+                           lambda process: os.kill(_children(process.pid)[0], signal.SIGKILL))
+    assert "training stopped by the death of a DataLoader worker" in err

@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,7 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def _recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device, batches: int) -> None:
+def _recompute_batchnorm(model: nn.Module, loader: Iterable, device: torch.device, batches: int) -> None:
     """Replace BatchNorm running statistics by exact averages over `batches` training batches.
 
     Short runs need it: EfficientDet's BiFPN averages with momentum 0.01, so after a few
@@ -268,7 +269,7 @@ def _recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.dev
         norm.momentum = momentum
 
 
-def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float | None, float | None]:
+def _validate(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[float | None, float | None]:
     """(mean loss, ROC-AUC) on the validation list; the loss is None when the list is
     empty, the AUC None when it holds one class only."""
     model.eval()
@@ -345,10 +346,22 @@ def _deterministic(enabled: bool):
         torch.backends.cudnn.benchmark = before[1]
 
 
+class _WorkerLost(RuntimeError):
+    """A DataLoader worker died; raised where the loader asks for a batch, so the run's state is whole."""
+
+
+def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
+    """A DataLoader worker's start: SIGTERM and SIGINT sent to the whole process group (SLURM's
+    pre-emption, `scancel`, torchrun's shutdown, Ctrl-C) would otherwise kill the workers
+    while the main process saves its state; the main process stops them when it is done."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _StopRequest:
     """SIGTERM or SIGINT while training (a scheduler's pre-emption, Ctrl-C) is noted, so the
     step in progress finishes and the state is saved before the run stops; a second one
-    stops at once."""
+    stops at once. A DataLoader worker that dies anyway stops the run the same way."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -364,6 +377,42 @@ class _StopRequest:
         if self.requested is not None:
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
+
+    def batches(self, loader: Iterable) -> Iterator:
+        """The batches of `loader`; a dead DataLoader worker is raised as _WorkerLost when a batch is asked for."""
+        iterator = iter(loader)
+        self._watch_workers()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as exc:  # "DataLoader worker (pid(s) …) exited unexpectedly"
+                if "DataLoader worker" not in str(exc):
+                    raise
+                raise _WorkerLost(str(exc)) from exc
+            yield batch
+
+    def _watch_workers(self) -> None:
+        """Once DataLoader workers exist, torch's SIGCHLD handler raises when one dies, wherever
+        the main process is: in the middle of an optimiser step, say. It is wrapped so that the
+        death is noted as a request to stop instead; a loader that needs the dead worker's
+        batch then says so itself (in `batches`), between steps."""
+        if signal.SIGCHLD in self.previous or threading.current_thread() is not threading.main_thread():
+            return
+        loader_handler = signal.getsignal(signal.SIGCHLD)
+        if not callable(loader_handler):  # no worker processes (training.workers = 0)
+            return
+        self.previous[signal.SIGCHLD] = loader_handler
+
+        def note_worker_death(number: int, frame: Any) -> None:
+            try:
+                loader_handler(number, frame)
+            except RuntimeError as exc:  # "DataLoader worker (pid …) is killed by signal: …"
+                if self.requested is None:
+                    self.requested = f"the death of a DataLoader worker ({exc})"
+
+        signal.signal(signal.SIGCHLD, note_worker_death)
 
     def __exit__(self, *_exc: Any) -> None:
         for number, handler in self.previous.items():
@@ -447,9 +496,11 @@ def _data(config: TrainConfig, dist_info: _Distributed, device: torch.device) ->
     # drop-path) use too, and a resumed run would drift from the uninterrupted one.
     train_loader = DataLoader(train_set, batch_size=loop.batch_size, sampler=order, num_workers=loop.workers,
                               generator=torch.Generator().manual_seed(loop.seed), pin_memory=device.type == "cuda",
-                              persistent_workers=loop.workers > 0)
+                              persistent_workers=loop.workers > 0,
+                              worker_init_fn=_leave_stop_signals_to_the_main_process)
     val_loader = DataLoader(val_set, batch_size=loop.batch_size * 2, num_workers=loop.workers,
-                            generator=torch.Generator().manual_seed(loop.seed))
+                            generator=torch.Generator().manual_seed(loop.seed),
+                            worker_init_fn=_leave_stop_signals_to_the_main_process)
     steps = math.ceil(order.per_process / loop.batch_size)
     steps = min(steps, loop.max_steps_per_epoch) if loop.max_steps_per_epoch else steps
     warnings = []
@@ -641,9 +692,7 @@ def _train_steps(config: TrainConfig, run: _Run, data: _Data, epoch: int, device
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{loop.epochs}", unit="batch",
                disable=None if progress else True)
     started = time.perf_counter()
-    for step_in_epoch, (x, y) in enumerate(data.train_loader, start=first):
-        if step_in_epoch >= steps:
-            break
+    for step_in_epoch, (x, y) in zip(range(first, steps), stop.batches(data.train_loader)):
         lr = learning_rate(config, run.step, steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -682,7 +731,7 @@ def _train_steps(config: TrainConfig, run: _Run, data: _Data, epoch: int, device
 
 
 def _end_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, device: torch.device, log: StepLog | None,
-               dist_info: _Distributed, progress: bool) -> None:
+               stop: _StopRequest, dist_info: _Distributed, progress: bool) -> None:
     """Validate (the main process), keep the checkpoint if it is the best so far, write the
     metrics and curves, and save the state (every process takes part)."""
     folder, loop = config.folder, config.training
@@ -690,8 +739,8 @@ def _end_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, device: 
     if dist_info.main:
         started = time.perf_counter()
         data.order.set_epoch(epoch)
-        _recompute_batchnorm(run.model, data.train_loader, device, loop.batchnorm_batches)
-        val_loss, val_auc = _validate(run.model, data.val_loader, device)
+        _recompute_batchnorm(run.model, stop.batches(data.train_loader), device, loop.batchnorm_batches)
+        val_loss, val_auc = _validate(run.model, stop.batches(data.val_loader), device)
         record = {"epoch": epoch + 1, "step": run.step, "train_loss": run.epoch_loss / max(run.epoch_seen, 1),
                   "val_loss": val_loss, "val_roc_auc": val_auc, "lr": run.epoch_lr[0], "lr_end": run.epoch_lr[-1],
                   "seconds": round(run.epoch_seconds + time.perf_counter() - started, 1),
@@ -783,12 +832,19 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
                 raise TrainingStopped(f"training stopped by {stop.requested} after step {run.step}; its state is in "
                                       f"{config.folder / 'state'}: continue with --resume")
             if len(run.history) <= epoch:
-                _end_epoch(config, run, data, epoch, device, log, dist_info, progress)
+                _end_epoch(config, run, data, epoch, device, log, stop, dist_info, progress)
             if dist_info.world > 1:
                 dist.barrier()
             if stop.requested is not None and epoch + 1 < config.training.epochs:
                 raise TrainingStopped(f"training stopped by {stop.requested} after epoch {epoch + 1} (step "
                                       f"{run.step}); its state is in {config.folder / 'state'}: continue with --resume")
+    except _WorkerLost as lost:
+        if dist_info.world > 1:  # the other processes wait in a collective call: no state all can agree on
+            raise
+        # Raised between steps (or before the epoch's validation is recorded): the state is whole.
+        _save_state(config, run, data, dist_info)
+        raise TrainingStopped(f"training stopped by {stop.requested or lost} after step {run.step}; its state is in "
+                              f"{config.folder / 'state'}: continue with --resume") from None
     finally:
         if log is not None:
             log.close()
