@@ -5,6 +5,7 @@ first non-finite step and keeps only finite states. All on synthetic slices (tes
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -129,3 +130,69 @@ def test_a_worker_killed_anyway_stops_the_run_with_its_state_saved(
     err = _stop_and_resume(reference_run, training_prepared, tmp_path, "worker",
                            lambda process: os.kill(_children(process.pid)[0], signal.SIGKILL))
     assert "training stopped by the death of a DataLoader worker" in err
+
+
+def test_sigterm_to_a_torchrun_group_saves_the_state_on_every_rank_and_resume_continues(
+        training_prepared: Path, tmp_path: Path) -> None:
+    # torchrun forwards the group's SIGTERM to each process: a rank gets it twice, and must still save.
+    from tests.peers import free_port
+
+    config_path = write_train_config(tmp_path / "train.toml", training_prepared, tmp_path / "experiments", "ddp")
+    folder = tmp_path / "experiments" / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def torchrun(*extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "-m", "node.cli", "train", "--config", str(config_path), *extra]
+
+    process = subprocess.Popen(["setsid", *torchrun()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    try:
+        wait_for(lambda: (folder / "steps.csv").is_file() and len(_steps(folder)) >= 1, timeout=300,
+                 what="the first training step")
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert "training stopped by SIGTERM after step" in err and "internal error" not in err, err[-3000:]
+    stopped = len(_steps(folder))
+    assert 1 <= stopped < 8
+    assert (folder / "state" / f"step-{stopped:09d}.pt").is_file()
+    state = torch.load(folder / "state" / f"step-{stopped:09d}.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == stopped and len(state["rng"]) == 2  # every rank's generators, at the same step
+
+    resumed = subprocess.run(torchrun("--resume"), capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [int(row["step"]) for row in _steps(folder)] == list(range(1, 9))  # each step once, none lost
+
+
+def test_deterministic_training_warns_instead_of_raising_and_records_the_ops_without_a_deterministic_kernel(
+        training_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        recwarn: pytest.WarningsRecorder) -> None:
+    import training.train as train_module
+
+    with train_module._deterministic(True) as fallbacks:
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.zeros(3).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))  # no deterministic kernel, even on a CPU
+        assert fallbacks == ["put_"]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert any("put_ does not have a deterministic" in str(w.message) for w in recwarn)  # still shown
+
+    # No CUDA op here lacks a deterministic kernel: one that does is run in the validation.
+    validate = train_module._validate
+
+    def validate_with_a_nondeterministic_op(*args, **kwargs):
+        torch.zeros(3).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_validate", validate_with_a_nondeterministic_op)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    config = load_train_config(write_train_config(
+        tmp_path / "train.toml", training_prepared, tmp_path / "experiments", "deterministic",
+        training={"epochs": 1, "max_steps_per_epoch": 1, "workers": 0, "deterministic": True}))
+    train(config, progress=False)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    segment = json.loads((config.folder / "run.json").read_text())["segments"][-1]
+    assert segment["nondeterministic_ops"] == ["put_"]

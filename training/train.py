@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 import typing
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -317,33 +318,55 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     """
     if resume and overwrite:
         raise ConfigError("--resume continues the experiment and --overwrite replaces it: choose one")
+    if config.training.deterministic:  # cuBLAS is deterministic only with it, read when CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist_info, device = _init_distributed(config.training.device)
     try:
-        with _deterministic(config.training.deterministic), _StopRequest() as stop:
+        with _deterministic(config.training.deterministic) as fallbacks, _StopRequest() as stop:
             return _train(config, dist_info, device, resume=resume, overwrite=overwrite,
-                          progress=progress and dist_info.main, stop=stop)
+                          progress=progress and dist_info.main, stop=stop, fallbacks=fallbacks)
     finally:
         if dist_info.world > 1:
             dist.destroy_process_group()
 
 
+_NO_DETERMINISTIC_KERNEL = " does not have a deterministic implementation"  # torch's warn_only warning
+
+
 @contextlib.contextmanager
-def _deterministic(enabled: bool):
-    """Deterministic kernels only, while training. On a GPU some kernels (and cuDNN's
-    autotuner) give other results at each run, so without this a resumed run would not
-    repeat the uninterrupted one; on a CPU the kernels used here are deterministic anyway."""
+def _deterministic(enabled: bool) -> Iterator[list[str]]:
+    """Deterministic kernels only, while training; yields the list of the ops that had none.
+
+    On a GPU some kernels (and cuDNN's autotuner) give other results at each run, so without
+    this a resumed run would not repeat the uninterrupted one; on a CPU the kernels used
+    here are deterministic anyway. Some ops have no deterministic CUDA kernel (torch
+    documents AdaptiveAvgPool2d's backward, which every architecture here uses): with
+    warn_only torch warns and runs the nondeterministic one instead of raising, and each such
+    op is noted, for the run record, as it is warned about."""
+    fallbacks: list[str] = []
     if not enabled:
-        yield
+        yield fallbacks
         return
-    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
-    torch.use_deterministic_algorithms(True)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark = before[1]
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.filterwarnings("default", message=f".*{_NO_DETERMINISTIC_KERNEL}", category=UserWarning)
+        show = warnings.showwarning
+
+        def note(message: Warning | str, category: type[Warning], *where: Any, **more: Any) -> None:
+            op, found, _ = str(message).partition(_NO_DETERMINISTIC_KERNEL)
+            if found and op not in fallbacks:
+                fallbacks.append(op)
+            show(message, category, *where, **more)
+
+        warnings.showwarning = note
+        try:
+            yield fallbacks
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+            torch.backends.cudnn.benchmark = before[2]
 
 
 class _WorkerLost(RuntimeError):
@@ -360,8 +383,10 @@ def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
 
 class _StopRequest:
     """SIGTERM or SIGINT while training (a scheduler's pre-emption, Ctrl-C) is noted, so the
-    step in progress finishes and the state is saved before the run stops; a second one
-    stops at once. A DataLoader worker that dies anyway stops the run the same way."""
+    step in progress finishes and the state is saved before the run stops; a second SIGINT
+    (Ctrl-C again) stops at once. Further SIGTERMs are noted only: torchrun forwards the
+    SIGTERM its process group got to each process, and a scheduler that will not wait sends
+    SIGKILL. A DataLoader worker that dies anyway stops the run the same way."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -374,9 +399,9 @@ class _StopRequest:
         return self
 
     def _note(self, number: int, _frame: Any) -> None:
-        if self.requested is not None:
+        if self.requested is not None and number == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(number).name
+        self.requested = self.requested or signal.Signals(number).name
 
     def batches(self, loader: Iterable) -> Iterator:
         """The batches of `loader`; a dead DataLoader worker is raised as _WorkerLost when a batch is asked for."""
@@ -806,8 +831,17 @@ def _record_start(config: TrainConfig, run: _Run, data: _Data, changes: dict, wo
     path.write_text(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
 
 
+def _record_fallbacks(folder: Path, ops: list[str]) -> None:
+    """run.json: the ops this segment ran without a deterministic kernel (deterministic = true);
+    where any are listed, a resume may not repeat the uninterrupted run exactly."""
+    path = folder / "run.json"
+    record = json.loads(path.read_text())
+    record["segments"][-1]["nondeterministic_ops"] = ops
+    path.write_text(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
+
+
 def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *, resume: bool, overwrite: bool,
-           progress: bool, stop: _StopRequest) -> TrainResult:
+           progress: bool, stop: _StopRequest, fallbacks: list[str]) -> TrainResult:
     torch.manual_seed(config.training.seed + dist_info.rank)
     data = _data(config, dist_info, device)
     state_path = _check_folder(config, dist_info, resume=resume, overwrite=overwrite)
@@ -848,4 +882,6 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
     finally:
         if log is not None:
             log.close()
+        if dist_info.main and config.training.deterministic:
+            _record_fallbacks(config.folder, fallbacks)
     return TrainResult(config.folder / "model.pt", run.best_epoch, run.best_auc, run.history)
