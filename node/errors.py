@@ -17,6 +17,7 @@ property of each error: the worker and the sender try again later when it is tru
     ├── DataError                     training.errors   a data folder that cannot be used
     ├── SyntheticDataError            training.errors   impossible synthetic-study options
     ├── TrainingStopped               training.errors   training stopped on request, state saved
+    ├── TrainingDiverged              training.errors   a non-finite loss or gradient; finite states kept
     ├── DeliveryError                 node.errors       retried: a destination did not take a result
     ├── PullError                     node.errors       retried: a [[sources]] PACS did not answer a poll
     └── CannotReanalyse               node.errors       a study named for re-analysis: unknown, or purged

@@ -15,6 +15,7 @@ __all__ = [
     "DataError",
     "SyntheticDataError",
     "TrainingStopped",
+    "TrainingDiverged",
 ]
 
 
@@ -44,3 +45,8 @@ class SyntheticDataError(IchNodeError):
 
 class TrainingStopped(IchNodeError):
     """Training stopped on request (SIGTERM, SIGINT) after saving its state; `--resume` continues it."""
+
+
+class TrainingDiverged(IchNodeError):
+    """Training met a non-finite loss, gradient or weight; it stopped there, and every state
+    on disk is the last finite one."""

@@ -28,6 +28,8 @@ import signal
 import threading
 import time
 import typing
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ from tqdm import tqdm
 from storage.atomic import atomic_write
 from training.configfile import anchor_paths, read_toml, section_from_table
 from training.datasets import CachedSlices, EpochOrder
-from training.errors import ConfigError, DataError, TrainingStopped
+from training.errors import ConfigError, DataError, TrainingDiverged, TrainingStopped
 from training.inference.device import resolve_device
 from training.inference.settings import Device
 from training.metrics import roc_auc
@@ -244,7 +246,7 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def _recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.device, batches: int) -> None:
+def _recompute_batchnorm(model: nn.Module, loader: Iterable, device: torch.device, batches: int) -> None:
     """Replace BatchNorm running statistics by exact averages over `batches` training batches.
 
     Short runs need it: EfficientDet's BiFPN averages with momentum 0.01, so after a few
@@ -268,7 +270,7 @@ def _recompute_batchnorm(model: nn.Module, loader: DataLoader, device: torch.dev
         norm.momentum = momentum
 
 
-def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float | None, float | None]:
+def _validate(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[float | None, float | None]:
     """(mean loss, ROC-AUC) on the validation list; the loss is None when the list is
     empty, the AUC None when it holds one class only."""
     model.eval()
@@ -316,39 +318,75 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     """
     if resume and overwrite:
         raise ConfigError("--resume continues the experiment and --overwrite replaces it: choose one")
+    if config.training.deterministic:  # cuBLAS is deterministic only with it, read when CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist_info, device = _init_distributed(config.training.device)
     try:
-        with _deterministic(config.training.deterministic), _StopRequest() as stop:
+        with _deterministic(config.training.deterministic) as fallbacks, _StopRequest() as stop:
             return _train(config, dist_info, device, resume=resume, overwrite=overwrite,
-                          progress=progress and dist_info.main, stop=stop)
+                          progress=progress and dist_info.main, stop=stop, fallbacks=fallbacks)
     finally:
         if dist_info.world > 1:
             dist.destroy_process_group()
 
 
+_NO_DETERMINISTIC_KERNEL = " does not have a deterministic implementation"  # torch's warn_only warning
+
+
 @contextlib.contextmanager
-def _deterministic(enabled: bool):
-    """Deterministic kernels only, while training. On a GPU some kernels (and cuDNN's
-    autotuner) give other results at each run, so without this a resumed run would not
-    repeat the uninterrupted one; on a CPU the kernels used here are deterministic anyway."""
+def _deterministic(enabled: bool) -> Iterator[list[str]]:
+    """Deterministic kernels only, while training; yields the list of the ops that had none.
+
+    On a GPU some kernels (and cuDNN's autotuner) give other results at each run, so without
+    this a resumed run would not repeat the uninterrupted one; on a CPU the kernels used
+    here are deterministic anyway. Some ops have no deterministic CUDA kernel (torch
+    documents AdaptiveAvgPool2d's backward, which every architecture here uses): with
+    warn_only torch warns and runs the nondeterministic one instead of raising, and each such
+    op is noted, for the run record, as it is warned about."""
+    fallbacks: list[str] = []
     if not enabled:
-        yield
+        yield fallbacks
         return
-    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with it
-    torch.use_deterministic_algorithms(True)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.backends.cudnn.benchmark = before[1]
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.filterwarnings("default", message=f".*{_NO_DETERMINISTIC_KERNEL}", category=UserWarning)
+        show = warnings.showwarning
+
+        def note(message: Warning | str, category: type[Warning], *where: Any, **more: Any) -> None:
+            op, found, _ = str(message).partition(_NO_DETERMINISTIC_KERNEL)
+            if found and op not in fallbacks:
+                fallbacks.append(op)
+            show(message, category, *where, **more)
+
+        warnings.showwarning = note
+        try:
+            yield fallbacks
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+            torch.backends.cudnn.benchmark = before[2]
+
+
+class _WorkerLost(RuntimeError):
+    """A DataLoader worker died; raised where the loader asks for a batch, so the run's state is whole."""
+
+
+def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
+    """A DataLoader worker's start: SIGTERM and SIGINT sent to the whole process group (SLURM's
+    pre-emption, `scancel`, torchrun's shutdown, Ctrl-C) would otherwise kill the workers
+    while the main process saves its state; the main process stops them when it is done."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _StopRequest:
     """SIGTERM or SIGINT while training (a scheduler's pre-emption, Ctrl-C) is noted, so the
-    step in progress finishes and the state is saved before the run stops; a second one
-    stops at once."""
+    step in progress finishes and the state is saved before the run stops; a second SIGINT
+    (Ctrl-C again) stops at once. Further SIGTERMs are noted only: torchrun forwards the
+    SIGTERM its process group got to each process, and a scheduler that will not wait sends
+    SIGKILL. A DataLoader worker that dies anyway stops the run the same way."""
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -361,9 +399,45 @@ class _StopRequest:
         return self
 
     def _note(self, number: int, _frame: Any) -> None:
-        if self.requested is not None:
+        if self.requested is not None and number == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(number).name
+        self.requested = self.requested or signal.Signals(number).name
+
+    def batches(self, loader: Iterable) -> Iterator:
+        """The batches of `loader`; a dead DataLoader worker is raised as _WorkerLost when a batch is asked for."""
+        iterator = iter(loader)
+        self._watch_workers()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as exc:  # "DataLoader worker (pid(s) …) exited unexpectedly"
+                if "DataLoader worker" not in str(exc):
+                    raise
+                raise _WorkerLost(str(exc)) from exc
+            yield batch
+
+    def _watch_workers(self) -> None:
+        """Once DataLoader workers exist, torch's SIGCHLD handler raises when one dies, wherever
+        the main process is: in the middle of an optimiser step, say. It is wrapped so that the
+        death is noted as a request to stop instead; a loader that needs the dead worker's
+        batch then says so itself (in `batches`), between steps."""
+        if signal.SIGCHLD in self.previous or threading.current_thread() is not threading.main_thread():
+            return
+        loader_handler = signal.getsignal(signal.SIGCHLD)
+        if not callable(loader_handler):  # no worker processes (training.workers = 0)
+            return
+        self.previous[signal.SIGCHLD] = loader_handler
+
+        def note_worker_death(number: int, frame: Any) -> None:
+            try:
+                loader_handler(number, frame)
+            except RuntimeError as exc:  # "DataLoader worker (pid …) is killed by signal: …"
+                if self.requested is None:
+                    self.requested = f"the death of a DataLoader worker ({exc})"
+
+        signal.signal(signal.SIGCHLD, note_worker_death)
 
     def __exit__(self, *_exc: Any) -> None:
         for number, handler in self.previous.items():
@@ -447,9 +521,11 @@ def _data(config: TrainConfig, dist_info: _Distributed, device: torch.device) ->
     # drop-path) use too, and a resumed run would drift from the uninterrupted one.
     train_loader = DataLoader(train_set, batch_size=loop.batch_size, sampler=order, num_workers=loop.workers,
                               generator=torch.Generator().manual_seed(loop.seed), pin_memory=device.type == "cuda",
-                              persistent_workers=loop.workers > 0)
+                              persistent_workers=loop.workers > 0,
+                              worker_init_fn=_leave_stop_signals_to_the_main_process)
     val_loader = DataLoader(val_set, batch_size=loop.batch_size * 2, num_workers=loop.workers,
-                            generator=torch.Generator().manual_seed(loop.seed))
+                            generator=torch.Generator().manual_seed(loop.seed),
+                            worker_init_fn=_leave_stop_signals_to_the_main_process)
     steps = math.ceil(order.per_process / loop.batch_size)
     steps = min(steps, loop.max_steps_per_epoch) if loop.max_steps_per_epoch else steps
     warnings = []
@@ -555,8 +631,59 @@ def _rng_states(dist_info: _Distributed) -> list[dict]:
     return gathered
 
 
+def _gradient_norm(model: nn.Module) -> float:
+    """The L2 norm of all gradients together (in float64, so that a large finite norm is not inf)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) for p in model.parameters()
+             if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _diverged(config: TrainConfig, what: str) -> TrainingDiverged:
+    states = _state_paths(config.folder)
+    kept = (f"the latest state, {states[-1]}, is finite" if states else f"no state was saved in {config.folder}")
+    return TrainingDiverged(
+        f"training diverged: {what}. It stopped there and saved nothing non-finite: {kept}. --resume repeats the "
+        "same steps and diverges again; start a new experiment with a lower optimizer.lr")
+
+
+def _check_step(config: TrainConfig, run: _Run, loss: float, epoch: int, step_in_epoch: int, *,
+                checks_gradients: bool) -> None:
+    """Stop at the first step whose loss (over all processes) or gradient norm is not finite,
+    before the optimiser applies it. With mixed precision the gradients are left to the AMP
+    scaler, which skips a step whose scaled gradients overflow and lowers its scale."""
+    where = f"epoch {epoch + 1}, step {run.step + 1} (step {step_in_epoch + 1} of the epoch)"
+    if not math.isfinite(loss):
+        raise _diverged(config, f"the loss of {where} is {loss}")
+    if checks_gradients:
+        norm = _gradient_norm(run.model)
+        if not math.isfinite(norm):
+            raise _diverged(config, f"the gradient norm of {where} is {norm}")
+
+
+def _nonfinite_tensor(tree: Any, name: str = "") -> str | None:
+    """The name of the first floating-point tensor in `tree` (state dicts, lists) holding NaN or inf."""
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = _nonfinite_tensor(value, f"{name}.{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_weights(config: TrainConfig, run: _Run) -> None:
+    """Refuse to save (or validate) weights or optimiser state holding NaN or inf."""
+    found = (_nonfinite_tensor(run.model.state_dict(), "model")
+             or _nonfinite_tensor(run.optimizer.state_dict()["state"], "optimizer"))
+    if found is not None:
+        raise _diverged(config, f"after step {run.step}, {found} holds non-finite values")
+
+
 def _save_state(config: TrainConfig, run: _Run, data: _Data, dist_info: _Distributed) -> Path:
-    """The resumable state after step `run.step`; the latest keep_checkpoints are kept."""
+    """The resumable state after step `run.step`; the latest keep_checkpoints are kept. Every
+    process checks that the weights are finite first, so that all stop together if not."""
+    _check_weights(config, run)
     rng = _rng_states(dist_info)
     path = config.folder / "state" / f"step-{run.step:09d}.pt"
     if dist_info.main:
@@ -590,9 +717,7 @@ def _train_steps(config: TrainConfig, run: _Run, data: _Data, epoch: int, device
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{loop.epochs}", unit="batch",
                disable=None if progress else True)
     started = time.perf_counter()
-    for step_in_epoch, (x, y) in enumerate(data.train_loader, start=first):
-        if step_in_epoch >= steps:
-            break
+    for step_in_epoch, (x, y) in zip(range(first, steps), stop.batches(data.train_loader)):
         lr = learning_rate(config, run.step, steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -602,10 +727,11 @@ def _train_steps(config: TrainConfig, run: _Run, data: _Data, epoch: int, device
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
             loss = loss_fn(run.net(x), y)
         run.scaler.scale(loss).backward()
+        step_loss, count, stopping = _step_totals(float(loss.detach()), len(y), stop.requested is not None, dist_info)
+        _check_step(config, run, step_loss, epoch, step_in_epoch, checks_gradients=not use_amp)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.step += 1
-        step_loss, count, stopping = _step_totals(float(loss.detach()), len(y), stop.requested is not None, dist_info)
         run.epoch_loss += step_loss * count
         run.epoch_seen += count
         run.epoch_lr = [run.epoch_lr[0] if run.epoch_lr else lr, lr]
@@ -630,15 +756,16 @@ def _train_steps(config: TrainConfig, run: _Run, data: _Data, epoch: int, device
 
 
 def _end_epoch(config: TrainConfig, run: _Run, data: _Data, epoch: int, device: torch.device, log: StepLog | None,
-               dist_info: _Distributed, progress: bool) -> None:
+               stop: _StopRequest, dist_info: _Distributed, progress: bool) -> None:
     """Validate (the main process), keep the checkpoint if it is the best so far, write the
     metrics and curves, and save the state (every process takes part)."""
     folder, loop = config.folder, config.training
+    _check_weights(config, run)  # before validation and the best checkpoint
     if dist_info.main:
         started = time.perf_counter()
         data.order.set_epoch(epoch)
-        _recompute_batchnorm(run.model, data.train_loader, device, loop.batchnorm_batches)
-        val_loss, val_auc = _validate(run.model, data.val_loader, device)
+        _recompute_batchnorm(run.model, stop.batches(data.train_loader), device, loop.batchnorm_batches)
+        val_loss, val_auc = _validate(run.model, stop.batches(data.val_loader), device)
         record = {"epoch": epoch + 1, "step": run.step, "train_loss": run.epoch_loss / max(run.epoch_seen, 1),
                   "val_loss": val_loss, "val_roc_auc": val_auc, "lr": run.epoch_lr[0], "lr_end": run.epoch_lr[-1],
                   "seconds": round(run.epoch_seconds + time.perf_counter() - started, 1),
@@ -704,8 +831,17 @@ def _record_start(config: TrainConfig, run: _Run, data: _Data, changes: dict, wo
     path.write_text(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
 
 
+def _record_fallbacks(folder: Path, ops: list[str]) -> None:
+    """run.json: the ops this segment ran without a deterministic kernel (deterministic = true);
+    where any are listed, a resume may not repeat the uninterrupted run exactly."""
+    path = folder / "run.json"
+    record = json.loads(path.read_text())
+    record["segments"][-1]["nondeterministic_ops"] = ops
+    path.write_text(json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n")
+
+
 def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *, resume: bool, overwrite: bool,
-           progress: bool, stop: _StopRequest) -> TrainResult:
+           progress: bool, stop: _StopRequest, fallbacks: list[str]) -> TrainResult:
     torch.manual_seed(config.training.seed + dist_info.rank)
     data = _data(config, dist_info, device)
     state_path = _check_folder(config, dist_info, resume=resume, overwrite=overwrite)
@@ -730,13 +866,22 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
                 raise TrainingStopped(f"training stopped by {stop.requested} after step {run.step}; its state is in "
                                       f"{config.folder / 'state'}: continue with --resume")
             if len(run.history) <= epoch:
-                _end_epoch(config, run, data, epoch, device, log, dist_info, progress)
+                _end_epoch(config, run, data, epoch, device, log, stop, dist_info, progress)
             if dist_info.world > 1:
                 dist.barrier()
             if stop.requested is not None and epoch + 1 < config.training.epochs:
                 raise TrainingStopped(f"training stopped by {stop.requested} after epoch {epoch + 1} (step "
                                       f"{run.step}); its state is in {config.folder / 'state'}: continue with --resume")
+    except _WorkerLost as lost:
+        if dist_info.world > 1:  # the other processes wait in a collective call: no state all can agree on
+            raise
+        # Raised between steps (or before the epoch's validation is recorded): the state is whole.
+        _save_state(config, run, data, dist_info)
+        raise TrainingStopped(f"training stopped by {stop.requested or lost} after step {run.step}; its state is in "
+                              f"{config.folder / 'state'}: continue with --resume") from None
     finally:
         if log is not None:
             log.close()
+        if dist_info.main and config.training.deterministic:
+            _record_fallbacks(config.folder, fallbacks)
     return TrainResult(config.folder / "model.pt", run.best_epoch, run.best_auc, run.history)
