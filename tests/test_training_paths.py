@@ -171,7 +171,7 @@ def test_an_earlier_folders_sources_are_converted_on_read(layout: dict[str, Path
     eval_set = load_eval_set(prepared, _spec())
     assert all(s.source.is_file() and s.source.parent == layout["data"].resolve() / "stage_2_train"
                for study in eval_set.studies for s in study.slices)
-    training = load_training_slices(prepared, _spec(), data_root=layout["data"])
+    training = load_training_slices(prepared, _spec())
     assert all(s.source.is_file() for s in training.slice_level)
 
     rows = list(csv.DictReader(open(prepared / "splits" / "test_full.csv", newline="")))
@@ -197,6 +197,8 @@ def test_a_data_folder_that_does_not_exist_is_named(layout: dict[str, Path], mon
         load_eval_set(Path("no_such_folder"), _spec())
     with pytest.raises(DataError, match="the data folder gone given for the sources of .* does not exist"):
         load_eval_set(layout["prepared"], _spec(), data_root=Path("gone"))
+    with pytest.raises(DataError, match="for a folder made by `ichnode prepare-rsna`"):
+        load_eval_set(layout["data"], _spec(), data_root=layout["data"])
 
 
 def _spec():

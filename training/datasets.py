@@ -293,6 +293,9 @@ def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10, spl
     _check_exists(data)
     if (data / "prepare.json").is_file():
         return _from_prepared(data, spec, split, data_root)
+    if data_root is not None:
+        raise DataError(f"a data folder for the sources ({data_root}) is for a folder made by `ichnode prepare-rsna`; "
+                        f"{data} is not one (no prepare.json): its DICOM files are read where they are")
     if any(data.glob("study_*/labels.json")):
         return _from_synthetic(data)
     if (data / "reads.csv").is_file():
@@ -303,7 +306,7 @@ def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10, spl
     )
 
 
-def load_training_slices(data: Path, spec: PreprocessSpec, *, data_root: Path | None = None) -> EvalSet:
+def load_training_slices(data: Path, spec: PreprocessSpec) -> EvalSet:
     """The slices a model was trained on, as `slice_level`: the training list of a prepared
     folder (its cache, as training read it), or every slice of a folder of synthetic studies."""
     data = Path(data)
@@ -311,7 +314,7 @@ def load_training_slices(data: Path, spec: PreprocessSpec, *, data_root: Path | 
     if (data / "prepare.json").is_file():
         check_cache_matches(data, spec)
         summary = json.loads((data / "prepare.json").read_text())
-        root = source_root(data, data_root)
+        root = source_root(data)
         slices = [EvalSlice(r.image_id, r.patient_id, r.label, root.path(r), data / r.cache)
                   for r in read_split(data / "splits" / "train.csv")]
         kind, synthetic = _prepared_kind(summary)
