@@ -314,7 +314,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     out = args.out or Path("experiments") / f"eval-{args.checkpoint.stem}-{args.data.resolve().name}"
     result = evaluate(args.checkpoint, args.data, out, device=args.device, batch_size=args.batch_size,
                       resamples=args.resamples, backend=args.backend, gradcam_layer=args.gradcam_layer,
-                      rule=rule, rule_source=source, interval=args.interval)
+                      rule=rule, rule_source=source, interval=args.interval, data_root=args.data_root)
     print((result.files["report"]).read_text())
     for warning in result.warnings:
         print(f"warning: {warning}")
@@ -506,6 +506,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=None,
                         help="a prepare-rsna folder (test split), `ichnode synth` studies, or a CQ500 folder")
+    parser.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                        help="with a prepare-rsna folder: where the data it was prepared from (its --data) is now, "
+                             "for the scope checks (default: the folder recorded in its prepare.json)")
     parser.add_argument("--history", action="store_true",
                         help="score the node's own analyses (its triage log, from --config) against --labels "
                              "instead of a checkpoint on a data set (docs/validation.md)")

@@ -23,7 +23,7 @@ from training.inference.predictor import Predictor
 from training.model import attributes as attr
 from training.model.preprocess import PreprocessSpec, windowed_to_input
 from training.model.series import choose_head_series, read_header
-from training.prepare import SliceRecord, load_cached_image, read_split
+from training.prepare import SliceRecord, SourceRoot, load_cached_image, read_split, source_root
 
 __all__ = [
     "CachedSlices",
@@ -153,6 +153,7 @@ class EvalSet:
     synthetic: bool
     slice_level: list[EvalSlice]  # empty when slice labels do not exist (CQ500)
     studies: list[EvalStudy]
+    source_root: SourceRoot | None = None  # a prepared folder's: where its DICOM files were looked for
 
     def load(self, item: EvalSlice, predictor: Predictor) -> np.ndarray:
         """Network input for one slice, prepared by the predictor that will run it."""
@@ -176,18 +177,21 @@ def _prepared_kind(summary: dict) -> tuple[str, bool]:
 SPLIT_NAMES = {"test": "held-out test split", "val": "validation split"}
 
 
-def _from_prepared(prepared: Path, spec: PreprocessSpec, split: str) -> EvalSet:
+def _from_prepared(prepared: Path, spec: PreprocessSpec, split: str, data_root: Path | None) -> EvalSet:
     """The balanced list and every slice of the patients of one split: `test` to report,
-    `val` to choose on (an operating point, an input profile's limits)."""
+    `val` to choose on (an operating point, an input profile's limits). The DICOM files
+    are looked for under `data_root`, or else the data folder prepare-rsna read."""
     check_cache_matches(prepared, spec)
     full = prepared / "splits" / f"{split}_full.csv"
     if not full.is_file():
         raise DataError(f"{prepared} has no {full.name} (every slice of the {SPLIT_NAMES[split]}'s patients): it "
                         "was prepared by an earlier ichnode; run `ichnode prepare-rsna` again")
     summary = json.loads((prepared / "prepare.json").read_text())
+    root = source_root(prepared, data_root)
+
     def as_slice(r: SliceRecord) -> EvalSlice:
         subtypes = tuple(r.subtypes.split(";")) if r.subtypes else ()
-        return EvalSlice(r.image_id, r.patient_id, r.label, Path(r.source), prepared / r.cache,
+        return EvalSlice(r.image_id, r.patient_id, r.label, root.path(r), prepared / r.cache,
                          subtypes if "subtypes" in summary.get("list_fields", ()) else None)
     balanced = [as_slice(r) for r in read_split(prepared / "splits" / f"{split}.csv")]
     by_patient: dict[str, list[SliceRecord]] = {}
@@ -203,7 +207,7 @@ def _from_prepared(prepared: Path, spec: PreprocessSpec, split: str) -> EvalSet:
         f"{summary['split_seed']}): {len(balanced)} slices balanced for slice level, "
         f"{len(studies)} patients with all their slices for patient level"
     )
-    return EvalSet(description, synthetic, balanced, studies)
+    return EvalSet(description, synthetic, balanced, studies, root)
 
 
 def _optional_label(value: object) -> int | None:
@@ -272,14 +276,26 @@ def _from_cq500(root: Path, min_slices: int) -> EvalSet:
     return EvalSet(description, False, [], studies)
 
 
-def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10, split: str = "test") -> EvalSet:
-    """A prepared folder (its `split`: test to report, val to choose on), a folder of
-    synthetic studies, or a CQ500 folder."""
+def _check_exists(data: Path) -> None:
+    if not data.is_dir():
+        raise DataError(f"{data} {'is not a folder' if data.exists() else 'does not exist'}"
+                        + ("" if data.is_absolute() else f" (relative to the working directory {Path.cwd()})"))
+
+
+def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10, split: str = "test",
+                  data_root: Path | None = None) -> EvalSet:
+    """A prepared folder (its `split`: test to report, val to choose on; its DICOM files
+    under `data_root`, or else where they were prepared from), a folder of synthetic
+    studies, or a CQ500 folder."""
     data = Path(data)
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
+    _check_exists(data)
     if (data / "prepare.json").is_file():
-        return _from_prepared(data, spec, split)
+        return _from_prepared(data, spec, split, data_root)
+    if data_root is not None:
+        raise DataError(f"a data folder for the sources ({data_root}) is for a folder made by `ichnode prepare-rsna`; "
+                        f"{data} is not one (no prepare.json): its DICOM files are read where they are")
     if any(data.glob("study_*/labels.json")):
         return _from_synthetic(data)
     if (data / "reads.csv").is_file():
@@ -294,13 +310,15 @@ def load_training_slices(data: Path, spec: PreprocessSpec) -> EvalSet:
     """The slices a model was trained on, as `slice_level`: the training list of a prepared
     folder (its cache, as training read it), or every slice of a folder of synthetic studies."""
     data = Path(data)
+    _check_exists(data)
     if (data / "prepare.json").is_file():
         check_cache_matches(data, spec)
         summary = json.loads((data / "prepare.json").read_text())
-        slices = [EvalSlice(r.image_id, r.patient_id, r.label, Path(r.source), data / r.cache)
+        root = source_root(data)
+        slices = [EvalSlice(r.image_id, r.patient_id, r.label, root.path(r), data / r.cache)
                   for r in read_split(data / "splits" / "train.csv")]
         kind, synthetic = _prepared_kind(summary)
-        return EvalSet(f"{kind}, training list of {data}: {len(slices)} slices", synthetic, slices, [])
+        return EvalSet(f"{kind}, training list of {data}: {len(slices)} slices", synthetic, slices, [], root)
     if any(data.glob("study_*/labels.json")):
         return load_eval_set(data, spec)
     raise DataError(f"{data} is neither a folder made by `ichnode prepare-rsna` nor a folder of `ichnode synth` "

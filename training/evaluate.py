@@ -39,7 +39,7 @@ from training.model.rule import TriageRule, key_slice_indices
 from training.report import plot_pr, plot_reliability, plot_roc, write_report
 
 __all__ = ["SYNTHETIC_NOTE", "EvaluationResult", "StudyCheck", "data_description", "data_warnings", "infer_slices",
-           "predict_slices", "study_checks", "with_inputs", "abstention_metrics", "evaluate"]
+           "predict_slices", "scope_warnings", "study_checks", "with_inputs", "abstention_metrics", "evaluate"]
 
 SYNTHETIC_NOTE = "numbers on synthetic phantoms say nothing about clinical performance"
 
@@ -63,7 +63,8 @@ class StudyCheck:
 
     reasons: tuple[Reason, ...]  # empty: triaged
     ran_model: bool  # False: the study has no CT series the node would analyse
-    scope_checked: bool  # False: its DICOM headers were not readable (a cache without the source files)
+    scope_checked: bool  # False: its DICOM files are missing or their headers unreadable
+    missing_sources: tuple[Path, ...] = ()  # its DICOM files that were not found (scope not checked)
 
     @property
     def triaged(self) -> bool:
@@ -71,10 +72,15 @@ class StudyCheck:
 
 
 def _scope_check(study: EvalStudy, scope: Scope, min_slices: int) -> StudyCheck:
-    """The node's checks before the model: a CT series it would analyse, within `scope`."""
+    """The node's checks before the model: a CT series it would analyse, within `scope`.
+    Without its DICOM files (a cache alone) a study is scored, its scope not checked: the
+    files not found are kept for `scope_warnings`."""
+    missing = tuple(s.source for s in study.slices if s.source is not None and not s.source.is_file())
+    if missing:
+        return StudyCheck((), True, False, missing)
     try:
         headers = [read_header(s.source) for s in study.slices if s.source is not None]
-    except Exception:  # files gone or unreadable: the study is scored, its scope not checked
+    except Exception:  # unreadable: the study is scored, its scope not checked
         headers = []
     if not headers or len(headers) != len(study.slices):
         return StudyCheck((), True, False)
@@ -101,6 +107,28 @@ def study_checks(predictor: Predictor, eval_set: EvalSet, *, min_slices: int = 1
     """Each study's scope check, as the node would run it (the out-of-distribution score
     is added by `with_inputs`, once the model has run)."""
     return {study.study_id: _scope_check(study, predictor.config.scope, min_slices) for study in eval_set.studies}
+
+
+def scope_warnings(eval_set: EvalSet, checks: dict[str, StudyCheck]) -> list[str]:
+    """Why the scope checks of some studies were not run, with counts and where the files
+    were looked for: never a silent skip."""
+    unchecked = [s for s in eval_set.studies if not checks[s.study_id].scope_checked]
+    if not unchecked:
+        return []
+    missing = [path for s in unchecked for path in checks[s.study_id].missing_sources]
+    without = sum(bool(checks[s.study_id].missing_sources) for s in unchecked)
+    warnings = []
+    if missing:
+        root = eval_set.source_root
+        where = "" if root is None else f" under the data folder {root.describe()}" + (
+            ": is it the folder prepare-rsna read?" if root.given else
+            "; give --data-root the folder prepare-rsna read, where it is now, to check them")
+        warnings.append(f"the node's scope checks were not run on {without} of {len(eval_set.studies)} studies: "
+                        f"{len(missing)} of their DICOM files were not found (first: {missing[0]}){where}")
+    if len(unchecked) > without:
+        warnings.append(f"the node's scope checks were not run on {len(unchecked) - without} of "
+                        f"{len(eval_set.studies)} studies whose DICOM headers could not be read")
+    return warnings
 
 
 def with_inputs(checks: dict[str, StudyCheck], predictor: Predictor, eval_set: EvalSet,
@@ -319,8 +347,12 @@ def _write_predictions(path: Path, slices: list[EvalSlice], probabilities: dict[
 def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device("auto"), batch_size: int = 8,
              resamples: int = 2000, progress: bool = True, backend: Backend = Backend.AUTO,
              key_slices: int = 3, gradcam_layer: GradcamLayer = GradcamLayer.AUTO,
-             rule: TriageRule | None = None, rule_source: str = "", interval: str = "wilson") -> EvaluationResult:
+             rule: TriageRule | None = None, rule_source: str = "", interval: str = "wilson",
+             data_root: Path | None = None) -> EvaluationResult:
     """Predict every slice of `data` with `checkpoint`, then write metrics, tables and plots.
+
+    When `data` is a prepared folder, its DICOM files (for the scope checks) are looked for
+    under `data_root`, or else the data folder it was prepared from.
 
     The patient rule reported is `rule` (described by `rule_source`), or else the one the
     checkpoint recommends; the report says which. `interval` is how proportions get their
@@ -330,7 +362,7 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device
                                           gradcam_layer=gradcam_layer)
     if rule is None:
         rule, rule_source = predictor.config.triage, f"the rule recommended by the checkpoint {checkpoint}"
-    eval_set = load_eval_set(Path(data), predictor.config.preprocess)
+    eval_set = load_eval_set(Path(data), predictor.config.preprocess, data_root=data_root)
     checks = study_checks(predictor, eval_set)
     wanted = eval_set.slice_level + [s for study in eval_set.studies if checks[study.study_id].ran_model
                                      for s in study.slices]
@@ -345,7 +377,7 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, device: Device = Device
     abstention = abstention_metrics(eval_set, checks, predictor)
     abstention["patient_level_triaged"] = _patient_table(eval_set, probabilities, out, resamples, rule, rule_source,
                                                          curves, interval, checks)
-    warnings = data_warnings(eval_set)
+    warnings = data_warnings(eval_set) + scope_warnings(eval_set, checks)
     localisation = localisation_metrics(predictor, eval_set, probabilities, slice_threshold=rule.slice_threshold,
                                         key_slices=key_slices, progress=progress)
     model = predictor.config

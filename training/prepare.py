@@ -24,6 +24,12 @@ Output folder::
                                   again, and images no list uses are removed, so a folder
                                   prepared again from other data never mixes the two
 
+Every `source` (in the lists, the journal and the cache images) is the DICOM file's path
+relative to the data folder (`--data`), whose absolute path prepare.json records for
+information only: a folder prepared from any working directory, or from the same data
+mounted elsewhere, has the same lists and reuses its cache, and the readers of the lists
+look for the files under the data folder they are given (`source_root`).
+
 Patients come from PatientID; the split is the paper's: `random.seed(42)` shuffle of the
 sorted patients, 90/5/5. Slices are ordered per series along the slice normal.
 
@@ -45,7 +51,7 @@ import random
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import pydicom
@@ -67,6 +73,7 @@ from training.synthetic import is_synthetic_dataset
 __all__ = [
     "CACHE_SIZE",
     "DATA_KINDS",
+    "SOURCE_PATHS",
     "KNOWN_CORRUPT",
     "RsnaLabels",
     "SliceRecord",
@@ -74,6 +81,8 @@ __all__ = [
     "split_patients",
     "prepare",
     "read_split",
+    "SourceRoot",
+    "source_root",
     "load_cached_image",
 ]
 
@@ -86,6 +95,9 @@ RSNA_SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachno
 # What prepared data can be called (a checkpoint's Provenance.training_data, less "none").
 DATA_KINDS = ("synthetic", "rsna", "other")
 CACHE_TAG = "ichnode-source"  # the PNG text chunk naming what a cache image was made from
+# prepare.json's `source_paths`: how the lists write `source`. Folders without it were
+# prepared by an earlier ichnode, whose sources were the paths as given on its command line.
+SOURCE_PATHS = "relative to data"
 
 
 @dataclass(frozen=True)
@@ -99,7 +111,7 @@ class SliceRecord:
     position: float
     label: int
     cache: str  # relative to the prepared folder
-    source: str  # the DICOM file it came from
+    source: str  # the DICOM file it came from, relative to the data folder (POSIX separators)
     subtypes: str = ""  # the RSNA subtypes present, ';'-separated (empty: none, or not known)
 
 
@@ -162,19 +174,20 @@ def cache_image(ds: pydicom.Dataset) -> np.ndarray:
     return np.round(np.clip(channels, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
 
 
-def fingerprint(source: str | Path) -> dict:
-    """What identifies a source file's content without reading it: path, size and
-    modification time (as make and rsync judge it)."""
-    stat = os.stat(source)
-    return {"source": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def fingerprint(path: str | Path, source: str) -> dict:
+    """What identifies a source file's content without reading it: its path relative to
+    the data folder (`source`), size and modification time (as make and rsync judge it).
+    `path` is where the file is now."""
+    stat = os.stat(path)
+    return {"source": source, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _read_header(image_id: str, source: str) -> dict:
+def _read_header(image_id: str, path: str, source: str) -> dict:
     """Identity, order key, origin marks and the file's fingerprint; an error entry when
     it cannot be read."""
     try:
-        entry = {"image_id": image_id, **fingerprint(source)}
-        return {**entry, **_header_fields(image_id, pydicom.dcmread(source, stop_before_pixels=True))}
+        entry = {"image_id": image_id, **fingerprint(path, source)}
+        return {**entry, **_header_fields(image_id, pydicom.dcmread(path, stop_before_pixels=True))}
     except Exception as exc:  # a bad file is reported, never fatal
         return {"image_id": image_id, "source": source, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -220,7 +233,7 @@ def _cached_tag(path: str) -> str | None:
         return None
 
 
-def _write_cache(image_id: str, source: str, cache_path: str, tag: str) -> dict:
+def _write_cache(image_id: str, path: str, cache_path: str, tag: str) -> dict:
     """Write one cache image unless one made from this very source exists; an error entry
     when the pixels are bad."""
     if os.path.exists(cache_path) and _cached_tag(cache_path) == tag:
@@ -229,7 +242,7 @@ def _write_cache(image_id: str, source: str, cache_path: str, tag: str) -> dict:
         tmp = f"{cache_path}.tmp.png"
         info = PngInfo()
         info.add_text(CACHE_TAG, tag)
-        Image.fromarray(cache_image(pydicom.dcmread(source))).save(tmp, pnginfo=info)
+        Image.fromarray(cache_image(pydicom.dcmread(path))).save(tmp, pnginfo=info)
         os.replace(tmp, cache_path)
         return {"image_id": image_id, "reused": False}
     except Exception as exc:  # corrupt pixel data: reported, not fatal
@@ -250,7 +263,8 @@ def _parallel(function, jobs: list[tuple], workers: int, description: str, progr
 @dataclass(frozen=True)
 class _Item:
     image_id: str
-    path: Path
+    path: Path  # where the file is read from now
+    source: str  # the file relative to the data folder, as the lists write it
     label: int
     subtypes: tuple[str, ...]
 
@@ -268,7 +282,8 @@ def _rsna_items(data: Path) -> tuple[list[_Item], dict]:
         if not path.is_file():
             skipped[image_id] = f"file {path} missing"
             continue
-        items.append(_Item(image_id, path, label, labels.subtypes.get(image_id, ())))
+        items.append(_Item(image_id, path, path.relative_to(data).as_posix(), label,
+                           labels.subtypes.get(image_id, ())))
     return items, {"layout": "rsna", "labels": len(labels.any), "duplicate_rows_dropped": labels.duplicate_rows,
                    "skipped": skipped}
 
@@ -279,12 +294,17 @@ def _synthetic_items(data: Path) -> tuple[list[_Item], dict]:
         labels = json.loads(labels_path.read_text())
         for entry in labels["slices"]:
             image_id = f"{labels_path.parent.name}_{entry['instance_number']:04d}"
-            items.append(_Item(image_id, labels_path.parent / entry["file"], int(entry["label"]),
+            path = labels_path.parent / entry["file"]
+            items.append(_Item(image_id, path, path.relative_to(data).as_posix(), int(entry["label"]),
                                tuple(entry.get("subtypes", ()))))
     return items, {"layout": "synthetic", "labels": len(items), "duplicate_rows_dropped": 0, "skipped": {}}
 
 
 def detect_layout(data: Path) -> str:
+    if not data.is_dir():
+        raise DataError(f"the data folder {data} {'is not a folder' if data.exists() else 'does not exist'}"
+                        + ("" if data.is_absolute() else f" (relative to the working directory {Path.cwd()})")
+                        + ": give --data the folder holding stage_2_train.csv or the studies of `ichnode synth`")
     if (data / "stage_2_train.csv").is_file():
         return "rsna"
     if any(data.glob("study_*/labels.json")):
@@ -342,6 +362,50 @@ def read_split(path: Path) -> list[SliceRecord]:
         ]
 
 
+@dataclass(frozen=True)
+class SourceRoot:
+    """Where the DICOM files of a prepared folder's lists are looked for now: the data
+    folder given now, or else the one prepare-rsna recorded."""
+
+    folder: Path  # absolute
+    given: bool  # named now (--data-root); False: the folder recorded in prepare.json
+    layout: str  # "rsna" or "synthetic"
+    legacy: bool  # the lists are an earlier ichnode's, whose sources were paths as given to it
+
+    def path(self, record: SliceRecord) -> Path:
+        """The file `record` came from, under this folder."""
+        return self.folder / (_legacy_source(record, self.layout) if self.legacy else record.source)
+
+    def describe(self) -> str:
+        return f"{self.folder} ({'given' if self.given else 'the data folder recorded by prepare-rsna'})"
+
+
+def _legacy_source(record: SliceRecord, layout: str) -> str:
+    """An earlier ichnode's source (the path as given to prepare-rsna, absolute or relative
+    to its working directory) made relative to the data folder: its layout fixes the tail
+    (stage_2_train/<image_id>.dcm; study_*/… of the study the image_id names)."""
+    parts = PurePath(record.source).parts
+    study = record.image_id.rsplit("_", 1)[0]
+    if layout == "rsna" and len(parts) >= 2 and parts[-2] == "stage_2_train":
+        return PurePath(*parts[-2:]).as_posix()
+    if layout == "synthetic" and study in parts:
+        return PurePath(*parts[len(parts) - 1 - parts[::-1].index(study):]).as_posix()
+    raise DataError(f"the source {record.source!r} of {record.image_id}, written by an earlier ichnode, cannot be "
+                    "placed under the data folder: run `ichnode prepare-rsna` again on this folder")
+
+
+def source_root(prepared: Path, given: Path | None = None) -> SourceRoot:
+    """Where to look for the sources of `prepared`'s lists: `given`, or the data folder
+    recorded when it was prepared (which need not exist any more: each missing file is
+    then reported by whoever reads it)."""
+    summary = json.loads((Path(prepared) / "prepare.json").read_text())
+    if given is not None and not Path(given).is_dir():
+        raise DataError(f"the data folder {given} given for the sources of {prepared} "
+                        f"{'is not a folder' if Path(given).exists() else 'does not exist'}")
+    folder = Path(given if given is not None else summary["data"]).resolve()
+    return SourceRoot(folder, given is not None, summary["layout"], summary.get("source_paths") != SOURCE_PATHS)
+
+
 def load_cached_image(path: Path) -> np.ndarray:
     """A cached uint8 image as float32 (3, 512, 512) in [0, 1]."""
     with Image.open(path) as image:
@@ -367,13 +431,13 @@ def _headers(items: list[_Item], out: Path, workers: int, progress: bool) -> tup
         entry = known.get(item.image_id)
         try:
             same = entry is not None and "error" not in entry and all(
-                entry.get(k) == v for k, v in fingerprint(item.path).items())
+                entry.get(k) == v for k, v in fingerprint(item.path, item.source).items())
         except OSError:
             same = False
         if same:
             current[item.image_id] = entry
         else:
-            todo.append((item.image_id, str(item.path)))
+            todo.append((item.image_id, str(item.path), item.source))
     with open(journal, "a") as handle:
         for entry in _parallel(_read_header, todo, workers, "headers", progress):
             current[entry["image_id"]] = entry
@@ -445,7 +509,7 @@ def prepare(data: Path, out: Path, *, workers: int | None = None,
     skipped = {**summary["skipped"], **skipped}
     records = _ordered([
         SliceRecord(image_id, h["patient_id"], h["study_uid"], h["series_uid"], h["position"],
-                    by_id[image_id].label, f"cache/{image_id}.png", str(by_id[image_id].path),
+                    by_id[image_id].label, f"cache/{image_id}.png", by_id[image_id].source,
                     ";".join(by_id[image_id].subtypes))
         for image_id, h in headers.items() if image_id in by_id
     ])
@@ -463,7 +527,8 @@ def prepare(data: Path, out: Path, *, workers: int | None = None,
             lists[f"{name}_full"] = split
     # Only slices some list uses are cached: the balanced lists leave most negatives out.
     needed = {r.image_id: r for split in lists.values() for r in split}
-    jobs = [(r.image_id, r.source, str(out / r.cache), _cache_tag(headers[r.image_id])) for r in needed.values()]
+    jobs = [(r.image_id, str(by_id[r.image_id].path), str(out / r.cache), _cache_tag(headers[r.image_id]))
+            for r in needed.values()]
     reused = 0
     for result in _parallel(_write_cache, jobs, workers, "cache", progress):
         if "error" in result:
@@ -477,7 +542,8 @@ def prepare(data: Path, out: Path, *, workers: int | None = None,
         _write_csv(out / "splits" / f"{name}.csv", split)
     cached = len(needed) - len(set(needed) & set(skipped))
     summary.update({
-        "data": str(data.resolve()),
+        "data": str(data.resolve()),  # for information: the lists' sources are relative to it
+        "source_paths": SOURCE_PATHS,
         "training_data": provenance["training_data"],
         "provenance": provenance,
         "skipped": skipped,

@@ -118,8 +118,8 @@ def _abstention_section(metrics: dict, data: str) -> list[str]:
              f"- Scope: {metrics['scope']}",
              f"- Out-of-distribution check: {metrics['input_profile'] or 'none (the checkpoint has no input profile)'}"]
     if metrics["scope_not_checked"]:
-        lines.append(f"- {metrics['scope_not_checked']} studies had no readable DICOM headers: their scope was not "
-                     "checked")
+        lines.append(f"- {metrics['scope_not_checked']} studies had DICOM files missing or unreadable: their scope "
+                     "was not checked (see the warnings)")
     lines += ["", "| studies | count | not triaged (95 % interval) |", "|---|---|---|"]
     lines += [f"| {kind} | {entry['studies']} | {entry['not_triaged']}: {format_interval(entry['rate'])} |"
               for kind, entry in metrics["by_kind"].items()]
