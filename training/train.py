@@ -145,12 +145,22 @@ class TrainConfig:
             raise ConfigError(f"optimizer.name must be sgd or adamw, got {self.optimizer.name!r}")
         if self.schedule.name not in ("step", "cosine", "none"):
             raise ConfigError(f"schedule.name must be step, cosine or none, got {self.schedule.name!r}")
-        for key, value in (("optimizer.lr", self.optimizer.lr), ("training.epochs", self.training.epochs),
+        for key, value in (("training.epochs", self.training.epochs),
                            ("training.batch_size", self.training.batch_size),
                            ("training.keep_checkpoints", self.training.keep_checkpoints),
                            ("schedule.step_size", self.schedule.step_size)):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
+        # The ranges torch's optimisers accept (and a schedule that never raises the learning
+        # rate); outside them torch would fail mid-start with its own ValueError.
+        for key, value, inside, allowed in (
+                ("optimizer.lr", self.optimizer.lr, lambda v: 0 < v < math.inf, "a finite number > 0"),
+                ("optimizer.momentum", self.optimizer.momentum, lambda v: 0 <= v < 1, "in [0, 1)"),
+                ("optimizer.weight_decay", self.optimizer.weight_decay, lambda v: 0 <= v < math.inf,
+                 "a finite number ≥ 0"),
+                ("schedule.gamma", self.schedule.gamma, lambda v: 0 < v <= 1, "in (0, 1]")):
+            if not inside(value):  # NaN fails every comparison
+                raise ConfigError(f"{key} must be {allowed}, got {value}")
         loop = self.training
         if min(loop.workers, loop.max_steps_per_epoch, loop.batchnorm_batches, loop.checkpoint_every_steps) < 0:
             raise ConfigError("training.workers, training.max_steps_per_epoch, training.batchnorm_batches and "
