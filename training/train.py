@@ -237,7 +237,7 @@ class _Distributed:
 def _init_distributed(device_name: Device) -> tuple[_Distributed, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return _Distributed(), resolve_device(device_name)
+        return _Distributed(), resolve_device(device_name, key="training.device")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
