@@ -3,11 +3,13 @@ and data checks, what reports and model cards say, and the files export writes."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.trainrun import write_train_config
 from training.errors import ConfigError
 from training.train import load_train_config, train
 
@@ -34,3 +36,17 @@ def test_training_on_a_missing_gpu_names_training_device(tmp_path: Path) -> None
     path.write_text(f"[training]\ndevice = \"cuda\"\n[experiment]\nfolder = \"{tmp_path}\"\n")
     with pytest.raises(ConfigError, match="^training.device is 'cuda' but no CUDA GPU is available"):
         train(load_train_config(path), progress=False)
+
+
+def test_training_without_the_pretrained_parts_warns_in_the_log_and_the_run_record(
+        training_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_train_config(write_train_config(tmp_path / "train.toml", training_prepared, tmp_path / "runs",
+                                                  "random", training={"epochs": 1, "max_steps_per_epoch": 1,
+                                                                      "workers": 0}))
+    train(config, progress=False)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING: ")]
+    assert len(printed) == 1
+    assert "model.pretrained_resnet is not set: the ResNet starts from random weights" in printed[0]
+    assert "far below the paper's" in printed[0]
+    recorded = json.loads((config.folder / "run.json").read_text())["warnings"]
+    assert recorded == [printed[0].removeprefix("WARNING: ")]

@@ -697,6 +697,23 @@ def _save_model(config: TrainConfig, run: _Run, data: _Data, record: dict) -> No
     save_checkpoint(config.folder / "model.pt", run.model, model_config, half=config.experiment.half_precision)
 
 
+def _random_start_warning(model: ModelChoice) -> str | None:
+    """What starts from random weights when the paper's pretrained parts are not configured
+    (None when every part has its file, or `init_from` gives every weight)."""
+    if model.init_from is not None:
+        return None
+    parts = {"model.pretrained_resnet": ("the ResNet", model.pretrained_resnet)}
+    if model.architecture == "effclass":
+        parts = {"model.pretrained_effdet": ("the EfficientDet backbone and BiFPN", model.pretrained_effdet), **parts}
+    unset = {key: part for key, (part, path) in parts.items() if path is None}
+    if not unset:
+        return None
+    return (f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set: {' and '.join(unset.values())} "
+            f"start{'s' if len(unset) == 1 else ''} from random weights, not from the ImageNet/COCO weights the "
+            "paper starts from; results will be far below the paper's (docs/training.md §2 says where to get "
+            "the files)")
+
+
 def _record_start(config: TrainConfig, run: _Run, data: _Data, changes: dict, world: int,
                   device: torch.device) -> None:
     """config.json (the resolved config now) and run.json (each start or resume of the run,
@@ -707,7 +724,8 @@ def _record_start(config: TrainConfig, run: _Run, data: _Data, changes: dict, wo
     path = folder / "run.json"
     record = json.loads(path.read_text()) if path.is_file() else {
         "experiment": config.experiment.name, "initial_weights": run.initial_weights, "data": data.summary["provenance"],
-        "splits_sha256": data.split_hashes, "steps_per_epoch": data.steps_per_epoch, "segments": []}
+        "splits_sha256": data.split_hashes, "steps_per_epoch": data.steps_per_epoch,
+        "warnings": [warning] if (warning := _random_start_warning(config.model)) else [], "segments": []}
     record["segments"].append({
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": run.step, "config_changes": changes,
         "processes": world, "device": str(device), **code_record()})
@@ -729,6 +747,8 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
         log = StepLog(config.folder, run.step)
         for warning in data.warnings:
             print(f"warning: {warning}", flush=True)
+        if state_path is None and (random_start := _random_start_warning(config.model)):
+            print(f"WARNING: {random_start}", flush=True)
         if state_path is not None and progress:
             listed = ", ".join(f"{key} {old!r} → {new!r}" for key, (old, new) in changes.items()) or "none"
             print(f"resuming {config.folder} after step {run.step} of {config.training.epochs * steps} "
