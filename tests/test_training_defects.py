@@ -4,6 +4,8 @@ and data checks, what reports and model cards say, and the files export writes."
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,22 @@ def test_training_without_the_pretrained_parts_warns_in_the_log_and_the_run_reco
     assert "far below the paper's" in printed[0]
     recorded = json.loads((config.folder / "run.json").read_text())["warnings"]
     assert recorded == [printed[0].removeprefix("WARNING: ")]
+
+
+def test_exported_files_are_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
+    from training.export import export
+    from training.model.architectures import create_model
+    from training.model.checkpoint import default_model_config, save_checkpoint
+
+    previous = os.umask(0o022)
+    try:
+        checkpoint = save_checkpoint(tmp_path / "model.pt", create_model("resnet18"), default_model_config("resnet18"))
+        result = export(checkpoint, tmp_path / "out", samples=1)
+        os.umask(0o027)
+        restricted = save_checkpoint(tmp_path / "restricted.pt", create_model("resnet18"),
+                                     default_model_config("resnet18"))
+    finally:
+        os.umask(previous)
+    for path in (checkpoint, result.onnx, result.card):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE(restricted.stat().st_mode) == 0o640

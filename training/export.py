@@ -95,11 +95,12 @@ def export(checkpoint: Path, out: Path, *, samples: int = 4, tolerance: float = 
                              f"PyTorch's on {samples} phantom slices (tolerance {tolerance:g}); nothing was written")
     out.mkdir(parents=True, exist_ok=True)
     onnx_path, card_path = out / "model.onnx", out / "MODEL_CARD.md"
-    atomic_write(onnx_path, lambda handle: handle.write(buffer.getvalue()))
+    # Exports are made to be shared: readable by others as the umask allows.
+    atomic_write(onnx_path, lambda handle: handle.write(buffer.getvalue()), shared=True)
     check = {"file": onnx_path.name, "opset": OPSET, "samples": samples, "max_difference": difference,
              "tolerance": tolerance}
     card = model_card(config, checkpoint=Path(checkpoint), sha256=checkpoint_digest(checkpoint), onnx=check)
-    atomic_write(card_path, lambda handle: handle.write(card.encode()))
+    atomic_write(card_path, lambda handle: handle.write(card.encode()), shared=True)
     return ExportResult(onnx_path, card_path, samples, difference)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -157,13 +156,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, *, 
         "state_dict": state,
     }
 
-    def write(handle) -> None:
-        torch.save(payload, handle)
-        # A checkpoint is no secret: readable as the umask allows, like the files beside it
-        # (the temporary file atomic_write starts from is private to its owner).
-        os.fchmod(handle.fileno(), 0o666 & ~_umask())
-
-    atomic_write(path, write)
+    # A checkpoint is no secret: readable as the umask allows, like the files beside it.
+    atomic_write(path, lambda handle: torch.save(payload, handle), shared=True)
     return path
 
 
@@ -175,18 +169,6 @@ def _tensors(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return type(data)(_tensors(value) for value in data)
     return torch.from_numpy(data) if isinstance(data, np.ndarray) else data
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux); 0o022 where it cannot be read."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 
 def checkpoint_digest(path: str | Path) -> str:
