@@ -71,3 +71,21 @@ def test_exported_files_are_readable_by_others_as_the_umask_allows(tmp_path: Pat
     for path in (checkpoint, result.onnx, result.card):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE(restricted.stat().st_mode) == 0o640
+
+
+def test_a_garbage_weights_file_is_not_a_checkpoint_without_torchs_unsafe_advice(tmp_path: Path) -> None:
+    from training.errors import CheckpointError
+    from training.model.architectures import create_model
+    from training.model.checkpoint import load_checkpoint
+    from training.pretrained import file_sha256, load_pretrained_parts
+
+    garbage = tmp_path / "model.pth"
+    garbage.write_bytes(bytes(range(256)) * 8)  # a pickle opcode torch refuses, as random bytes give
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(garbage)
+    assert str(refused.value).startswith(f"{garbage} is not a model checkpoint: it is not a file of tensors")
+    with pytest.raises(CheckpointError) as refused_part:
+        load_pretrained_parts(create_model("resnet18"), "resnet18", resnet=garbage, resnet_sha256=file_sha256(garbage))
+    assert str(refused_part.value).startswith(f"{garbage} is not a PyTorch weights file: it is not a file of tensors")
+    for message in (str(refused.value), str(refused_part.value)):
+        assert "weights_only" not in message and "trusted source" not in message

@@ -37,6 +37,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_state_dict",
+    "read_torch_file",
     "checkpoint_digest",
     "initial_model",
 ]
@@ -184,14 +185,22 @@ def checkpoint_digest(path: str | Path) -> str:
 def _read_payload(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    return read_torch_file(path, "a model checkpoint")
+
+
+def read_torch_file(path: Path, what: str) -> Any:
+    """What `torch.save` wrote to `path`, as tensors and plain data only: a weights file is
+    data, never code to run. CheckpointError says the file is not `what` otherwise,
+    without torch's advice to load it with weights_only=False (that runs the file's code)."""
     try:
-        # weights_only: a checkpoint is data, never code to run.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a foreign file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} is not a model checkpoint (torch cannot read it: {reason})"
-        ) from exc
+        text = str(exc)
+        # torch's own reason follows its advice; keep only the reason.
+        reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        reason = next((line.strip() for line in reason.splitlines() if line.strip()), "")
+        raise CheckpointError(f"{path} is not {what}: it is not a file of tensors and plain data that torch.save "
+                              f"writes ({type(exc).__name__}{': ' + reason if reason else ''})") from None
 
 
 def _is_checkpoint(payload: Any) -> bool:
