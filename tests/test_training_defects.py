@@ -89,3 +89,23 @@ def test_a_garbage_weights_file_is_not_a_checkpoint_without_torchs_unsafe_advice
     assert str(refused_part.value).startswith(f"{garbage} is not a PyTorch weights file: it is not a file of tensors")
     for message in (str(refused.value), str(refused_part.value)):
         assert "weights_only" not in message and "trusted source" not in message
+
+
+def test_a_model_card_without_an_input_profile_says_abstention_is_off_and_promises_none() -> None:
+    import dataclasses
+
+    import numpy as np
+
+    from training.export import model_card
+    from training.model.checkpoint import default_model_config
+    from training.model.inputs import InputProfile
+
+    plain = default_model_config("resnet18")
+    card = model_card(plain, checkpoint=Path("m.pt"), sha256="0" * 64)
+    assert "No input profile: out-of-distribution abstention is off." in card
+    assert "resemble its training inputs" not in card and "a study unlike them is NOT TRIAGED" not in card
+    assert "None" not in card
+    profile = InputProfile("avgpool", np.zeros(512), np.eye(512), 1.0, 2.0, "the training slices", "a test", 10)
+    profiled = model_card(dataclasses.replace(plain, inputs=profile), checkpoint=Path("m.pt"), sha256="0" * 64)
+    assert "resemble its training inputs" in profiled and "## Its training inputs (a study unlike them" in profiled
+    assert "No input profile" not in profiled
