@@ -109,3 +109,34 @@ def test_a_model_card_without_an_input_profile_says_abstention_is_off_and_promis
     profiled = model_card(dataclasses.replace(plain, inputs=profile), checkpoint=Path("m.pt"), sha256="0" * 64)
     assert "resemble its training inputs" in profiled and "## Its training inputs (a study unlike them" in profiled
     assert "No input profile" not in profiled
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ("ID_a_epidural,0\nID_a_subdural,1\n",
+     r"has no '<image>_any' rows: each image's label comes from its ID_…_any row"),
+    ("ID_a_any,0\nID_a_epidural,0\nID_a_subdural,1\n",
+     r"line 4: ID_a_subdural is 1 but ID_a_any is 0 \(line 2\)"),
+    ("ID_a_any,1\nID_b_any,0\nID_a_any,0\n",
+     r"line 4: ID_a_any is 0, but line 2 gave it 1"),
+    ("ID_a_any,1\nID_a_epidural,1\nID_a_epidural,0\n",
+     r"line 4: ID_a_epidural is 0, but line 3 gave it 1"),
+])
+def test_labels_that_give_no_label_or_contradict_themselves_are_refused_naming_the_line(
+        tmp_path: Path, rows: str, message: str) -> None:
+    from training.errors import DataError
+    from training.prepare import read_rsna_labels
+
+    path = tmp_path / "stage_2_train.csv"
+    path.write_text("ID,Label\n" + rows)
+    with pytest.raises(DataError, match=f"^{path} {message}"):
+        read_rsna_labels(path)
+
+
+def test_identical_repeated_label_rows_are_merged(tmp_path: Path) -> None:
+    from training.prepare import read_rsna_labels
+
+    path = tmp_path / "stage_2_train.csv"
+    path.write_text("ID,Label\nID_a_any,1\nID_a_epidural,1\nID_a_any,1\nID_a_epidural,1\nID_b_any,0\n")
+    labels = read_rsna_labels(path)
+    assert labels.any == {"ID_a": 1, "ID_b": 0} and labels.subtypes == {"ID_a": ("epidural",)}
+    assert labels.duplicate_rows == 1

@@ -123,11 +123,12 @@ def _label_value(text: str, csv_path: Path, line: int, row_id: str) -> int:
 
 
 def read_rsna_labels(csv_path: Path) -> RsnaLabels:
-    """Labels from the `_any` rows and the subtypes from the others; a repeated row is
-    dropped (counted once per repeated `_any` row), a label that is not 0 or 1 is an error
-    naming its line."""
-    labels: dict[str, int] = {}
-    subtypes: dict[str, dict[str, int]] = {}
+    """Labels from the `_any` rows and the subtypes from the others. A repeated row is
+    dropped (counted once per repeated `_any` row); DataError names the line of a label
+    that is not 0 or 1, of a row repeated with another label, and of a subtype present
+    in an image whose `any` is 0; and says so when the file has no `_any` rows."""
+    labels: dict[str, tuple[int, int]] = {}  # image → (label, line)
+    subtypes: dict[str, dict[str, tuple[int, int]]] = {}
     duplicates = 0
     with open(csv_path, newline="") as handle:
         reader = csv.reader(handle)
@@ -139,15 +140,36 @@ def read_rsna_labels(csv_path: Path) -> RsnaLabels:
                 continue
             image_id, subtype = row[0].rsplit("_", 1)
             if subtype == "any":
-                if image_id in labels:
-                    duplicates += 1
-                    continue
-                labels[image_id] = _label_value(row[1], csv_path, line, row[0])
+                seen = labels.get(image_id)
+                labels[image_id] = _same_label(seen, _label_value(row[1], csv_path, line, row[0]), csv_path, line,
+                                               row[0])
+                duplicates += seen is not None
             elif subtype in RSNA_SUBTYPES:
-                subtypes.setdefault(image_id, {}).setdefault(subtype, _label_value(row[1], csv_path, line, row[0]))
-    present = {image_id: tuple(name for name in RSNA_SUBTYPES if values.get(name))
-               for image_id, values in subtypes.items()}
-    return RsnaLabels(labels, present, duplicates)
+                named = subtypes.setdefault(image_id, {})
+                named[subtype] = _same_label(named.get(subtype), _label_value(row[1], csv_path, line, row[0]),
+                                             csv_path, line, row[0])
+    if not labels:
+        raise DataError(f"{csv_path} has no '<image>_any' rows: each image's label comes from its ID_…_any row "
+                        "(the RSNA 2019 format), so there is nothing to train on")
+    for image_id, values in subtypes.items():
+        present = [(name, line) for name, (value, line) in values.items() if value]
+        if present and image_id in labels and labels[image_id][0] == 0:
+            (name, line), any_line = present[0], labels[image_id][1]
+            raise DataError(f"{csv_path} line {line}: {image_id}_{name} is 1 but {image_id}_any is 0 (line "
+                            f"{any_line}); a subtype present means a bleed, so the labels contradict each other")
+    present_subtypes = {image_id: tuple(name for name in RSNA_SUBTYPES if values.get(name, (0, 0))[0])
+                        for image_id, values in subtypes.items()}
+    return RsnaLabels({image_id: label for image_id, (label, _) in labels.items()}, present_subtypes, duplicates)
+
+
+def _same_label(seen: tuple[int, int] | None, value: int, csv_path: Path, line: int, row_id: str) -> tuple[int, int]:
+    """(label, line) of a row; a repeat must repeat the label (and keeps the first line)."""
+    if seen is None:
+        return value, line
+    if seen[0] != value:
+        raise DataError(f"{csv_path} line {line}: {row_id} is {value}, but line {seen[1]} gave it {seen[0]}; "
+                        "remove the row that is wrong")
+    return seen
 
 
 def _slice_normal(ds: pydicom.Dataset) -> np.ndarray | None:
