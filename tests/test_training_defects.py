@@ -140,3 +140,40 @@ def test_identical_repeated_label_rows_are_merged(tmp_path: Path) -> None:
     labels = read_rsna_labels(path)
     assert labels.any == {"ID_a": 1, "ID_b": 0} and labels.subtypes == {"ID_a": ("epidural",)}
     assert labels.duplicate_rows == 1
+
+
+def test_prepare_warns_with_counts_when_many_listed_images_are_missing(training_studies: Path,
+                                                                       tmp_path: Path) -> None:
+    import csv
+    import shutil
+
+    from training.prepare import prepare
+
+    images = tmp_path / "rsna" / "stage_2_train"
+    images.mkdir(parents=True)
+    rows = []
+    for n, labels_path in enumerate(sorted(training_studies.glob("study_*/labels.json"))):
+        for entry in json.loads(labels_path.read_text())["slices"]:
+            image_id = f"ID_{n:02d}{entry['instance_number']:03d}abc"
+            shutil.copy(labels_path.parent / entry["file"], images / f"{image_id}.dcm")
+            rows.append((f"{image_id}_any", entry["label"]))
+    present = len(rows)
+    rows += [(f"ID_gone{n:05d}_any", 0) for n in range(9 * present)]  # 90 % of the list not downloaded
+    with open(tmp_path / "rsna" / "stage_2_train.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("ID", "Label"), *rows])
+    summary = prepare(tmp_path / "rsna", tmp_path / "out", workers=1, progress=False)
+    missing = [w for w in summary["warnings"] if "missing" in w]
+    assert missing == [f"{9 * present} of the {10 * present} images stage_2_train.csv lists (90%) are missing "
+                       f"from {images}: the lists are made from the rest (a partial download, or the wrong folder?)"]
+
+
+@pytest.mark.parametrize("command", [["prepare-rsna", "--out", "{tmp}/out"],
+                                     ["evaluate", "--checkpoint", "{checkpoint}", "--out", "{tmp}/out"]])
+def test_a_data_folder_that_does_not_exist_is_named_as_missing(tmp_path: Path, command: list[str],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    checkpoint = Path(__file__).resolve().parent.parent / "models" / "effclass-synthetic-demo.pt"
+    arguments = [part.format(tmp=tmp_path, checkpoint=checkpoint) for part in command]
+    assert main([*arguments, "--data", str(tmp_path / "nowhere")]) == 1
+    assert f"data folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err

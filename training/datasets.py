@@ -23,7 +23,7 @@ from training.inference.predictor import Predictor
 from training.model import attributes as attr
 from training.model.preprocess import PreprocessSpec, windowed_to_input
 from training.model.series import choose_head_series, read_header
-from training.prepare import SliceRecord, load_cached_image, read_split
+from training.prepare import SliceRecord, check_data_folder, load_cached_image, read_split
 
 __all__ = [
     "CachedSlices",
@@ -278,6 +278,7 @@ def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10, spl
     data = Path(data)
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
+    check_data_folder(data)
     if (data / "prepare.json").is_file():
         return _from_prepared(data, spec, split)
     if any(data.glob("study_*/labels.json")):
@@ -294,6 +295,7 @@ def load_training_slices(data: Path, spec: PreprocessSpec) -> EvalSet:
     """The slices a model was trained on, as `slice_level`: the training list of a prepared
     folder (its cache, as training read it), or every slice of a folder of synthetic studies."""
     data = Path(data)
+    check_data_folder(data)
     if (data / "prepare.json").is_file():
         check_cache_matches(data, spec)
         summary = json.loads((data / "prepare.json").read_text())

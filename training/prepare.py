@@ -70,6 +70,7 @@ __all__ = [
     "KNOWN_CORRUPT",
     "RsnaLabels",
     "SliceRecord",
+    "check_data_folder",
     "read_rsna_labels",
     "split_patients",
     "prepare",
@@ -85,6 +86,9 @@ FIELDS = ["image_id", "patient_id", "study_uid", "series_uid", "position", "labe
 RSNA_SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 # What prepared data can be called (a checkpoint's Provenance.training_data, less "none").
 DATA_KINDS = ("synthetic", "rsna", "other")
+# Above this share of the images the CSV lists missing, prepare warns (a complete RSNA
+# download misses none; a few are reported under `skipped` only).
+MISSING_WARNING_SHARE = 0.01
 CACHE_TAG = "ichnode-source"  # the PNG text chunk naming what a cache image was made from
 
 
@@ -291,8 +295,12 @@ def _rsna_items(data: Path) -> tuple[list[_Item], dict]:
             skipped[image_id] = f"file {path} missing"
             continue
         items.append(_Item(image_id, path, label, labels.subtypes.get(image_id, ())))
+    missing = sum(reason.startswith("file ") for reason in skipped.values())
+    notes = [f"{missing} of the {len(labels.any)} images {csv_path.name} lists ({missing / len(labels.any):.0%}) "
+                f"are missing from {folder}: the lists are made from the rest (a partial download, or the wrong "
+                "folder?)"] if missing > MISSING_WARNING_SHARE * len(labels.any) else []
     return items, {"layout": "rsna", "labels": len(labels.any), "duplicate_rows_dropped": labels.duplicate_rows,
-                   "skipped": skipped}
+                   "skipped": skipped, "warnings": notes}
 
 
 def _synthetic_items(data: Path) -> tuple[list[_Item], dict]:
@@ -303,10 +311,20 @@ def _synthetic_items(data: Path) -> tuple[list[_Item], dict]:
             image_id = f"{labels_path.parent.name}_{entry['instance_number']:04d}"
             items.append(_Item(image_id, labels_path.parent / entry["file"], int(entry["label"]),
                                tuple(entry.get("subtypes", ()))))
-    return items, {"layout": "synthetic", "labels": len(items), "duplicate_rows_dropped": 0, "skipped": {}}
+    return items, {"layout": "synthetic", "labels": len(items), "duplicate_rows_dropped": 0, "skipped": {},
+                   "warnings": []}
+
+
+def check_data_folder(data: Path) -> None:
+    """DataError when the data folder given is not there, before any layout is looked for."""
+    if not data.exists():
+        raise DataError(f"data folder {data} does not exist")
+    if not data.is_dir():
+        raise DataError(f"data folder {data} is not a folder")
 
 
 def detect_layout(data: Path) -> str:
+    check_data_folder(data)
     if (data / "stage_2_train.csv").is_file():
         return "rsna"
     if any(data.glob("study_*/labels.json")):
@@ -514,7 +532,7 @@ def prepare(data: Path, out: Path, *, workers: int | None = None,
         "split_fractions": list(fractions),
         "lists": {name: {"positive": sum(r.label for r in split), "negative": sum(1 - r.label for r in split)}
                   for name, split in lists.items()},
-        "warnings": _list_warnings(lists),
+        "warnings": summary["warnings"] + _list_warnings(lists),
         "list_fields": FIELDS,
         "cache": {"size": CACHE_SIZE, "dtype": "uint8",
                   "windows": [asdict(w) for w in PAPER_WINDOWS]},
