@@ -177,3 +177,49 @@ def test_a_data_folder_that_does_not_exist_is_named_as_missing(tmp_path: Path, c
     arguments = [part.format(tmp=tmp_path, checkpoint=checkpoint) for part in command]
     assert main([*arguments, "--data", str(tmp_path / "nowhere")]) == 1
     assert f"data folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def _cq500_layout(studies: Path, root: Path, *, strip_synthetic_marks: bool) -> Path:
+    """Synthetic studies copied into the CQ500 layout (reads.csv, one folder per patient);
+    optionally without the marks that say the files are phantoms."""
+    import csv
+
+    import pydicom
+
+    rows = []
+    for n, labels_path in enumerate(sorted(studies.glob("study_*/labels.json"))[:3]):
+        name = f"CQ500-CT-{n}"
+        folder = root / f"CQ500CT{n} CQ500CT{n}" / "Unknown Study" / "CT 5mm"
+        folder.mkdir(parents=True)
+        for path in sorted((labels_path.parent / "HEAD").glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            ds.PatientID = name
+            if strip_synthetic_marks:
+                ds.Manufacturer = "GE MEDICAL SYSTEMS"
+                ds.ImageComments = ""
+                ds.file_meta.ImplementationVersionName = "OTHER_1"
+            ds.save_as(folder / path.name)
+        positive = int(json.loads(labels_path.read_text())["positive"])
+        rows.append({"name": name, "Category": "", "R1:ICH": positive, "R2:ICH": positive, "R3:ICH": positive})
+    with open(root / "reads.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_synthetic_phantoms_in_the_cq500_layout_are_reported_as_synthetic(training_studies: Path,
+                                                                          tmp_path: Path) -> None:
+    from training.datasets import load_eval_set
+    from training.evaluate import data_description
+    from training.model.checkpoint import default_model_config
+
+    spec = default_model_config("resnet18").preprocess
+    phantoms = load_eval_set(_cq500_layout(training_studies, tmp_path / "phantoms", strip_synthetic_marks=False),
+                             spec)
+    assert phantoms.synthetic
+    assert phantoms.description.startswith("synthetic phantoms (ichnode synth) - NOT clinical data - in the "
+                                           "CQ500 layout in ")
+    assert "say nothing about clinical performance" in data_description(phantoms)
+    unmarked = load_eval_set(_cq500_layout(training_studies, tmp_path / "unmarked", strip_synthetic_marks=True), spec)
+    assert not unmarked.synthetic and unmarked.description.startswith(f"CQ500 in {tmp_path / 'unmarked'}: 3 patients")

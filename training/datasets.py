@@ -24,6 +24,7 @@ from training.model import attributes as attr
 from training.model.preprocess import PreprocessSpec, windowed_to_input
 from training.model.series import choose_head_series, read_header
 from training.prepare import SliceRecord, check_data_folder, load_cached_image, read_split
+from training.synthetic import is_synthetic_dataset
 
 __all__ = [
     "CachedSlices",
@@ -245,13 +246,17 @@ def _from_cq500(root: Path, min_slices: int) -> EvalSet:
     with open(root / "reads.csv", newline="") as handle:
         labels = {row["name"].strip(): _majority(row) for row in csv.DictReader(handle)}
     by_patient: dict[str, list] = {}
+    synthetic_files: set[Path] = set()  # ichnode synth phantoms copied into the layout, by their marks
     for path in sorted(root.rglob("*.dcm")):
         try:
             header = read_header(path)
         except Exception:  # unreadable files are left out
             continue
-        patient = attr.text(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]), "PatientID")
-        by_patient.setdefault(patient, []).append(header)
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["PatientID", "Manufacturer", "ImageComments"])
+        if is_synthetic_dataset(ds):
+            synthetic_files.add(path)
+        by_patient.setdefault(attr.text(ds, "PatientID"), []).append(header)
     studies, skipped = [], []
     for name, label in sorted(labels.items()):
         headers = by_patient.get(name)
@@ -267,9 +272,13 @@ def _from_cq500(root: Path, min_slices: int) -> EvalSet:
                                                 for h in choice.slices]))
     if not studies:
         raise DataError(f"no CQ500 patient of {root / 'reads.csv'} has a usable head CT series under {root}")
-    description = (f"CQ500 in {root}: {len(studies)} patients (label: majority of the three readers' ICH)"
+    synthetic = sum(any(s.source in synthetic_files for s in study.slices) for study in studies)
+    kind = "CQ500" if not synthetic else (
+        "synthetic phantoms (ichnode synth) - NOT clinical data - in the CQ500 layout" if synthetic == len(studies)
+        else f"CQ500 layout mixing in synthetic phantoms (ichnode synth: {synthetic} of {len(studies)} patients)")
+    description = (f"{kind} in {root}: {len(studies)} patients (label: majority of the three readers' ICH)"
                    + (f", {len(skipped)} without a usable series left out" if skipped else ""))
-    return EvalSet(description, False, [], studies)
+    return EvalSet(description, synthetic > 0, [], studies)
 
 
 def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10, split: str = "test") -> EvalSet:
