@@ -13,12 +13,16 @@ from typing import BinaryIO, Callable
 __all__ = ["atomic_write", "fsync_folder"]
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, shared: bool = False) -> None:
     """Call `write(handle)` on a temporary file beside `path`, then move it into place.
+    The file is private to its owner (mode 0600) unless `shared`: then readable as the
+    umask allows, as `open()` would create it (0644 under the usual umask 022).
     OSError (ENOSPC included) reaches the caller, which knows what the file was for."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            if shared:
+                os.fchmod(handle.fileno(), 0o666 & ~_umask())
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -27,6 +31,18 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def fsync_folder(folder: Path) -> None:

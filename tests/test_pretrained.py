@@ -5,6 +5,7 @@ keys and shapes); nothing is downloaded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,7 @@ def test_a_training_run_records_its_pretrained_parts(resnet18_file: Path, traini
     initial = load_checkpoint(result.checkpoint)[1].provenance.training["initial_weights"]
     assert initial["pretrained"]["resnet"]["sha256"] == digest
     assert initial["pretrained"]["resnet"]["file"] == str(resnet18_file)
+    assert json.loads((config.folder / "run.json").read_text())["warnings"] == []  # nothing starts at random
 
 
 def test_the_documented_files_are_the_ones_the_code_checks() -> None:

@@ -23,7 +23,8 @@ from training.inference.predictor import Predictor
 from training.model import attributes as attr
 from training.model.preprocess import PreprocessSpec, windowed_to_input
 from training.model.series import choose_head_series, read_header
-from training.prepare import SliceRecord, SourceRoot, load_cached_image, read_split, source_root
+from training.prepare import SliceRecord, SourceRoot, check_data_folder, load_cached_image, read_split, source_root
+from training.synthetic import is_synthetic_dataset
 
 __all__ = [
     "CachedSlices",
@@ -249,13 +250,17 @@ def _from_cq500(root: Path, min_slices: int) -> EvalSet:
     with open(root / "reads.csv", newline="") as handle:
         labels = {row["name"].strip(): _majority(row) for row in csv.DictReader(handle)}
     by_patient: dict[str, list] = {}
+    synthetic_files: set[Path] = set()  # ichnode synth phantoms copied into the layout, by their marks
     for path in sorted(root.rglob("*.dcm")):
         try:
             header = read_header(path)
         except Exception:  # unreadable files are left out
             continue
-        patient = attr.text(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]), "PatientID")
-        by_patient.setdefault(patient, []).append(header)
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["PatientID", "Manufacturer", "ImageComments"])
+        if is_synthetic_dataset(ds):
+            synthetic_files.add(path)
+        by_patient.setdefault(attr.text(ds, "PatientID"), []).append(header)
     studies, skipped = [], []
     for name, label in sorted(labels.items()):
         headers = by_patient.get(name)
@@ -271,15 +276,13 @@ def _from_cq500(root: Path, min_slices: int) -> EvalSet:
                                                 for h in choice.slices]))
     if not studies:
         raise DataError(f"no CQ500 patient of {root / 'reads.csv'} has a usable head CT series under {root}")
-    description = (f"CQ500 in {root}: {len(studies)} patients (label: majority of the three readers' ICH)"
+    synthetic = sum(any(s.source in synthetic_files for s in study.slices) for study in studies)
+    kind = "CQ500" if not synthetic else (
+        "synthetic phantoms (ichnode synth) - NOT clinical data - in the CQ500 layout" if synthetic == len(studies)
+        else f"CQ500 layout mixing in synthetic phantoms (ichnode synth: {synthetic} of {len(studies)} patients)")
+    description = (f"{kind} in {root}: {len(studies)} patients (label: majority of the three readers' ICH)"
                    + (f", {len(skipped)} without a usable series left out" if skipped else ""))
-    return EvalSet(description, False, [], studies)
-
-
-def _check_exists(data: Path) -> None:
-    if not data.is_dir():
-        raise DataError(f"{data} {'is not a folder' if data.exists() else 'does not exist'}"
-                        + ("" if data.is_absolute() else f" (relative to the working directory {Path.cwd()})"))
+    return EvalSet(description, synthetic > 0, [], studies)
 
 
 def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10, split: str = "test",
@@ -290,7 +293,7 @@ def load_eval_set(data: Path, spec: PreprocessSpec, *, min_slices: int = 10, spl
     data = Path(data)
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
-    _check_exists(data)
+    check_data_folder(data)
     if (data / "prepare.json").is_file():
         return _from_prepared(data, spec, split, data_root)
     if data_root is not None:
@@ -310,7 +313,7 @@ def load_training_slices(data: Path, spec: PreprocessSpec) -> EvalSet:
     """The slices a model was trained on, as `slice_level`: the training list of a prepared
     folder (its cache, as training read it), or every slice of a folder of synthetic studies."""
     data = Path(data)
-    _check_exists(data)
+    check_data_folder(data)
     if (data / "prepare.json").is_file():
         check_cache_matches(data, spec)
         summary = json.loads((data / "prepare.json").read_text())

@@ -36,10 +36,14 @@ SECTION_TITLES = {"architecture": "Architecture", "preprocess": "Input and prepr
                   "inputs": "Its training inputs (a study unlike them is NOT TRIAGED)"}
 INTENDED_USE = (
     "Triage of non-contrast axial head CT for intracranial hemorrhage: a study the model flags is read "
-    "sooner; every other study is read as usual. It answers only for the studies its scope declares and "
-    "that resemble its training inputs; any other study is NOT TRIAGED. It is not a medical device and not "
-    "a diagnosis; no output replaces a radiologist's read. Before its flags reach anyone, validate it on the "
-    "site's own studies in a silent trial (docs/validation.md in the ichnode repository).")
+    "sooner; every other study is read as usual. It answers only for the studies its scope declares{profiled}; "
+    "any other study is NOT TRIAGED. It is not a medical device and not a diagnosis; no output replaces a "
+    "radiologist's read. Before its flags reach anyone, validate it on the site's own studies in a silent trial "
+    "(docs/validation.md in the ichnode repository).")
+# What the card says in place of a profile: the node then abstains on scope alone.
+NO_INPUT_PROFILE = ("No input profile: out-of-distribution abstention is off. A study within the scope above but "
+                    "unlike the training inputs is not recognised and gets a triage result like any other; "
+                    "`ichnode fit-ood` writes a profile into the checkpoint.")
 
 
 @dataclass(frozen=True)
@@ -95,11 +99,12 @@ def export(checkpoint: Path, out: Path, *, samples: int = 4, tolerance: float = 
                              f"PyTorch's on {samples} phantom slices (tolerance {tolerance:g}); nothing was written")
     out.mkdir(parents=True, exist_ok=True)
     onnx_path, card_path = out / "model.onnx", out / "MODEL_CARD.md"
-    atomic_write(onnx_path, lambda handle: handle.write(buffer.getvalue()))
+    # Exports are made to be shared: readable by others as the umask allows.
+    atomic_write(onnx_path, lambda handle: handle.write(buffer.getvalue()), shared=True)
     check = {"file": onnx_path.name, "opset": OPSET, "samples": samples, "max_difference": difference,
              "tolerance": tolerance}
     card = model_card(config, checkpoint=Path(checkpoint), sha256=checkpoint_digest(checkpoint), onnx=check)
-    atomic_write(card_path, lambda handle: handle.write(card.encode()))
+    atomic_write(card_path, lambda handle: handle.write(card.encode()), shared=True)
     return ExportResult(onnx_path, card_path, samples, difference)
 
 
@@ -154,7 +159,8 @@ def model_card(config: ModelConfig, *, checkpoint: Path, sha256: str, onnx: dict
              f"| trained on | {_cell(provenance.training_data)}: {_cell(provenance.description)} |",
              f"| created | {provenance.created} by {provenance.code_version} |",
              f"| checkpoint SHA-256 | `{sha256}` |", "",
-             "## Intended use", "", INTENDED_USE, "",
+             "## Intended use", "",
+             INTENDED_USE.format(profiled=" and that resemble its training inputs" if config.inputs else ""), "",
              "Every figure in this card names the data it was measured on (`measured_on`); figures measured on "
              "synthetic phantoms are not clinical performance.", ""]
     if onnx is not None:
@@ -165,5 +171,9 @@ def model_card(config: ModelConfig, *, checkpoint: Path, sha256: str, onnx: dict
                    f"Runtime against PyTorch on {onnx['samples']} synthetic phantom slices: P(ICH) differed by at "
                    f"most {onnx['max_difference']:.1e} (tolerance {onnx['tolerance']:g})."), ""]
     for field in dataclasses.fields(config):
-        lines += _section(field.name, getattr(config, field.name))
+        value = getattr(config, field.name)
+        if field.name == "inputs" and value is None:
+            lines += ["## Its training inputs: no profile", "", NO_INPUT_PROFILE, ""]
+        else:
+            lines += _section(field.name, value)
     return "\n".join(lines)

@@ -77,6 +77,7 @@ __all__ = [
     "KNOWN_CORRUPT",
     "RsnaLabels",
     "SliceRecord",
+    "check_data_folder",
     "read_rsna_labels",
     "split_patients",
     "prepare",
@@ -94,6 +95,9 @@ FIELDS = ["image_id", "patient_id", "study_uid", "series_uid", "position", "labe
 RSNA_SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 # What prepared data can be called (a checkpoint's Provenance.training_data, less "none").
 DATA_KINDS = ("synthetic", "rsna", "other")
+# Above this share of the images the CSV lists missing, prepare warns (a complete RSNA
+# download misses none; a few are reported under `skipped` only).
+MISSING_WARNING_SHARE = 0.01
 CACHE_TAG = "ichnode-source"  # the PNG text chunk naming what a cache image was made from
 # prepare.json's `source_paths`: how the lists write `source`. Folders without it were
 # prepared by an earlier ichnode, whose sources were the paths as given on its command line.
@@ -135,11 +139,12 @@ def _label_value(text: str, csv_path: Path, line: int, row_id: str) -> int:
 
 
 def read_rsna_labels(csv_path: Path) -> RsnaLabels:
-    """Labels from the `_any` rows and the subtypes from the others; a repeated row is
-    dropped (counted once per repeated `_any` row), a label that is not 0 or 1 is an error
-    naming its line."""
-    labels: dict[str, int] = {}
-    subtypes: dict[str, dict[str, int]] = {}
+    """Labels from the `_any` rows and the subtypes from the others. A repeated row is
+    dropped (counted once per repeated `_any` row); DataError names the line of a label
+    that is not 0 or 1, of a row repeated with another label, and of a subtype present
+    in an image whose `any` is 0; and says so when the file has no `_any` rows."""
+    labels: dict[str, tuple[int, int]] = {}  # image → (label, line)
+    subtypes: dict[str, dict[str, tuple[int, int]]] = {}
     duplicates = 0
     with open(csv_path, newline="") as handle:
         reader = csv.reader(handle)
@@ -151,15 +156,36 @@ def read_rsna_labels(csv_path: Path) -> RsnaLabels:
                 continue
             image_id, subtype = row[0].rsplit("_", 1)
             if subtype == "any":
-                if image_id in labels:
-                    duplicates += 1
-                    continue
-                labels[image_id] = _label_value(row[1], csv_path, line, row[0])
+                seen = labels.get(image_id)
+                labels[image_id] = _same_label(seen, _label_value(row[1], csv_path, line, row[0]), csv_path, line,
+                                               row[0])
+                duplicates += seen is not None
             elif subtype in RSNA_SUBTYPES:
-                subtypes.setdefault(image_id, {}).setdefault(subtype, _label_value(row[1], csv_path, line, row[0]))
-    present = {image_id: tuple(name for name in RSNA_SUBTYPES if values.get(name))
-               for image_id, values in subtypes.items()}
-    return RsnaLabels(labels, present, duplicates)
+                named = subtypes.setdefault(image_id, {})
+                named[subtype] = _same_label(named.get(subtype), _label_value(row[1], csv_path, line, row[0]),
+                                             csv_path, line, row[0])
+    if not labels:
+        raise DataError(f"{csv_path} has no '<image>_any' rows: each image's label comes from its ID_…_any row "
+                        "(the RSNA 2019 format), so there is nothing to train on")
+    for image_id, values in subtypes.items():
+        present = [(name, line) for name, (value, line) in values.items() if value]
+        if present and image_id in labels and labels[image_id][0] == 0:
+            (name, line), any_line = present[0], labels[image_id][1]
+            raise DataError(f"{csv_path} line {line}: {image_id}_{name} is 1 but {image_id}_any is 0 (line "
+                            f"{any_line}); a subtype present means a bleed, so the labels contradict each other")
+    present_subtypes = {image_id: tuple(name for name in RSNA_SUBTYPES if values.get(name, (0, 0))[0])
+                        for image_id, values in subtypes.items()}
+    return RsnaLabels({image_id: label for image_id, (label, _) in labels.items()}, present_subtypes, duplicates)
+
+
+def _same_label(seen: tuple[int, int] | None, value: int, csv_path: Path, line: int, row_id: str) -> tuple[int, int]:
+    """(label, line) of a row; a repeat must repeat the label (and keeps the first line)."""
+    if seen is None:
+        return value, line
+    if seen[0] != value:
+        raise DataError(f"{csv_path} line {line}: {row_id} is {value}, but line {seen[1]} gave it {seen[0]}; "
+                        "remove the row that is wrong")
+    return seen
 
 
 def _slice_normal(ds: pydicom.Dataset) -> np.ndarray | None:
@@ -284,8 +310,12 @@ def _rsna_items(data: Path) -> tuple[list[_Item], dict]:
             continue
         items.append(_Item(image_id, path, path.relative_to(data).as_posix(), label,
                            labels.subtypes.get(image_id, ())))
+    missing = sum(reason.startswith("file ") for reason in skipped.values())
+    notes = [f"{missing} of the {len(labels.any)} images {csv_path.name} lists ({missing / len(labels.any):.0%}) "
+                f"are missing from {folder}: the lists are made from the rest (a partial download, or the wrong "
+                "folder?)"] if missing > MISSING_WARNING_SHARE * len(labels.any) else []
     return items, {"layout": "rsna", "labels": len(labels.any), "duplicate_rows_dropped": labels.duplicate_rows,
-                   "skipped": skipped}
+                   "skipped": skipped, "warnings": notes}
 
 
 def _synthetic_items(data: Path) -> tuple[list[_Item], dict]:
@@ -297,14 +327,19 @@ def _synthetic_items(data: Path) -> tuple[list[_Item], dict]:
             path = labels_path.parent / entry["file"]
             items.append(_Item(image_id, path, path.relative_to(data).as_posix(), int(entry["label"]),
                                tuple(entry.get("subtypes", ()))))
-    return items, {"layout": "synthetic", "labels": len(items), "duplicate_rows_dropped": 0, "skipped": {}}
+    return items, {"layout": "synthetic", "labels": len(items), "duplicate_rows_dropped": 0, "skipped": {},
+                   "warnings": []}
+
+
+def check_data_folder(data: Path) -> None:
+    """DataError when the data folder given is not there, before any layout is looked for."""
+    if not data.is_dir():
+        raise DataError(f"data folder {data} {'is not a folder' if data.exists() else 'does not exist'}"
+                        + ("" if data.is_absolute() else f" (relative to the working directory {Path.cwd()})"))
 
 
 def detect_layout(data: Path) -> str:
-    if not data.is_dir():
-        raise DataError(f"the data folder {data} {'is not a folder' if data.exists() else 'does not exist'}"
-                        + ("" if data.is_absolute() else f" (relative to the working directory {Path.cwd()})")
-                        + ": give --data the folder holding stage_2_train.csv or the studies of `ichnode synth`")
+    check_data_folder(data)
     if (data / "stage_2_train.csv").is_file():
         return "rsna"
     if any(data.glob("study_*/labels.json")):
@@ -558,7 +593,7 @@ def prepare(data: Path, out: Path, *, workers: int | None = None,
         "split_fractions": list(fractions),
         "lists": {name: {"positive": sum(r.label for r in split), "negative": sum(1 - r.label for r in split)}
                   for name, split in lists.items()},
-        "warnings": _list_warnings(lists),
+        "warnings": summary["warnings"] + _list_warnings(lists),
         "list_fields": FIELDS,
         "cache": {"size": CACHE_SIZE, "dtype": "uint8",
                   "windows": [asdict(w) for w in PAPER_WINDOWS]},

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from training.errors import CheckpointError, ConfigError
+from training.model.checkpoint import read_torch_file
 
 __all__ = ["PUBLISHED_FILES", "PublishedFile", "check_sha256_text", "file_sha256", "load_pretrained_parts"]
 
@@ -99,10 +100,7 @@ def _verified(path: Path, part: str, stated: str, key: str) -> dict[str, str]:
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        payload: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a foreign file
-        raise CheckpointError(f"{path} is not a PyTorch weights file: {str(exc).splitlines()[0]}") from exc
+    payload: Any = read_torch_file(path, "a PyTorch weights file")
     for wrapper in ("state_dict", "model"):  # training checkpoints wrap the weights
         if isinstance(payload, dict) and isinstance(payload.get(wrapper), dict):
             payload = payload[wrapper]

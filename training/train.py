@@ -147,12 +147,22 @@ class TrainConfig:
             raise ConfigError(f"optimizer.name must be sgd or adamw, got {self.optimizer.name!r}")
         if self.schedule.name not in ("step", "cosine", "none"):
             raise ConfigError(f"schedule.name must be step, cosine or none, got {self.schedule.name!r}")
-        for key, value in (("optimizer.lr", self.optimizer.lr), ("training.epochs", self.training.epochs),
+        for key, value in (("training.epochs", self.training.epochs),
                            ("training.batch_size", self.training.batch_size),
                            ("training.keep_checkpoints", self.training.keep_checkpoints),
                            ("schedule.step_size", self.schedule.step_size)):
             if not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
+        # The ranges torch's optimisers accept (and a schedule that never raises the learning
+        # rate); outside them torch would fail mid-start with its own ValueError.
+        for key, value, inside, allowed in (
+                ("optimizer.lr", self.optimizer.lr, lambda v: 0 < v < math.inf, "a finite number > 0"),
+                ("optimizer.momentum", self.optimizer.momentum, lambda v: 0 <= v < 1, "in [0, 1)"),
+                ("optimizer.weight_decay", self.optimizer.weight_decay, lambda v: 0 <= v < math.inf,
+                 "a finite number ≥ 0"),
+                ("schedule.gamma", self.schedule.gamma, lambda v: 0 < v <= 1, "in (0, 1]")):
+            if not inside(value):  # NaN fails every comparison
+                raise ConfigError(f"{key} must be {allowed}, got {value}")
         loop = self.training
         if min(loop.workers, loop.max_steps_per_epoch, loop.batchnorm_batches, loop.checkpoint_every_steps) < 0:
             raise ConfigError("training.workers, training.max_steps_per_epoch, training.batchnorm_batches and "
@@ -229,7 +239,7 @@ class _Distributed:
 def _init_distributed(device_name: Device) -> tuple[_Distributed, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return _Distributed(), resolve_device(device_name)
+        return _Distributed(), resolve_device(device_name, key="training.device")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -814,6 +824,23 @@ def _save_model(config: TrainConfig, run: _Run, data: _Data, record: dict) -> No
     save_checkpoint(config.folder / "model.pt", run.model, model_config, half=config.experiment.half_precision)
 
 
+def _random_start_warning(model: ModelChoice) -> str | None:
+    """What starts from random weights when the paper's pretrained parts are not configured
+    (None when every part has its file, or `init_from` gives every weight)."""
+    if model.init_from is not None:
+        return None
+    parts = {"model.pretrained_resnet": ("the ResNet", model.pretrained_resnet)}
+    if model.architecture == "effclass":
+        parts = {"model.pretrained_effdet": ("the EfficientDet backbone and BiFPN", model.pretrained_effdet), **parts}
+    unset = {key: part for key, (part, path) in parts.items() if path is None}
+    if not unset:
+        return None
+    return (f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set: {' and '.join(unset.values())} "
+            f"start{'s' if len(unset) == 1 else ''} from random weights, not from the ImageNet/COCO weights the "
+            "paper starts from; results will be far below the paper's (docs/training.md §2 says where to get "
+            "the files)")
+
+
 def _record_start(config: TrainConfig, run: _Run, data: _Data, changes: dict, world: int,
                   device: torch.device) -> None:
     """config.json (the resolved config now) and run.json (each start or resume of the run,
@@ -824,7 +851,8 @@ def _record_start(config: TrainConfig, run: _Run, data: _Data, changes: dict, wo
     path = folder / "run.json"
     record = json.loads(path.read_text()) if path.is_file() else {
         "experiment": config.experiment.name, "initial_weights": run.initial_weights, "data": data.summary["provenance"],
-        "splits_sha256": data.split_hashes, "steps_per_epoch": data.steps_per_epoch, "segments": []}
+        "splits_sha256": data.split_hashes, "steps_per_epoch": data.steps_per_epoch,
+        "warnings": [warning] if (warning := _random_start_warning(config.model)) else [], "segments": []}
     record["segments"].append({
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": run.step, "config_changes": changes,
         "processes": world, "device": str(device), **code_record()})
@@ -855,6 +883,8 @@ def _train(config: TrainConfig, dist_info: _Distributed, device: torch.device, *
         log = StepLog(config.folder, run.step)
         for warning in data.warnings:
             print(f"warning: {warning}", flush=True)
+        if state_path is None and (random_start := _random_start_warning(config.model)):
+            print(f"WARNING: {random_start}", flush=True)
         if state_path is not None and progress:
             listed = ", ".join(f"{key} {old!r} → {new!r}" for key, (old, new) in changes.items()) or "none"
             print(f"resuming {config.folder} after step {run.step} of {config.training.epochs * steps} "

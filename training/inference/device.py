@@ -11,18 +11,18 @@ from training.inference.settings import Device
 __all__ = ["resolve_device"]
 
 
-def resolve_device(device: Device) -> torch.device:
-    """The torch device for `device` on this machine; ConfigError when the GPU it names
-    is not here."""
+def resolve_device(device: Device, key: str = "model.device") -> torch.device:
+    """The torch device for `device` on this machine; ConfigError, naming the config `key`
+    that gave it, when the GPU it names is not here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cpu":
         return resolved
     if not torch.cuda.is_available():
-        raise ConfigError(f"model.device is {str(device)!r} but no CUDA GPU is available here")
+        raise ConfigError(f"{key} is {str(device)!r} but no CUDA GPU is available here")
     if resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ConfigError(
-            f"model.device is {str(device)!r} but only {torch.cuda.device_count()} GPU(s) exist"
+            f"{key} is {str(device)!r} but only {torch.cuda.device_count()} GPU(s) exist"
         )
     return resolved

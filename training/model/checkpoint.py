@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +37,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_state_dict",
+    "read_torch_file",
     "checkpoint_digest",
     "initial_model",
 ]
@@ -157,13 +157,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig, *, 
         "state_dict": state,
     }
 
-    def write(handle) -> None:
-        torch.save(payload, handle)
-        # A checkpoint is no secret: readable as the umask allows, like the files beside it
-        # (the temporary file atomic_write starts from is private to its owner).
-        os.fchmod(handle.fileno(), 0o666 & ~_umask())
-
-    atomic_write(path, write)
+    # A checkpoint is no secret: readable as the umask allows, like the files beside it.
+    atomic_write(path, lambda handle: torch.save(payload, handle), shared=True)
     return path
 
 
@@ -175,18 +170,6 @@ def _tensors(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return type(data)(_tensors(value) for value in data)
     return torch.from_numpy(data) if isinstance(data, np.ndarray) else data
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it (Linux); 0o022 where it cannot be read."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
 
 
 def checkpoint_digest(path: str | Path) -> str:
@@ -202,14 +185,22 @@ def checkpoint_digest(path: str | Path) -> str:
 def _read_payload(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    return read_torch_file(path, "a model checkpoint")
+
+
+def read_torch_file(path: Path, what: str) -> Any:
+    """What `torch.save` wrote to `path`, as tensors and plain data only: a weights file is
+    data, never code to run. CheckpointError says the file is not `what` otherwise,
+    without torch's advice to load it with weights_only=False (that runs the file's code)."""
     try:
-        # weights_only: a checkpoint is data, never code to run.
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a foreign file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} is not a model checkpoint (torch cannot read it: {reason})"
-        ) from exc
+        text = str(exc)
+        # torch's own reason follows its advice; keep only the reason.
+        reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        reason = next((line.strip() for line in reason.splitlines() if line.strip()), "")
+        raise CheckpointError(f"{path} is not {what}: it is not a file of tensors and plain data that torch.save "
+                              f"writes ({type(exc).__name__}{': ' + reason if reason else ''})") from None
 
 
 def _is_checkpoint(payload: Any) -> bool:
