@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,12 @@ import pydicom
 import pytest
 from PIL import Image
 
+from tests.layouts import SUBTYPES, cq500_layout, rsna_layout
 from training.model.checkpoint import load_checkpoint
 from training.prepare import cache_image, prepare, read_rsna_labels, read_split
 from training.synthetic import SyntheticOptions, write_studies
 from training.train import learning_rate, load_train_config, train
 
-SUBTYPES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
 
 
 @pytest.fixture(scope="module")
@@ -254,22 +253,7 @@ def test_evaluate_reads_the_cq500_layout(training_studies: Path, tmp_path: Path)
     from training.evaluate import evaluate
     from training.model.architectures import create_model
 
-    root = tmp_path / "cq500"
-    rows = []
-    for n, labels_path in enumerate(sorted(training_studies.glob("study_*/labels.json"))[:4]):
-        name = f"CQ500-CT-{n}"
-        folder = root / f"CQ500CT{n} CQ500CT{n}" / "Unknown Study" / "CT 5mm"
-        folder.mkdir(parents=True)
-        for path in sorted((labels_path.parent / "HEAD").glob("*.dcm")):
-            ds = pydicom.dcmread(path)
-            ds.PatientID = name
-            ds.save_as(folder / path.name)
-        positive = int(json.loads(labels_path.read_text())["positive"])
-        rows.append({"name": name, "Category": "", "R1:ICH": positive, "R2:ICH": positive, "R3:ICH": 1 - positive})
-    with open(root / "reads.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    root = cq500_layout(tmp_path / "cq500", training_studies, patients=4, third_reader_disagrees=True)
     checkpoint = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18"), default_model_config("resnet18"))
     result = evaluate(checkpoint, root, tmp_path / "out", device="cpu", resamples=100, progress=False)
     assert result.slice_metrics is None  # CQ500 has no slice labels
@@ -298,44 +282,19 @@ def _free_port() -> int:
     return free_port()
 
 
-def _rsna_layout(root: Path, studies: Path, *, strip_marks: bool, rsna_identity: bool) -> Path:
-    """Every HEAD slice of `studies` in the RSNA layout; optionally without ichnode's
-    synthetic marks, and named after its SOPInstanceUID as RSNA's de-identified files are."""
-    images = root / "stage_2_train"
-    images.mkdir(parents=True)
-    rows = []
-    for n, labels_path in enumerate(sorted(studies.glob("study_*/labels.json"))):
-        for entry in json.loads(labels_path.read_text())["slices"]:
-            image_id = f"ID_{n:02d}{entry['instance_number']:03d}def"
-            ds = pydicom.dcmread(labels_path.parent / entry["file"])
-            if strip_marks:
-                ds.Manufacturer, ds.ImageComments = "ACME", ""
-                ds.file_meta.ImplementationVersionName = "OTHER_1"
-            if rsna_identity:
-                with warnings.catch_warnings():  # RSNA's "ID_…" is not a valid UID
-                    warnings.simplefilter("ignore", UserWarning)
-                    ds.SOPInstanceUID = image_id
-            ds.save_as(images / f"{image_id}.dcm")
-            rows += [(f"{image_id}_{s}", entry["label"] if s == "any" else int(s in entry["subtypes"]))
-                     for s in SUBTYPES]
-    with open(root / "stage_2_train.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("ID", "Label"), *rows])
-    return root
-
-
 def test_what_the_data_is_comes_from_the_files(training_studies: Path, tmp_path: Path) -> None:
     from node.errors import DataError
 
-    marked = _rsna_layout(tmp_path / "marked", training_studies, strip_marks=False, rsna_identity=True)
+    marked = rsna_layout(tmp_path / "marked", training_studies, strip_marks=False, rsna_identity=True)
     with pytest.raises(DataError, match="synthetic phantoms .* never 'rsna'"):
         prepare(marked, tmp_path / "p1", workers=2, progress=False, training_data="rsna")
     with pytest.raises(DataError, match="never 'other'"):
         prepare(marked, tmp_path / "p1", workers=2, progress=False, training_data="other")
     assert prepare(marked, tmp_path / "p1", workers=2, progress=False)["training_data"] == "synthetic"
 
-    unmarked = _rsna_layout(tmp_path / "unmarked", training_studies, strip_marks=True, rsna_identity=True)
+    unmarked = rsna_layout(tmp_path / "unmarked", training_studies, strip_marks=True, rsna_identity=True)
     assert prepare(unmarked, tmp_path / "p2", workers=2, progress=False)["training_data"] == "rsna"
-    other = _rsna_layout(tmp_path / "other", training_studies, strip_marks=True, rsna_identity=False)
+    other = rsna_layout(tmp_path / "other", training_studies, strip_marks=True, rsna_identity=False)
     summary = prepare(other, tmp_path / "p3", workers=2, progress=False)
     assert summary["training_data"] == "other" and summary["provenance"]["derived_from_data"] == "other"
     stated = prepare(other, tmp_path / "p3", workers=2, progress=False, training_data="rsna")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.layouts import cq500_layout, rsna_layout
 from tests.trainrun import write_train_config
 from training.errors import ConfigError
 from training.train import load_train_config, train
@@ -144,23 +145,11 @@ def test_identical_repeated_label_rows_are_merged(tmp_path: Path) -> None:
 
 def test_prepare_warns_with_counts_when_many_listed_images_are_missing(training_studies: Path,
                                                                        tmp_path: Path) -> None:
-    import csv
-    import shutil
-
     from training.prepare import prepare
 
+    present = sum(len(json.loads(path.read_text())["slices"]) for path in training_studies.glob("study_*/labels.json"))
+    rsna_layout(tmp_path / "rsna", training_studies, absent=9 * present)  # 90 % of the list not downloaded
     images = tmp_path / "rsna" / "stage_2_train"
-    images.mkdir(parents=True)
-    rows = []
-    for n, labels_path in enumerate(sorted(training_studies.glob("study_*/labels.json"))):
-        for entry in json.loads(labels_path.read_text())["slices"]:
-            image_id = f"ID_{n:02d}{entry['instance_number']:03d}abc"
-            shutil.copy(labels_path.parent / entry["file"], images / f"{image_id}.dcm")
-            rows.append((f"{image_id}_any", entry["label"]))
-    present = len(rows)
-    rows += [(f"ID_gone{n:05d}_any", 0) for n in range(9 * present)]  # 90 % of the list not downloaded
-    with open(tmp_path / "rsna" / "stage_2_train.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("ID", "Label"), *rows])
     summary = prepare(tmp_path / "rsna", tmp_path / "out", workers=1, progress=False)
     missing = [w for w in summary["warnings"] if "missing" in w]
     assert missing == [f"{9 * present} of the {10 * present} images stage_2_train.csv lists (90%) are missing "
@@ -179,35 +168,6 @@ def test_a_data_folder_that_does_not_exist_is_named_as_missing(tmp_path: Path, c
     assert f"data folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
-def _cq500_layout(studies: Path, root: Path, *, strip_synthetic_marks: bool) -> Path:
-    """Synthetic studies copied into the CQ500 layout (reads.csv, one folder per patient);
-    optionally without the marks that say the files are phantoms."""
-    import csv
-
-    import pydicom
-
-    rows = []
-    for n, labels_path in enumerate(sorted(studies.glob("study_*/labels.json"))[:3]):
-        name = f"CQ500-CT-{n}"
-        folder = root / f"CQ500CT{n} CQ500CT{n}" / "Unknown Study" / "CT 5mm"
-        folder.mkdir(parents=True)
-        for path in sorted((labels_path.parent / "HEAD").glob("*.dcm")):
-            ds = pydicom.dcmread(path)
-            ds.PatientID = name
-            if strip_synthetic_marks:
-                ds.Manufacturer = "GE MEDICAL SYSTEMS"
-                ds.ImageComments = ""
-                ds.file_meta.ImplementationVersionName = "OTHER_1"
-            ds.save_as(folder / path.name)
-        positive = int(json.loads(labels_path.read_text())["positive"])
-        rows.append({"name": name, "Category": "", "R1:ICH": positive, "R2:ICH": positive, "R3:ICH": positive})
-    with open(root / "reads.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
-
-
 def test_synthetic_phantoms_in_the_cq500_layout_are_reported_as_synthetic(training_studies: Path,
                                                                           tmp_path: Path) -> None:
     from training.datasets import load_eval_set
@@ -215,11 +175,11 @@ def test_synthetic_phantoms_in_the_cq500_layout_are_reported_as_synthetic(traini
     from training.model.checkpoint import default_model_config
 
     spec = default_model_config("resnet18").preprocess
-    phantoms = load_eval_set(_cq500_layout(training_studies, tmp_path / "phantoms", strip_synthetic_marks=False),
+    phantoms = load_eval_set(cq500_layout(tmp_path / "phantoms", training_studies, patients=3),
                              spec)
     assert phantoms.synthetic
     assert phantoms.description.startswith("synthetic phantoms (ichnode synth) - NOT clinical data - in the "
                                            "CQ500 layout in ")
     assert "say nothing about clinical performance" in data_description(phantoms)
-    unmarked = load_eval_set(_cq500_layout(training_studies, tmp_path / "unmarked", strip_synthetic_marks=True), spec)
+    unmarked = load_eval_set(cq500_layout(tmp_path / "unmarked", training_studies, patients=3, strip_marks=True), spec)
     assert not unmarked.synthetic and unmarked.description.startswith(f"CQ500 in {tmp_path / 'unmarked'}: 3 patients")

@@ -8,34 +8,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from node.errors import DataError
+from tests.layouts import rsna_layout
 from tests.trainrun import write_train_config
 from training.datasets import load_eval_set, load_training_slices
 from training.prepare import FIELDS, prepare, read_split
 
-SUBTYPES = ["epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any"]
 LISTS = ("train", "val", "test", "val_full", "test_full")
-
-
-def _rsna_layout(root: Path, studies: Path) -> Path:
-    """The HEAD slices of `studies` as RSNA 2019's stage_2_train/ and stage_2_train.csv."""
-    images = root / "stage_2_train"
-    images.mkdir(parents=True)
-    rows = []
-    for n, labels_path in enumerate(sorted(studies.glob("study_*/labels.json"))):
-        for entry in json.loads(labels_path.read_text())["slices"]:
-            image_id = f"ID_{n:02d}{entry['instance_number']:03d}aa"
-            shutil.copy2(labels_path.parent / entry["file"], images / f"{image_id}.dcm")
-            rows += [(f"{image_id}_{s}", entry["label"] if s == "any" else int(s in entry["subtypes"]))
-                     for s in SUBTYPES]
-    with open(root / "stage_2_train.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("ID", "Label"), *rows])
-    return root
 
 
 def _lists(prepared: Path) -> dict[str, bytes]:
@@ -45,7 +28,7 @@ def _lists(prepared: Path) -> dict[str, bytes]:
 @pytest.fixture
 def layout(training_studies: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """Data at mount_a/rsna, prepared from work1 with a relative --data."""
-    data = _rsna_layout(tmp_path / "mount_a" / "rsna", training_studies)
+    data = rsna_layout(tmp_path / "mount_a" / "rsna", training_studies)
     prepared = tmp_path / "prepared"
     for name in ("work1", "work2", "work3"):
         (tmp_path / name).mkdir()
