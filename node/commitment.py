@@ -36,6 +36,7 @@ from node.errors import DeliveryError, StorageError
 from node.triagelog import TriageLog
 from storage.db import Database, DeliveryState, utcnow
 from storage.state import commitment_resolved, overdue_commitments
+from training.model import attributes as attr
 
 __all__ = ["STORAGE_COMMITMENT_INSTANCE", "REQUEST_COMMITMENT", "ALL_COMMITTED", "SOME_FAILED",
            "new_transaction_uid", "commitment_request", "Commitments"]
@@ -78,14 +79,14 @@ def commitment_request(transaction_uid: str, files: list[Path]) -> Dataset:
 
 def _failures(report: Dataset) -> str:
     """What a report of event type 2 says was not committed, in words."""
-    failed = list(report.get("FailedSOPSequence", []))
-    committed = len(report.get("ReferencedSOPSequence", []))
+    failed = attr.items(report, "FailedSOPSequence")
+    committed = len(attr.items(report, "ReferencedSOPSequence"))
     named = []
     for item in failed[:3]:
-        code = item.get("FailureReason")
+        code = attr.integer(item, "FailureReason")
         reason = FAILURE_REASONS.get(code, "unknown reason") if code is not None else "no reason given"
         what = f"0x{code:04X} {reason}" if code is not None else reason
-        named.append(f"{item.get('ReferencedSOPInstanceUID', '?')} ({what})")
+        named.append(f"{attr.uid(item, 'ReferencedSOPInstanceUID') or '?'} ({what})")
     more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
     return (f"storage commitment refused for {len(failed)} of {len(failed) + committed} objects: "
             f"{'; '.join(named)}{more}")
@@ -148,7 +149,7 @@ class Commitments:
             log.warning("storage commitment report from %s could not be decoded: %s", peer, exc)
             return INVALID_ARGUMENT, None
         event_type = event.request.EventTypeID
-        uid = str(report.get("TransactionUID", "") or "")
+        uid = attr.uid(report, "TransactionUID")
         if event_type not in (ALL_COMMITTED, SOME_FAILED):
             log.warning("storage commitment report from %s has event type %s, not 1 or 2; ignored", peer, event_type)
             return NO_SUCH_EVENT_TYPE, None
@@ -157,7 +158,7 @@ class Commitments:
             return INVALID_ARGUMENT, None
         error = None if event_type == ALL_COMMITTED else _failures(report)
         try:
-            known = self.resolve(uid, error, objects=len(report.get("ReferencedSOPSequence", [])))
+            known = self.resolve(uid, error, objects=len(attr.items(report, "ReferencedSOPSequence")))
         except StorageError as exc:  # the database is down: the timeout retries the delivery
             log.error("storage commitment report %s from %s could not be recorded: %s", uid, peer, exc)
             return PROCESSING_FAILURE, None

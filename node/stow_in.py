@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from node.config import DicomwebSection
 from node.ingest import Ingest, Status
+from training.model import attributes as attr
 
 __all__ = ["CALLING_AET", "PATH_PREFIX", "StowReceiver"]
 
@@ -240,8 +241,8 @@ class StowReceiver:
         except Exception:  # pydicom raises many types for what is not a DICOM file
             return Outcome(Status.CANNOT_UNDERSTAND, reason="not a DICOM file (PS3.10 preamble, DICM and file "
                                                             "meta with a transfer syntax)")
-        sop_class, sop_instance = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
-        if study_uid and str(ds.get("StudyInstanceUID", "")) != study_uid:
+        sop_class, sop_instance = attr.uid(ds, "SOPClassUID"), attr.uid(ds, "SOPInstanceUID")
+        if study_uid and attr.uid(ds, "StudyInstanceUID") != study_uid:
             return Outcome(Status.DATASET_MISMATCH, sop_class, sop_instance, reason="of another study than the URL's")
         status = self.ingest.receive(ds, data, calling_aet=CALLING_AET, transfer_syntax_uid=transfer_syntax)
         return Outcome(status, sop_class, sop_instance, reason="" if status == Status.SUCCESS else "refused by ingest")

@@ -24,6 +24,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from node.config import Destination
 from node.dicomweb import open_client
 from node.errors import ConfigError, DeliveryError
+from training.model import attributes as attr
 
 __all__ = ["DicomwebSender"]
 
@@ -40,8 +41,9 @@ def _failure_reason(code: object) -> str:
 
 def _failed_parts(answer: Dataset) -> list[str]:
     """Each instance the answer's Failed SOP Sequence lists, with its reason."""
-    return [f"{item.get('ReferencedSOPInstanceUID', '?')}: {_failure_reason(item.get('FailureReason'))}"
-            for item in answer.get("FailedSOPSequence", [])]
+    return [f"{attr.uid(item, 'ReferencedSOPInstanceUID') or '?'}: "
+            f"{_failure_reason(attr.integer(item, 'FailureReason'))}"
+            for item in attr.items(answer, "FailedSOPSequence")]
 
 
 def _answer_of(response: requests.Response) -> Dataset:
@@ -115,8 +117,8 @@ class DicomwebSender:
         failed = _failed_parts(answer)
         if failed:
             raise DeliveryError(f"{where} refused part of the results: {'; '.join(failed)}")
-        stored = {item.get("ReferencedSOPInstanceUID") for item in answer.get("ReferencedSOPSequence", [])}
-        missing = [ds.SOPInstanceUID for ds in datasets if ds.SOPInstanceUID not in stored]
+        stored = {attr.uid(item, "ReferencedSOPInstanceUID") for item in attr.items(answer, "ReferencedSOPSequence")}
+        missing = [uid for uid in (attr.uid(ds, "SOPInstanceUID") for ds in datasets) if uid not in stored]
         if missing:
             raise DeliveryError(f"{where} did not confirm {len(missing)} of {len(datasets)} instances "
                                 f"(not in its Referenced SOP Sequence), first {missing[0]}")
