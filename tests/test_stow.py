@@ -34,9 +34,11 @@ from node.webserver import WebServer
 from storage.db import Database, Instance
 from storage.store import InstanceStore
 from tests.conftest import load_labels
+from training.model import attributes as attr
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, port_open, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "tests" / "data" / "corpus"  # real scanner CT, sources and licences in tests/data/README.md
 DEMO_MODEL = REPO / "models" / "effclass-synthetic-demo.pt"
 WEB_TOKEN = "web-token-0123456789abcdef"
 STOW_TOKEN = "stow-token-0123456789abcdef"
@@ -154,6 +156,26 @@ def test_a_study_stored_by_dicomweb_client_is_on_disk_and_in_the_database(
         row = session.query(Instance).filter_by(sop_instance_uid=str(datasets[0].SOPInstanceUID)).one()
         assert (receiving.store.root / row.path).read_bytes() == _files(positive_study)[0].read_bytes()
     assert receiving.spooled() == []
+
+
+def test_real_scanner_ct_is_stored_as_sent(receiving: Receiving) -> None:
+    """The conformance corpus (tests/data/corpus: five vendors, JPEG Lossless, JPEG 2000,
+    JPEG-LS, RLE, Enhanced CT, a Japanese character set, missing attributes) by STOW-RS:
+    every file stored, byte for byte, one study per request."""
+    studies = sorted({path.parent for path in CORPUS.rglob("*.dcm")})
+    sent: dict[str, bytes] = {}
+    with receiving.served() as url:
+        for study in studies:
+            files = {attr.uid(pydicom.dcmread(path, stop_before_pixels=True), "SOPInstanceUID"): path.read_bytes()
+                     for path in sorted(study.glob("*.dcm"))}
+            answer = _post(url, _multipart(*files.values()))
+            assert answer.status_code == 200, (study.name, answer.text)
+            assert _failures(answer) == [] and _references(answer) == set(files)
+            sent.update(files)
+    assert len(sent) == len(list(CORPUS.rglob("*.dcm"))) and receiving.stored() == set(sent)
+    with receiving.database.read() as session:
+        for row in session.query(Instance).all():
+            assert (receiving.store.root / row.path).read_bytes() == sent[row.sop_instance_uid]
 
 
 def test_refused_parts_are_listed_while_the_good_ones_are_stored(receiving: Receiving, positive_study: Path) -> None:
